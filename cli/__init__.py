@@ -1,0 +1,1 @@
+"""The pe-export command line (installed as `pe_export.cli`)."""

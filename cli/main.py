@@ -1,0 +1,238 @@
+"""The `pe-export` command line (installed as `pe_export.cli`).
+
+    pe-export PRESET --seq N [-o FILE] [--op ...] [--dtype ...] [--layout ...] [--force]
+    pe-export list
+    pe-export verify FILE [--providers cpu,cuda] [--report FILE.json]
+
+Exit codes: 0 success, 1 parity failure (or nothing here could verify), 2 bad input. Bad input
+prints one line on stderr, never a traceback, and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import shutil
+
+import typer
+import typer.core
+from rich.console import Console
+from rich.table import Table
+
+from pe_export.presets import PRESETS, Preset
+
+COMMANDS = ("list", "verify")
+# Tables are wide; when stdout is not a terminal, do not squeeze them into 80 columns.
+out = Console(highlight=False, width=max(shutil.get_terminal_size((160, 24)).columns, 100))
+
+
+def fail(message: str, code: int = 2):
+    """One line on stderr, then exit: the CLI's only way to report bad input."""
+    typer.echo(f"pe-export: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+class Group(typer.core.TyperGroup):
+    """Turns every usage error into one line with exit code 2, and lists the presets for a wrong name."""
+
+    def resolve_command(self, ctx, args):
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            fail(f"unknown preset or command {name!r}; presets: {', '.join(PRESETS)}; commands: {', '.join(COMMANDS)}")
+        return super().resolve_command(ctx, args)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as e:  # typer's (vendored click's) usage errors
+            if type(e).__name__ == "NoArgsIsHelpError":
+                e.show()  # prints the help
+                rv = 0
+            else:
+                message = e.format_message() if hasattr(e, "format_message") else str(e)
+                typer.echo(f"pe-export: error: {' '.join(message.split())}", err=True)
+                rv = getattr(e, "exit_code", 2)
+        except typer.Abort:
+            typer.echo("pe-export: aborted", err=True)
+            rv = 1
+        code = rv if isinstance(rv, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+app = typer.Typer(
+    cls=Group,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Export Transformer positional encodings to ONNX graphs verified against PyTorch.",
+)
+
+
+class Op(str, Enum):
+    onnx = "onnx"
+    ort = "ort"
+    decomposed = "decomposed"
+
+
+class DType(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class Layout(str, Enum):
+    bhsd = "bhsd"
+    bshd = "bshd"
+
+
+class Pairing(str, Enum):
+    half = "half"
+    interleaved = "interleaved"
+
+
+class Angles(str, Enum):
+    float64 = "float64"
+    float32 = "float32"
+
+
+@app.command("list")
+def list_presets():
+    """List the presets, what each one is, and the parameters it sets."""
+    table = Table("preset", "encoding", "description", "parameters")
+    for p in PRESETS.values():
+        table.add_row(p.name, p.encoding, p.description, ", ".join(f"{k}={v}" for k, v in p.params.items()))
+    out.print(table)
+
+
+def make_export_command(preset: Preset):
+    def export_command(
+        seq: Annotated[
+            Optional[int], typer.Option("--seq", help="Table length: the largest position + 1 the graph accepts.")
+        ] = None,
+        output: Annotated[
+            Optional[Path], typer.Option("--output", "-o", help="Output file [default: PRESET.onnx here].")
+        ] = None,
+        op: Annotated[Op, typer.Option(help="ONNX target: standard op, ORT contrib op, or plain ops.")] = Op.onnx,
+        dtype: Annotated[DType, typer.Option(help="dtype of x, y and the tables.")] = DType.fp32,
+        layout: Annotated[Layout, typer.Option(help="x as (batch, heads, seq, dim) or (batch, seq, heads, dim).")] = Layout.bhsd,
+        opset: Annotated[Optional[int], typer.Option(help="ONNX opset [default: the lowest the target takes].")] = None,
+        angles: Annotated[
+            Angles, typer.Option(help="float64: exact tables; float32: transformers' float32 angles, bit for bit.")
+        ] = Angles.float64,
+        theta: Annotated[Optional[float], typer.Option(help="RoPE base.")] = None,
+        head_dim: Annotated[Optional[int], typer.Option(help="Head dimension D.")] = None,
+        rotary_dim: Annotated[Optional[int], typer.Option(help="Rotated dims R (partial rotary) [default: D].")] = None,
+        pairing: Annotated[
+            Optional[Pairing], typer.Option(help="half: pairs (i, i+R/2) as Llama-HF; interleaved: (2i, 2i+1) as GPT-J.")
+        ] = None,
+        force: Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")] = False,
+        report: Annotated[Optional[Path], typer.Option(help="Also write the parity table as JSON.")] = None,
+        seed: Annotated[int, typer.Option(help="Seed of the random verification inputs.")] = 0,
+    ):
+        overrides = dict(
+            max_positions=seq, theta=theta, head_dim=head_dim, rotary_dim=rotary_dim,
+            pairing=pairing.value if pairing else None, angles=angles.value,
+        )  # fmt: skip
+        params = {**preset.params, **{k: v for k, v in overrides.items() if v is not None}}
+        if head_dim is not None and rotary_dim is None and "rotary_dim" in preset.params:
+            params["rotary_dim"] = min(preset.params["rotary_dim"], head_dim)
+        run_export(preset, params, op.value, opset, dtype.value, layout.value, output, force, report, seed)
+
+    export_command.__doc__ = f"{preset.description}. Exports, checks and verifies an ONNX file."
+    return export_command
+
+
+for _preset in PRESETS.values():
+    app.command(_preset.name)(make_export_command(_preset))
+
+
+def run_export(preset, params, op, opset, dtype, layout, output, force, report, seed):
+    from pe_export.export import build, check_output_path, check_spec, write_atomic
+    from pe_export.spec import Spec
+
+    output = output or Path(f"{preset.name}.onnx")
+    try:
+        if opset is None:
+            from pe_export.custom_ops.lowerings import OP_TARGETS
+
+            opset = OP_TARGETS[op].min_opset
+        spec = Spec(encoding=preset.encoding, params=params, op=op, opset=opset, dtype=dtype, layout=layout)
+        check_spec(spec)
+        check_output_path(output, force)
+        if report:
+            check_output_path(report, force)
+    except ValueError as e:  # parameter validation and BadInput alike
+        fail(str(e))
+    with out.status(f"exporting {preset.name} ({op}, {dtype}, {params['max_positions']} positions)"):
+        data = build(spec).SerializeToString()
+    try:
+        write_atomic(data, output, force)
+    except ValueError as e:
+        fail(str(e))
+    out.print(f"wrote {output} ({len(data) / 2**20:.2f} MiB, op {op}, opset {opset}, {dtype}, {layout})")
+    finish(output, spec, data, ("torch", "ort-cpu", "ort-cuda", "onnx-reference"), report, force, seed)
+
+
+PROVIDERS = {"cpu": "ort-cpu", "cuda": "ort-cuda"}
+
+
+@app.command("verify")
+def verify_command(
+    file: Annotated[Path, typer.Argument(help="An ONNX file written by pe-export.")],
+    providers: Annotated[str, typer.Option(help="ONNX Runtime providers to check, comma separated: cpu, cuda.")] = "cpu,cuda",
+    report: Annotated[Optional[Path], typer.Option(help="Also write the parity table as JSON.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing report.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the random verification inputs.")] = 0,
+):
+    """Re-verify a file pe-export wrote, rebuilding the reference from its embedded spec."""
+    from pe_export.export import check_output_path, load
+
+    names = [p.strip() for p in providers.split(",") if p.strip()]
+    unknown = [p for p in names if p not in PROVIDERS]
+    if unknown or not names:
+        fail(f"--providers takes a comma-separated list of {', '.join(PROVIDERS)}, got {providers!r}")
+    try:
+        model, spec = load(file)
+        if report:
+            check_output_path(report, force)
+    except ValueError as e:
+        fail(str(e))
+    runtimes = ("torch", *[PROVIDERS[p] for p in names], "onnx-reference")
+    finish(file, spec, model.SerializeToString(), runtimes, report, force, seed)
+
+
+def finish(path, spec, data, runtimes, report, force, seed):
+    """Verify, print the table, write the report, exit 0 / 1."""
+    from pe_export.export import write_atomic
+    from pe_export.verify import check, verdict
+
+    with out.status("verifying"):
+        rows = check(spec, data, runtimes, seed=seed)
+    table = Table("runtime", "provider", "dtype", "max abs err", "max rel err", "tolerance", "worst at", "verdict")
+    fmt = lambda v: "" if v is None else f"{v:.3g}"  # noqa: E731
+    for r in rows:
+        table.add_row(r.runtime, r.provider, r.dtype, fmt(r.max_abs), fmt(r.max_rel), fmt(r.tolerance), r.where, r.verdict)
+    out.print(table)
+    for r in rows:
+        if r.note:
+            out.print(f"  {r.runtime} {r.verdict}: {r.note}", soft_wrap=True)
+    result = verdict(rows)
+    if report:
+        doc = {"file": str(path), "spec": json.loads(spec.to_json()), "verdict": result, "rows": [r.as_dict() for r in rows]}
+        write_atomic(json.dumps(doc, indent=2).encode(), report, force)
+        out.print(f"wrote {report}")
+    if result == "FAIL":
+        fail(f"parity check failed; {path} is kept for inspection", 1)
+    if result == "unverified":
+        fail(f"no runtime here could run {path} ({spec.op}, {spec.dtype}); it is kept but unverified", 1)
+    out.print(f"[green]verified[/green]: {path} matches the float64 reference on every runtime that ran")
+
+
+def run():
+    app()

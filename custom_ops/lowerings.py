@@ -1,0 +1,140 @@
+"""The three ONNX lowerings of `pe_export::rotary_embedding`, one call signature, one registry.
+
+- `onnx`: the standard `RotaryEmbedding` (ai.onnx opset 23), one node for (B, H, S, D). The op
+  reads 4D input as heads-before-seq only, so `bshd` is wrapped in two Transposes.
+- `ort`: ONNX Runtime's `com.microsoft::RotaryEmbedding`. Its kernels need a static `num_heads`
+  whenever `rotary_embedding_dim` is set, so partial rotary is a Slice, a full-width node on the
+  rotated part, and a Concat, which keeps heads dynamic; `bshd` is reshaped (no copy) to its 3D form.
+- `decomposed`: standard ops only (Gather, Unsqueeze, Slice, Mul, Sub, Add, Concat, Reshape), any
+  opset >= 17. ONNX's Gather wraps negative indices, so negative positions are mapped to row P,
+  which makes the Gather fail as the fused kernels do.
+
+Each function takes the op's arguments and is called by the exporter with onnxscript tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import onnxscript
+from onnx import defs
+from onnxscript import opset17 as op
+from onnxscript import opset23 as op23
+
+MSFT = onnxscript.values.Opset("com.microsoft", 1)
+BIG = 2**62  # a Slice end past any real axis length
+
+
+@dataclass(frozen=True)
+class OpTarget:
+    name: str
+    lower: Callable
+    min_opset: int
+    domains: tuple[str, ...]
+    description: str
+
+
+def lower_onnx(x, cos_table, sin_table, position_ids, interleaved, rotary_dim, layout):
+    if layout == "bshd":
+        x = op.Transpose(x, perm=[0, 2, 1, 3])  # (B, H, S, D)
+    y = op23.RotaryEmbedding(
+        x, cos_table, sin_table, position_ids, interleaved=int(interleaved), rotary_embedding_dim=rotary_dim
+    )
+    return op.Transpose(y, perm=[0, 2, 1, 3]) if layout == "bshd" else y
+
+
+def lower_ort(x, cos_table, sin_table, position_ids, interleaved, rotary_dim, layout):
+    register_contrib_schema()
+    rot = x if whole_head(x, rotary_dim) else op.Slice(x, [0], [rotary_dim], [-1])  # (..., R)
+    if layout == "bshd":
+        rot_shape = op.Shape(rot)
+        rot = op.Reshape(rot, [0, 0, -1])  # (B, S, H*R): the kernel reads head size R off the cos table
+    y = MSFT.RotaryEmbedding(rot, position_ids, cos_table, sin_table, interleaved=int(interleaved))
+    if layout == "bshd":
+        y = op.Reshape(y, rot_shape)
+    return with_tail(y, x, rotary_dim)
+
+
+def lower_decomposed(x, cos_table, sin_table, position_ids, interleaved, rotary_dim, layout):
+    rows = op.Shape(cos_table, start=0, end=1)  # (1,) = [P]
+    safe_ids = op.Where(op.Less(position_ids, [0]), rows, position_ids)  # negative -> P: out of range
+    axis = [1] if layout == "bhsd" else [2]
+    cos = op.Unsqueeze(op.Gather(cos_table, safe_ids), axis)  # (B, 1, S, R/2) or (B, S, 1, R/2)
+    sin = op.Unsqueeze(op.Gather(sin_table, safe_ids), axis)
+    half = rotary_dim // 2
+    if interleaved:
+        rot = x if whole_head(x, rotary_dim) else op.Slice(x, [0], [rotary_dim], [-1])
+        pairs = op.Reshape(rot, [0, 0, 0, half, 2])  # (..., R/2, 2)
+        a = op.Squeeze(op.Slice(pairs, [0], [1], [-1]), [-1])  # (..., R/2)
+        b = op.Squeeze(op.Slice(pairs, [1], [2], [-1]), [-1])
+        a2 = op.Unsqueeze(op.Sub(op.Mul(a, cos), op.Mul(b, sin)), [-1])
+        b2 = op.Unsqueeze(op.Add(op.Mul(b, cos), op.Mul(a, sin)), [-1])
+        rot = op.Reshape(op.Concat(a2, b2, axis=-1), [0, 0, 0, rotary_dim])  # (..., R)
+    else:
+        a = op.Slice(x, [0], [half], [-1])
+        b = op.Slice(x, [half], [rotary_dim], [-1])
+        rot = op.Concat(op.Sub(op.Mul(a, cos), op.Mul(b, sin)), op.Add(op.Mul(b, cos), op.Mul(a, sin)), axis=-1)
+    return with_tail(rot, x, rotary_dim)
+
+
+def whole_head(x, rotary_dim: int) -> bool:
+    """True when the rotation covers the head (the exporter knows D statically)."""
+    return x.shape is not None and x.shape[-1] == rotary_dim
+
+
+def with_tail(rot, x, rotary_dim: int):
+    """Append the unrotated x[..., R:] for partial rotary."""
+    if whole_head(x, rotary_dim):
+        return rot
+    return op.Concat(rot, op.Slice(x, [rotary_dim], [BIG], [-1]), axis=-1)
+
+
+_contrib_registered = False
+
+
+def register_contrib_schema() -> None:
+    """Give onnx a schema for `com.microsoft::RotaryEmbedding` so the exporter and checker accept it.
+
+    ONNX Runtime defines the op; onnx ships no schema for it. The inputs and attributes follow ORT's
+    contrib op documentation (ContribOperators.md, RotaryEmbedding, since version 1).
+    """
+    global _contrib_registered
+    if _contrib_registered or defs.has("RotaryEmbedding", "com.microsoft"):
+        _contrib_registered = True
+        return
+    P, A = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute
+    INT, FLOAT = defs.OpSchema.AttrType.INT, defs.OpSchema.AttrType.FLOAT
+    schema = defs.OpSchema(
+        "RotaryEmbedding",
+        "com.microsoft",
+        1,
+        inputs=[P("input", "T"), P("position_ids", "M"), P("cos_cache", "T"), P("sin_cache", "T")],
+        outputs=[P("output", "T")],
+        type_constraints=[
+            ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+            ("M", ["tensor(int64)"], ""),
+        ],
+        attributes=[
+            A(name, kind, "", required=False)
+            for name, kind in [
+                ("interleaved", INT),
+                ("rotary_embedding_dim", INT),
+                ("num_heads", INT),
+                ("scale", FLOAT),
+                ("is_packed_batching", INT),
+            ]
+        ],
+    )
+    defs.register_schema(schema)
+    _contrib_registered = True
+
+
+OP_TARGETS: dict[str, OpTarget] = {
+    t.name: t
+    for t in [
+        OpTarget("onnx", lower_onnx, 23, ("",), "standard ai.onnx RotaryEmbedding (opset 23), one node"),
+        OpTarget("ort", lower_ort, 18, ("", "com.microsoft"), "ONNX Runtime's com.microsoft::RotaryEmbedding"),
+        OpTarget("decomposed", lower_decomposed, 17, ("",), "standard ops only, runs on any ONNX runtime"),
+    ]
+}

@@ -1,0 +1,264 @@
+"""Rotary position embedding (Su et al., RoFormer, arXiv 2104.09864).
+
+Must match transformers 5.23: `LlamaRotaryEmbedding` / `apply_rotary_pos_emb` / `rotate_half` for the
+`half` pairing (GPT-NeoX, Llama-HF: pairs (i, i + R/2)), and `modeling_gptj.apply_rotary_pos_emb` /
+`rotate_every_two` for the `interleaved` pairing (GPT-J, Meta's reference: pairs (2i, 2i + 1)).
+Partial rotary rotates `x[..., :R]` and passes `x[..., R:]` through.
+
+For every pair (a, b) at position p and frequency index m, with angle p * inv_freq[m]:
+    a' = a * cos - b * sin,   b' = b * cos + a * sin,
+where cos and sin are already multiplied by `attention_factor` (as transformers' `attention_scaling`).
+
+Tables are built in float64 and cast once. `angles="float32"` instead reproduces transformers'
+forward, which forms `inv_freq` and the positions in float32 and multiplies them in float32; only
+cos/sin of those float32 angles is then taken in float64. The float32 `inv_freq` is computed with
+torch's float32 ops exactly as transformers computes it (see `scaling/default.py`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from pe_export.encodings import ENCODINGS, Encoding
+from pe_export.scaling import SCALING_RULES
+
+PAIRINGS = ("half", "interleaved")
+ANGLES = ("float64", "float32")
+LAYOUTS = ("bhsd", "bshd")  # where the heads axis sits in x: (B, H, S, D) or (B, S, H, D)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeParams:
+    head_dim: int
+    theta: float = 10000.0
+    rotary_dim: int | None = None  # None: the whole head
+    pairing: str = "half"
+    max_positions: int = 2048
+    attention_factor: float = 1.0
+    scaling: str = "default"
+    angles: str = "float64"
+
+    def __post_init__(self):
+        if self.rotary_dim is None:
+            object.__setattr__(self, "rotary_dim", self.head_dim)
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"head_dim must be even and >= 2, got {self.head_dim}")
+        if self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise ValueError(f"rotary_dim must be even and >= 2, got {self.rotary_dim}")
+        if self.rotary_dim > self.head_dim:
+            raise ValueError(f"rotary_dim must be <= head_dim ({self.head_dim}), got {self.rotary_dim}")
+        if not (self.theta > 0 and np.isfinite(self.theta)):
+            raise ValueError(f"theta must be a finite number > 0, got {self.theta}")
+        if self.max_positions < 1:
+            raise ValueError(f"max_positions (--seq) must be >= 1, got {self.max_positions}")
+        if not (self.attention_factor > 0 and np.isfinite(self.attention_factor)):
+            raise ValueError(f"attention_factor must be a finite number > 0, got {self.attention_factor}")
+        if self.pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}, got {self.pairing!r}")
+        if self.angles not in ANGLES:
+            raise ValueError(f"angles must be one of {', '.join(ANGLES)}, got {self.angles!r}")
+        SCALING_RULES.get(self.scaling)  # unknown names raise, listing the known ones
+        check_table_fits(self.max_positions, self.rotary_dim)
+
+
+# A serialized ONNX protobuf cannot exceed 2 GiB; tables above this need external data.
+PROTOBUF_LIMIT = 2**31 - 2**20
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (MemAvailable), or physical memory where /proc is missing."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_table_fits(max_positions: int, rotary_dim: int) -> None:
+    """Refuse tables that cannot be built in memory or stored in one ONNX file."""
+    entries = 2 * max_positions * (rotary_dim // 2)  # cos and sin
+    # float64 angles, cos and sin while building, plus the float32 copies and the serialized model.
+    build_bytes = entries * (8 + 8 + 4 + 4)
+    if build_bytes > available_memory():
+        raise ValueError(
+            f"max_positions (--seq) {max_positions} needs about {build_bytes / 2**30:.1f} GiB to build the "
+            f"tables, more than the {available_memory() / 2**30:.1f} GiB of memory available"
+        )
+    if entries * 4 > PROTOBUF_LIMIT:
+        limit = PROTOBUF_LIMIT // (4 * rotary_dim)
+        raise ValueError(
+            f"max_positions (--seq) {max_positions} makes float32 tables of {entries * 4 / 2**30:.1f} GiB, over "
+            f"the 2 GiB limit of one ONNX file; use at most {limit} for rotary_dim {rotary_dim}"
+        )
+
+
+def inv_freq(p: RopeParams) -> tuple[np.ndarray, float]:
+    """(R/2,) float64 inverse frequencies and the attention factor, from the scaling rule."""
+    rule = SCALING_RULES.get(p.scaling)
+    freqs, factor = rule(theta=p.theta, rotary_dim=p.rotary_dim, float32=p.angles == "float32")
+    return freqs, factor * p.attention_factor
+
+
+def angles(p: RopeParams, positions: np.ndarray) -> np.ndarray:
+    """Angles `position * inv_freq`, float64 of shape positions.shape + (R/2,)."""
+    freqs, _ = inv_freq(p)
+    pos = np.asarray(positions)[..., None]
+    if p.angles == "float32":
+        # transformers: inv_freq.float() @ position_ids.float(), everything float32.
+        return (pos.astype(np.float32) * freqs.astype(np.float32)).astype(np.float64)
+    return pos.astype(np.float64) * freqs
+
+
+def tables(p: RopeParams) -> tuple[np.ndarray, np.ndarray]:
+    """float64 cos and sin tables, each (max_positions, R/2), attention factor included."""
+    theta = angles(p, np.arange(p.max_positions))  # (P, R/2)
+    _, factor = inv_freq(p)
+    return np.cos(theta) * factor, np.sin(theta) * factor
+
+
+def heads_axis(layout: str) -> int:
+    return LAYOUTS.index(layout) + 1  # bhsd: 1, bshd: 2
+
+
+def apply_reference(
+    x: np.ndarray, cos: np.ndarray, sin: np.ndarray, position_ids: np.ndarray, *, pairing: str, rotary_dim: int, layout: str
+) -> np.ndarray:
+    """float64 NumPy RoPE. x: (B, H, S, D) or (B, S, H, D); tables (P, R/2); position_ids (B, S)."""
+    if position_ids.min() < 0 or position_ids.max() >= cos.shape[0]:
+        raise IndexError(f"position out of range [0, {cos.shape[0]})")
+    x = np.asarray(x, dtype=np.float64)
+    c = np.expand_dims(cos[position_ids], heads_axis(layout))  # (B, 1, S, R/2) or (B, S, 1, R/2)
+    s = np.expand_dims(sin[position_ids], heads_axis(layout))
+    rot = x[..., :rotary_dim]
+    if pairing == "half":
+        a, b = rot[..., : rotary_dim // 2], rot[..., rotary_dim // 2 :]
+        out = np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
+    else:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        out = np.stack([a * c - b * s, b * c + a * s], axis=-1).reshape(rot.shape)
+    return np.concatenate([out, x[..., rotary_dim:]], axis=-1)
+
+
+def apply_torch(x, cos, sin, *, interleaved: bool, rotary_dim: int):
+    """The torch form of `apply_reference`, on cos/sin already gathered and broadcastable to x[..., :R/2]."""
+    import torch
+
+    rot, tail = x[..., :rotary_dim], x[..., rotary_dim:]
+    if interleaved:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
+    else:
+        a, b = rot.chunk(2, dim=-1)
+        out = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+    return torch.cat([out, tail], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The encoding as pe-export exports and verifies it. Contract of the exported graph:
+#   x (B, H, S, D) [bhsd] or (B, S, H, D) [bshd], float; position_ids (B, S) int64 -> y like x.
+
+
+def rope_module(spec):
+    import torch
+
+    import pe_export.custom_ops.rotary  # noqa: F401  registers torch.ops.pe_export.rotary_embedding
+    from pe_export.spec import torch_dtype
+
+    p = RopeParams(**spec.params)
+    cos, sin = tables(p)
+
+    class RopeModule(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            # float64 -> export dtype, rounded once.
+            self.register_buffer("cos_table", torch.from_numpy(cos).to(torch_dtype(spec.dtype)))  # (P, R/2)
+            self.register_buffer("sin_table", torch.from_numpy(sin).to(torch_dtype(spec.dtype)))
+
+        def forward(self, x, position_ids):
+            return torch.ops.pe_export.rotary_embedding(
+                x, self.cos_table, self.sin_table, position_ids, p.pairing == "interleaved", p.rotary_dim, spec.layout
+            )
+
+    return RopeModule().eval()
+
+
+def rope_example_inputs(spec):
+    """Example args, dynamic shapes, input and output names for torch.onnx.export."""
+    import torch
+
+    from pe_export.spec import torch_dtype
+
+    p = RopeParams(**spec.params)
+    B, H, S = 2, 3, min(5, p.max_positions)
+    shape = (B, H, S, p.head_dim) if spec.layout == "bhsd" else (B, S, H, p.head_dim)
+    x = torch.zeros(shape, dtype=torch_dtype(spec.dtype))
+    position_ids = torch.zeros((B, S), dtype=torch.int64)
+    batch, heads, seq = torch.export.Dim("batch"), torch.export.Dim("heads"), torch.export.Dim("seq")
+    x_dims = {0: batch, 1: heads, 2: seq} if spec.layout == "bhsd" else {0: batch, 1: seq, 2: heads}
+    dynamic = {"x": x_dims, "position_ids": {0: batch, 1: seq}}
+    return (x, position_ids), dynamic, ["x", "position_ids"], ["y"]
+
+
+def rope_probes(spec, rng: np.random.Generator, batch: int = 2) -> list[tuple[str, dict]]:
+    """Inputs that cover the whole table: spread positions ending in the last row, the last block
+    (prefill near the end), and a decode step (S = 1 at a large position). Three heads: an odd count."""
+    from pe_export.spec import numpy_dtype
+
+    p = RopeParams(**spec.params)
+    P, H = p.max_positions, 3
+    S = min(P, 64)
+    spread = np.empty((batch, S), dtype=np.int64)
+    spread[0] = np.round(np.linspace(0, P - 1, S))
+    for b in range(1, batch):
+        spread[b] = rng.integers(0, P, S)
+        spread[b, -1] = P - 1
+    tail = np.broadcast_to(np.arange(P - S, P), (batch, S)).copy()
+    decode = np.array([[P - 1]] + [[int(rng.integers(P - P // 4 - 1, P))] for _ in range(batch - 1)], dtype=np.int64)
+
+    def x_for(ids):
+        B, S = ids.shape
+        shape = (B, H, S, p.head_dim) if spec.layout == "bhsd" else (B, S, H, p.head_dim)
+        return rng.standard_normal(shape, dtype=np.float32).astype(numpy_dtype(spec.dtype))
+
+    return [(name, {"x": x_for(ids), "position_ids": ids}) for name, ids in [("spread", spread), ("tail", tail), ("decode", decode)]]
+
+
+def rope_reference(spec, inputs: dict) -> np.ndarray:
+    """float64 truth from the spec alone: exact tables, NumPy arithmetic."""
+    p = RopeParams(**spec.params)
+    cos, sin = tables(p)
+    x = np.asarray(inputs["x"]).astype(np.float64)
+    return apply_reference(
+        x, cos, sin, inputs["position_ids"], pairing=p.pairing, rotary_dim=p.rotary_dim, layout=spec.layout
+    )
+
+
+def rope_translation_table(spec) -> dict:
+    import torch
+
+    import pe_export.custom_ops.rotary  # noqa: F401
+    from pe_export.custom_ops.lowerings import OP_TARGETS
+
+    return {torch.ops.pe_export.rotary_embedding.default: OP_TARGETS[spec.op].lower}
+
+
+ROPE = ENCODINGS.register("rope")(
+    Encoding(
+        name="rope",
+        params=RopeParams,
+        module=rope_module,
+        example_inputs=rope_example_inputs,
+        probes=rope_probes,
+        reference=rope_reference,
+        translation_table=rope_translation_table,
+        positions=lambda inputs: inputs["position_ids"],
+        scale=lambda spec, inputs: float(np.abs(np.asarray(inputs["x"], dtype=np.float64)).max())
+        * inv_freq(RopeParams(**spec.params))[1],
+    )
+)

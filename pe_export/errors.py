@@ -1,0 +1,9 @@
+"""The one exception type the CLI turns into exit code 2 (bad input).
+
+Parameter dataclasses raise plain `ValueError` (house style); I/O and file-format problems raise
+`BadInput`, a `ValueError` too, so callers catch one type.
+"""
+
+
+class BadInput(ValueError):
+    """Input the user can fix: the message names the problem and the valid range."""

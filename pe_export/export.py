@@ -1,0 +1,124 @@
+"""Spec -> ONNX model: torch.onnx.export of the encoding's module, the spec in metadata, onnx's full
+checker with shape inference, and an atomic write that never leaves half a file or overwrites silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+
+from pe_export import __version__
+from pe_export.encodings import ENCODINGS
+from pe_export.errors import BadInput
+from pe_export.spec import SPEC_KEY, Spec
+
+
+def check_spec(spec: Spec) -> None:
+    """Refuse, before any work, what the chosen target or opset cannot express."""
+    from pe_export.custom_ops.lowerings import OP_TARGETS
+
+    if spec.op not in OP_TARGETS:
+        raise BadInput(f"unknown op target {spec.op!r}; known: {', '.join(OP_TARGETS)}")
+    target = OP_TARGETS[spec.op]
+    newest = onnx.defs.onnx_opset_version()
+    if not target.min_opset <= spec.opset <= newest:
+        raise BadInput(f"--op {spec.op} needs an opset in [{target.min_opset}, {newest}], got {spec.opset}")
+    ENCODINGS.get(spec.encoding).params(**spec.params)  # validates
+
+
+def build(spec: Spec) -> onnx.ModelProto:
+    import torch
+
+    check_spec(spec)
+    enc = ENCODINGS.get(spec.encoding)
+    args, dynamic, input_names, output_names = enc.example_inputs(spec)
+    # The exporter prints progress and warns about internals; neither is the user's concern.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet_logging():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            enc.module(spec),
+            args,
+            dynamo=True,
+            opset_version=spec.opset,
+            custom_translation_table=enc.translation_table(spec),
+            dynamic_shapes=dynamic,
+            input_names=input_names,
+            output_names=output_names,
+            optimize=True,
+            verbose=False,
+        )
+    model = program.model_proto
+    # Stack traces and source paths in node metadata would make the file depend on the install path.
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del model.metadata_props[:]
+    model.producer_name, model.producer_version = "pe-export", __version__
+    model.doc_string = f"{spec.encoding} positional encoding exported by pe-export {__version__}"
+    onnx.helper.set_model_props(model, {SPEC_KEY: spec.to_json()})
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@contextlib.contextmanager
+def quiet_logging():
+    """The exporter and the version converter log warnings about their internals; errors still show."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def check_output_path(path: Path, force: bool) -> None:
+    if not path.parent.is_dir():
+        raise BadInput(f"output folder {str(path.parent)!r} does not exist")
+    if path.is_dir():
+        raise BadInput(f"output path {str(path)!r} is a folder")
+    if path.exists() and not force:
+        raise BadInput(f"{str(path)!r} exists; pass --force to overwrite it")
+
+
+def write_atomic(data: bytes, path: Path, force: bool) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    check_output_path(path, force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        if not force and path.exists():
+            raise BadInput(f"{str(path)!r} appeared while exporting; pass --force to overwrite it")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def load(path: Path) -> tuple[onnx.ModelProto, Spec]:
+    """Read a file pe-export wrote, with a clear error for anything else."""
+    if not path.exists():
+        raise BadInput(f"{str(path)!r} does not exist")
+    if not path.is_file():
+        raise BadInput(f"{str(path)!r} is not a file")
+    data = path.read_bytes()
+    if not data:
+        raise BadInput(f"{str(path)!r} is empty")
+    try:
+        model = onnx.load_from_string(data)
+        onnx.checker.check_model(model)
+    except Exception as e:  # protobuf's DecodeError and onnx's ValidationError share no base class
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(f"{str(path)!r} is not a valid ONNX model ({first})") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    if SPEC_KEY not in props:
+        raise BadInput(f"{str(path)!r} has no {SPEC_KEY} metadata: it was not written by pe-export")
+    return model, Spec.from_json(props[SPEC_KEY])

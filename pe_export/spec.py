@@ -1,0 +1,55 @@
+"""The export spec: everything needed to rebuild an exported graph's reference from the file alone.
+
+Stored as JSON under the `pe_export.spec` key of the model's `metadata_props`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from pe_export import __version__
+from pe_export.errors import BadInput
+
+SPEC_KEY = "pe_export.spec"
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def numpy_dtype(name: str):
+    import ml_dtypes
+
+    return {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}[name]
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Spec:
+    encoding: str
+    params: dict  # the encoding's parameter dataclass, as a dict
+    op: str = "onnx"  # ONNX target (see pe_export.custom_ops.lowerings.OP_TARGETS)
+    opset: int = 23
+    dtype: str = "fp32"  # of the float inputs, outputs and tables
+    layout: str = "bhsd"
+    version: str = field(default=__version__)
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Spec":
+        try:
+            data = json.loads(text)
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise BadInput(f"the {SPEC_KEY} metadata is not a valid pe-export spec: {e}") from None

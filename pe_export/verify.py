@@ -1,0 +1,194 @@
+"""Parity of an exported graph with the float64 reference, on every runtime that can run it.
+
+One tolerance table, one comparison helper. The tolerance is `factor * eps(dtype) * scale`, where
+`scale` is max |x| times the table scale (the attention factor): a bound on the rounding error of a
+correct implementation in that dtype, not a number tuned to make a run pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from pe_export.encodings import ENCODINGS
+from pe_export.spec import Spec, numpy_dtype
+
+EPS = {"fp32": 2.0**-23, "fp16": 2.0**-10, "bf16": 2.0**-7}  # machine epsilon of each dtype
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    factor: float  # in units of eps(dtype) * scale
+    reason: str
+
+
+# (dtype, op target) -> bound; "*" matches any target. The same table serves the tests, the export
+# check and `pe-export verify`.
+_ROUNDING = (
+    "each output pair is a*c - b*s: rounding the tables to the dtype costs at most eps/2 * (|a| + |b|) <= eps*M, "
+    "the two products at most eps*M, the sum eps/2 * sqrt(2) * M; about 2.7 eps*M in all, bounded by 4"
+)
+TOLERANCES: dict[tuple[str, str], Tolerance] = {
+    ("fp32", "*"): Tolerance(4.0, _ROUNDING),
+    ("fp16", "*"): Tolerance(4.0, _ROUNDING + " (kernels that compute in fp32 inside land well under it)"),
+    ("bf16", "*"): Tolerance(4.0, _ROUNDING + "; bf16 keeps 8 bits, so eps = 2^-7"),
+}
+
+
+def tolerance(dtype: str, op: str) -> Tolerance:
+    return TOLERANCES.get((dtype, op)) or TOLERANCES[(dtype, "*")]
+
+
+@dataclass
+class Row:
+    runtime: str
+    provider: str
+    dtype: str
+    verdict: str  # "pass", "FAIL" or "skipped"
+    max_abs: float | None = None
+    max_rel: float | None = None  # max abs error / max |reference|, over all probes
+    tolerance: float | None = None  # the largest bound among the probes (each probe has its own scale)
+    where: str = ""  # probe, batch row and position of the worst error relative to its bound
+    note: str = ""
+    probes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------
+# Runtimes: each takes the model bytes and returns a callable inputs -> output, plus the provider
+# that actually runs it; `Skip` says why one cannot run here.
+
+
+class Skip(Exception):
+    pass
+
+
+def run_torch(spec: Spec, model_bytes: bytes):
+    import torch
+
+    from pe_export.spec import torch_dtype
+
+    module = ENCODINGS.get(spec.encoding).module(spec)
+
+    def call(inputs):
+        args = [to_torch(v, torch_dtype(spec.dtype)) for v in inputs.values()]
+        with torch.no_grad():
+            y = module(*args)
+        return y.to(torch.float64).numpy()
+
+    return call, "eager (CPU)"
+
+
+def to_torch(a: np.ndarray, dtype):
+    import torch
+
+    if a.dtype == numpy_dtype("bf16"):  # NumPy has no bfloat16 of its own: go through the bits
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _ort_session(model_bytes: bytes, provider: str):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise Skip("onnxruntime is not installed (pip install 'pe-export[cpu]' or 'pe-export[gpu]')") from None
+    if provider not in ort.get_available_providers():
+        raise Skip(f"{provider} not available in this onnxruntime build")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 4  # failures come back as exceptions, not log lines
+    try:
+        providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+        sess = ort.InferenceSession(model_bytes, opts, providers=providers)
+    except Exception as e:
+        if "NOT_IMPLEMENTED" in str(e):
+            raise Skip(f"no kernel in this onnxruntime: {str(e).split(':')[-1].strip()}") from None
+        raise
+    return sess
+
+
+def run_ort_cpu(spec: Spec, model_bytes: bytes):
+    sess = _ort_session(model_bytes, "CPUExecutionProvider")
+    return (lambda inputs: sess.run(None, inputs)[0].astype(np.float64)), sess.get_providers()[0]
+
+
+def run_ort_cuda(spec: Spec, model_bytes: bytes):
+    sess = _ort_session(model_bytes, "CUDAExecutionProvider")
+    ran = sess.get_providers()[0]
+    if ran != "CUDAExecutionProvider":  # ORT falls back to CPU silently: that is a failure here
+        raise RuntimeError(f"asked for CUDAExecutionProvider but the session runs on {ran}")
+    return (lambda inputs: sess.run(None, inputs)[0].astype(np.float64)), ran
+
+
+def run_onnx_reference(spec: Spec, model_bytes: bytes):
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    model = onnx.load_from_string(model_bytes)
+    custom = sorted({o.domain for o in model.opset_import if o.domain not in ("", "ai.onnx")})
+    if custom:
+        raise Skip(f"onnx's ReferenceEvaluator has no ops of domain {', '.join(custom)}")
+    ev = ReferenceEvaluator(model)
+    return (lambda inputs: np.asarray(ev.run(None, inputs)[0]).astype(np.float64)), "ReferenceEvaluator"
+
+
+RUNTIMES = {
+    "torch": run_torch,
+    "ort-cpu": run_ort_cpu,
+    "ort-cuda": run_ort_cuda,
+    "onnx-reference": run_onnx_reference,
+}
+DEFAULT_RUNTIMES = ("torch", "ort-cpu", "ort-cuda", "onnx-reference")
+
+
+def check(spec: Spec, model_bytes: bytes, runtimes=DEFAULT_RUNTIMES, seed: int = 0, batch: int = 2) -> list[Row]:
+    """Run every probe on every runtime and compare with the float64 reference."""
+    enc = ENCODINGS.get(spec.encoding)
+    probes = enc.probes(spec, np.random.default_rng(seed), batch)
+    truths = [enc.reference(spec, inputs) for _, inputs in probes]
+    tol = tolerance(spec.dtype, spec.op)
+    rows = []
+    for name in runtimes:
+        row = Row(runtime=name, provider="", dtype=spec.dtype, verdict="pass", probes=[p for p, _ in probes])
+        try:
+            call, row.provider = RUNTIMES[name](spec, model_bytes)
+            worst = -1.0
+            for (probe, inputs), truth in zip(probes, truths):
+                got = call(inputs)
+                bound = tol.factor * EPS[spec.dtype] * enc.scale(spec, inputs)
+                err = np.abs(got - truth)
+                if got.shape != truth.shape or not np.all(np.isfinite(got)):
+                    raise RuntimeError(f"probe {probe}: output shape {got.shape} or non-finite values, want {truth.shape}")
+                at = np.unravel_index(int(np.argmax(err)), err.shape)
+                ratio = float(err[at]) / bound
+                row.max_abs = max(row.max_abs or 0.0, float(err[at]))
+                row.max_rel = max(row.max_rel or 0.0, float(err[at]) / max(float(np.abs(truth).max()), 1e-300))
+                row.tolerance = max(row.tolerance or 0.0, bound)
+                if ratio > worst:
+                    worst = ratio
+                    b, s = at[0], at[2] if spec.layout == "bhsd" else at[1]
+                    pos = int(enc.positions(inputs)[b, s])
+                    row.where = f"{probe}: batch {b}, position {pos}"
+                if ratio > 1.0:
+                    row.verdict = "FAIL"
+            if row.verdict == "FAIL":
+                row.note = f"error {row.max_abs:.3g} over tolerance at {row.where}"
+        except Skip as e:
+            row.verdict, row.note = "skipped", str(e)
+        except Exception as e:  # a runtime that errors on a valid input is a failed row, with its message
+            row.verdict, row.note = "FAIL", " ".join(str(e).split())[:300]
+        rows.append(row)
+    return rows
+
+
+def verdict(rows: list[Row]) -> str:
+    """'pass' when nothing failed and some ONNX runtime passed; 'FAIL' or 'unverified' otherwise."""
+    if any(r.verdict == "FAIL" for r in rows):
+        return "FAIL"
+    if not any(r.verdict == "pass" and r.runtime != "torch" for r in rows):
+        return "unverified"
+    return "pass"
+
