@@ -207,7 +207,8 @@ def rope_example_inputs(spec):
 
 def rope_probes(spec, rng: np.random.Generator, batch: int = 2) -> list[tuple[str, dict]]:
     """Inputs that cover the whole table: spread positions ending in the last row, the last block
-    (prefill near the end), and a decode step (S = 1 at a large position). Three heads: an odd count."""
+    (prefill near the end), a decode step (S = 1 at a large position), all with three heads (an odd
+    count) and `batch` rows; and every row of the table once."""
     from pe_export.spec import numpy_dtype
 
     p = RopeParams(**spec.params)
@@ -221,12 +222,15 @@ def rope_probes(spec, rng: np.random.Generator, batch: int = 2) -> list[tuple[st
     tail = np.broadcast_to(np.arange(P - S, P), (batch, S)).copy()
     decode = np.array([[P - 1]] + [[int(rng.integers(P - P // 4 - 1, P))] for _ in range(batch - 1)], dtype=np.int64)
 
-    def x_for(ids):
+    def x_for(ids, heads):
         B, S = ids.shape
-        shape = (B, H, S, p.head_dim) if spec.layout == "bhsd" else (B, S, H, p.head_dim)
+        shape = (B, heads, S, p.head_dim) if spec.layout == "bhsd" else (B, S, heads, p.head_dim)
         return rng.standard_normal(shape, dtype=np.float32).astype(numpy_dtype(spec.dtype))
 
-    return [(name, {"x": x_for(ids), "position_ids": ids}) for name, ids in [("spread", spread), ("tail", tail), ("decode", decode)]]
+    # Every table row once (one head, one batch row), so no corrupted or wrong row goes unseen.
+    every = np.arange(P, dtype=np.int64)[None, :]
+    cases = [("spread", spread, H), ("tail", tail, H), ("decode", decode, H), ("all", every, 1)]
+    return [(name, {"x": x_for(ids, heads), "position_ids": ids}) for name, ids, heads in cases]
 
 
 def rope_reference(spec, inputs: dict) -> np.ndarray:

@@ -1,0 +1,218 @@
+"""The CLI through Typer's CliRunner, every README example, the bad-input contract, and one real
+subprocess of the installed `pe-export` entry point."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pe_export.cli.main import app
+from pe_export.presets import PRESETS
+
+runner = CliRunner()
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def invoke(*args, cwd=None):
+    if cwd is None:
+        return runner.invoke(app, list(args))
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return runner.invoke(app, list(args))
+    finally:
+        os.chdir(old)
+
+
+def test_list_shows_every_preset_with_its_parameters():
+    result = invoke("list")
+    assert result.exit_code == 0
+    for name, preset in PRESETS.items():
+        assert name in result.output
+    assert "theta=500000.0" in result.output and "rotary_dim=64" in result.output
+
+
+def test_export_then_verify(tmp_path):
+    out = tmp_path / "r.onnx"
+    result = invoke("gpt-neox-rope", "--seq", "300", "-o", str(out), "--report", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    assert "verified" in result.output and re.search(r"ort-cpu\s+.\s+CPUExecutionProvider\s+.\s+fp32", result.output)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["verdict"] == "pass" and report["spec"]["params"]["max_positions"] == 300
+    assert {r["runtime"] for r in report["rows"]} == {"torch", "ort-cpu", "ort-cuda", "onnx-reference"}
+    again = invoke("verify", str(out), "--providers", "cpu")
+    assert again.exit_code == 0, again.output
+
+
+def test_default_output_name_and_overrides(tmp_path):
+    result = invoke("llama2-rope", "--seq", "64", "--op", "decomposed", "--layout", "bshd", "--dtype", "fp16",
+                    "--head-dim", "32", "--theta", "5000", "--pairing", "interleaved", cwd=tmp_path)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    from pe_export.export import load
+
+    _, spec = load(tmp_path / "llama2-rope.onnx")
+    assert (spec.op, spec.layout, spec.dtype, spec.opset) == ("decomposed", "bshd", "fp16", 17)
+    assert spec.params["head_dim"] == 32 and spec.params["theta"] == 5000 and spec.params["pairing"] == "interleaved"
+
+
+def test_unverifiable_export_exits_1_and_keeps_the_file(tmp_path):
+    out = tmp_path / "b.onnx"
+    result = invoke("llama-rope", "--seq", "64", "--op", "ort", "--dtype", "bf16", "-o", str(out))
+    assert result.exit_code == 1 and out.exists()
+    assert "kept but unverified" in result.output
+
+
+def test_parity_failure_exits_1_and_names_the_row(tmp_path):
+    import onnx
+
+    out = tmp_path / "c.onnx"
+    assert invoke("llama-rope", "--seq", "64", "-o", str(out)).exit_code == 0
+    model = onnx.load(out)
+    table = model.graph.initializer[0]
+    values = onnx.numpy_helper.to_array(table).copy()
+    values[63, 0] = 5.0
+    table.CopyFrom(onnx.numpy_helper.from_array(values, table.name))
+    onnx.save(model, out)
+    result = invoke("verify", str(out))
+    assert result.exit_code == 1 and "parity check failed" in result.output and "position 63" in result.output
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+BAD_EXPORTS = [
+    (["--seq", "0"], "--seq) must be >= 1, got 0"),
+    (["--seq", "-1"], "must be >= 1, got -1"),
+    (["--seq", "abc"], "'--seq'"),
+    (["--seq", "64", "--head-dim", "127"], "head_dim must be even and >= 2, got 127"),
+    (["--seq", "64", "--rotary-dim", "256"], "rotary_dim must be <= head_dim (128), got 256"),
+    (["--seq", "64", "--theta", "0"], "theta must be a finite number > 0, got 0.0"),
+    (["--seq", str(10**13)], "GiB of memory available"),
+    (["--seq", "64", "--opset", "16"], "--op onnx needs an opset in [23,"),
+    (["--seq", "64", "--layout", "half"], "'--layout'"),
+]
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("args,message", BAD_EXPORTS, ids=[" ".join(a) for a, _ in BAD_EXPORTS])
+def test_bad_export_input(tmp_path, args, message):
+    before = snapshot(tmp_path)
+    result = invoke("llama-rope", *args, "-o", str(tmp_path / "out.onnx"))
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert_one_line_error(result)
+    assert snapshot(tmp_path) == before
+
+
+def assert_one_line_error(result):
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("pe-export: error: "), result.output
+    assert "Traceback" not in result.output
+
+
+def test_unknown_preset_lists_the_presets():
+    result = invoke("llama-9000")
+    assert result.exit_code == 2
+    assert_one_line_error(result)
+    assert all(name in result.output for name in PRESETS)
+
+
+def test_missing_output_folder(tmp_path):
+    result = invoke("llama-rope", "--seq", "64", "-o", str(tmp_path / "nope" / "x.onnx"))
+    assert result.exit_code == 2 and "does not exist" in result.output
+    assert_one_line_error(result)
+    assert not (tmp_path / "nope").exists()
+
+
+def test_existing_file_needs_force(tmp_path):
+    out = write(tmp_path / "x.onnx", b"precious")
+    result = invoke("llama-rope", "--seq", "64", "-o", str(out))
+    assert result.exit_code == 2 and "--force" in result.output
+    assert_one_line_error(result)
+    assert out.read_bytes() == b"precious" and snapshot(tmp_path) == {"x.onnx": b"precious"}
+    assert invoke("llama-rope", "--seq", "64", "-o", str(out), "--force").exit_code == 0
+    assert out.read_bytes() != b"precious"
+
+
+@pytest.mark.parametrize(
+    "name,make,message",
+    [
+        ("missing", lambda p: p, "does not exist"),
+        ("empty", lambda p: write(p, b""), "is empty"),
+        ("not-onnx", lambda p: write(p, b"hello, I am text\n"), "is not a valid ONNX model"),
+        ("truncated", None, "is not a valid ONNX model"),
+        ("no-spec", None, "has no pe_export.spec metadata"),
+    ],
+)
+def test_bad_verify_input(tmp_path, name, make, message):
+    import onnx
+
+    path = tmp_path / f"{name}.onnx"
+    if name == "truncated":
+        good = tmp_path / "good.onnx"
+        assert invoke("llama-rope", "--seq", "64", "-o", str(good)).exit_code == 0
+        write(path, good.read_bytes()[:5000])
+    elif name == "no-spec":
+        model = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
+        onnx.save(model, path)
+    else:
+        make(path)
+    before = snapshot(tmp_path)
+    result = invoke("verify", str(path), "--report", str(tmp_path / "report.json"))
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert_one_line_error(result)
+    assert snapshot(tmp_path) == before
+
+
+def test_verify_rejects_unknown_providers(tmp_path):
+    result = invoke("verify", str(tmp_path / "x.onnx"), "--providers", "tpu")
+    assert result.exit_code == 2 and "cpu, cuda" in result.output
+
+
+def readme_commands() -> list[str]:
+    """The `pe-export ...` lines of the README's shell blocks."""
+    text = README.read_text()
+    blocks = re.findall(r"```(?:bash|sh|console)\n(.*?)```", text, re.S)
+    lines = [line.strip().removeprefix("$ ") for block in blocks for line in block.splitlines()]
+    commands = []
+    for line in lines:
+        for part in line.split("&&"):
+            part = part.strip()
+            if part.startswith("pe-export") and part not in commands:
+                commands.append(part)
+    return commands
+
+
+def test_readme_examples_run(tmp_path):
+    commands = readme_commands()
+    assert "pe-export llama-rope --seq 8192" in commands
+    for command in commands:
+        args = command.split()[1:]
+        result = invoke(*args, cwd=tmp_path)
+        assert result.exit_code == 0, f"{command}\n{result.output}"
+
+
+def test_installed_entry_point_runs_as_a_subprocess(tmp_path):
+    exe = shutil.which("pe-export") or pytest.fail("the pe-export console script is not installed")
+    done = subprocess.run([exe, "llama-rope", "--seq", "128"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "llama-rope.onnx").exists() and "verified" in done.stdout
+    bad = subprocess.run([exe, "llama-rope", "--seq", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_ci_runs_the_readme_test_command():
+    test_command = 'pip install "torch==2.13.0" -e ".[cpu,test]" && python -m pytest'
+    assert test_command in README.read_text()
+    assert test_command in (README.parent / ".ci" / "run").read_text().splitlines()

@@ -1,0 +1,126 @@
+"""Parity matrix generated from the registries: preset x op target x layout x dtype under ONNX Runtime
+CPU, onnx's ReferenceEvaluator (where it implements the op) and the torch original, against the float64
+reference, with the one tolerance table of `pe_export.verify`."""
+
+import itertools
+
+import numpy as np
+import onnx
+import pytest
+from conftest import exported
+
+from pe_export.custom_ops.lowerings import OP_TARGETS
+from pe_export.encodings.rope import LAYOUTS
+from pe_export.presets import PRESETS
+from pe_export.spec import DTYPES, Spec
+from pe_export.verify import check, verdict
+
+SEQ = 512  # short tables keep the matrix fast; the full preset lengths are exported in test_full_length
+
+
+def preset_spec(preset, op, layout, dtype, seq=SEQ):
+    params = {**PRESETS[preset].params, "max_positions": seq}
+    return Spec(encoding="rope", params=params, op=op, opset=OP_TARGETS[op].min_opset, dtype=dtype, layout=layout)
+
+
+MATRIX = list(itertools.product(PRESETS, OP_TARGETS, LAYOUTS, DTYPES))
+
+
+@pytest.mark.parametrize("preset,op,layout,dtype", MATRIX, ids=["-".join(c) for c in MATRIX])
+def test_parity(preset, op, layout, dtype):
+    spec = preset_spec(preset, op, layout, dtype)
+    rows = {r.runtime: r for r in check(spec, exported(spec), runtimes=("torch", "ort-cpu", "onnx-reference"))}
+    failures = [f"{r.runtime}: {r.note} (max abs {r.max_abs}, tol {r.tolerance}, {r.where})" for r in rows.values() if r.verdict == "FAIL"]
+    assert not failures, failures
+    assert rows["torch"].verdict == "pass"
+    # Which runtimes must have run, and why the others may not:
+    if dtype == "bf16":
+        assert rows["ort-cpu"].verdict == "skipped" and "no kernel" in rows["ort-cpu"].note  # ORT CPU has no bf16 Mul/RoPE
+    else:
+        assert rows["ort-cpu"].verdict == "pass" and rows["ort-cpu"].provider == "CPUExecutionProvider"
+    if op == "ort":
+        assert rows["onnx-reference"].verdict == "skipped"  # no com.microsoft ops in onnx's evaluator
+    else:
+        assert rows["onnx-reference"].verdict == "pass"
+    assert verdict(list(rows.values())) == ("unverified" if (op, dtype) == ("ort", "bf16") else "pass")
+
+
+@pytest.mark.parametrize("op", OP_TARGETS)
+def test_graph_shape_of_each_target(op):
+    model = onnx.load_from_string(exported(preset_spec("llama-rope", op, "bhsd", "fp32")))
+    ops = [(n.domain, n.op_type) for n in model.graph.node]
+    imports = {o.domain: o.version for o in model.opset_import}
+    if op == "onnx":
+        assert ops == [("", "RotaryEmbedding")] and imports[""] == 23
+    elif op == "ort":
+        assert ops == [("com.microsoft", "RotaryEmbedding")]
+    else:
+        assert all(d == "" for d, _ in ops) and "RotaryEmbedding" not in {t for _, t in ops}
+        assert imports[""] == OP_TARGETS[op].min_opset == 17
+    dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    assert [i.name for i in model.graph.input] == ["x", "position_ids"]
+    assert dims(model.graph.input[0]) == ["batch", "heads", "seq", 128]
+    assert dims(model.graph.input[1]) == ["batch", "seq"]
+    assert [o.name for o in model.graph.output] == ["y"]
+
+
+@pytest.mark.parametrize("op", OP_TARGETS)
+def test_full_length_llama_loads_and_passes(op):
+    """The main job's file, at its real length, for every target."""
+    spec = preset_spec("llama-rope", op, "bhsd", "fp32", seq=8192)
+    rows = check(spec, exported(spec), runtimes=("ort-cpu",))
+    assert rows[0].verdict == "pass", rows[0]
+
+
+def test_float32_angles_mode_exports_and_verifies():
+    spec = preset_spec("llama-rope", "onnx", "bhsd", "fp32")
+    spec = Spec(**{**spec.__dict__, "params": {**spec.params, "angles": "float32"}})
+    assert verdict(check(spec, exported(spec), runtimes=("ort-cpu",))) == "pass"
+
+
+def test_a_corrupted_table_entry_fails_with_its_position():
+    """Verification can fail: change one cos entry of an exported file and the row names the position."""
+    spec = preset_spec("llama2-rope", "onnx", "bhsd", "fp32")
+    model = onnx.load_from_string(exported(spec))
+    table = next(t for t in model.graph.initializer if t.dims[0] == SEQ)
+    values = onnx.numpy_helper.to_array(table).copy()
+    values[300, 5] += 1e-3
+    table.CopyFrom(onnx.numpy_helper.from_array(values, table.name))
+    row = check(spec, model.SerializeToString(), runtimes=("ort-cpu",))[0]
+    assert row.verdict == "FAIL" and "position 300" in row.where, row
+
+
+def test_exports_are_byte_identical():
+    from pe_export.export import build
+
+    spec = preset_spec("gpt-neox-rope", "decomposed", "bshd", "fp16")
+    assert build(spec).SerializeToString() == build(spec).SerializeToString()
+
+
+def test_spec_round_trips_through_the_file():
+    spec = preset_spec("gpt-j-rope", "ort", "bshd", "fp16")
+    model = onnx.load_from_string(exported(spec))
+    props = {p.key: p.value for p in model.metadata_props}
+    assert Spec.from_json(props["pe_export.spec"]) == spec
+
+
+def test_cuda_fallback_is_a_failure(monkeypatch):
+    """ORT falls back to CPU silently; the ort-cuda row must say so, not pass."""
+    ort = pytest.importorskip("onnxruntime")
+    real = ort.InferenceSession
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", lambda data, opts, providers: real(data, opts, providers=["CPUExecutionProvider"]))
+    spec = preset_spec("llama-rope", "onnx", "bhsd", "fp32")
+    row = check(spec, exported(spec), runtimes=("ort-cuda",))[0]
+    assert row.verdict == "FAIL" and "CPUExecutionProvider" in row.note
+
+
+def test_x_values_reach_the_comparison():
+    """Guard against a vacuous check: a graph returning x unchanged must fail."""
+    spec = preset_spec("llama-rope", "onnx", "bhsd", "fp32")
+    model = onnx.load_from_string(exported(spec))
+    node = model.graph.node[0]
+    identity = onnx.helper.make_node("Identity", [node.input[0]], list(node.output))
+    del model.graph.node[:]
+    model.graph.node.append(identity)
+    assert np.all([r.verdict == "FAIL" for r in check(spec, model.SerializeToString(), runtimes=("ort-cpu",))])
