@@ -205,9 +205,14 @@ def test_readme_examples_run(tmp_path):
 
 def test_installed_entry_point_runs_as_a_subprocess(tmp_path):
     exe = shutil.which("pe-export") or pytest.fail("the pe-export console script is not installed")
-    done = subprocess.run([exe, "llama-rope", "--seq", "128"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert (tmp_path / "llama-rope.onnx").exists() and "verified" in done.stdout
+    files = []
+    for run in ("a", "b"):  # the same command twice, in separate processes: byte-identical files
+        (tmp_path / run).mkdir()
+        done = subprocess.run([exe, "llama-rope", "--seq", "128"], cwd=tmp_path / run, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "verified" in done.stdout
+        files.append((tmp_path / run / "llama-rope.onnx").read_bytes())
+    assert files[0] == files[1]
     bad = subprocess.run([exe, "llama-rope", "--seq", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
 
