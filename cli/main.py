@@ -104,9 +104,13 @@ class Angles(str, Enum):
 @app.command("list")
 def list_presets():
     """List the presets, what each one is, and the parameters it sets."""
-    table = Table("preset", "encoding", "description", "parameters")
+    table = Table("preset", "encoding", "scaling", "description", "parameters")
     for p in PRESETS.values():
-        table.add_row(p.name, p.encoding, p.description, ", ".join(f"{k}={v}" for k, v in p.params.items()))
+        params = {k: v for k, v in p.params.items() if k not in ("scaling", "scaling_params")}
+        scaling = p.params.get("scaling", "")
+        if p.params.get("scaling_params"):
+            scaling += " (" + ", ".join(f"{k}={v}" for k, v in p.params["scaling_params"].items()) + ")"
+        table.add_row(p.name, p.encoding, scaling, p.description, ", ".join(f"{k}={v}" for k, v in params.items()))
     out.print(table)
 
 

@@ -26,10 +26,72 @@ PRESETS: dict[str, Preset] = {
             params=dict(head_dim=128, theta=500000.0, pairing="half", scaling="default", max_positions=8192),
         ),
         Preset(
+            name="llama3.1-rope",
+            encoding="rope",
+            description="Llama 3.1 8B/70B/405B: theta 500000, llama3 scaling x8 from 8192 to 131072",
+            params=dict(
+                head_dim=128, theta=500000.0, pairing="half", max_positions=131072, scaling="llama3",
+                scaling_params=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_positions=8192),
+            ),
+        ),
+        Preset(
+            name="llama3.2-1b-rope",
+            encoding="rope",
+            description="Llama 3.2 1B: head_dim 64, theta 500000, llama3 scaling x32 from 8192",
+            params=dict(
+                head_dim=64, theta=500000.0, pairing="half", max_positions=131072, scaling="llama3",
+                scaling_params=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_positions=8192),
+            ),
+        ),
+        Preset(
             name="llama2-rope",
             encoding="rope",
             description="Llama 2 attention RoPE: rotate-half, theta 10000",
             params=dict(head_dim=128, theta=10000.0, pairing="half", scaling="default", max_positions=4096),
+        ),
+        Preset(
+            name="mistral-rope",
+            encoding="rope",
+            description="Mistral 7B v0.1: rotate-half, theta 10000, 32768 positions",
+            params=dict(head_dim=128, theta=10000.0, pairing="half", scaling="default", max_positions=32768),
+        ),
+        Preset(
+            name="qwen2-rope",
+            encoding="rope",
+            description="Qwen2 7B: rotate-half, theta 1000000, 131072 positions",
+            params=dict(head_dim=128, theta=1000000.0, pairing="half", scaling="default", max_positions=131072),
+        ),
+        Preset(
+            name="qwen2.5-yarn-rope",
+            encoding="rope",
+            description="Qwen2.5 long-context recipe: theta 1000000, YaRN x4 from 32768 to 131072",
+            params=dict(
+                head_dim=128, theta=1000000.0, pairing="half", max_positions=131072, scaling="yarn",
+                scaling_params=dict(factor=4.0, original_max_positions=32768),
+            ),
+        ),
+        Preset(
+            name="gemma-rope",
+            encoding="rope",
+            description="Gemma 7B: head_dim 256, rotate-half, theta 10000, 8192 positions",
+            params=dict(head_dim=256, theta=10000.0, pairing="half", scaling="default", max_positions=8192),
+        ),
+        Preset(
+            name="falcon-rope",
+            encoding="rope",
+            description="Falcon 7B: head_dim 64, rotate-half, theta 10000 (FalconConfig default), 2048 positions",
+            params=dict(head_dim=64, theta=10000.0, pairing="half", scaling="default", max_positions=2048),
+        ),
+        Preset(
+            name="deepseek-v3-rope",
+            encoding="rope",
+            description="DeepSeek-V3: interleaved, rope head dim 64, YaRN x40 from 4096 with mscale 1/1",
+            params=dict(
+                head_dim=64, theta=10000.0, pairing="interleaved", max_positions=163840, scaling="yarn",
+                scaling_params=dict(
+                    factor=40.0, original_max_positions=4096, beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0
+                ),
+            ),
         ),
         Preset(
             name="gpt-j-rope",

@@ -12,13 +12,14 @@ where cos and sin are already multiplied by `attention_factor` (as transformers'
 Tables are built in float64 and cast once. `angles="float32"` instead reproduces transformers'
 forward, which forms `inv_freq` and the positions in float32 and multiplies them in float32; only
 cos/sin of those float32 angles is then taken in float64. The float32 `inv_freq` is computed with
-torch's float32 ops exactly as transformers computes it (see `scaling/default.py`).
+torch's float32 ops exactly as transformers computes it (see `pe_export/scaling`).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,6 +40,7 @@ class RopeParams:
     max_positions: int = 2048
     attention_factor: float = 1.0
     scaling: str = "default"
+    scaling_params: dict = field(default_factory=dict)  # the rule's own parameters (factor, ...)
     angles: str = "float64"
 
     def __post_init__(self):
@@ -60,8 +62,23 @@ class RopeParams:
             raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}, got {self.pairing!r}")
         if self.angles not in ANGLES:
             raise ValueError(f"angles must be one of {', '.join(ANGLES)}, got {self.angles!r}")
-        SCALING_RULES.get(self.scaling)  # unknown names raise, listing the known ones
+        check_scaling_params(self.scaling, self.scaling_params)
         check_table_fits(self.max_positions, self.rotary_dim)
+        inv_freq(self)  # the rule validates its values
+
+
+def check_scaling_params(name: str, params: dict) -> None:
+    """Unknown or missing parameters of a scaling rule, named, with what the rule takes."""
+    rule = SCALING_RULES.get(name)  # unknown names raise, listing the known ones
+    fixed = {"theta", "rotary_dim", "max_positions", "dtype"}
+    sig = {k: v for k, v in inspect.signature(rule).parameters.items() if k not in fixed}
+    takes = ", ".join(sig) or "no parameters"
+    unknown = sorted(set(params) - set(sig))
+    missing = sorted(k for k, v in sig.items() if v.default is inspect.Parameter.empty and k not in params)
+    if unknown:
+        raise ValueError(f"scaling rule {name!r} has no parameter {unknown[0]!r}; it takes: {takes}")
+    if missing:
+        raise ValueError(f"scaling rule {name!r} needs {missing[0]!r}; it takes: {takes}")
 
 
 # A serialized ONNX protobuf cannot exceed 2 GiB; tables above this need external data.
@@ -99,10 +116,15 @@ def check_table_fits(max_positions: int, rotary_dim: int) -> None:
 
 
 def inv_freq(p: RopeParams) -> tuple[np.ndarray, float]:
-    """(R/2,) float64 inverse frequencies and the attention factor, from the scaling rule."""
+    """(R/2,) inverse frequencies (float64 array) and the attention factor, from the scaling rule.
+
+    The rule runs in float64, or in float32 to reproduce transformers' arithmetic (`angles="float32"`)."""
+    import torch
+
+    dtype = torch.float32 if p.angles == "float32" else torch.float64
     rule = SCALING_RULES.get(p.scaling)
-    freqs, factor = rule(theta=p.theta, rotary_dim=p.rotary_dim, float32=p.angles == "float32")
-    return freqs, factor * p.attention_factor
+    freqs, factor = rule(theta=p.theta, rotary_dim=p.rotary_dim, max_positions=p.max_positions, dtype=dtype, **p.scaling_params)
+    return freqs.double().numpy(), float(factor) * p.attention_factor
 
 
 def angles(p: RopeParams, positions: np.ndarray) -> np.ndarray:

@@ -1,11 +1,27 @@
 """RoPE scaling rules, one file each, registered under transformers' `rope_type` names.
 
-A rule is a function `rule(*, theta, rotary_dim, float32=False) -> (inv_freq, attention_factor)`:
-`inv_freq` is a float64 array of shape (R/2,), `attention_factor` multiplies both cos and sin. With
-`float32=True` the rule reproduces transformers' float32 arithmetic for `inv_freq` (the values are
-float32 numbers held in float64), for the `--angles float32` mode.
+A rule is a function
+
+    rule(*, theta, rotary_dim, max_positions, dtype, **params) -> (inv_freq, attention_factor)
+
+returning a torch tensor of shape (R/2,) in `dtype` and the factor that multiplies both cos and sin.
+Rules are written with transformers' own operations in transformers' order, so that `dtype=float64`
+gives the exact values (the default) and `dtype=float32` reproduces transformers' float32 arithmetic bit
+for bit (the `--angles float32` mode). They raise `ValueError` naming the parameter and both values.
 """
 
 from pe_export.registry import Registry
 
 SCALING_RULES = Registry("scaling rule", __name__)
+
+
+def base_inv_freq(theta: float, rotary_dim: int, dtype):
+    """`1 / theta ** (arange(0, R, 2) / R)`, as transformers' `compute_default_rope_parameters`."""
+    import torch
+
+    return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(dtype=dtype) / rotary_dim))
+
+
+def require(name: str, value, ok: bool, want: str):
+    if not ok:
+        raise ValueError(f"{name} must be {want}, got {value}")
