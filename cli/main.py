@@ -137,7 +137,7 @@ def make_export_command(preset: Preset):
         ] = None,
         force: Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")] = False,
         report: Annotated[Optional[Path], typer.Option(help="Also write the parity table as JSON.")] = None,
-        seed: Annotated[int, typer.Option(help="Seed of the random verification inputs.")] = 0,
+        seed: Annotated[int, typer.Option(min=0, help="Seed of the random verification inputs.")] = 0,
     ):
         overrides = dict(
             max_positions=seq, theta=theta, head_dim=head_dim, rotary_dim=rotary_dim,
@@ -145,7 +145,8 @@ def make_export_command(preset: Preset):
         )  # fmt: skip
         params = {**preset.params, **{k: v for k, v in overrides.items() if v is not None}}
         if head_dim is not None and rotary_dim is None and "rotary_dim" in preset.params:
-            params["rotary_dim"] = min(preset.params["rotary_dim"], head_dim)
+            # Keep the preset's rotary fraction, as transformers' partial_rotary_factor does.
+            params["rotary_dim"] = int(head_dim * preset.params["rotary_dim"] / preset.params["head_dim"])
         run_export(preset, params, op.value, opset, dtype.value, layout.value, output, force, report, seed)
 
     export_command.__doc__ = f"{preset.description}. Exports, checks and verifies an ONNX file."
@@ -169,8 +170,7 @@ def run_export(preset, params, op, opset, dtype, layout, output, force, report, 
         spec = Spec(encoding=preset.encoding, params=params, op=op, opset=opset, dtype=dtype, layout=layout)
         check_spec(spec)
         check_output_path(output, force)
-        if report:
-            check_output_path(report, force)
+        check_report_path(report, output, force)
     except ValueError as e:  # parameter validation and BadInput alike
         fail(str(e))
     with out.status(f"exporting {preset.name} ({op}, {dtype}, {params['max_positions']} positions)"):
@@ -192,10 +192,10 @@ def verify_command(
     providers: Annotated[str, typer.Option(help="ONNX Runtime providers to check, comma separated: cpu, cuda.")] = "cpu,cuda",
     report: Annotated[Optional[Path], typer.Option(help="Also write the parity table as JSON.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing report.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the random verification inputs.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the random verification inputs.")] = 0,
 ):
     """Re-verify a file pe-export wrote, rebuilding the reference from its embedded spec."""
-    from pe_export.export import check_output_path, load
+    from pe_export.export import load
 
     names = [p.strip() for p in providers.split(",") if p.strip()]
     unknown = [p for p in names if p not in PROVIDERS]
@@ -203,12 +203,22 @@ def verify_command(
         fail(f"--providers takes a comma-separated list of {', '.join(PROVIDERS)}, got {providers!r}")
     try:
         model, spec = load(file)
-        if report:
-            check_output_path(report, force)
+        check_report_path(report, file, force)
     except ValueError as e:
         fail(str(e))
     runtimes = ("torch", *[PROVIDERS[p] for p in names], "onnx-reference")
     finish(file, spec, model.SerializeToString(), runtimes, report, force, seed)
+
+
+def check_report_path(report, model_path, force):
+    from pe_export.errors import BadInput
+    from pe_export.export import check_output_path
+
+    if report is None:
+        return
+    if report.resolve() == model_path.resolve():
+        raise BadInput(f"--report {str(report)!r} is the model file itself; name another file")
+    check_output_path(report, force)
 
 
 def finish(path, spec, data, runtimes, report, force, seed):
@@ -218,10 +228,11 @@ def finish(path, spec, data, runtimes, report, force, seed):
 
     with out.status("verifying"):
         rows = check(spec, data, runtimes, seed=seed)
-    table = Table("runtime", "provider", "dtype", "max abs err", "max rel err", "tolerance", "worst at", "verdict")
+    table = Table("runtime", "provider", "dtype", "max abs err", "max rel err", "worst err / its tolerance", "worst at", "verdict")
     fmt = lambda v: "" if v is None else f"{v:.3g}"  # noqa: E731
     for r in rows:
-        table.add_row(r.runtime, r.provider, r.dtype, fmt(r.max_abs), fmt(r.max_rel), fmt(r.tolerance), r.where, r.verdict)
+        worst = "" if r.worst_ratio is None else f"{fmt(r.worst_error)} / {fmt(r.worst_tolerance)} ({r.worst_ratio:.2f})"
+        table.add_row(r.runtime, r.provider, r.dtype, fmt(r.max_abs), fmt(r.max_rel), worst, r.where, r.verdict)
     out.print(table)
     for r in rows:
         if r.note:
@@ -229,7 +240,10 @@ def finish(path, spec, data, runtimes, report, force, seed):
     result = verdict(rows)
     if report:
         doc = {"file": str(path), "spec": json.loads(spec.to_json()), "verdict": result, "rows": [r.as_dict() for r in rows]}
-        write_atomic(json.dumps(doc, indent=2).encode(), report, force)
+        try:
+            write_atomic(json.dumps(doc, indent=2).encode(), report, force)
+        except ValueError as e:  # the report path changed under us since it was checked
+            fail(str(e))
         out.print(f"wrote {report}")
     if result == "FAIL":
         fail(f"parity check failed; {path} is kept for inspection", 1)

@@ -21,16 +21,19 @@ from pe_export.spec import SPEC_KEY, Spec
 
 
 def check_spec(spec: Spec) -> None:
-    """Refuse, before any work, what the chosen target or opset cannot express."""
+    """Refuse, before any work, what the chosen target or opset cannot express, with exit-2 errors."""
     from pe_export.custom_ops.lowerings import OP_TARGETS
 
     if spec.op not in OP_TARGETS:
         raise BadInput(f"unknown op target {spec.op!r}; known: {', '.join(OP_TARGETS)}")
-    target = OP_TARGETS[spec.op]
-    newest = onnx.defs.onnx_opset_version()
-    if not target.min_opset <= spec.opset <= newest:
-        raise BadInput(f"--op {spec.op} needs an opset in [{target.min_opset}, {newest}], got {spec.opset}")
-    ENCODINGS.get(spec.encoding).params(**spec.params)  # validates
+    opsets = OP_TARGETS[spec.op].opsets()
+    if not isinstance(spec.opset, int) or spec.opset not in opsets:
+        raise BadInput(f"--op {spec.op} takes an opset in [{opsets.start}, {opsets.stop - 1}], got {spec.opset}")
+    encoding = ENCODINGS.get(spec.encoding)
+    try:
+        encoding.params(**spec.params)  # validates
+    except TypeError as e:  # an unknown or missing parameter name
+        raise BadInput(f"bad {spec.encoding} parameters: {e}") from None
 
 
 def build(spec: Spec) -> onnx.ModelProto:
@@ -121,4 +124,9 @@ def load(path: Path) -> tuple[onnx.ModelProto, Spec]:
     props = {p.key: p.value for p in model.metadata_props}
     if SPEC_KEY not in props:
         raise BadInput(f"{str(path)!r} has no {SPEC_KEY} metadata: it was not written by pe-export")
-    return model, Spec.from_json(props[SPEC_KEY])
+    spec = Spec.from_json(props[SPEC_KEY])
+    try:
+        check_spec(spec)
+    except ValueError as e:
+        raise BadInput(f"{str(path)!r} carries an invalid {SPEC_KEY}: {e}") from None
+    return model, spec

@@ -15,6 +15,7 @@ from pe_export.errors import BadInput
 
 SPEC_KEY = "pe_export.spec"
 DTYPES = ("fp32", "fp16", "bf16")
+LAYOUTS = ("bhsd", "bshd")  # where the heads axis sits in x: (B, H, S, D) or (B, S, H, D)
 
 
 def numpy_dtype(name: str):
@@ -42,6 +43,10 @@ class Spec:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if not isinstance(self.params, dict):
+            raise ValueError(f"params must be a JSON object, got {type(self.params).__name__}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -6,7 +6,7 @@ import torch
 from conftest import exported, ort_cpu_session, rope_spec
 
 from pe_export.custom_ops.lowerings import OP_TARGETS
-from pe_export.encodings.rope import LAYOUTS
+from pe_export.spec import LAYOUTS
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -95,7 +95,10 @@ BAD_EXPORTS = [
     (["--seq", "64", "--rotary-dim", "256"], "rotary_dim must be <= head_dim (128), got 256"),
     (["--seq", "64", "--theta", "0"], "theta must be a finite number > 0, got 0.0"),
     (["--seq", str(10**13)], "GiB of memory available"),
-    (["--seq", "64", "--opset", "16"], "--op onnx needs an opset in [23,"),
+    (["--seq", "64", "--opset", "16"], "--op onnx takes an opset in [23, 25], got 16"),
+    (["--seq", "64", "--opset", "26"], "--op onnx takes an opset in [23, 25], got 26"),
+    (["--seq", "64", "--seed", "-1"], "'--seed'"),
+    (["--seq", "64", "--report", "out.onnx"], "is the model file itself"),
     (["--seq", "64", "--layout", "half"], "'--layout'"),
 ]
 
@@ -107,7 +110,7 @@ def snapshot(folder: Path) -> dict:
 @pytest.mark.parametrize("args,message", BAD_EXPORTS, ids=[" ".join(a) for a, _ in BAD_EXPORTS])
 def test_bad_export_input(tmp_path, args, message):
     before = snapshot(tmp_path)
-    result = invoke("llama-rope", *args, "-o", str(tmp_path / "out.onnx"))
+    result = invoke("llama-rope", *args, "-o", str(tmp_path / "out.onnx"), cwd=tmp_path)
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert_one_line_error(result)
@@ -173,6 +176,66 @@ def test_bad_verify_input(tmp_path, name, make, message):
     assert message in result.output
     assert_one_line_error(result)
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(layout="bogus"), "layout must be one of bhsd, bshd"),
+        (dict(op="bogus"), "unknown op target 'bogus'"),
+        (dict(opset="x"), "takes an opset in"),
+        (dict(encoding="alibi"), "unknown encoding 'alibi'"),
+        (dict(params={"head_dim": 7, "max_positions": 64}), "head_dim must be even"),
+        (dict(params={"head_dim": 64, "max_positions": 64, "foo": 1}), "unexpected keyword argument 'foo'"),
+        (dict(params={"head_dim": 64, "max_positions": 10**13}), "GiB of memory available"),
+        (dict(dtype="fp8"), "dtype must be one of"),
+    ],
+)
+def test_verify_rejects_a_tampered_spec(tmp_path, change, message):
+    import onnx
+
+    good = tmp_path / "good.onnx"
+    assert invoke("llama-rope", "--seq", "64", "-o", str(good)).exit_code == 0
+    model = onnx.load(good)
+    spec = json.loads(model.metadata_props[0].value)
+    spec.update(change)
+    model.metadata_props[0].value = json.dumps(spec)
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, bad)
+    result = invoke("verify", str(bad))
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert_one_line_error(result)
+
+
+def test_verify_refuses_to_write_the_report_over_the_model(tmp_path):
+    good = tmp_path / "good.onnx"
+    assert invoke("llama-rope", "--seq", "64", "-o", str(good)).exit_code == 0
+    before = good.read_bytes()
+    result = invoke("verify", str(good), "--report", str(good), "--force")
+    assert result.exit_code == 2 and "is the model file itself" in result.output
+    assert good.read_bytes() == before
+
+
+def test_export_parity_failure_exits_1_and_keeps_the_file(tmp_path, monkeypatch):
+    import pe_export.verify
+
+    def failing_check(spec, data, runtimes, seed=0):
+        return [pe_export.verify.Row(runtime="ort-cpu", provider="CPUExecutionProvider", dtype="fp32", verdict="FAIL", note="planted")]
+
+    monkeypatch.setattr(pe_export.verify, "check", failing_check)
+    out = tmp_path / "f.onnx"
+    result = invoke("llama-rope", "--seq", "64", "-o", str(out))
+    assert result.exit_code == 1 and out.exists()
+    assert f"parity check failed; {out} is kept for inspection" in " ".join(result.output.split())
+
+
+def test_head_dim_override_keeps_the_rotary_fraction(tmp_path):
+    from pe_export.export import load
+
+    out = tmp_path / "n.onnx"
+    assert invoke("gpt-neox-rope", "--seq", "64", "--head-dim", "64", "-o", str(out)).exit_code == 0
+    assert load(out)[1].params["rotary_dim"] == 16  # 25% of 64, as 32 is of 128
 
 
 def test_verify_rejects_unknown_providers(tmp_path):

@@ -10,9 +10,8 @@ import pytest
 from conftest import exported
 
 from pe_export.custom_ops.lowerings import OP_TARGETS
-from pe_export.encodings.rope import LAYOUTS
 from pe_export.presets import PRESETS
-from pe_export.spec import DTYPES, Spec
+from pe_export.spec import DTYPES, LAYOUTS, Spec
 from pe_export.verify import check, verdict
 
 SEQ = 512  # short tables keep the matrix fast; the full preset lengths are exported in test_full_length
@@ -70,6 +69,31 @@ def test_full_length_llama_loads_and_passes(op):
     spec = preset_spec("llama-rope", op, "bhsd", "fp32", seq=8192)
     rows = check(spec, exported(spec), runtimes=("ort-cpu",))
     assert rows[0].verdict == "pass", rows[0]
+
+
+@pytest.mark.parametrize(
+    "op,opset", [(op, o) for op, t in OP_TARGETS.items() for o in (t.opsets()[0], t.opsets()[-1])], ids=str
+)
+def test_each_target_at_its_lowest_and_highest_opset(op, opset):
+    spec = Spec(encoding="rope", params=dict(head_dim=64, rotary_dim=32, max_positions=64), op=op, opset=opset)
+    model = onnx.load_from_string(exported(spec))
+    assert {o.domain: o.version for o in model.opset_import}[""] == opset
+    assert verdict(check(spec, exported(spec), runtimes=("ort-cpu", "onnx-reference"))) == "pass"
+
+
+@pytest.mark.parametrize("op", OP_TARGETS)
+def test_sequences_longer_than_the_table(op):
+    """Positions must be < P; the fused ORT kernels also refuse S > P, even with valid positions."""
+    from conftest import ort_cpu_session, rope_spec
+
+    sess = ort_cpu_session(exported(rope_spec(op=op, max_positions=16)))
+    x = np.zeros((1, 1, 17, 64), np.float32)
+    ids = (np.arange(17) % 16)[None]
+    if op == "decomposed":
+        sess.run(None, {"x": x, "position_ids": ids})
+    else:
+        with pytest.raises(Exception, match="cos_cache"):
+            sess.run(None, {"x": x, "position_ids": ids})
 
 
 def test_float32_angles_mode_exports_and_verifies():

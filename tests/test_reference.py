@@ -22,6 +22,20 @@ from transformers.models.llama import modeling_llama as llama  # noqa: E402
 POSITIONS = np.array([[0, 1, 2, 1000, 8190, 8191], [5, 4095, 4096, 7000, 131070, 131071]])
 
 
+def test_partial_rotary_table_matches_gpt_neox():
+    config = transformers.GPTNeoXConfig(
+        hidden_size=512, num_attention_heads=4, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    )  # fmt: skip
+    rotary = neox.GPTNeoXRotaryEmbedding(config)
+    cos_hf, sin_hf = rotary(torch.zeros(1), torch.from_numpy(POSITIONS[:1]))  # (1, S, 32)
+    cos, sin = tables(RopeParams(head_dim=128, rotary_dim=32, theta=10000.0, max_positions=8192, angles="float32"))
+    for ours, theirs in [(cos, cos_hf), (sin, sin_hf)]:
+        a = ours[POSITIONS[:1]].astype(np.float32).view(np.int32).astype(np.int64)
+        b = theirs[..., :16].numpy().view(np.int32).astype(np.int64)
+        assert np.abs(a - b).max() <= 1
+
+
 def llama_rotary(head_dim, theta, partial=1.0):
     config = transformers.LlamaConfig(
         head_dim=head_dim, hidden_size=head_dim * 2, num_attention_heads=2, max_position_embeddings=131072,

@@ -19,8 +19,8 @@ class Encoding:
     probes: Callable  # (spec, rng, batch) -> [(name, {input name: ndarray})]
     reference: Callable  # (spec, inputs) -> float64 ndarray, the truth
     translation_table: Callable  # spec -> custom_translation_table for torch.onnx.export
-    positions: Callable  # inputs -> the int positions array, to say where an error sits
-    scale: Callable  # (spec, inputs) -> magnitude the tolerance is relative to (max |x| times table scale)
+    magnitude: Callable  # (spec, inputs) -> per-output-element magnitude the rounding bound scales with
+    locate: Callable  # (spec, inputs, index into the output) -> "batch b, position p, dim d"
 
 
 ENCODINGS = Registry("encoding", __name__)

@@ -25,10 +25,10 @@ import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding
 from pe_export.scaling import SCALING_RULES
+from pe_export.spec import LAYOUTS
 
 PAIRINGS = ("half", "interleaved")
 ANGLES = ("float64", "float32")
-LAYOUTS = ("bhsd", "bshd")  # where the heads axis sits in x: (B, H, S, D) or (B, S, H, D)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -265,6 +265,24 @@ def rope_reference(spec, inputs: dict) -> np.ndarray:
     )
 
 
+def rope_magnitude(spec, inputs: dict) -> np.ndarray:
+    """Per output element: attention_factor * (|a| + |b|) of its pair (a, b); |x| on the pass-through tail."""
+    p = RopeParams(**spec.params)
+    x = np.abs(np.asarray(inputs["x"]).astype(np.float64))
+    R = p.rotary_dim
+    if p.pairing == "half":
+        m = x[..., : R // 2] + x[..., R // 2 : R]
+        pair = np.concatenate([m, m], axis=-1)
+    else:
+        pair = np.repeat(x[..., 0:R:2] + x[..., 1:R:2], 2, axis=-1)
+    return np.concatenate([pair * inv_freq(p)[1], x[..., R:]], axis=-1)
+
+
+def rope_locate(spec, inputs: dict, at: tuple) -> str:
+    b, s = at[0], (at[2] if spec.layout == "bhsd" else at[1])
+    return f"batch {b}, position {int(inputs['position_ids'][b, s])}, dim {at[-1]}"
+
+
 def rope_translation_table(spec) -> dict:
     import torch
 
@@ -283,8 +301,7 @@ ROPE = ENCODINGS.register("rope")(
         probes=rope_probes,
         reference=rope_reference,
         translation_table=rope_translation_table,
-        positions=lambda inputs: inputs["position_ids"],
-        scale=lambda spec, inputs: float(np.abs(np.asarray(inputs["x"], dtype=np.float64)).max())
-        * inv_freq(RopeParams(**spec.params))[1],
+        magnitude=rope_magnitude,
+        locate=rope_locate,
     )
 )
