@@ -10,13 +10,13 @@ prints one line on stderr, never a traceback, and writes nothing.
 
 from __future__ import annotations
 
+import inspect
 import json
+import shutil
 import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
-
-import shutil
 
 import typer
 import typer.core
@@ -25,7 +25,7 @@ from rich.table import Table
 
 from pe_export.presets import PRESETS, Preset
 
-COMMANDS = ("list", "verify")
+COMMANDS = ("list", "verify", "from-config")
 # Tables are wide; when stdout is not a terminal, do not squeeze them into 80 columns.
 out = Console(highlight=False, width=max(shutil.get_terminal_size((160, 24)).columns, 100))
 
@@ -120,18 +120,18 @@ def make_export_command(preset: Preset):
             Optional[int], typer.Option("--seq", help="Table length: the largest position + 1 the graph accepts.")
         ] = None,
         output: Annotated[
-            Optional[Path], typer.Option("--output", "-o", help="Output file [default: PRESET.onnx here].")
+            Optional[Path], typer.Option("--output", "-o", help="Output file (default: PRESET.onnx in the current folder).")
         ] = None,
         op: Annotated[Op, typer.Option(help="ONNX target: standard op, ORT contrib op, or plain ops.")] = Op.onnx,
         dtype: Annotated[DType, typer.Option(help="dtype of x, y and the tables.")] = DType.fp32,
         layout: Annotated[Layout, typer.Option(help="x as (batch, heads, seq, dim) or (batch, seq, heads, dim).")] = Layout.bhsd,
-        opset: Annotated[Optional[int], typer.Option(help="ONNX opset [default: the lowest the target takes].")] = None,
+        opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: the lowest the target takes).")] = None,
         angles: Annotated[
             Angles, typer.Option(help="float64: exact tables; float32: transformers' float32 angles, bit for bit.")
         ] = Angles.float64,
         theta: Annotated[Optional[float], typer.Option(help="RoPE base.")] = None,
         head_dim: Annotated[Optional[int], typer.Option(help="Head dimension D.")] = None,
-        rotary_dim: Annotated[Optional[int], typer.Option(help="Rotated dims R (partial rotary) [default: D].")] = None,
+        rotary_dim: Annotated[Optional[int], typer.Option(help="Rotated dims R, for partial rotary (default: the whole head).")] = None,
         pairing: Annotated[
             Optional[Pairing], typer.Option(help="half: pairs (i, i+R/2) as Llama-HF; interleaved: (2i, 2i+1) as GPT-J.")
         ] = None,
@@ -155,6 +155,32 @@ def make_export_command(preset: Preset):
 
 for _preset in PRESETS.values():
     app.command(_preset.name)(make_export_command(_preset))
+
+
+def from_config_command(config: Path, **options):
+    """Read RoPE parameters from a local Hugging Face config.json, print them, then export and verify."""
+    from pe_export.encodings.rope import RopeParams
+    from pe_export.hf_config import rope_params_from_config
+
+    try:
+        params = rope_params_from_config(config, max_positions=options.get("seq"))
+        RopeParams(**params)  # validate before printing anything
+    except ValueError as e:
+        fail(str(e))
+    name = f"{config.resolve().parent.name or 'config'}-rope"
+    out.print(f"{config}: " + ", ".join(f"{k}={v}" for k, v in params.items()), soft_wrap=True)
+    preset = Preset(name=name, encoding="rope", description=f"from {config}", params=params)
+    make_export_command(preset)(**options)
+
+
+# from-config takes the config path, then exactly the preset commands' options.
+_options = inspect.signature(make_export_command(next(iter(PRESETS.values()))), eval_str=True).parameters.values()
+_config = inspect.Parameter(
+    "config", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    annotation=Annotated[Path, typer.Argument(help="A local Hugging Face config.json.")],
+)  # fmt: skip
+from_config_command.__signature__ = inspect.Signature([_config, *_options])
+app.command("from-config")(from_config_command)
 
 
 def run_export(preset, params, op, opset, dtype, layout, output, force, report, seed):

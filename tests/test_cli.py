@@ -260,6 +260,13 @@ def readme_commands() -> list[str]:
 def test_readme_examples_run(tmp_path):
     commands = readme_commands()
     assert "pe-export llama-rope --seq 8192" in commands
+    config = tmp_path / "models" / "Llama-3.1-8B" / "config.json"  # the file the from-config example reads
+    config.parent.mkdir(parents=True)
+    config.write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32, "head_dim": 128, "rope_theta": 500000.0,
+        "max_position_embeddings": 131072, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    }))  # fmt: skip
     for command in commands:
         args = command.split()[1:]
         result = invoke(*args, cwd=tmp_path)

@@ -1,0 +1,123 @@
+"""RoPE parameters from a local Hugging Face `config.json` (never downloaded: the user passes the file).
+
+Reads what transformers 5.23 reads: `rope_theta`, `head_dim` or `hidden_size / num_attention_heads`,
+`partial_rotary_factor` / `rotary_pct` / `rotary_dim`, `max_position_embeddings`, and the scaling block
+under the new `rope_parameters` key or the old `rope_scaling` (`rope_type` or `type`), with
+`original_max_position_embeddings` inside the block or at the top level (as Phi-3 keeps it). Family
+quirks: GPT-NeoX's `rotary_emb_base`, GPT-J's `n_embd` / `n_head` / `n_positions` and hard-coded base
+10000, interleaved pairing for GPT-J and for DeepSeek (`rope_interleave`, `qk_rope_head_dim`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from pathlib import Path
+
+from pe_export.errors import BadInput
+from pe_export.scaling import SCALING_RULES
+
+# Scaling-block keys that are not rule parameters, and transformers' names for ours.
+META_KEYS = {"type", "rope_type", "rope_theta", "partial_rotary_factor"}
+RENAMED = {"original_max_position_embeddings": "original_max_positions"}
+ALIASES = {"su": "longrope", "mrope": "default"}  # older names transformers still maps
+
+
+def read_config(path: Path) -> dict:
+    if not path.is_file():
+        raise BadInput(f"config {str(path)!r} does not exist or is not a file")
+    try:
+        data = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise BadInput(f"config {str(path)!r} is not text") from None
+    except json.JSONDecodeError as e:
+        raise BadInput(f"config {str(path)!r} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"config {str(path)!r} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _number(cfg: dict, key: str, kind=float, where: str = "config"):
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise BadInput(f"{where} key {key!r} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise BadInput(f"{where} key {key!r} must be finite, got {value!r}")
+    return kind(value)
+
+
+def _first(cfg: dict, keys: list[str], kind=float):
+    for key in keys:
+        if cfg.get(key) is not None:
+            return _number(cfg, key, kind)
+    return None
+
+
+def rope_params_from_config(path: Path, max_positions: int | None = None) -> dict:
+    """The RoPE parameter dict (as `RopeParams` takes it) that `path` describes."""
+    cfg = read_config(path)
+    model_type = cfg.get("model_type", "")
+    block = cfg.get("rope_parameters") if cfg.get("rope_parameters") is not None else cfg.get("rope_scaling")
+    if block is None:
+        block = {}
+    if not isinstance(block, dict):
+        raise BadInput(f"config key 'rope_parameters' / 'rope_scaling' must be an object, got {block!r}")
+
+    theta = 10000.0 if model_type == "gptj" else (
+        _first(block, ["rope_theta"]) or _first(cfg, ["rope_theta", "rotary_emb_base"]) or 10000.0
+    )  # fmt: skip
+    head_dim = _first(cfg, ["qk_rope_head_dim", "head_dim"], int)
+    if head_dim is None:
+        hidden = _first(cfg, ["hidden_size", "n_embd", "d_model"], int)
+        heads = _first(cfg, ["num_attention_heads", "n_head", "num_heads"], int)
+        if hidden is None or heads is None:
+            raise BadInput(f"config {str(path)!r} has no 'head_dim', nor 'hidden_size' and 'num_attention_heads'")
+        if heads <= 0 or hidden % heads:
+            raise BadInput(f"config 'hidden_size' {hidden} is not a multiple of 'num_attention_heads' {heads}")
+        head_dim = hidden // heads
+
+    rotary_dim = _first(cfg, ["rotary_dim"], int)
+    if rotary_dim is None:
+        fraction = _first(block, ["partial_rotary_factor"]) or _first(cfg, ["partial_rotary_factor", "rotary_pct"])
+        if fraction is not None:
+            if not 0 < fraction <= 1:
+                raise BadInput(f"config partial rotary factor must be in (0, 1], got {fraction}")
+            rotary_dim = int(head_dim * fraction)
+
+    interleaved = model_type == "gptj" or bool(cfg.get("rope_interleave")) or model_type.startswith("deepseek")
+    config_positions = _first(cfg, ["max_position_embeddings", "n_positions"], int)
+    params = dict(
+        head_dim=head_dim,
+        theta=theta,
+        pairing="interleaved" if interleaved else "half",
+        max_positions=max_positions or config_positions or 2048,
+    )
+    if rotary_dim is not None and rotary_dim != head_dim:
+        params["rotary_dim"] = rotary_dim
+    params.update(_scaling(block, cfg, config_positions))
+    return params
+
+
+def _scaling(block: dict, cfg: dict, config_positions: int | None) -> dict:
+    name = block.get("rope_type") or block.get("type") or "default"
+    name = ALIASES.get(name, name)
+    if name not in SCALING_RULES.names():
+        raise BadInput(f"unsupported rope_type {name!r}; supported: {', '.join(SCALING_RULES.names())}")
+    takes = [k for k in inspect.signature(SCALING_RULES.get(name)).parameters if k not in ("theta", "rotary_dim", "max_positions", "dtype")]
+    params = {}
+    for key, value in block.items():
+        ours = RENAMED.get(key, key)
+        if key in META_KEYS or value is None:
+            continue
+        if ours not in takes:
+            raise BadInput(f"config scaling key {key!r} is not a parameter of rope_type {name!r}; it takes: {', '.join(takes) or 'none'}")
+        params[ours] = value if isinstance(value, bool) else _number(block, key, where=f"rope_type {name!r}")
+    if "original_max_positions" in takes and "original_max_positions" not in params:
+        if cfg.get("original_max_position_embeddings") is not None:
+            params["original_max_positions"] = _number(cfg, "original_max_position_embeddings", int)
+    if "original_max_positions" in params:
+        params["original_max_positions"] = int(params["original_max_positions"])
+    if name == "yarn" and "factor" not in params and config_positions and "original_max_positions" in params:
+        params["factor"] = config_positions / params["original_max_positions"]  # transformers' fallback
+    return {"scaling": name, "scaling_params": params} if name != "default" else {"scaling": "default"}

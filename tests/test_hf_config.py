@@ -1,0 +1,137 @@
+"""`pe-export from-config`: RoPE parameters from local config.json files written here, one per preset
+family in the old (`rope_scaling`, top-level `rope_theta`) and new (`rope_parameters`) key styles.
+Expected values are the models' published config values (`shared/reference/encodings.md` section 9),
+and, where transformers reads the same file, its own `inv_freq` from that config."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pe_export.cli.main import app
+from pe_export.encodings.rope import RopeParams, inv_freq
+from pe_export.hf_config import rope_params_from_config
+from pe_export.presets import PRESETS
+
+LLAMA31_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+# preset -> (model_type, top-level keys, rope type, scaling keys or None)
+FAMILIES = {
+    "llama-rope": ("llama", dict(hidden_size=4096, num_attention_heads=32, max_position_embeddings=8192), 500000.0, None),
+    "llama3.1-rope": ("llama", dict(hidden_size=4096, num_attention_heads=32, head_dim=128, max_position_embeddings=131072), 500000.0, ("llama3", LLAMA31_SCALING)),
+    "llama3.2-1b-rope": ("llama", dict(hidden_size=2048, num_attention_heads=32, head_dim=64, max_position_embeddings=131072), 500000.0, ("llama3", {**LLAMA31_SCALING, "factor": 32.0})),
+    "llama2-rope": ("llama", dict(hidden_size=4096, num_attention_heads=32, max_position_embeddings=4096), 10000.0, None),
+    "mistral-rope": ("mistral", dict(hidden_size=4096, num_attention_heads=32, max_position_embeddings=32768, sliding_window=4096), 10000.0, None),
+    "qwen2-rope": ("qwen2", dict(hidden_size=3584, num_attention_heads=28, max_position_embeddings=131072), 1000000.0, None),
+    "qwen2.5-yarn-rope": ("qwen2", dict(hidden_size=3584, num_attention_heads=28, max_position_embeddings=131072), 1000000.0, ("yarn", {"factor": 4.0, "original_max_position_embeddings": 32768})),
+    "gemma-rope": ("gemma", dict(hidden_size=3072, num_attention_heads=16, head_dim=256, max_position_embeddings=8192), 10000.0, None),
+    "falcon-rope": ("falcon", dict(hidden_size=4544, num_attention_heads=71, max_position_embeddings=2048, alibi=False), 10000.0, None),
+    "deepseek-v3-rope": ("deepseek_v3", dict(hidden_size=7168, num_attention_heads=128, qk_rope_head_dim=64, qk_nope_head_dim=128, max_position_embeddings=163840),
+                         10000.0, ("yarn", {"factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})),
+    "gpt-j-rope": ("gptj", dict(n_embd=4096, n_head=16, rotary_dim=64, n_positions=2048), None, None),
+    "gpt-neox-rope": ("gpt_neox", dict(hidden_size=4096, num_attention_heads=32, rotary_pct=0.25, max_position_embeddings=2048), 10000.0, None),
+}
+
+
+def write_config(folder, preset, style):
+    model_type, top, theta, scaling = FAMILIES[preset]
+    cfg = {"model_type": model_type, **top}
+    if style == "old":
+        if theta is not None:
+            cfg["rotary_emb_base" if model_type == "gpt_neox" else "rope_theta"] = theta
+        if scaling:
+            cfg["rope_scaling"] = {"type": scaling[0], **scaling[1]}
+    elif theta is not None or scaling:
+        rope = {"rope_type": scaling[0] if scaling else "default", **(scaling[1] if scaling else {})}
+        if theta is not None:
+            rope["rope_theta"] = theta
+        cfg["rope_parameters"] = rope
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize("style", ["old", "new"])
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_config_gives_the_preset(tmp_path, preset, style):
+    path = write_config(tmp_path / preset, preset, style)
+    params = rope_params_from_config(path)
+    want = PRESETS[preset].params
+    assert RopeParams(**params) == RopeParams(**want), (params, want)
+
+
+def test_every_preset_has_a_config_family():
+    assert set(FAMILIES) == set(PRESETS)
+
+
+@pytest.mark.parametrize(
+    "preset,style,module,cls",
+    [
+        ("llama3.1-rope", "new", "llama", "LlamaRotaryEmbedding"),
+        ("llama3.1-rope", "old", "llama", "LlamaRotaryEmbedding"),
+        ("qwen2.5-yarn-rope", "old", "qwen2", "Qwen2RotaryEmbedding"),
+        ("gpt-neox-rope", "old", "gpt_neox", "GPTNeoXRotaryEmbedding"),
+    ],
+)
+def test_transformers_reads_the_same_file_the_same_way(tmp_path, preset, style, module, cls):
+    """The same config.json through transformers' AutoConfig and the model's own rotary class."""
+    import importlib
+
+    transformers = pytest.importorskip("transformers")
+    path = write_config(tmp_path / preset, preset, style)
+    config = transformers.AutoConfig.from_pretrained(str(path.parent))
+    rotary = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), cls)(config)
+    ours, factor = inv_freq(RopeParams(**{**rope_params_from_config(path), "angles": "float32"}))
+    np.testing.assert_array_equal(ours.astype(np.float32), rotary.inv_freq.numpy())
+    assert factor == pytest.approx(rotary.attention_scaling, rel=1e-15)
+
+
+def test_phi3_style_top_level_original_max(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({
+        "hidden_size": 3072, "num_attention_heads": 32, "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+        "rope_theta": 10000.0, "rope_scaling": {"type": "yarn", "factor": 32.0},
+    }))  # fmt: skip
+    params = rope_params_from_config(path, max_positions=8192)
+    assert params["head_dim"] == 96 and params["max_positions"] == 8192
+    assert params["scaling_params"] == {"factor": 32.0, "original_max_positions": 4096}
+
+
+runner = CliRunner()
+
+
+def test_from_config_prints_the_parameters_and_exports(tmp_path):
+    path = write_config(tmp_path / "Llama-3.1-8B", "llama3.1-rope", "old")
+    out = tmp_path / "l.onnx"
+    result = runner.invoke(app, ["from-config", str(path), "--seq", "2048", "-o", str(out), "--op", "decomposed"])
+    assert result.exit_code == 0, result.output
+    assert "scaling=llama3" in result.output and "max_positions=2048" in result.output and out.exists()
+
+
+BAD = [
+    ("not-json", "{", "is not valid JSON"),
+    ("a-list", "[1, 2]", "must hold a JSON object, got list"),
+    ("no-heads", json.dumps({"hidden_size": 4096}), "has no 'head_dim', nor 'hidden_size' and 'num_attention_heads'"),
+    ("theta-text", json.dumps({"head_dim": 64, "rope_theta": "big"}), "config key 'rope_theta' must be a number, got 'big'"),
+    ("head-dim-float", json.dumps({"head_dim": 64.5}), "config key 'head_dim' must be an integer, got 64.5"),
+    ("dynamic", json.dumps({"head_dim": 64, "rope_scaling": {"type": "dynamic", "factor": 2.0}}), "unsupported rope_type 'dynamic'; supported: default, linear, llama3, ntk, yarn"),
+    ("longrope", json.dumps({"head_dim": 96, "rope_scaling": {"type": "su", "short_factor": [1.0], "long_factor": [1.0]}}), "unsupported rope_type 'longrope'"),
+    ("factor-text", json.dumps({"head_dim": 64, "rope_scaling": {"type": "linear", "factor": "2"}}), "rope_type 'linear' key 'factor' must be a number, got '2'"),
+    ("stray-key", json.dumps({"head_dim": 64, "rope_scaling": {"type": "linear", "factor": 2.0, "fctor": 3}}), "config scaling key 'fctor' is not a parameter of rope_type 'linear'"),
+    ("yarn-missing", json.dumps({"head_dim": 64, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}}), "scaling rule 'yarn' needs 'original_max_positions'"),
+    ("odd-head", json.dumps({"head_dim": 63}), "head_dim must be even and >= 2, got 63"),
+]
+
+
+@pytest.mark.parametrize("name,text,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_configs(tmp_path, name, text, message):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    result = runner.invoke(app, ["from-config", str(path), "--seq", "64", "-o", str(tmp_path / "x.onnx")])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("pe-export: error: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
