@@ -101,6 +101,11 @@ class Angles(str, Enum):
     float32 = "float32"
 
 
+class LongropeMode(str, Enum):
+    runtime = "runtime"
+    long = "long"
+
+
 @app.command("list")
 def list_presets():
     """List the presets, what each one is, and the parameters it sets."""
@@ -135,6 +140,11 @@ def make_export_command(preset: Preset):
         pairing: Annotated[
             Optional[Pairing], typer.Option(help="half: pairs (i, i+R/2) as Llama-HF; interleaved: (2i, 2i+1) as GPT-J.")
         ] = None,
+        longrope_mode: Annotated[
+            Optional[LongropeMode],
+            typer.Option(help="longrope only. runtime: switch to the long factors past the original length, as "
+                         "transformers (default); long: long factors everywhere, as vLLM (keeps a KV cache consistent)."),
+        ] = None,  # fmt: skip
         force: Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")] = False,
         report: Annotated[Optional[Path], typer.Option(help="Also write the parity table as JSON.")] = None,
         seed: Annotated[int, typer.Option(min=0, help="Seed of the random verification inputs.")] = 0,
@@ -144,6 +154,11 @@ def make_export_command(preset: Preset):
             pairing=pairing.value if pairing else None, angles=angles.value,
         )  # fmt: skip
         params = {**preset.params, **{k: v for k, v in overrides.items() if v is not None}}
+        if params.get("scaling") == "longrope":  # always recorded, so the file says which semantics it has
+            mode = longrope_mode.value if longrope_mode else params["scaling_params"].get("mode", "runtime")
+            params["scaling_params"] = {**params["scaling_params"], "mode": mode}
+        elif longrope_mode is not None:
+            fail(f"--longrope-mode applies to the longrope scaling rule; this export uses {params.get('scaling', 'default')!r}")
         if head_dim is not None and rotary_dim is None and "rotary_dim" in preset.params:
             # Keep the preset's rotary fraction, as transformers' partial_rotary_factor does.
             params["rotary_dim"] = int(head_dim * preset.params["rotary_dim"] / preset.params["head_dim"])

@@ -58,10 +58,17 @@ def build(spec: Spec) -> onnx.ModelProto:
             verbose=False,
         )
     model = program.model_proto
-    # Stack traces and source paths in node metadata would make the file depend on the install path.
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     for node in model.graph.node:
+        # Stack traces and source paths in node metadata would make the file depend on the install path.
         del node.metadata_props[:]
         node.doc_string = ""
+        if opset < 18 and node.op_type.startswith("Reduce"):
+            # onnx's 18 -> 17 converter keeps Reduce*'s opset-18 attribute `noop_with_empty_axes`; at 0 (the
+            # only value torch emits) it is the opset-17 behaviour, so dropping it changes nothing.
+            kept = [a for a in node.attribute if not (a.name == "noop_with_empty_axes" and a.i == 0)]
+            del node.attribute[:]
+            node.attribute.extend(kept)
     del model.metadata_props[:]
     model.producer_name, model.producer_version = "pe-export", __version__
     model.doc_string = f"{spec.encoding} positional encoding exported by pe-export {__version__}"

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 from pe_export.errors import BadInput
-from pe_export.scaling import SCALING_RULES
+from pe_export.scaling import FIXED_ARGS, SCALING_RULES
 
 # Scaling-block keys that are not rule parameters, and transformers' names for ours.
 META_KEYS = {"type", "rope_type", "rope_theta", "partial_rotary_factor"}
@@ -104,7 +104,7 @@ def _scaling(block: dict, cfg: dict, config_positions: int | None) -> dict:
     name = ALIASES.get(name, name)
     if name not in SCALING_RULES.names():
         raise BadInput(f"unsupported rope_type {name!r}; supported: {', '.join(SCALING_RULES.names())}")
-    takes = [k for k in inspect.signature(SCALING_RULES.get(name)).parameters if k not in ("theta", "rotary_dim", "max_positions", "dtype")]
+    takes = [k for k in inspect.signature(SCALING_RULES.get(name)).parameters if k not in FIXED_ARGS]
     params = {}
     for key, value in block.items():
         ours = RENAMED.get(key, key)
@@ -112,12 +112,16 @@ def _scaling(block: dict, cfg: dict, config_positions: int | None) -> dict:
             continue
         if ours not in takes:
             raise BadInput(f"config scaling key {key!r} is not a parameter of rope_type {name!r}; it takes: {', '.join(takes) or 'none'}")
-        params[ours] = value if isinstance(value, bool) else _number(block, key, where=f"rope_type {name!r}")
+        where = f"rope_type {name!r}"
+        if isinstance(value, list):  # LongRoPE's factor lists
+            params[ours] = [_number({f"{key}[{i}]": v}, f"{key}[{i}]", where=where) for i, v in enumerate(value)]
+        else:
+            params[ours] = value if isinstance(value, bool) else _number(block, key, where=where)
     if "original_max_positions" in takes and "original_max_positions" not in params:
         if cfg.get("original_max_position_embeddings") is not None:
             params["original_max_positions"] = _number(cfg, "original_max_position_embeddings", int)
     if "original_max_positions" in params:
         params["original_max_positions"] = int(params["original_max_positions"])
-    if name == "yarn" and "factor" not in params and config_positions and "original_max_positions" in params:
+    if name in ("yarn", "longrope") and "factor" not in params and config_positions and "original_max_positions" in params:
         params["factor"] = config_positions / params["original_max_positions"]  # transformers' fallback
     return {"scaling": name, "scaling_params": params} if name != "default" else {"scaling": "default"}

@@ -99,7 +99,45 @@ def test_phi3_style_top_level_original_max(tmp_path):
     assert params["scaling_params"] == {"factor": 32.0, "original_max_positions": 4096}
 
 
+def test_phi3_longrope_config(tmp_path):
+    """Phi-3-mini-128k's layout: old 'su' type, original length at the top level, no factor (derived as
+    max_position_embeddings / original = 32, giving the attention factor 1.1902381 of section 10)."""
+    path = tmp_path / "config.json"
+    short, long = [1.0 + i / 100 for i in range(48)], [1.0 + i / 10 for i in range(48)]
+    path.write_text(json.dumps({
+        "model_type": "phi3", "hidden_size": 3072, "num_attention_heads": 32, "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096, "rope_theta": 10000.0,
+        "rope_scaling": {"type": "su", "short_factor": short, "long_factor": long},
+    }))  # fmt: skip
+    params = rope_params_from_config(path, max_positions=8192)
+    assert params["scaling"] == "longrope" and params["head_dim"] == 96
+    assert params["scaling_params"] == {"short_factor": short, "long_factor": long, "original_max_positions": 4096, "factor": 32.0}
+    assert inv_freq(RopeParams(**params))[1] == pytest.approx(1.1902381, abs=1e-7)
+
+
 runner = CliRunner()
+
+
+@pytest.mark.parametrize("mode", [None, "long"])
+def test_from_config_longrope_records_its_mode(tmp_path, mode):
+    from pe_export.export import load
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({
+        "hidden_size": 384, "num_attention_heads": 4, "max_position_embeddings": 512, "original_max_position_embeddings": 128,
+        "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48},
+    }))  # fmt: skip
+    out = tmp_path / "p.onnx"
+    args = ["from-config", str(path), "-o", str(out)] + (["--longrope-mode", mode] if mode else [])
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert load(out)[1].params["scaling_params"]["mode"] == (mode or "runtime")
+
+
+def test_longrope_mode_needs_the_longrope_rule(tmp_path):
+    result = runner.invoke(app, ["llama-rope", "--seq", "64", "--longrope-mode", "long", "-o", str(tmp_path / "x.onnx")])
+    assert result.exit_code == 2 and "--longrope-mode applies to the longrope scaling rule; this export uses 'default'" in result.output
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_from_config_prints_the_parameters_and_exports(tmp_path):
@@ -116,8 +154,9 @@ BAD = [
     ("no-heads", json.dumps({"hidden_size": 4096}), "has no 'head_dim', nor 'hidden_size' and 'num_attention_heads'"),
     ("theta-text", json.dumps({"head_dim": 64, "rope_theta": "big"}), "config key 'rope_theta' must be a number, got 'big'"),
     ("head-dim-float", json.dumps({"head_dim": 64.5}), "config key 'head_dim' must be an integer, got 64.5"),
-    ("dynamic", json.dumps({"head_dim": 64, "rope_scaling": {"type": "dynamic", "factor": 2.0}}), "unsupported rope_type 'dynamic'; supported: default, linear, llama3, ntk, yarn"),
-    ("longrope", json.dumps({"head_dim": 96, "rope_scaling": {"type": "su", "short_factor": [1.0], "long_factor": [1.0]}}), "unsupported rope_type 'longrope'"),
+    ("dynamic", json.dumps({"head_dim": 64, "rope_scaling": {"type": "dynamic", "factor": 2.0}}), "unsupported rope_type 'dynamic'; supported: default, linear, llama3, longrope, ntk, yarn"),
+    ("longrope-short", json.dumps({"head_dim": 96, "original_max_position_embeddings": 32, "max_position_embeddings": 64, "rope_scaling": {"type": "su", "short_factor": [1.0], "long_factor": [1.0] * 48}}), "short_factor must be a list of rotary_dim/2 = 48 numbers, got 1"),
+    ("longrope-text", json.dumps({"head_dim": 96, "rope_scaling": {"type": "longrope", "short_factor": [1.0, "x"]}}), "key 'short_factor[1]' must be a number, got 'x'"),
     ("factor-text", json.dumps({"head_dim": 64, "rope_scaling": {"type": "linear", "factor": "2"}}), "rope_type 'linear' key 'factor' must be a number, got '2'"),
     ("stray-key", json.dumps({"head_dim": 64, "rope_scaling": {"type": "linear", "factor": 2.0, "fctor": 3}}), "config scaling key 'fctor' is not a parameter of rope_type 'linear'"),
     ("yarn-missing", json.dumps({"head_dim": 64, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}}), "scaling rule 'yarn' needs 'original_max_positions'"),

@@ -30,30 +30,37 @@ GRID = [
     ("yarn", 128, 96, 10000.0, dict(factor=16.0, original_max_positions=2048, beta_fast=16.0, beta_slow=2.0)),
     ("yarn", 128, 128, 10000.0, dict(factor=8.0, original_max_positions=4096, attention_factor=1.5)),
     ("yarn", 64, 64, 10000.0, dict(factor=40.0, original_max_positions=4096, mscale=0.707, mscale_all_dim=0.707)),
+    # LongRoPE with made-up factor lists (Phi-3's lists are not shipped here); checked in both regimes below.
+    ("longrope", 96, 96, 10000.0, dict(short_factor=[1 + i / 100 for i in range(48)], long_factor=[1 + i / 5 for i in range(48)], original_max_positions=4096, factor=32.0)),
+    ("longrope", 64, 32, 10000.0, dict(short_factor=[1.0] * 16, long_factor=[2.0 + i for i in range(16)], original_max_positions=2048, factor=4.0, attention_factor=1.25)),
 ]
 
+LONG_SEQ = {"longrope": lambda params: params["original_max_positions"] + 1}
 
-def hf_rule(rule, head_dim, rotary_dim, theta, params):
+
+def hf_rule(rule, head_dim, rotary_dim, theta, params, seq_len=None):
     rope = {"rope_type": rule, "rope_theta": theta, "partial_rotary_factor": rotary_dim / head_dim}
     rope.update({HF_KEYS.get(k, k): v for k, v in params.items()})
     config = transformers.LlamaConfig(
         head_dim=head_dim, hidden_size=head_dim * 4, num_attention_heads=4, max_position_embeddings=131072, rope_parameters=rope
     )
-    freqs, factor = ROPE_INIT_FUNCTIONS[rule](config, "cpu")
+    freqs, factor = ROPE_INIT_FUNCTIONS[rule](config, "cpu", seq_len=seq_len)
     return freqs.numpy(), factor
 
 
 @pytest.mark.parametrize("rule,head_dim,rotary_dim,theta,params", GRID, ids=[f"{g[0]}-{i}" for i, g in enumerate(GRID)])
 def test_rules_match_transformers(rule, head_dim, rotary_dim, theta, params):
-    hf_freqs, hf_factor = hf_rule(rule, head_dim, rotary_dim, theta, params)
-    common = dict(head_dim=head_dim, rotary_dim=rotary_dim, theta=theta, scaling=rule, scaling_params=params)
-    f32, factor32 = inv_freq(RopeParams(angles="float32", **common))
-    exact, factor = inv_freq(RopeParams(**common))
-    # float32 mode: transformers' own float32 arithmetic, bit for bit.
-    np.testing.assert_array_equal(f32.astype(np.float32), hf_freqs)
-    # float64 mode: the exact values, which transformers' float32 values round.
-    np.testing.assert_allclose(exact, hf_freqs, rtol=8 * 2.0**-24, atol=0)
-    assert factor == pytest.approx(hf_factor, rel=1e-15) and factor32 == factor
+    seq_lens = [None] + ([LONG_SEQ[rule](params)] if rule in LONG_SEQ else [])
+    for seq_len in seq_lens:  # both regimes of a switching rule
+        hf_freqs, hf_factor = hf_rule(rule, head_dim, rotary_dim, theta, params, seq_len)
+        common = dict(head_dim=head_dim, rotary_dim=rotary_dim, theta=theta, scaling=rule, scaling_params=params)
+        f32, factor32 = inv_freq(RopeParams(angles="float32", **common), seq_len)
+        exact, factor = inv_freq(RopeParams(**common), seq_len)
+        # float32 mode: transformers' own float32 arithmetic, bit for bit.
+        np.testing.assert_array_equal(f32.astype(np.float32), hf_freqs)
+        # float64 mode: the exact values, which transformers' float32 values round.
+        np.testing.assert_allclose(exact, hf_freqs, rtol=8 * 2.0**-24, atol=0)
+        assert factor == pytest.approx(hf_factor, rel=1e-15) and factor32 == factor
 
 
 def test_every_rule_is_in_the_grid_or_the_unscaled_default():
@@ -68,6 +75,7 @@ def test_factor_one_is_the_unscaled_rule_where_it_should_be(rule):
         ntk=dict(factor=1.0),
         llama3=dict(factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_positions=8192),
         yarn=dict(factor=1.0, original_max_positions=4096),
+        longrope=dict(factor=1.0, original_max_positions=4096, short_factor=[1.0] * 32, long_factor=[1.0] * 32),
     )[rule]
     scaled, factor = inv_freq(RopeParams(head_dim=64, scaling=rule, scaling_params=params))
     plain, _ = inv_freq(RopeParams(head_dim=64))
@@ -111,6 +119,12 @@ def test_llama31_bands():
     assert (kept, divided, 64 - kept - divided) == (29, 29, 6)
 
 
+def test_longrope_attention_factor_for_phi3_mini_128k():
+    """sqrt(1 + ln 32 / ln 4096) = 1.1902381 for factor 131072 / 4096 (section 10)."""
+    params = dict(factor=32.0, original_max_positions=4096, short_factor=[1.0] * 48, long_factor=[1.0] * 48)
+    assert inv_freq(RopeParams(head_dim=96, scaling="longrope", scaling_params=params))[1] == pytest.approx(1.1902381, abs=1e-7)
+
+
 def test_static_ntk_is_the_transformers_formula_not_vllms():
     """HF-early ntk vs vLLM ntk, d=128, theta 1e4, factor 4: inv_freq ratio 1.02190 at m=0, 1.01072 at
     m=32, 1.00000 at m=63 (section 10)."""
@@ -129,7 +143,7 @@ def test_static_ntk_is_the_transformers_formula_not_vllms():
         ("llama3", dict(factor=8.0, low_freq_factor=4.0, high_freq_factor=1.0, original_max_positions=8192), "high_freq_factor must be > low_freq_factor (4.0), got 1.0"),
         ("yarn", dict(factor=4.0), "needs 'original_max_positions'"),
         ("linear", dict(factor=2.0, beta=1), "has no parameter 'beta'; it takes: factor"),
-        ("nope", dict(), "unknown scaling rule 'nope'; known: default, linear, llama3, ntk, yarn"),
+        ("nope", dict(), "unknown scaling rule 'nope'; known: default, linear, llama3, longrope, ntk, yarn"),
     ],
 )
 def test_rule_validation(rule, params, message):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding
-from pe_export.scaling import SCALING_RULES
+from pe_export.scaling import FIXED_ARGS, SCALING_RULES
 from pe_export.spec import LAYOUTS
 
 PAIRINGS = ("half", "interleaved")
@@ -70,7 +70,7 @@ class RopeParams:
 def check_scaling_params(name: str, params: dict) -> None:
     """Unknown or missing parameters of a scaling rule, named, with what the rule takes."""
     rule = SCALING_RULES.get(name)  # unknown names raise, listing the known ones
-    fixed = {"theta", "rotary_dim", "max_positions", "dtype"}
+    fixed = set(FIXED_ARGS)
     sig = {k: v for k, v in inspect.signature(rule).parameters.items() if k not in fixed}
     takes = ", ".join(sig) or "no parameters"
     unknown = sorted(set(params) - set(sig))
@@ -115,21 +115,32 @@ def check_table_fits(max_positions: int, rotary_dim: int) -> None:
         )
 
 
-def inv_freq(p: RopeParams) -> tuple[np.ndarray, float]:
-    """(R/2,) inverse frequencies (float64 array) and the attention factor, from the scaling rule.
+def inv_freq(p: RopeParams, seq_len: int | None = None) -> tuple[np.ndarray, float]:
+    """(R/2,) inverse frequencies (float64 array) and the attention factor, from the scaling rule, for
+    a call whose largest position is `seq_len - 1` (only switching rules read it).
 
     The rule runs in float64, or in float32 to reproduce transformers' arithmetic (`angles="float32"`)."""
     import torch
 
     dtype = torch.float32 if p.angles == "float32" else torch.float64
     rule = SCALING_RULES.get(p.scaling)
-    freqs, factor = rule(theta=p.theta, rotary_dim=p.rotary_dim, max_positions=p.max_positions, dtype=dtype, **p.scaling_params)
+    freqs, factor = rule(
+        theta=p.theta, rotary_dim=p.rotary_dim, max_positions=p.max_positions, dtype=dtype, seq_len=seq_len, **p.scaling_params
+    )
     return freqs.double().numpy(), float(factor) * p.attention_factor
 
 
-def angles(p: RopeParams, positions: np.ndarray) -> np.ndarray:
+def switch_at(p: RopeParams) -> int | None:
+    """The seq_len (max position + 1) above which the frequencies switch at run time, if the rule does
+    and the table reaches past it."""
+    switch = getattr(SCALING_RULES.get(p.scaling), "switch", None)
+    at = switch(**p.scaling_params) if switch else None
+    return at if at is not None and at < p.max_positions else None
+
+
+def angles(p: RopeParams, positions: np.ndarray, seq_len: int | None = None) -> np.ndarray:
     """Angles `position * inv_freq`, float64 of shape positions.shape + (R/2,)."""
-    freqs, _ = inv_freq(p)
+    freqs, _ = inv_freq(p, seq_len)
     pos = np.asarray(positions)[..., None]
     if p.angles == "float32":
         # transformers: inv_freq.float() @ position_ids.float(), everything float32.
@@ -137,10 +148,11 @@ def angles(p: RopeParams, positions: np.ndarray) -> np.ndarray:
     return pos.astype(np.float64) * freqs
 
 
-def tables(p: RopeParams) -> tuple[np.ndarray, np.ndarray]:
-    """float64 cos and sin tables, each (max_positions, R/2), attention factor included."""
-    theta = angles(p, np.arange(p.max_positions))  # (P, R/2)
-    _, factor = inv_freq(p)
+def tables(p: RopeParams, seq_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """float64 cos and sin tables, each (max_positions, R/2), attention factor included, for calls
+    whose largest position is `seq_len - 1`."""
+    theta = angles(p, np.arange(p.max_positions), seq_len)  # (P, R/2)
+    _, factor = inv_freq(p, seq_len)
     return np.cos(theta) * factor, np.sin(theta) * factor
 
 
@@ -193,7 +205,12 @@ def rope_module(spec):
     from pe_export.spec import torch_dtype
 
     p = RopeParams(**spec.params)
+    P, switch = p.max_positions, switch_at(p)
     cos, sin = tables(p)
+    if switch is not None:
+        # Two regimes in one table: rows [0, P) for seq_len <= switch, rows [P, 2P) beyond (2P, R/2).
+        cos_long, sin_long = tables(p, seq_len=switch + 1)
+        cos, sin = np.concatenate([cos, cos_long]), np.concatenate([sin, sin_long])
 
     class RopeModule(torch.nn.Module):
         def __init__(self):
@@ -203,6 +220,12 @@ def rope_module(spec):
             self.register_buffer("sin_table", torch.from_numpy(sin).to(torch_dtype(spec.dtype)))
 
         def forward(self, x, position_ids):
+            if switch is not None:
+                # As transformers: one regime for the whole call, chosen by max(position_ids) + 1. Positions
+                # outside [0, P) go to row 2P, past both tables, so they still fail rather than read a row.
+                long = (position_ids.max() + 1 > switch).to(position_ids.dtype)
+                bad = (position_ids < 0) | (position_ids >= P)
+                position_ids = torch.where(bad, 2 * P, position_ids + long * P)
             return torch.ops.pe_export.rotary_embedding(
                 x, self.cos_table, self.sin_table, position_ids, p.pairing == "interleaved", p.rotary_dim, spec.layout
             )
@@ -252,13 +275,21 @@ def rope_probes(spec, rng: np.random.Generator, batch: int = 2) -> list[tuple[st
     # Every table row once (one head, one batch row), so no corrupted or wrong row goes unseen.
     every = np.arange(P, dtype=np.int64)[None, :]
     cases = [("spread", spread, H), ("tail", tail, H), ("decode", decode, H), ("all", every, 1)]
+    switch = switch_at(p)
+    if switch is not None:
+        # Both sides of a run-time switch: largest position switch - 1 (seq_len = switch: the short
+        # regime, every short row once) and switch (one past: the long regime).
+        cases.append(("short", np.arange(switch, dtype=np.int64)[None, :], 1))
+        at_switch = np.round(np.linspace(0, switch, S)).astype(np.int64)
+        cases.append(("switch", np.broadcast_to(at_switch, (batch, S)).copy(), H))
     return [(name, {"x": x_for(ids, heads), "position_ids": ids}) for name, ids, heads in cases]
 
 
 def rope_reference(spec, inputs: dict) -> np.ndarray:
     """float64 truth from the spec alone: exact tables, NumPy arithmetic."""
     p = RopeParams(**spec.params)
-    cos, sin = tables(p)
+    ids = inputs["position_ids"]
+    cos, sin = tables(p, seq_len=int(ids.max()) + 1 if ids.size else None)  # the regime, as transformers picks it
     x = np.asarray(inputs["x"]).astype(np.float64)
     return apply_reference(
         x, cos, sin, inputs["position_ids"], pairing=p.pairing, rotary_dim=p.rotary_dim, layout=spec.layout

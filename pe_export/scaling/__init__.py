@@ -2,9 +2,11 @@
 
 A rule is a function
 
-    rule(*, theta, rotary_dim, max_positions, dtype, **params) -> (inv_freq, attention_factor)
+    rule(*, theta, rotary_dim, max_positions, dtype, seq_len=None, **params) -> (inv_freq, attention_factor)
 
 returning a torch tensor of shape (R/2,) in `dtype` and the factor that multiplies both cos and sin.
+`seq_len` is `max(position_ids) + 1`, as transformers passes it; only rules whose frequencies switch
+at run time read it, and they say where through a `switch(**params)` attribute (see `longrope.py`).
 Rules are written with transformers' own operations in transformers' order, so that `dtype=float64`
 gives the exact values (the default) and `dtype=float32` reproduces transformers' float32 arithmetic bit
 for bit (the `--angles float32` mode). They raise `ValueError` naming the parameter and both values.
@@ -13,6 +15,7 @@ for bit (the `--angles float32` mode). They raise `ValueError` naming the parame
 from pe_export.registry import Registry
 
 SCALING_RULES = Registry("scaling rule", __name__)
+FIXED_ARGS = ("theta", "rotary_dim", "max_positions", "dtype", "seq_len")  # what every rule takes besides its params
 
 
 def base_inv_freq(theta: float, rotary_dim: int, dtype):

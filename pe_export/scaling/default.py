@@ -8,5 +8,5 @@ from pe_export.scaling import SCALING_RULES, base_inv_freq
 
 
 @SCALING_RULES.register("default")
-def default(*, theta, rotary_dim, max_positions, dtype):
+def default(*, theta, rotary_dim, max_positions, dtype, seq_len=None):
     return base_inv_freq(theta, rotary_dim, dtype), 1.0

@@ -10,7 +10,7 @@ from pe_export.scaling import SCALING_RULES, base_inv_freq, require
 
 
 @SCALING_RULES.register("llama3")
-def llama3(*, theta, rotary_dim, max_positions, dtype, factor, low_freq_factor, high_freq_factor, original_max_positions):
+def llama3(*, theta, rotary_dim, max_positions, dtype, seq_len=None, factor, low_freq_factor, high_freq_factor, original_max_positions):
     import torch
 
     require("factor", factor, factor >= 1, ">= 1")

@@ -25,7 +25,7 @@ def softmax_scale_factor(*, factor, mscale_all_dim=None, **_) -> float:
 
 @SCALING_RULES.register("yarn")
 def yarn(
-    *, theta, rotary_dim, max_positions, dtype, factor, original_max_positions,
+    *, theta, rotary_dim, max_positions, dtype, seq_len=None, factor, original_max_positions,
     beta_fast=32.0, beta_slow=1.0, mscale=None, mscale_all_dim=None, attention_factor=None, truncate=True,
 ):  # fmt: skip
     import torch

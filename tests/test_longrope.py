@@ -1,0 +1,99 @@
+"""LongRoPE's run-time switch in the exported graph, against transformers 5.23's Phi-3 rotary embedding
+(`longrope_frequency_update`): the same file, fed positions whose largest is `original_max - 1`
+(seq_len = original_max: short factors) and `original_max` (one past: long factors)."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import exported, ort_cpu_session
+
+from pe_export.custom_ops.lowerings import OP_TARGETS
+from pe_export.spec import Spec
+from pe_export.verify import EPS, tolerance
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.phi3 import modeling_phi3 as phi3  # noqa: E402
+
+ORIGINAL, P, D = 256, 512, 96
+SHORT = [1 + i / 100 for i in range(D // 2)]  # made-up factors: Phi-3's own lists are not shipped here
+LONG = [1 + i / 5 for i in range(D // 2)]
+
+
+def spec(op, mode="runtime", layout="bhsd"):
+    params = dict(
+        head_dim=D, max_positions=P, angles="float32", scaling="longrope",
+        scaling_params=dict(short_factor=SHORT, long_factor=LONG, original_max_positions=ORIGINAL, factor=32.0, mode=mode),
+    )  # fmt: skip
+    return Spec(encoding="rope", params=params, op=op, opset=OP_TARGETS[op].min_opset, layout=layout)
+
+
+def transformers_rope(x, position_ids):
+    config = transformers.Phi3Config(
+        hidden_size=D * 4, num_attention_heads=4, max_position_embeddings=ORIGINAL * 32,
+        original_max_position_embeddings=ORIGINAL,  # Phi3Config's top-level key overrides the block's
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": SHORT, "long_factor": LONG,
+                         "original_max_position_embeddings": ORIGINAL, "factor": 32.0},
+    )  # fmt: skip
+    rotary = phi3.Phi3RotaryEmbedding(config)
+    cos, sin = rotary(torch.from_numpy(x), torch.from_numpy(position_ids))
+    q, _ = phi3.apply_rotary_pos_emb(torch.from_numpy(x), torch.from_numpy(x), cos, sin)
+    return q.numpy()
+
+
+def assert_close(got, want, x):
+    """The verification bound (float32 rounding of each pair), doubled: transformers rounds too."""
+    from pe_export.encodings.rope import RopeParams, inv_freq
+
+    factor = inv_freq(RopeParams(**spec("onnx").params))[1]  # the attention factor, 1.27 here
+    half = np.abs(x[..., : D // 2]) + np.abs(x[..., D // 2 :])
+    bound = 2 * tolerance("fp32", "*").factor * EPS["fp32"] * factor * np.concatenate([half, half], -1)
+    assert np.all(np.abs(got - want) <= bound), np.abs(got - want).max()
+
+
+@pytest.mark.parametrize("op", OP_TARGETS)
+@pytest.mark.parametrize("largest", [10, ORIGINAL - 1, ORIGINAL, P - 1])
+def test_switch_matches_transformers(op, largest):
+    sess = ort_cpu_session(exported(spec(op)))
+    rng = np.random.default_rng(largest)
+    ids = np.sort(rng.choice(largest + 1, size=min(32, largest + 1), replace=False))
+    ids[-1] = largest
+    ids = np.stack([ids, ids[::-1]])  # (2, S): batch > 1, the max anywhere in the row
+    x = rng.standard_normal((2, 3, ids.shape[1], D), dtype=np.float32)
+    got = sess.run(None, {"x": x, "position_ids": ids})[0]
+    want = transformers_rope(x, ids)
+    assert_close(got, want, x)
+    if largest < ORIGINAL:  # the long factors give visibly different output, so the check can tell regimes apart
+        long_sess = ort_cpu_session(exported(spec(op, mode="long")))
+        assert np.abs(long_sess.run(None, {"x": x, "position_ids": ids})[0] - got).max() > 1e-2
+
+
+@pytest.mark.parametrize("op", OP_TARGETS)
+def test_long_mode_uses_long_factors_everywhere(op):
+    sess = ort_cpu_session(exported(spec(op, mode="long")))
+    ids = np.array([[0, 1, 5, 100]])  # all short positions
+    x = np.random.default_rng(0).standard_normal((1, 2, 4, D), dtype=np.float32)
+    got = sess.run(None, {"x": x, "position_ids": ids})[0]
+    # transformers picks the long factors when the largest position passes the original length
+    with_long = np.concatenate([ids, [[ORIGINAL]]], axis=1)
+    want = transformers_rope(np.concatenate([x, x[:, :, :1]], axis=2), with_long)[:, :, :4]
+    assert_close(got, want, x)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("op", OP_TARGETS)
+@pytest.mark.parametrize("bad", [P, P + 7, -1, -P])
+def test_out_of_range_positions_fail_across_the_switch(op, layout, bad):
+    sess = ort_cpu_session(exported(spec(op, layout=layout)))
+    x = np.zeros((1, 1, 3, D) if layout == "bhsd" else (1, 3, 1, D), dtype=np.float32)
+    sess.run(None, {"x": x, "position_ids": np.array([[0, 1, P - 1]])})
+    with pytest.raises(Exception, match="(?i)out of range|out of bounds|invalid"):
+        sess.run(None, {"x": x, "position_ids": np.array([[0, bad, 2]])})
+
+
+def test_longrope_validation():
+    from pe_export.encodings.rope import RopeParams
+
+    with pytest.raises(ValueError, match="short_factor must be a list of rotary_dim/2 = 48 numbers, got 47"):
+        RopeParams(head_dim=96, scaling="longrope", scaling_params=dict(short_factor=[1.0] * 47, long_factor=LONG, original_max_positions=256, factor=4.0))
+    with pytest.raises(ValueError, match="mode must be one of runtime, long"):
+        RopeParams(head_dim=96, scaling="longrope", scaling_params=dict(short_factor=SHORT, long_factor=LONG, original_max_positions=256, factor=4.0, mode="vllm"))
