@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import tempfile
@@ -17,7 +18,7 @@ import onnx
 from pe_export import __version__
 from pe_export.encodings import ENCODINGS
 from pe_export.errors import BadInput
-from pe_export.spec import SPEC_KEY, Spec
+from pe_export.spec import DERIVED_KEY, SPEC_KEY, Spec
 
 
 def check_spec(spec: Spec) -> None:
@@ -72,7 +73,8 @@ def build(spec: Spec) -> onnx.ModelProto:
     del model.metadata_props[:]
     model.producer_name, model.producer_version = "pe-export", __version__
     model.doc_string = f"{spec.encoding} positional encoding exported by pe-export {__version__}"
-    onnx.helper.set_model_props(model, {SPEC_KEY: spec.to_json()})
+    derived = json.dumps(enc.derived(spec), sort_keys=True)
+    onnx.helper.set_model_props(model, {SPEC_KEY: spec.to_json(), DERIVED_KEY: derived})
     onnx.checker.check_model(model, full_check=True)
     return model
 

@@ -14,6 +14,7 @@ from pe_export import __version__
 from pe_export.errors import BadInput
 
 SPEC_KEY = "pe_export.spec"
+DERIVED_KEY = "pe_export.derived"  # values computed from the spec that a runtime needs (JSON)
 DTYPES = ("fp32", "fp16", "bf16")
 LAYOUTS = ("bhsd", "bshd")  # where the heads axis sits in x: (B, H, S, D) or (B, S, H, D)
 

@@ -197,9 +197,10 @@ def test_verify_rejects_a_tampered_spec(tmp_path, change, message):
     good = tmp_path / "good.onnx"
     assert invoke("llama-rope", "--seq", "64", "-o", str(good)).exit_code == 0
     model = onnx.load(good)
-    spec = json.loads(model.metadata_props[0].value)
+    prop = next(p for p in model.metadata_props if p.key == "pe_export.spec")
+    spec = json.loads(prop.value)
     spec.update(change)
-    model.metadata_props[0].value = json.dumps(spec)
+    prop.value = json.dumps(spec)
     bad = tmp_path / "bad.onnx"
     onnx.save(model, bad)
     result = invoke("verify", str(bad))

@@ -121,6 +121,16 @@ def test_exports_are_byte_identical():
     assert build(spec).SerializeToString() == build(spec).SerializeToString()
 
 
+def test_deepseek_softmax_scale_factor_is_in_the_file():
+    import json
+    import math
+
+    model = onnx.load_from_string(exported(preset_spec("deepseek-v3-rope", "onnx", "bhsd", "fp32")))
+    derived = json.loads({p.key: p.value for p in model.metadata_props}["pe_export.derived"])
+    assert derived["attention_factor"] == 1.0
+    assert derived["softmax_scale_factor"] == pytest.approx((0.1 * math.log(40) + 1) ** 2)
+
+
 def test_spec_round_trips_through_the_file():
     spec = preset_spec("gpt-j-rope", "ort", "bshd", "fp16")
     model = onnx.load_from_string(exported(spec))

@@ -21,6 +21,7 @@ class Encoding:
     translation_table: Callable  # spec -> custom_translation_table for torch.onnx.export
     magnitude: Callable  # (spec, inputs) -> per-output-element magnitude the rounding bound scales with
     locate: Callable  # (spec, inputs, index into the output) -> "batch b, position p, dim d"
+    derived: Callable  # spec -> {name: value} a runtime needs besides the graph (stored as pe_export.derived)
 
 
 ENCODINGS = Registry("encoding", __name__)

@@ -314,6 +314,17 @@ def rope_locate(spec, inputs: dict, at: tuple) -> str:
     return f"batch {b}, position {int(inputs['position_ids'][b, s])}, dim {at[-1]}"
 
 
+def rope_derived(spec) -> dict:
+    """The attention factor already in cos/sin, and the softmax-scale multiplier a rule asks of attention
+    (DeepSeek-style YaRN), which no RoPE graph can apply."""
+    p = RopeParams(**spec.params)
+    derived = {"attention_factor": inv_freq(p)[1]}
+    softmax = getattr(SCALING_RULES.get(p.scaling), "softmax_scale_factor", None)
+    if softmax is not None:
+        derived["softmax_scale_factor"] = softmax(**p.scaling_params)
+    return derived
+
+
 def rope_translation_table(spec) -> dict:
     import torch
 
@@ -334,5 +345,6 @@ ROPE = ENCODINGS.register("rope")(
         translation_table=rope_translation_table,
         magnitude=rope_magnitude,
         locate=rope_locate,
+        derived=rope_derived,
     )
 )

@@ -57,3 +57,6 @@ def yarn(
     ramp = torch.clamp((torch.arange(rotary_dim // 2, dtype=dtype) - low) / (high - low), 0, 1)
     extra = 1 - ramp
     return interpolation * (1 - extra) + extrapolation * extra, attention_factor
+
+
+yarn.softmax_scale_factor = softmax_scale_factor
