@@ -216,7 +216,7 @@ def rope_module(spec):
         def __init__(self):
             super().__init__()
             # float64 -> export dtype, rounded once.
-            self.register_buffer("cos_table", torch.from_numpy(cos).to(torch_dtype(spec.dtype)))  # (P, R/2)
+            self.register_buffer("cos_table", torch.from_numpy(cos).to(torch_dtype(spec.dtype)))  # (P or 2P, R/2)
             self.register_buffer("sin_table", torch.from_numpy(sin).to(torch_dtype(spec.dtype)))
 
         def forward(self, x, position_ids):
