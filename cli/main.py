@@ -106,6 +106,11 @@ class LongropeMode(str, Enum):
     long = "long"
 
 
+class DynamicMode(str, Enum):
+    runtime = "runtime"
+    fixed = "fixed"
+
+
 @app.command("list")
 def list_presets():
     """List the presets, what each one is, and the parameters it sets."""
@@ -145,6 +150,11 @@ def make_export_command(preset: Preset):
             typer.Option(help="longrope only. runtime: switch to the long factors past the original length, as "
                          "transformers (default); long: long factors everywhere, as vLLM (keeps a KV cache consistent)."),
         ] = None,  # fmt: skip
+        dynamic_mode: Annotated[
+            Optional[DynamicMode],
+            typer.Option(help="dynamic only. runtime: the graph computes the base from its positions, as "
+                         "transformers (default); fixed: one table for --seq, as vLLM."),
+        ] = None,  # fmt: skip
         force: Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")] = False,
         report: Annotated[Optional[Path], typer.Option(help="Also write the parity table as JSON.")] = None,
         seed: Annotated[int, typer.Option(min=0, help="Seed of the random verification inputs.")] = 0,
@@ -154,11 +164,12 @@ def make_export_command(preset: Preset):
             pairing=pairing.value if pairing else None, angles=angles.value,
         )  # fmt: skip
         params = {**preset.params, **{k: v for k, v in overrides.items() if v is not None}}
-        if params.get("scaling") == "longrope":  # always recorded, so the file says which semantics it has
-            mode = longrope_mode.value if longrope_mode else params["scaling_params"].get("mode", "runtime")
-            params["scaling_params"] = {**params["scaling_params"], "mode": mode}
-        elif longrope_mode is not None:
-            fail(f"--longrope-mode applies to the longrope scaling rule; this export uses {params.get('scaling', 'default')!r}")
+        for rule, chosen in (("longrope", longrope_mode), ("dynamic", dynamic_mode)):
+            if params.get("scaling") == rule:  # always recorded, so the file says which semantics it has
+                mode = chosen.value if chosen else params["scaling_params"].get("mode", "runtime")
+                params["scaling_params"] = {**params["scaling_params"], "mode": mode}
+            elif chosen is not None:
+                fail(f"--{rule}-mode applies to the {rule} scaling rule; this export uses {params.get('scaling', 'default')!r}")
         if head_dim is not None and rotary_dim is None and "rotary_dim" in preset.params:
             # Keep the preset's rotary fraction, as transformers' partial_rotary_factor does.
             params["rotary_dim"] = int(head_dim * preset.params["rotary_dim"] / preset.params["head_dim"])

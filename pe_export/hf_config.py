@@ -96,6 +96,9 @@ def rope_params_from_config(path: Path, max_positions: int | None = None) -> dic
     if rotary_dim is not None and rotary_dim != head_dim:
         params["rotary_dim"] = rotary_dim
     params.update(_scaling(block, cfg, config_positions))
+    if params.get("scaling") == "dynamic" and max_positions is None and config_positions:
+        # A table of max_position_embeddings would never scale: default to factor times it, as vLLM.
+        params["max_positions"] = int(config_positions * params["scaling_params"].get("factor", 1))
     return params
 
 
@@ -117,6 +120,9 @@ def _scaling(block: dict, cfg: dict, config_positions: int | None) -> dict:
             params[ours] = [_number({f"{key}[{i}]": v}, f"{key}[{i}]", where=where) for i, v in enumerate(value)]
         else:
             params[ours] = value if isinstance(value, bool) else _number(block, key, where=where)
+    if name == "dynamic" and config_positions:
+        # transformers' dynamic NTK scales from max_position_embeddings, whatever else the config says.
+        params["original_max_positions"] = config_positions
     if "original_max_positions" in takes and "original_max_positions" not in params:
         if cfg.get("original_max_position_embeddings") is not None:
             params["original_max_positions"] = _number(cfg, "original_max_position_embeddings", int)

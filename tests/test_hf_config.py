@@ -115,6 +115,18 @@ def test_phi3_longrope_config(tmp_path):
     assert inv_freq(RopeParams(**params))[1] == pytest.approx(1.1902381, abs=1e-7)
 
 
+def test_dynamic_config_scales_from_max_position_embeddings(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({
+        "hidden_size": 4096, "num_attention_heads": 32, "max_position_embeddings": 4096, "rope_theta": 10000.0,
+        "rope_scaling": {"type": "dynamic", "factor": 2.0},
+    }))  # fmt: skip
+    params = rope_params_from_config(path)
+    assert params["scaling_params"] == {"factor": 2.0, "original_max_positions": 4096}
+    assert params["max_positions"] == 8192  # factor * L by default: a table of L would never scale
+    assert rope_params_from_config(path, max_positions=16384)["max_positions"] == 16384
+
+
 runner = CliRunner()
 
 
@@ -154,7 +166,7 @@ BAD = [
     ("no-heads", json.dumps({"hidden_size": 4096}), "has no 'head_dim', nor 'hidden_size' and 'num_attention_heads'"),
     ("theta-text", json.dumps({"head_dim": 64, "rope_theta": "big"}), "config key 'rope_theta' must be a number, got 'big'"),
     ("head-dim-float", json.dumps({"head_dim": 64.5}), "config key 'head_dim' must be an integer, got 64.5"),
-    ("dynamic", json.dumps({"head_dim": 64, "rope_scaling": {"type": "dynamic", "factor": 2.0}}), "unsupported rope_type 'dynamic'; supported: default, linear, llama3, longrope, ntk, yarn"),
+    ("proportional", json.dumps({"head_dim": 64, "rope_scaling": {"type": "proportional", "factor": 2.0}}), "unsupported rope_type 'proportional'; supported: default, dynamic, linear, llama3, longrope, ntk, yarn"),
     ("longrope-short", json.dumps({"head_dim": 96, "original_max_position_embeddings": 32, "max_position_embeddings": 64, "rope_scaling": {"type": "su", "short_factor": [1.0], "long_factor": [1.0] * 48}}), "short_factor must be a list of rotary_dim/2 = 48 numbers, got 1"),
     ("longrope-text", json.dumps({"head_dim": 96, "rope_scaling": {"type": "longrope", "short_factor": [1.0, "x"]}}), "key 'short_factor[1]' must be a number, got 'x'"),
     ("factor-text", json.dumps({"head_dim": 64, "rope_scaling": {"type": "linear", "factor": "2"}}), "rope_type 'linear' key 'factor' must be a number, got '2'"),

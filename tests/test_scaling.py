@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from pe_export.encodings.rope import RopeParams, inv_freq
 from pe_export.scaling import SCALING_RULES
@@ -33,16 +34,27 @@ GRID = [
     # LongRoPE with made-up factor lists (Phi-3's lists are not shipped here); checked in both regimes below.
     ("longrope", 96, 96, 10000.0, dict(short_factor=[1 + i / 100 for i in range(48)], long_factor=[1 + i / 5 for i in range(48)], original_max_positions=4096, factor=32.0)),
     ("longrope", 64, 32, 10000.0, dict(short_factor=[1.0] * 16, long_factor=[2.0 + i for i in range(16)], original_max_positions=2048, factor=4.0, attention_factor=1.25)),
+
+    ("dynamic", 128, 128, 10000.0, dict(factor=2.0, original_max_positions=4096)),
+    ("dynamic", 96, 64, 500000.0, dict(factor=8.0, original_max_positions=2048)),
 ]
 
-LONG_SEQ = {"longrope": lambda params: params["original_max_positions"] + 1}
+# Rules that read seq_len: the values of it to check besides None (both regimes, and deep into the scaled one).
+LONG_SEQ = {
+    "longrope": lambda params: [params["original_max_positions"] + 1],
+    "dynamic": lambda params: [params["original_max_positions"], params["original_max_positions"] + 1, 5 * params["original_max_positions"]],
+}
 
 
 def hf_rule(rule, head_dim, rotary_dim, theta, params, seq_len=None):
     rope = {"rope_type": rule, "rope_theta": theta, "partial_rotary_factor": rotary_dim / head_dim}
     rope.update({HF_KEYS.get(k, k): v for k, v in params.items()})
+    max_pos = 131072
+    if rule == "dynamic":  # transformers' dynamic NTK scales from max_position_embeddings
+        max_pos = rope.pop("original_max_position_embeddings")
+        seq_len = None if seq_len is None else torch.tensor(seq_len)
     config = transformers.LlamaConfig(
-        head_dim=head_dim, hidden_size=head_dim * 4, num_attention_heads=4, max_position_embeddings=131072, rope_parameters=rope
+        head_dim=head_dim, hidden_size=head_dim * 4, num_attention_heads=4, max_position_embeddings=max_pos, rope_parameters=rope
     )
     freqs, factor = ROPE_INIT_FUNCTIONS[rule](config, "cpu", seq_len=seq_len)
     return freqs.numpy(), factor
@@ -50,12 +62,16 @@ def hf_rule(rule, head_dim, rotary_dim, theta, params, seq_len=None):
 
 @pytest.mark.parametrize("rule,head_dim,rotary_dim,theta,params", GRID, ids=[f"{g[0]}-{i}" for i, g in enumerate(GRID)])
 def test_rules_match_transformers(rule, head_dim, rotary_dim, theta, params):
-    seq_lens = [None] + ([LONG_SEQ[rule](params)] if rule in LONG_SEQ else [])
+    seq_lens = [None] + (LONG_SEQ[rule](params) if rule in LONG_SEQ else [])
     for seq_len in seq_lens:  # both regimes of a switching rule
         hf_freqs, hf_factor = hf_rule(rule, head_dim, rotary_dim, theta, params, seq_len)
         common = dict(head_dim=head_dim, rotary_dim=rotary_dim, theta=theta, scaling=rule, scaling_params=params)
-        f32, factor32 = inv_freq(RopeParams(angles="float32", **common), seq_len)
         exact, factor = inv_freq(RopeParams(**common), seq_len)
+        # The rule itself in float32 (what --angles float32 uses; RopeParams refuses it for in-graph rules).
+        f32, factor32 = SCALING_RULES.get(rule)(
+            theta=theta, rotary_dim=rotary_dim, max_positions=8192, dtype=torch.float32, seq_len=seq_len, **params
+        )
+        f32 = f32.numpy()
         # float32 mode: transformers' own float32 arithmetic, bit for bit.
         np.testing.assert_array_equal(f32.astype(np.float32), hf_freqs)
         # float64 mode: the exact values, which transformers' float32 values round.
@@ -76,6 +92,7 @@ def test_factor_one_is_the_unscaled_rule_where_it_should_be(rule):
         llama3=dict(factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_positions=8192),
         yarn=dict(factor=1.0, original_max_positions=4096),
         longrope=dict(factor=1.0, original_max_positions=4096, short_factor=[1.0] * 32, long_factor=[1.0] * 32),
+        dynamic=dict(factor=1.0, original_max_positions=4096),
     )[rule]
     scaled, factor = inv_freq(RopeParams(head_dim=64, scaling=rule, scaling_params=params))
     plain, _ = inv_freq(RopeParams(head_dim=64))
@@ -125,6 +142,18 @@ def test_longrope_attention_factor_for_phi3_mini_128k():
     assert inv_freq(RopeParams(head_dim=96, scaling="longrope", scaling_params=params))[1] == pytest.approx(1.1902381, abs=1e-7)
 
 
+def test_dynamic_ntk_base_hand_values():
+    """base 1e4, d=128, L=4096, factor 2: base 10000 at seq <= L, 30527.74 at seq = 8192 (section 10),
+    which is also vLLM's static base for a table of 2L (mode "fixed")."""
+    params = dict(factor=2.0, original_max_positions=4096)
+    plain = inv_freq(RopeParams(head_dim=128))[0]
+    base = lambda freqs: plain[1] ** 0 * (1 / freqs[1]) ** (128 / 2)  # noqa: E731  inv_freq[1] = base^(-2/128)
+    assert base(inv_freq(RopeParams(head_dim=128, scaling="dynamic", scaling_params=params), 4096)[0]) == pytest.approx(10000.0)
+    assert base(inv_freq(RopeParams(head_dim=128, scaling="dynamic", scaling_params=params), 8192)[0]) == pytest.approx(30527.74, abs=0.01)
+    fixed = RopeParams(head_dim=128, max_positions=8192, scaling="dynamic", scaling_params={**params, "mode": "fixed"})
+    assert base(inv_freq(fixed)[0]) == pytest.approx(30527.74, abs=0.01)
+
+
 def test_static_ntk_is_the_transformers_formula_not_vllms():
     """HF-early ntk vs vLLM ntk, d=128, theta 1e4, factor 4: inv_freq ratio 1.02190 at m=0, 1.01072 at
     m=32, 1.00000 at m=63 (section 10)."""
@@ -143,7 +172,7 @@ def test_static_ntk_is_the_transformers_formula_not_vllms():
         ("llama3", dict(factor=8.0, low_freq_factor=4.0, high_freq_factor=1.0, original_max_positions=8192), "high_freq_factor must be > low_freq_factor (4.0), got 1.0"),
         ("yarn", dict(factor=4.0), "needs 'original_max_positions'"),
         ("linear", dict(factor=2.0, beta=1), "has no parameter 'beta'; it takes: factor"),
-        ("nope", dict(), "unknown scaling rule 'nope'; known: default, linear, llama3, longrope, ntk, yarn"),
+        ("nope", dict(), "unknown scaling rule 'nope'; known: default, dynamic, linear, llama3, longrope, ntk, yarn"),
     ],
 )
 def test_rule_validation(rule, params, message):

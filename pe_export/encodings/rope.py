@@ -65,6 +65,13 @@ class RopeParams:
         check_scaling_params(self.scaling, self.scaling_params)
         check_table_fits(self.max_positions, self.rotary_dim)
         inv_freq(self)  # the rule validates its values
+        if self.angles == "float32" and computed_in_graph(self):
+            # In the graph the runtime's own float32 Pow and Cos decide the bits, not torch's: transformers'
+            # float32 arithmetic cannot be reproduced there, so do not pretend to.
+            raise ValueError(
+                f"angles 'float32' cannot be reproduced by a graph that computes its frequencies at run time "
+                f"({self.scaling!r} in mode 'runtime'); use angles 'float64' or mode 'fixed'"
+            )
 
 
 def check_scaling_params(name: str, params: dict) -> None:
@@ -128,6 +135,13 @@ def inv_freq(p: RopeParams, seq_len: int | None = None) -> tuple[np.ndarray, flo
         theta=p.theta, rotary_dim=p.rotary_dim, max_positions=p.max_positions, dtype=dtype, seq_len=seq_len, **p.scaling_params
     )
     return freqs.double().numpy(), float(factor) * p.attention_factor
+
+
+def computed_in_graph(p: RopeParams) -> bool:
+    """True when the rule's frequencies are a continuous function of the positions (dynamic NTK at run
+    time): the graph then computes cos/sin itself instead of reading a table."""
+    in_graph = getattr(SCALING_RULES.get(p.scaling), "in_graph", None)
+    return bool(in_graph and in_graph(**p.scaling_params))
 
 
 def switch_at(p: RopeParams) -> int | None:
@@ -205,6 +219,8 @@ def rope_module(spec):
     from pe_export.spec import torch_dtype
 
     p = RopeParams(**spec.params)
+    if computed_in_graph(p):
+        return ComputedRopeModule(spec)
     P, switch = p.max_positions, switch_at(p)
     cos, sin = tables(p)
     if switch is not None:
@@ -231,6 +247,39 @@ def rope_module(spec):
             )
 
     return RopeModule().eval()
+
+
+def ComputedRopeModule(spec):
+    """RoPE whose cos/sin the graph computes from the positions of each call (no table), with the
+    scaling rule's own torch code run on the traced `seq_len = max(position_ids) + 1`. The per-call
+    cos/sin, (B*S, R/2), go to the same custom op as a table read at rows arange(B*S)."""
+    import torch
+
+    import pe_export.custom_ops.rotary  # noqa: F401
+    from pe_export.spec import torch_dtype
+
+    p = RopeParams(**spec.params)  # angles "float64": float32 is refused for in-graph rules
+    rule, P = SCALING_RULES.get(p.scaling), p.max_positions
+    math_dtype = torch.float64
+    half = p.rotary_dim // 2
+
+    class Module(torch.nn.Module):
+        def forward(self, x, position_ids):
+            B, S = position_ids.shape
+            freqs, factor = rule(
+                theta=p.theta, rotary_dim=p.rotary_dim, max_positions=P, dtype=math_dtype,
+                seq_len=position_ids.max() + 1, **p.scaling_params,
+            )  # fmt: skip
+            angles = position_ids.to(math_dtype)[..., None] * freqs  # (B, S, R/2)
+            factor = factor * p.attention_factor
+            cos = (torch.cos(angles) * factor).to(torch_dtype(spec.dtype)).reshape(B * S, half)  # (B*S, R/2)
+            sin = (torch.sin(angles) * factor).to(torch_dtype(spec.dtype)).reshape(B * S, half)
+            rows = torch.arange(B * S, dtype=torch.int64).reshape(B, S)
+            # Positions outside [0, P) point past the per-call table, so the call fails as with a table.
+            rows = torch.where((position_ids < 0) | (position_ids >= P), B * S, rows)
+            return torch.ops.pe_export.rotary_embedding(x, cos, sin, rows, p.pairing == "interleaved", p.rotary_dim, spec.layout)
+
+    return Module().eval()
 
 
 def rope_example_inputs(spec):
