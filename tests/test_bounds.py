@@ -9,11 +9,20 @@ from pe_export.custom_ops.lowerings import OP_TARGETS
 from pe_export.spec import LAYOUTS
 
 
+# The three kinds of graph: a table, two stacked tables behind a run-time switch, cos/sin computed in the graph.
+GRAPHS = {
+    "table": {},
+    "switch": dict(scaling="longrope", scaling_params=dict(short_factor=[1.0] * 32, long_factor=[2.0] * 32, original_max_positions=128, factor=4.0)),
+    "computed": dict(scaling="dynamic", scaling_params=dict(factor=2.0, original_max_positions=128)),
+}
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("op", OP_TARGETS)
 @pytest.mark.parametrize("bad", [256, 257, -1, -256])
-def test_out_of_range_positions_fail_on_ort_cpu(op, layout, bad):
-    sess = ort_cpu_session(exported(rope_spec(op=op, layout=layout)))
+def test_out_of_range_positions_fail_on_ort_cpu(op, layout, bad, graph):
+    sess = ort_cpu_session(exported(rope_spec(op=op, layout=layout, **GRAPHS[graph])))
     x = np.zeros((1, 2, 3, 64) if layout == "bhsd" else (1, 3, 2, 64), dtype=np.float32)
     ok = np.array([[0, 1, 255]])
     sess.run(None, {"x": x, "position_ids": ok})  # the last row itself is fine
