@@ -19,7 +19,7 @@ from pe_export.errors import BadInput
 from pe_export.scaling import FIXED_ARGS, SCALING_RULES
 
 # Scaling-block keys that are not rule parameters, and transformers' names for ours.
-META_KEYS = {"type", "rope_type", "rope_theta", "partial_rotary_factor"}
+META_KEYS = {"type", "rope_type", "rope_theta", "partial_rotary_factor"}  # proportional takes the last itself
 RENAMED = {"original_max_position_embeddings": "original_max_positions"}
 ALIASES = {"su": "longrope", "mrope": "default"}  # older names transformers still maps
 
@@ -78,6 +78,8 @@ def rope_params_from_config(path: Path, max_positions: int | None = None) -> dic
         head_dim = hidden // heads
 
     rotary_dim = _first(cfg, ["rotary_dim"], int)
+    if (block.get("rope_type") or block.get("type")) == "proportional":
+        rotary_dim = head_dim  # its partial_rotary_factor is the rule's own parameter (see scaling/proportional.py)
     if rotary_dim is None:
         fraction = _first(block, ["partial_rotary_factor"]) or _first(cfg, ["partial_rotary_factor", "rotary_pct"])
         if fraction is not None:
@@ -111,7 +113,7 @@ def _scaling(block: dict, cfg: dict, config_positions: int | None) -> dict:
     params = {}
     for key, value in block.items():
         ours = RENAMED.get(key, key)
-        if key in META_KEYS or value is None:
+        if (key in META_KEYS and key not in takes) or value is None:
             continue
         if ours not in takes:
             raise BadInput(f"config scaling key {key!r} is not a parameter of rope_type {name!r}; it takes: {', '.join(takes) or 'none'}")

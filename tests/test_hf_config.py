@@ -115,6 +115,24 @@ def test_phi3_longrope_config(tmp_path):
     assert inv_freq(RopeParams(**params))[1] == pytest.approx(1.1902381, abs=1e-7)
 
 
+def test_proportional_config_keeps_the_whole_head(tmp_path):
+    """Gemma 4 style: partial_rotary_factor belongs to the rule; the export rotates all of D with zeros
+    in the tail frequencies, and transformers' rule gives the same inv_freq from the same keys."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path / "config.json"
+    rope = {"rope_type": "proportional", "rope_theta": 1e6, "partial_rotary_factor": 0.25, "factor": 1.0}
+    path.write_text(json.dumps({"head_dim": 256, "hidden_size": 1024, "num_attention_heads": 4, "rope_parameters": rope}))
+    params = rope_params_from_config(path, max_positions=64)
+    assert "rotary_dim" not in params and params["scaling_params"] == {"partial_rotary_factor": 0.25, "factor": 1.0}
+    config = transformers.LlamaConfig(head_dim=256, hidden_size=1024, num_attention_heads=4, rope_parameters=dict(rope))
+    hf, _ = ROPE_INIT_FUNCTIONS["proportional"](config, "cpu")
+    ours, _ = inv_freq(RopeParams(**{**params, "angles": "float32"}))
+    np.testing.assert_array_equal(ours.astype(np.float32), hf.numpy())
+    assert (ours[32:] == 0).all() and (ours[:32] > 0).all()
+
+
 def test_dynamic_config_scales_from_max_position_embeddings(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({
@@ -166,7 +184,7 @@ BAD = [
     ("no-heads", json.dumps({"hidden_size": 4096}), "has no 'head_dim', nor 'hidden_size' and 'num_attention_heads'"),
     ("theta-text", json.dumps({"head_dim": 64, "rope_theta": "big"}), "config key 'rope_theta' must be a number, got 'big'"),
     ("head-dim-float", json.dumps({"head_dim": 64.5}), "config key 'head_dim' must be an integer, got 64.5"),
-    ("proportional", json.dumps({"head_dim": 64, "rope_scaling": {"type": "proportional", "factor": 2.0}}), "unsupported rope_type 'proportional'; supported: default, dynamic, linear, llama3, longrope, ntk, yarn"),
+    ("unknown-type", json.dumps({"head_dim": 64, "rope_scaling": {"type": "mystery", "factor": 2.0}}), "unsupported rope_type 'mystery'; supported: default, dynamic, linear, llama3, longrope, ntk, proportional, yarn"),
     ("longrope-short", json.dumps({"head_dim": 96, "original_max_position_embeddings": 32, "max_position_embeddings": 64, "rope_scaling": {"type": "su", "short_factor": [1.0], "long_factor": [1.0] * 48}}), "short_factor must be a list of rotary_dim/2 = 48 numbers, got 1"),
     ("longrope-text", json.dumps({"head_dim": 96, "rope_scaling": {"type": "longrope", "short_factor": [1.0, "x"]}}), "key 'short_factor[1]' must be a number, got 'x'"),
     ("factor-text", json.dumps({"head_dim": 64, "rope_scaling": {"type": "linear", "factor": "2"}}), "rope_type 'linear' key 'factor' must be a number, got '2'"),

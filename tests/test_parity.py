@@ -96,6 +96,34 @@ def test_sequences_longer_than_the_table(op):
             sess.run(None, {"x": x, "position_ids": ids})
 
 
+# One example of every registered scaling rule (short tables; switches inside them), exported on every target.
+RULE_EXAMPLES = {
+    "default": {},
+    "linear": dict(factor=4.0),
+    "ntk": dict(factor=4.0),
+    "llama3": dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_positions=128),
+    "yarn": dict(factor=4.0, original_max_positions=128, mscale=1.0, mscale_all_dim=0.5),
+    "longrope": dict(short_factor=[1.0 + i / 50 for i in range(32)], long_factor=[1.0 + i / 4 for i in range(32)], original_max_positions=128, factor=4.0),
+    "dynamic": dict(factor=2.0, original_max_positions=128),
+    "proportional": dict(partial_rotary_factor=0.5, factor=2.0),
+}
+
+
+def test_every_rule_has_an_example():
+    from pe_export.scaling import SCALING_RULES
+
+    assert set(RULE_EXAMPLES) == set(SCALING_RULES.names())
+
+
+@pytest.mark.parametrize("rule", RULE_EXAMPLES)
+@pytest.mark.parametrize("op", OP_TARGETS)
+def test_every_rule_exports_and_verifies(rule, op):
+    params = dict(head_dim=64, max_positions=512, scaling=rule, scaling_params=RULE_EXAMPLES[rule])
+    spec = Spec(encoding="rope", params=params, op=op, opset=OP_TARGETS[op].min_opset)
+    rows = check(spec, exported(spec), runtimes=("torch", "ort-cpu", "onnx-reference"))
+    assert verdict(rows) == "pass", [(r.runtime, r.note) for r in rows]
+
+
 def test_float32_angles_mode_exports_and_verifies():
     spec = preset_spec("llama-rope", "onnx", "bhsd", "fp32")
     spec = Spec(**{**spec.__dict__, "params": {**spec.params, "angles": "float32"}})

@@ -35,6 +35,9 @@ GRID = [
     ("longrope", 96, 96, 10000.0, dict(short_factor=[1 + i / 100 for i in range(48)], long_factor=[1 + i / 5 for i in range(48)], original_max_positions=4096, factor=32.0)),
     ("longrope", 64, 32, 10000.0, dict(short_factor=[1.0] * 16, long_factor=[2.0 + i for i in range(16)], original_max_positions=2048, factor=4.0, attention_factor=1.25)),
 
+    ("proportional", 256, 256, 1e6, dict(partial_rotary_factor=0.25)),
+    ("proportional", 128, 128, 10000.0, dict(partial_rotary_factor=1.0, factor=8.0)),
+    ("proportional", 96, 96, 10000.0, dict(partial_rotary_factor=0.5, factor=2.0)),
     ("dynamic", 128, 128, 10000.0, dict(factor=2.0, original_max_positions=4096)),
     ("dynamic", 96, 64, 500000.0, dict(factor=8.0, original_max_positions=2048)),
 ]
@@ -48,7 +51,7 @@ LONG_SEQ = {
 
 def hf_rule(rule, head_dim, rotary_dim, theta, params, seq_len=None):
     rope = {"rope_type": rule, "rope_theta": theta, "partial_rotary_factor": rotary_dim / head_dim}
-    rope.update({HF_KEYS.get(k, k): v for k, v in params.items()})
+    rope.update({HF_KEYS.get(k, k): v for k, v in params.items()})  # proportional's own factor overrides
     max_pos = 131072
     if rule == "dynamic":  # transformers' dynamic NTK scales from max_position_embeddings
         max_pos = rope.pop("original_max_position_embeddings")
@@ -93,6 +96,7 @@ def test_factor_one_is_the_unscaled_rule_where_it_should_be(rule):
         yarn=dict(factor=1.0, original_max_positions=4096),
         longrope=dict(factor=1.0, original_max_positions=4096, short_factor=[1.0] * 32, long_factor=[1.0] * 32),
         dynamic=dict(factor=1.0, original_max_positions=4096),
+        proportional=dict(factor=1.0),
     )[rule]
     scaled, factor = inv_freq(RopeParams(head_dim=64, scaling=rule, scaling_params=params))
     plain, _ = inv_freq(RopeParams(head_dim=64))
@@ -172,7 +176,7 @@ def test_static_ntk_is_the_transformers_formula_not_vllms():
         ("llama3", dict(factor=8.0, low_freq_factor=4.0, high_freq_factor=1.0, original_max_positions=8192), "high_freq_factor must be > low_freq_factor (4.0), got 1.0"),
         ("yarn", dict(factor=4.0), "needs 'original_max_positions'"),
         ("linear", dict(factor=2.0, beta=1), "has no parameter 'beta'; it takes: factor"),
-        ("nope", dict(), "unknown scaling rule 'nope'; known: default, dynamic, linear, llama3, longrope, ntk, yarn"),
+        ("nope", dict(), "unknown scaling rule 'nope'; known: default, dynamic, linear, llama3, longrope, ntk, proportional, yarn"),
     ],
 )
 def test_rule_validation(rule, params, message):
