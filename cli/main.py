@@ -145,6 +145,13 @@ def make_export_command(preset: Preset):
         pairing: Annotated[
             Optional[Pairing], typer.Option(help="half: pairs (i, i+R/2) as Llama-HF; interleaved: (2i, 2i+1) as GPT-J.")
         ] = None,
+        scaling: Annotated[
+            Optional[str], typer.Option(help="RoPE scaling rule, replacing the preset's (and its parameters).")
+        ] = None,
+        scaling_param: Annotated[
+            Optional[list[str]],
+            typer.Option("--scaling-param", help="KEY=VALUE for the scaling rule, repeatable; VALUE is JSON (4.0, [1.0, 1.1], true)."),
+        ] = None,  # fmt: skip
         longrope_mode: Annotated[
             Optional[LongropeMode],
             typer.Option(help="longrope only. runtime: switch to the long factors past the original length, as "
@@ -164,6 +171,10 @@ def make_export_command(preset: Preset):
             pairing=pairing.value if pairing else None, angles=angles.value,
         )  # fmt: skip
         params = {**preset.params, **{k: v for k, v in overrides.items() if v is not None}}
+        if scaling is not None and scaling != params.get("scaling"):
+            params["scaling"], params["scaling_params"] = scaling, {}
+        if scaling_param:
+            params["scaling_params"] = {**params.get("scaling_params", {}), **parse_scaling_params(scaling_param)}
         for rule, chosen in (("longrope", longrope_mode), ("dynamic", dynamic_mode)):
             if params.get("scaling") == rule:  # always recorded, so the file says which semantics it has
                 mode = chosen.value if chosen else params["scaling_params"].get("mode", "runtime")
@@ -177,6 +188,19 @@ def make_export_command(preset: Preset):
 
     export_command.__doc__ = f"{preset.description}. Exports, checks and verifies an ONNX file."
     return export_command
+
+
+def parse_scaling_params(items: list[str]) -> dict:
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            fail(f"--scaling-param takes KEY=VALUE, got {item!r}")
+        try:
+            parsed[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            fail(f"--scaling-param {key.strip()}: VALUE must be JSON (a number, a list, true or false), got {value!r}")
+    return parsed
 
 
 for _preset in PRESETS.values():

@@ -60,6 +60,36 @@ def test_default_output_name_and_overrides(tmp_path):
     assert spec.params["head_dim"] == 32 and spec.params["theta"] == 5000 and spec.params["pairing"] == "interleaved"
 
 
+def test_scaling_overrides(tmp_path):
+    from pe_export.export import load
+
+    out = tmp_path / "a.onnx"
+    assert invoke("llama3.1-rope", "--seq", "256", "--scaling-param", "factor=4", "-o", str(out)).exit_code == 0
+    assert load(out)[1].params["scaling_params"] == dict(factor=4, low_freq_factor=1.0, high_freq_factor=4.0, original_max_positions=8192)
+    out = tmp_path / "b.onnx"
+    assert invoke("llama-rope", "--seq", "256", "--scaling", "linear", "--scaling-param", "factor=2.5", "-o", str(out)).exit_code == 0
+    spec = load(out)[1]
+    assert spec.params["scaling"] == "linear" and spec.params["scaling_params"] == {"factor": 2.5}
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--scaling-param", "factor"], "--scaling-param takes KEY=VALUE, got 'factor'"),
+        (["--scaling-param", "factor=abc"], "--scaling-param factor: VALUE must be JSON"),
+        (["--scaling-param", "fctor=2"], "scaling rule 'llama3' has no parameter 'fctor'"),
+        (["--scaling", "nope"], "unknown scaling rule 'nope'; known: default, dynamic"),
+        (["--scaling", "yarn", "--scaling-param", "factor=4"], "scaling rule 'yarn' needs 'original_max_positions'"),
+        (["--scaling-param", "factor=0.5"], "factor must be >= 1, got 0.5"),
+    ],
+)
+def test_bad_scaling_overrides(tmp_path, args, message):
+    result = invoke("llama3.1-rope", "--seq", "256", *args, "-o", str(tmp_path / "x.onnx"))
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert_one_line_error(result)
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_unverifiable_export_exits_1_and_keeps_the_file(tmp_path):
     out = tmp_path / "b.onnx"
     result = invoke("llama-rope", "--seq", "64", "--op", "ort", "--dtype", "bf16", "-o", str(out))
