@@ -23,7 +23,10 @@ import typer.core
 from rich.console import Console
 from rich.table import Table
 
+from pe_export.encodings.rope import ANGLES, PAIRINGS
 from pe_export.presets import PRESETS, Preset
+from pe_export.scaling import dynamic, longrope
+from pe_export.spec import DTYPES, LAYOUTS, OP_NAMES
 
 COMMANDS = ("list", "verify", "from-config")
 # Tables are wide; when stdout is not a terminal, do not squeeze them into 80 columns.
@@ -74,41 +77,18 @@ app = typer.Typer(
 )
 
 
-class Op(str, Enum):
-    onnx = "onnx"
-    ort = "ort"
-    decomposed = "decomposed"
+def choices(name: str, values) -> type[Enum]:
+    """An Enum of CLI choices made from the tuple the library validates against, never typed twice."""
+    return Enum(name, {v: v for v in values}, type=str)
 
 
-class DType(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
-
-
-class Layout(str, Enum):
-    bhsd = "bhsd"
-    bshd = "bshd"
-
-
-class Pairing(str, Enum):
-    half = "half"
-    interleaved = "interleaved"
-
-
-class Angles(str, Enum):
-    float64 = "float64"
-    float32 = "float32"
-
-
-class LongropeMode(str, Enum):
-    runtime = "runtime"
-    long = "long"
-
-
-class DynamicMode(str, Enum):
-    runtime = "runtime"
-    fixed = "fixed"
+Op = choices("Op", OP_NAMES)
+DType = choices("DType", DTYPES)
+Layout = choices("Layout", LAYOUTS)
+Pairing = choices("Pairing", PAIRINGS)
+Angles = choices("Angles", ANGLES)
+LongropeMode = choices("LongropeMode", longrope.MODES)
+DynamicMode = choices("DynamicMode", dynamic.MODES)
 
 
 @app.command("list")
@@ -132,13 +112,13 @@ def make_export_command(preset: Preset):
         output: Annotated[
             Optional[Path], typer.Option("--output", "-o", help="Output file (default: PRESET.onnx in the current folder).")
         ] = None,
-        op: Annotated[Op, typer.Option(help="ONNX target: standard op, ORT contrib op, or plain ops.")] = Op.onnx,
-        dtype: Annotated[DType, typer.Option(help="dtype of x, y and the tables.")] = DType.fp32,
-        layout: Annotated[Layout, typer.Option(help="x as (batch, heads, seq, dim) or (batch, seq, heads, dim).")] = Layout.bhsd,
+        op: Annotated[Op, typer.Option(help="ONNX target: standard op, ORT contrib op, or plain ops.")] = Op("onnx"),
+        dtype: Annotated[DType, typer.Option(help="dtype of x, y and the tables.")] = DType("fp32"),
+        layout: Annotated[Layout, typer.Option(help="x as (batch, heads, seq, dim) or (batch, seq, heads, dim).")] = Layout("bhsd"),
         opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: the lowest the target takes).")] = None,
         angles: Annotated[
             Angles, typer.Option(help="float64: exact tables; float32: transformers' float32 angles, bit for bit.")
-        ] = Angles.float64,
+        ] = Angles("float64"),
         theta: Annotated[Optional[float], typer.Option(help="RoPE base.")] = None,
         head_dim: Annotated[Optional[int], typer.Option(help="Head dimension D.")] = None,
         rotary_dim: Annotated[Optional[int], typer.Option(help="Rotated dims R, for partial rotary (default: the whole head).")] = None,

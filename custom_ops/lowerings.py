@@ -32,8 +32,6 @@ class OpTarget:
     lower: Callable
     min_opset: int
     max_opset: int | None  # None: the newest onnx knows
-    domains: tuple[str, ...]
-    description: str
 
     def opsets(self) -> range:
         return range(self.min_opset, (self.max_opset or defs.onnx_opset_version()) + 1)
@@ -139,8 +137,8 @@ OP_TARGETS: dict[str, OpTarget] = {
     for t in [
         # Upper opsets as measured with torch 2.13: its exporter and onnxscript's version converter stop at 25
         # for graphs with RotaryEmbedding; the decomposed graph converts up to onnx's newest.
-        OpTarget("onnx", lower_onnx, 23, 25, ("",), "standard ai.onnx RotaryEmbedding (opset 23), one node"),
-        OpTarget("ort", lower_ort, 18, 25, ("", "com.microsoft"), "ONNX Runtime's com.microsoft::RotaryEmbedding"),
-        OpTarget("decomposed", lower_decomposed, 17, None, ("",), "standard ops only, runs on any ONNX runtime"),
+        OpTarget("onnx", lower_onnx, 23, 25),
+        OpTarget("ort", lower_ort, 18, 25),
+        OpTarget("decomposed", lower_decomposed, 17, None),
     ]
 }

@@ -10,18 +10,18 @@ quirks: GPT-NeoX's `rotary_emb_base`, GPT-J's `n_embd` / `n_head` / `n_positions
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from pathlib import Path
 
 from pe_export.errors import BadInput
-from pe_export.scaling import FIXED_ARGS, SCALING_RULES
+from pe_export.scaling import SCALING_RULES, rule_params
 
 # Scaling-block keys that are not rule parameters, and transformers' names for ours.
 META_KEYS = {"type", "rope_type", "rope_theta", "partial_rotary_factor"}  # proportional takes the last itself
 RENAMED = {"original_max_position_embeddings": "original_max_positions"}
-ALIASES = {"su": "longrope", "mrope": "default"}  # older names transformers still maps
+# Phi-3's older name. (Not "mrope": M-RoPE takes 3-D position ids, which plain RoPE would silently misread.)
+ALIASES = {"su": "longrope"}
 
 
 def read_config(path: Path) -> dict:
@@ -109,7 +109,7 @@ def _scaling(block: dict, cfg: dict, config_positions: int | None) -> dict:
     name = ALIASES.get(name, name)
     if name not in SCALING_RULES.names():
         raise BadInput(f"unsupported rope_type {name!r}; supported: {', '.join(SCALING_RULES.names())}")
-    takes = [k for k in inspect.signature(SCALING_RULES.get(name)).parameters if k not in FIXED_ARGS]
+    takes = list(rule_params(name))
     params = {}
     for key, value in block.items():
         ours = RENAMED.get(key, key)

@@ -16,6 +16,7 @@ from pe_export.errors import BadInput
 SPEC_KEY = "pe_export.spec"
 DERIVED_KEY = "pe_export.derived"  # values computed from the spec that a runtime needs (JSON)
 DTYPES = ("fp32", "fp16", "bf16")
+OP_NAMES = ("onnx", "ort", "decomposed")  # the keys of pe_export.custom_ops.lowerings.OP_TARGETS, import-free
 LAYOUTS = ("bhsd", "bshd")  # where the heads axis sits in x: (B, H, S, D) or (B, S, H, D)
 
 

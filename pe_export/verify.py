@@ -78,12 +78,10 @@ class Skip(Exception):
 def run_torch(spec: Spec, model_bytes: bytes):
     import torch
 
-    from pe_export.spec import torch_dtype
-
     module = ENCODINGS.get(spec.encoding).module(spec)
 
     def call(inputs):
-        args = [to_torch(v, torch_dtype(spec.dtype)) for v in inputs.values()]
+        args = [to_torch(v) for v in inputs.values()]
         with torch.no_grad():
             y = module(*args)
         return y.to(torch.float64).numpy()
@@ -91,7 +89,7 @@ def run_torch(spec: Spec, model_bytes: bytes):
     return call, "eager (CPU)"
 
 
-def to_torch(a: np.ndarray, dtype):
+def to_torch(a: np.ndarray):
     import torch
 
     if a.dtype == numpy_dtype("bf16"):  # NumPy has no bfloat16 of its own: go through the bits

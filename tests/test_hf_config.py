@@ -184,6 +184,7 @@ BAD = [
     ("no-heads", json.dumps({"hidden_size": 4096}), "has no 'head_dim', nor 'hidden_size' and 'num_attention_heads'"),
     ("theta-text", json.dumps({"head_dim": 64, "rope_theta": "big"}), "config key 'rope_theta' must be a number, got 'big'"),
     ("head-dim-float", json.dumps({"head_dim": 64.5}), "config key 'head_dim' must be an integer, got 64.5"),
+    ("mrope", json.dumps({"head_dim": 128, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}), "unsupported rope_type 'mrope'"),
     ("unknown-type", json.dumps({"head_dim": 64, "rope_scaling": {"type": "mystery", "factor": 2.0}}), "unsupported rope_type 'mystery'; supported: default, dynamic, linear, llama3, longrope, ntk, proportional, yarn"),
     ("longrope-short", json.dumps({"head_dim": 96, "original_max_position_embeddings": 32, "max_position_embeddings": 64, "rope_scaling": {"type": "su", "short_factor": [1.0], "long_factor": [1.0] * 48}}), "short_factor must be a list of rotary_dim/2 = 48 numbers, got 1"),
     ("longrope-text", json.dumps({"head_dim": 96, "rope_scaling": {"type": "longrope", "short_factor": [1.0, "x"]}}), "key 'short_factor[1]' must be a number, got 'x'"),

@@ -109,6 +109,13 @@ RULE_EXAMPLES = {
 }
 
 
+def test_op_names_are_the_registered_targets():
+    """The CLI's import-free list of targets (pe_export.spec.OP_NAMES) is the registry's, in order."""
+    from pe_export.spec import OP_NAMES
+
+    assert tuple(OP_TARGETS) == OP_NAMES
+
+
 def test_every_rule_has_an_example():
     from pe_export.scaling import SCALING_RULES
 

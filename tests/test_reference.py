@@ -36,10 +36,10 @@ def test_partial_rotary_table_matches_gpt_neox():
         assert np.abs(a - b).max() <= 1
 
 
-def llama_rotary(head_dim, theta, partial=1.0):
+def llama_rotary(head_dim, theta):
     config = transformers.LlamaConfig(
         head_dim=head_dim, hidden_size=head_dim * 2, num_attention_heads=2, max_position_embeddings=131072,
-        rope_parameters={"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": partial},
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
     )  # fmt: skip
     return llama.LlamaRotaryEmbedding(config)
 

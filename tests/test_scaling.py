@@ -150,8 +150,7 @@ def test_dynamic_ntk_base_hand_values():
     """base 1e4, d=128, L=4096, factor 2: base 10000 at seq <= L, 30527.74 at seq = 8192 (section 10),
     which is also vLLM's static base for a table of 2L (mode "fixed")."""
     params = dict(factor=2.0, original_max_positions=4096)
-    plain = inv_freq(RopeParams(head_dim=128))[0]
-    base = lambda freqs: plain[1] ** 0 * (1 / freqs[1]) ** (128 / 2)  # noqa: E731  inv_freq[1] = base^(-2/128)
+    base = lambda freqs: (1 / freqs[1]) ** (128 / 2)  # noqa: E731  inv_freq[1] = base^(-2/128)
     assert base(inv_freq(RopeParams(head_dim=128, scaling="dynamic", scaling_params=params), 4096)[0]) == pytest.approx(10000.0)
     assert base(inv_freq(RopeParams(head_dim=128, scaling="dynamic", scaling_params=params), 8192)[0]) == pytest.approx(30527.74, abs=0.01)
     fixed = RopeParams(head_dim=128, max_positions=8192, scaling="dynamic", scaling_params={**params, "mode": "fixed"})

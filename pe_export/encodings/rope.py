@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding
-from pe_export.scaling import FIXED_ARGS, SCALING_RULES
+from pe_export.scaling import SCALING_RULES, rule_params
 from pe_export.spec import LAYOUTS
 
 PAIRINGS = ("half", "interleaved")
@@ -76,9 +76,7 @@ class RopeParams:
 
 def check_scaling_params(name: str, params: dict) -> None:
     """Unknown or missing parameters of a scaling rule, named, with what the rule takes."""
-    rule = SCALING_RULES.get(name)  # unknown names raise, listing the known ones
-    fixed = set(FIXED_ARGS)
-    sig = {k: v for k, v in inspect.signature(rule).parameters.items() if k not in fixed}
+    sig = rule_params(name)
     takes = ", ".join(sig) or "no parameters"
     unknown = sorted(set(params) - set(sig))
     missing = sorted(k for k, v in sig.items() if v.default is inspect.Parameter.empty and k not in params)

@@ -18,6 +18,14 @@ SCALING_RULES = Registry("scaling rule", __name__)
 FIXED_ARGS = ("theta", "rotary_dim", "max_positions", "dtype", "seq_len")  # what every rule takes besides its params
 
 
+def rule_params(name: str) -> dict:
+    """The rule's own parameters (name -> inspect.Parameter), without the arguments every rule takes."""
+    import inspect
+
+    rule = SCALING_RULES.get(name)  # unknown names raise, listing the known ones
+    return {k: v for k, v in inspect.signature(rule).parameters.items() if k not in FIXED_ARGS}
+
+
 def base_inv_freq(theta: float, rotary_dim: int, dtype):
     """`1 / theta ** (arange(0, R, 2) / R)`, as transformers' `compute_default_rope_parameters`."""
     import torch
