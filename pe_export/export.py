@@ -25,12 +25,14 @@ def check_spec(spec: Spec) -> None:
     """Refuse, before any work, what the chosen target or opset cannot express, with exit-2 errors."""
     from pe_export.custom_ops.lowerings import OP_TARGETS
 
-    if spec.op not in OP_TARGETS:
-        raise BadInput(f"unknown op target {spec.op!r}; known: {', '.join(OP_TARGETS)}")
+    encoding = ENCODINGS.get(spec.encoding)
+    if spec.op not in encoding.ops:
+        raise BadInput(f"{spec.encoding} exports with --op {' or '.join(encoding.ops)}, got {spec.op!r}")
     opsets = OP_TARGETS[spec.op].opsets()
     if not isinstance(spec.opset, int) or spec.opset not in opsets:
         raise BadInput(f"--op {spec.op} takes an opset in [{opsets.start}, {opsets.stop - 1}], got {spec.opset}")
-    encoding = ENCODINGS.get(spec.encoding)
+    if spec.layout not in encoding.layouts:
+        raise BadInput(f"{spec.encoding} takes --layout {' or '.join(encoding.layouts)}, got {spec.layout!r}")
     try:
         encoding.params(**spec.params)  # validates
     except TypeError as e:  # an unknown or missing parameter name

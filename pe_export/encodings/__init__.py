@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pe_export.registry import Registry
+from pe_export.spec import LAYOUTS, OP_NAMES
+
+KINDS = ("absolute", "bias", "attention", "rotary")  # the graph contracts of pe_export.encodings.common
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,10 @@ class Encoding:
     magnitude: Callable  # (spec, inputs) -> per-output-element magnitude the rounding bound scales with
     locate: Callable  # (spec, inputs, index into the output) -> "batch b, position p, dim d"
     derived: Callable  # spec -> {name: value} a runtime needs besides the graph (stored as pe_export.derived)
+    kind: str = "absolute"  # one of KINDS
+    ops: tuple = ("decomposed",)  # the ONNX targets it lowers to (pe_export.custom_ops.lowerings.OP_TARGETS)
+    layouts: tuple = ("bhsd",)  # of its 4D inputs
+    reference_impl: str = ""  # the published implementation it is checked against (README, `pe-export list`)
 
 
 ENCODINGS = Registry("encoding", __name__)

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding
+from pe_export.encodings.common import position_cases
 from pe_export.scaling import SCALING_RULES, rule_params
-from pe_export.spec import LAYOUTS
+from pe_export.spec import LAYOUTS, OP_NAMES
 
 PAIRINGS = ("half", "interleaved")
 ANGLES = ("float64", "float32")
@@ -306,22 +307,14 @@ def rope_probes(spec, rng: np.random.Generator, batch: int = 2) -> list[tuple[st
     p = RopeParams(**spec.params)
     P, H = p.max_positions, 3
     S = min(P, 64)
-    spread = np.empty((batch, S), dtype=np.int64)
-    spread[0] = np.round(np.linspace(0, P - 1, S))
-    for b in range(1, batch):
-        spread[b] = rng.integers(0, P, S)
-        spread[b, -1] = P - 1
-    tail = np.broadcast_to(np.arange(P - S, P), (batch, S)).copy()
-    decode = np.array([[P - 1]] + [[int(rng.integers(P - P // 4 - 1, P))] for _ in range(batch - 1)], dtype=np.int64)
 
     def x_for(ids, heads):
         B, S = ids.shape
         shape = (B, heads, S, p.head_dim) if spec.layout == "bhsd" else (B, S, heads, p.head_dim)
         return rng.standard_normal(shape, dtype=np.float32).astype(numpy_dtype(spec.dtype))
 
-    # Every table row once (one head, one batch row), so no corrupted or wrong row goes unseen.
-    every = np.arange(P, dtype=np.int64)[None, :]
-    cases = [("spread", spread, H), ("tail", tail, H), ("decode", decode, H), ("all", every, 1)]
+    # "all" reads every table row once (one head, one batch row), so no corrupted or wrong row goes unseen.
+    cases = [(name, ids, 1 if name == "all" else H) for name, ids in position_cases(P, rng, batch)]
     switch = switch_at(p)
     if switch is not None:
         # Both sides of a run-time switch: largest position switch - 1 (seq_len = switch: the short
@@ -393,5 +386,9 @@ ROPE = ENCODINGS.register("rope")(
         magnitude=rope_magnitude,
         locate=rope_locate,
         derived=rope_derived,
+        kind="rotary",
+        ops=OP_NAMES,
+        layouts=LAYOUTS,
+        reference_impl="transformers 5.23 LlamaRotaryEmbedding / apply_rotary_pos_emb, GPT-J rotate_every_two",
     )
 )

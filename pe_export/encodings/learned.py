@@ -1,0 +1,91 @@
+"""Learned absolute position embeddings (BERT, GPT-2): `W_pos[position_ids]`, a (rows, dim) table.
+
+Must match transformers 5.23 `BertEmbeddings.position_embeddings` and `GPT2Model.wpe` (an `nn.Embedding`
+read at the position ids). The table comes from a `.safetensors` file or a torch state dict
+(`--weights FILE --key NAME`), or is seeded N(0, 0.02^2) (BERT's initializer range) for trying it out.
+A learned table has no extrapolation: the graph keeps its first `max_positions` (--seq) rows, at most
+all of them, and every position past them fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pe_export import weights
+from pe_export.encodings import ENCODINGS, Encoding
+from pe_export.encodings.common import absolute_io, absolute_locate, absolute_probes, check_positions, guard, take
+
+INIT_STD = 0.02
+
+
+@dataclass(frozen=True, kw_only=True)
+class LearnedParams(weights.LearnedWeights):
+    dim: int
+    rows: int  # rows of the learned table (BERT's max_position_embeddings, GPT-2's n_positions)
+    max_positions: int | None = None  # table rows kept in the graph (--seq); None: all of them
+
+    def __post_init__(self):
+        self.check_weights()
+        if self.max_positions is None:
+            object.__setattr__(self, "max_positions", self.rows)
+        for name in ("dim", "rows", "max_positions"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.max_positions > self.rows:
+            raise ValueError(f"max_positions (--seq) must be at most the table's {self.rows} rows, got {self.max_positions}")
+
+
+def table(p: LearnedParams) -> np.ndarray:
+    """float64 (max_positions, dim): the first rows of the learned table."""
+    if p.weights is None:
+        full = weights.random(p.weights_seed, {"table": (p.rows, p.dim)}, {"table": INIT_STD})["table"]
+    else:
+        full = weights.load(p)
+        if full.shape != (p.rows, p.dim):
+            raise ValueError(f"tensor {p.key!r} of {p.weights!r} has shape {tuple(full.shape)}, want ({p.rows}, {p.dim}) (rows, dim)")
+    return full[: p.max_positions]
+
+
+def module(spec):
+    import torch
+
+    from pe_export.spec import torch_dtype
+
+    p = LearnedParams(**spec.params)
+
+    class Learned(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", torch.from_numpy(table(p)).to(torch_dtype(spec.dtype)))  # (P, dim)
+
+        def forward(self, position_ids):  # (B, S) -> (B, S, dim)
+            return take(self.table, guard(position_ids, p.max_positions))
+
+    return Learned().eval()
+
+
+def reference(spec, inputs):
+    p = LearnedParams(**spec.params)
+    ids = inputs["position_ids"]
+    check_positions(ids, p.max_positions)
+    return table(p)[ids]
+
+
+ENCODINGS.register("learned")(
+    Encoding(
+        name="learned",
+        params=LearnedParams,
+        module=module,
+        example_inputs=lambda spec: absolute_io(spec, LearnedParams(**spec.params).max_positions),
+        probes=lambda spec, rng, batch=2: absolute_probes(spec, rng, batch, LearnedParams(**spec.params).max_positions),
+        reference=reference,
+        translation_table=lambda spec: {},
+        magnitude=lambda spec, inputs: np.abs(reference(spec, inputs)),  # one rounding of each entry
+        locate=absolute_locate,
+        derived=lambda spec: {},
+        kind="absolute",
+        reference_impl="transformers 5.23 BertEmbeddings.position_embeddings, GPT2Model.wpe",
+    )
+)

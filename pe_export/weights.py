@@ -1,0 +1,133 @@
+"""Learned weights: seeded random values for trying an encoding out, or one tensor read from a
+`.safetensors` file or a torch state dict (`torch.load(weights_only=True)`: never arbitrary unpickling).
+
+A spec names its weights by source, never by value: `weights_seed` (regenerated anywhere), or the
+file, the key and the tensor's sha256 (re-read by `pe-export verify`, which refuses a changed tensor).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pe_export.errors import BadInput
+
+# safetensors dtype names -> NumPy dtypes (little-endian, as the format stores them)
+_SAFETENSORS = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "bf16", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LearnedWeights:
+    """The weight-source fields every learned encoding's parameters carry."""
+
+    weights_seed: int = 0  # seeded random weights when no file is given
+    weights: str | None = None  # a .safetensors file or a torch state dict
+    key: str | None = None  # the tensor's name in that file
+    weights_sha256: str | None = None  # of the tensor as read; set at export, checked when re-read
+
+    def check_weights(self, supported: bool = True):
+        if not isinstance(self.weights_seed, int) or self.weights_seed < 0:
+            raise ValueError(f"weights_seed must be an integer >= 0, got {self.weights_seed!r}")
+        if self.weights is not None and not supported:
+            raise ValueError("this encoding takes seeded random weights only (--weights-seed), not --weights")
+        if (self.weights is None) != (self.key is None):
+            raise ValueError("--weights FILE and --key NAME go together")
+
+
+def digest(a: np.ndarray) -> str:
+    """sha256 of a tensor's shape and float64 values: the same for a tensor however it was stored."""
+    h = hashlib.sha256(json.dumps(list(a.shape)).encode())
+    h.update(np.ascontiguousarray(a, dtype="<f8").tobytes())
+    return h.hexdigest()
+
+
+def random(seed: int, shapes: dict[str, tuple], scales: dict[str, float]) -> dict[str, np.ndarray]:
+    """float64 N(0, scale^2) tensors, drawn in the order of `shapes` from one seeded generator."""
+    rng = np.random.default_rng(seed)
+    return {name: rng.standard_normal(shape) * scales.get(name, 1.0) for name, shape in shapes.items()}
+
+
+def load(p: LearnedWeights) -> np.ndarray:
+    """The tensor `p.key` of `p.weights` as float64, checked against `p.weights_sha256` when set."""
+    path = Path(p.weights)
+    try:
+        stat = path.stat()
+    except OSError:
+        raise BadInput(f"weights file {p.weights!r} does not exist") from None
+    if not path.is_file():
+        raise BadInput(f"weights file {p.weights!r} is not a file")
+    a = _read(str(path.resolve()), p.key, stat.st_mtime_ns, stat.st_size)
+    if p.weights_sha256 is not None and digest(a) != p.weights_sha256:
+        raise BadInput(
+            f"tensor {p.key!r} of {p.weights!r} is not the one this file was exported with "
+            f"(sha256 {digest(a)[:12]}..., exported {p.weights_sha256[:12]}...)"
+        )
+    return a
+
+
+@functools.lru_cache(maxsize=8)
+def _read(path: str, key: str, mtime_ns: int, size: int) -> np.ndarray:
+    data = Path(path).read_bytes()
+    tensors = _safetensors(data, path) if path.endswith(".safetensors") else _state_dict(path)
+    if key not in tensors:
+        names = sorted(tensors)
+        shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+        raise BadInput(f"weights file {path!r} has no tensor {key!r}; it has: {shown or 'none'}")
+    a = tensors[key]()
+    if not np.all(np.isfinite(a)):
+        raise BadInput(f"tensor {key!r} of {path!r} holds NaN or infinite values")
+    a.setflags(write=False)
+    return a
+
+
+def _safetensors(data: bytes, path: str) -> dict:
+    """The safetensors layout: 8-byte little-endian header length, a JSON header of
+    {name: {dtype, shape, data_offsets}}, then the raw little-endian bytes."""
+    bad = f"weights file {path!r} is not a valid .safetensors file"
+    if len(data) < 8:
+        raise BadInput(bad + " (too short)")
+    (n,) = struct.unpack("<Q", data[:8])
+    try:
+        header = json.loads(data[8 : 8 + n])
+        assert isinstance(header, dict)
+    except Exception:
+        raise BadInput(bad + " (unreadable header)") from None
+    body = data[8 + n :]
+
+    def reader(name, info):
+        def read():
+            try:
+                dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+                np_dtype = _SAFETENSORS[dtype]
+                if np_dtype == "bf16":
+                    import ml_dtypes
+
+                    np_dtype = ml_dtypes.bfloat16
+                a = np.frombuffer(body[start:end], dtype=np_dtype).reshape(shape)
+            except Exception:
+                raise BadInput(f"{bad} (tensor {name!r} is malformed or of an unsupported dtype)") from None
+            return a.astype(np.float64)
+
+        return read
+
+    return {k: reader(k, v) for k, v in header.items() if k != "__metadata__"}
+
+
+def _state_dict(path: str) -> dict:
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise BadInput(f"weights file {path!r} is not a .safetensors file or a torch state dict ({first})") from None
+    if not isinstance(obj, dict):
+        raise BadInput(f"weights file {path!r} holds a {type(obj).__name__}, not a state dict of tensors")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    return {k: (lambda t=t: t.detach().to(torch.float64).numpy()) for k, t in tensors.items()}
