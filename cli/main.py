@@ -104,18 +104,48 @@ def list_presets():
     out.print(table)
 
 
+# Options every export command takes, whatever the encoding.
+CommonOptions = dict(
+    seq=(Annotated[Optional[int], typer.Option("--seq", help="The largest position + 1 the graph accepts (table length).")], None),
+    output=(Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: PRESET.onnx in the current folder).")], None),
+    op=(Annotated[Optional[Op], typer.Option(help="ONNX target: standard op, ORT contrib op, or plain ops (RoPE; the others are plain ops).")], None),
+    dtype=(Annotated[DType, typer.Option(help="dtype of the float inputs, outputs and tables.")], DType("fp32")),
+    opset=(Annotated[Optional[int], typer.Option(help="ONNX opset (default: the lowest the target takes).")], None),
+    attention=(Annotated[bool, typer.Option("--attention", help="Export one attention layer (query, key, value -> output) with the encoding applied as its paper does.")], False),
+    attention_head_dim=(Annotated[Optional[int], typer.Option(help="--attention with a bias encoding: head dim of query and key (default 64).")], None),
+    attention_causal=(Annotated[Optional[bool], typer.Option("--attention-causal/--attention-bidirectional", help="--attention with an absolute or rotary encoding: mask keys after their query.")], None),
+    force=(Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")], False),
+    report=(Annotated[Optional[Path], typer.Option(help="Also write the parity table as JSON.")], None),
+    seed=(Annotated[int, typer.Option(min=0, help="Seed of the random verification inputs.")], 0),
+)  # fmt: skip
+
+
+def with_signature(fn, options: dict):
+    """Give `fn(**kwargs)` the signature Typer reads: {name: (annotation, default)}."""
+    kind = inspect.Parameter.KEYWORD_ONLY
+    fn.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, kind, annotation=a, default=d) for n, (a, d) in options.items()]
+    )
+    return fn
+
+
+def layer_params(options) -> dict:
+    """The --attention parameters, recorded only when asked for."""
+    if not options["attention"]:
+        if options["attention_head_dim"] is not None or options["attention_causal"] is not None:
+            fail("--attention-head-dim and --attention-causal/--attention-bidirectional need --attention")
+        return {}
+    layer = {"attention": True, "attention_head_dim": options["attention_head_dim"], "attention_causal": options["attention_causal"]}
+    return {k: v for k, v in layer.items() if v is not None}
+
+
 def make_export_command(preset: Preset):
+    return (make_rope_command if preset.encoding == "rope" else make_generic_command)(preset)
+
+
+def make_rope_command(preset: Preset):
     def export_command(
-        seq: Annotated[
-            Optional[int], typer.Option("--seq", help="Table length: the largest position + 1 the graph accepts.")
-        ] = None,
-        output: Annotated[
-            Optional[Path], typer.Option("--output", "-o", help="Output file (default: PRESET.onnx in the current folder).")
-        ] = None,
-        op: Annotated[Op, typer.Option(help="ONNX target: standard op, ORT contrib op, or plain ops.")] = Op("onnx"),
-        dtype: Annotated[DType, typer.Option(help="dtype of x, y and the tables.")] = DType("fp32"),
         layout: Annotated[Layout, typer.Option(help="x as (batch, heads, seq, dim) or (batch, seq, heads, dim).")] = Layout("bhsd"),
-        opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: the lowest the target takes).")] = None,
         angles: Annotated[
             Angles, typer.Option(help="float64: exact tables; float32: transformers' float32 angles, bit for bit.")
         ] = Angles("float64"),
@@ -142,12 +172,10 @@ def make_export_command(preset: Preset):
             typer.Option(help="dynamic only. runtime: the graph computes the base from its positions, as "
                          "transformers (default); fixed: one table for --seq, as vLLM."),
         ] = None,  # fmt: skip
-        force: Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")] = False,
-        report: Annotated[Optional[Path], typer.Option(help="Also write the parity table as JSON.")] = None,
-        seed: Annotated[int, typer.Option(min=0, help="Seed of the random verification inputs.")] = 0,
+        **common,
     ):
         overrides = dict(
-            max_positions=seq, theta=theta, head_dim=head_dim, rotary_dim=rotary_dim,
+            max_positions=common["seq"], theta=theta, head_dim=head_dim, rotary_dim=rotary_dim,
             pairing=pairing.value if pairing else None, angles=angles.value,
         )  # fmt: skip
         params = {**preset.params, **{k: v for k, v in overrides.items() if v is not None}}
@@ -164,10 +192,79 @@ def make_export_command(preset: Preset):
         if head_dim is not None and rotary_dim is None and "rotary_dim" in preset.params:
             # Keep the preset's rotary fraction, as transformers' partial_rotary_factor does.
             params["rotary_dim"] = int(head_dim * preset.params["rotary_dim"] / preset.params["head_dim"])
-        run_export(preset, params, op.value, opset, dtype.value, layout.value, output, force, report, seed)
+        run_export(preset, {**params, **layer_params(common)}, layout.value, common)
 
+    own = inspect.signature(export_command, eval_str=True).parameters
+    options = {n: (q.annotation, q.default) for n, q in own.items() if n != "common"}
+    with_signature(export_command, {**options, **CommonOptions})
     export_command.__doc__ = f"{preset.description}. Exports, checks and verifies an ONNX file."
     return export_command
+
+
+WEIGHT_FIELDS = ("weights_seed", "weights", "key", "weights_sha256")
+
+
+def make_generic_command(preset: Preset):
+    """An export command whose options are the encoding's parameter fields (`--num-buckets`, `--causal/
+    --no-causal`, ...), each defaulting to the preset's value; learned encodings add --weights/--key."""
+    import dataclasses
+    import typing
+
+    from pe_export.encodings import ENCODINGS
+
+    cls = ENCODINGS.get(preset.encoding).params
+    hints = typing.get_type_hints(cls)
+    options = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "max_positions" or f.name in WEIGHT_FIELDS:
+            continue
+        kind = typing.get_args(hints[f.name])[0] if typing.get_args(hints[f.name]) else hints[f.name]  # X | None -> X
+        flag = f"--{f.name.replace('_', '-')}"
+        decl = [f"{flag}/--no-{f.name.replace('_', '-')}"] if kind is bool else [flag]
+        shown = preset.params.get(f.name, None if f.default is dataclasses.MISSING else f.default)
+        options[f.name] = (Annotated[Optional[kind], typer.Option(*decl, help=f"{preset.encoding} {f.name} (preset: {shown}).")], None)
+    learned = "weights_seed" in {f.name for f in dataclasses.fields(cls)}
+    if learned:
+        options |= dict(
+            weights=(Annotated[Optional[Path], typer.Option(help="Learned weights: a .safetensors file or a torch state dict.")], None),
+            key=(Annotated[Optional[str], typer.Option(help="Name of the tensor in --weights.")], None),
+            weights_seed=(Annotated[Optional[int], typer.Option(min=0, help="Seed of the random weights used without --weights.")], None),
+        )
+
+    def export_command(**kw):
+        params = {**preset.params, **{k: v for k, v in kw.items() if k in options and v is not None}}
+        if kw["seq"] is not None:
+            params["max_positions"] = kw["seq"]
+        if learned and (kw["weights"] is not None or kw["key"] is not None):
+            params |= load_weights_params(cls, kw, params)
+        run_export(preset, {**params, **layer_params(kw)}, "bhsd", kw)
+
+    with_signature(export_command, {**options, **CommonOptions})
+    export_command.__doc__ = f"{preset.description}. Exports, checks and verifies an ONNX file."
+    return export_command
+
+
+def load_weights_params(cls, kw, params) -> dict:
+    """Read --weights/--key once: record the file, key and sha256; take the table's shape where the
+    encoding's parameters follow it (a learned table's rows and dim) and were not given."""
+    from pe_export import weights
+
+    if kw["weights"] is None or kw["key"] is None:
+        fail("--weights FILE and --key NAME go together")
+    if kw["weights_seed"] is not None:
+        fail("--weights-seed applies to random weights; drop it with --weights")
+    src = weights.LearnedWeights(weights=str(kw["weights"].resolve()), key=kw["key"])
+    try:
+        tensor = weights.load(src)
+    except ValueError as e:
+        fail(str(e))
+    found = {"weights": src.weights, "key": src.key, "weights_sha256": weights.digest(tensor)}
+    shape_params = getattr(cls, "shape_params", None)
+    if shape_params:
+        found |= {k: v for k, v in shape_params(tensor.shape).items() if kw.get(k) is None}
+        if kw["seq"] is None and "max_positions" in params:
+            found["max_positions"] = None  # all the file's rows
+    return found
 
 
 def parse_scaling_params(items: list[str]) -> dict:
@@ -213,30 +310,34 @@ from_config_command.__signature__ = inspect.Signature([_config, *_options])
 app.command("from-config")(from_config_command)
 
 
-def run_export(preset, params, op, opset, dtype, layout, output, force, report, seed):
+def run_export(preset, params, layout, options):
     from pe_export.export import build, check_output_path, check_spec, write_atomic
     from pe_export.spec import Spec
 
-    output = output or Path(f"{preset.name}.onnx")
+    output, force = options["output"] or Path(f"{preset.name}.onnx"), options["force"]
     try:
-        if opset is None:
-            from pe_export.custom_ops.lowerings import OP_TARGETS
+        from pe_export.custom_ops.lowerings import OP_TARGETS
+        from pe_export.encodings import ENCODINGS
 
-            opset = OP_TARGETS[op].min_opset
-        spec = Spec(encoding=preset.encoding, params=params, op=op, opset=opset, dtype=dtype, layout=layout)
+        op = options["op"].value if options["op"] else ENCODINGS.get(preset.encoding).ops[0]
+        opset = options["opset"] if options["opset"] is not None else OP_TARGETS[op].min_opset
+        spec = Spec(encoding=preset.encoding, params=params, op=op, opset=opset, dtype=options["dtype"].value, layout=layout)
         check_spec(spec)
         check_output_path(output, force)
-        check_report_path(report, output, force)
+        check_report_path(options["report"], output, force)
     except ValueError as e:  # parameter validation and BadInput alike
         fail(str(e))
-    with out.status(f"exporting {preset.name} ({op}, {dtype}, {params['max_positions']} positions)"):
-        data = build(spec).SerializeToString()
+    with out.status(f"exporting {preset.name} ({op}, {spec.dtype})"):
+        try:
+            data = build(spec).SerializeToString()
+        except ValueError as e:  # weights that changed or went missing since they were checked
+            fail(str(e))
     try:
         write_atomic(data, output, force)
     except ValueError as e:
         fail(str(e))
-    out.print(f"wrote {output} ({len(data) / 2**20:.2f} MiB, op {op}, opset {opset}, {dtype}, {layout})")
-    finish(output, spec, data, ("torch", "ort-cpu", "ort-cuda", "onnx-reference"), report, force, seed)
+    out.print(f"wrote {output} ({len(data) / 2**20:.2f} MiB, op {op}, opset {opset}, {spec.dtype}, {layout})")
+    finish(output, spec, data, ("torch", "ort-cpu", "ort-cuda", "onnx-reference"), options["report"], force, options["seed"])
 
 
 PROVIDERS = {"cpu": "ort-cpu", "cuda": "ort-cuda"}
@@ -249,8 +350,13 @@ def verify_command(
     report: Annotated[Optional[Path], typer.Option(help="Also write the parity table as JSON.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing report.")] = False,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the random verification inputs.")] = 0,
+    weights: Annotated[
+        Optional[Path], typer.Option(help="Where the learned weights file the model was exported from is now.")
+    ] = None,
 ):
     """Re-verify a file pe-export wrote, rebuilding the reference from its embedded spec."""
+    import dataclasses
+
     from pe_export.export import load
 
     names = [p.strip() for p in providers.split(",") if p.strip()]
@@ -259,6 +365,14 @@ def verify_command(
         fail(f"--providers takes a comma-separated list of {', '.join(PROVIDERS)}, got {providers!r}")
     try:
         model, spec = load(file)
+        if weights is not None:
+            if "weights_sha256" not in spec.params:
+                fail(f"{file} was exported with random weights (weights_seed); --weights does not apply")
+            spec = dataclasses.replace(spec, params={**spec.params, "weights": str(weights.resolve())})
+        if "weights_sha256" in spec.params:  # the learned tensor must still be there, unchanged
+            from pe_export import weights as learned
+
+            learned.load(learned.LearnedWeights(**{k: spec.params.get(k) for k in WEIGHT_FIELDS}))
         check_report_path(report, file, force)
     except ValueError as e:
         fail(str(e))

@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 
 from pe_export import __version__
-from pe_export.encodings import ENCODINGS
+from pe_export.encodings import encoding_for
 from pe_export.errors import BadInput
 from pe_export.spec import DERIVED_KEY, SPEC_KEY, Spec
 
@@ -25,14 +25,14 @@ def check_spec(spec: Spec) -> None:
     """Refuse, before any work, what the chosen target or opset cannot express, with exit-2 errors."""
     from pe_export.custom_ops.lowerings import OP_TARGETS
 
-    encoding = ENCODINGS.get(spec.encoding)
+    encoding = encoding_for(spec)
     if spec.op not in encoding.ops:
-        raise BadInput(f"{spec.encoding} exports with --op {' or '.join(encoding.ops)}, got {spec.op!r}")
+        raise BadInput(f"{encoding.name} exports with --op {' or '.join(encoding.ops)}, got {spec.op!r}")
     opsets = OP_TARGETS[spec.op].opsets()
     if not isinstance(spec.opset, int) or spec.opset not in opsets:
         raise BadInput(f"--op {spec.op} takes an opset in [{opsets.start}, {opsets.stop - 1}], got {spec.opset}")
     if spec.layout not in encoding.layouts:
-        raise BadInput(f"{spec.encoding} takes --layout {' or '.join(encoding.layouts)}, got {spec.layout!r}")
+        raise BadInput(f"{encoding.name} takes --layout {' or '.join(encoding.layouts)}, got {spec.layout!r}")
     try:
         encoding.params(**spec.params)  # validates
     except TypeError as e:  # an unknown or missing parameter name
@@ -43,7 +43,7 @@ def build(spec: Spec) -> onnx.ModelProto:
     import torch
 
     check_spec(spec)
-    enc = ENCODINGS.get(spec.encoding)
+    enc = encoding_for(spec)
     args, dynamic, input_names, output_names = enc.example_inputs(spec)
     # The exporter prints progress and warns about internals; neither is the user's concern.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet_logging():

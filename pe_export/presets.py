@@ -1,8 +1,8 @@
 """Presets: real models' positional encodings, as plain data (no torch import).
 
 Each sets the encoding and its parameters, the table length (`max_positions`) being the model's
-context length; `--seq` sets the table length and every parameter can be overridden on the command line. Values from the models' published config.json files
-(`shared/reference/encodings.md` section 9).
+context length; `--seq` sets the table length and every parameter can be overridden on the command
+line. Values from the models' published config.json files (`shared/reference/encodings.md` section 9).
 """
 
 from dataclasses import dataclass, field
@@ -104,6 +104,69 @@ PRESETS: dict[str, Preset] = {
             encoding="rope",
             description="GPT-NeoX / Pythia: rotate-half, 25% partial rotary (32 of 128), theta 10000",
             params=dict(head_dim=128, rotary_dim=32, theta=10000.0, pairing="half", scaling="default", max_positions=2048),
+        ),
+        Preset(
+            name="vaswani-sinusoidal",
+            encoding="sinusoidal",
+            description="Transformer base (Vaswani 2017): interleaved sin/cos, d_model 512, base 10000",
+            params=dict(dim=512, base=10000.0, layout_variant="interleaved", max_positions=2048),
+        ),
+        Preset(
+            name="bert-learned",
+            encoding="learned",
+            description="BERT-base learned absolute positions: 512 x 768 table",
+            params=dict(dim=768, rows=512),
+        ),
+        Preset(
+            name="gpt2-learned",
+            encoding="learned",
+            description="GPT-2 (small) wpe: 1024 x 768 learned table",
+            params=dict(dim=768, rows=1024),
+        ),
+        Preset(
+            name="shaw",
+            encoding="shaw",
+            description="Shaw et al. 2018 relative keys and values, clip k = 16, Transformer-base heads (8 x 64)",
+            params=dict(heads=8, head_dim=64, max_relative_position=16, max_positions=512),
+        ),
+        Preset(
+            name="transformer-xl",
+            encoding="transformer-xl",
+            description="Transformer-XL wt103: 16 heads x 64, d_model 1024, clamp_len 1000, mem_len 1600 + 128 tokens",
+            params=dict(heads=16, head_dim=64, d_model=1024, clamp_len=1000, mem_len=1600, max_positions=1728),
+        ),
+        Preset(
+            name="t5-bias",
+            encoding="t5-bias",
+            description="T5-base encoder bucketed bias: 32 buckets, max distance 128, 12 heads, bidirectional",
+            params=dict(heads=12, num_buckets=32, max_distance=128, bidirectional=True, max_positions=512),
+        ),
+        Preset(
+            name="t5-decoder-bias",
+            encoding="t5-bias",
+            description="T5-base decoder bucketed bias: 32 buckets, max distance 128, 12 heads, causal",
+            params=dict(heads=12, num_buckets=32, max_distance=128, bidirectional=False, max_positions=512),
+        ),
+        Preset(
+            name="bloom-alibi",
+            encoding="alibi",
+            description="BLOOM-560m ALiBi: 16 heads, BLOOM's key-position convention, causal",
+            params=dict(heads=16, causal=True, convention="bloom", max_positions=2048),
+        ),
+        Preset(
+            name="mpt-alibi",
+            encoding="alibi",
+            description="MPT-7B ALiBi: 32 heads, alibi_bias_max 8, MPT's last-key convention, causal",
+            params=dict(heads=32, causal=True, convention="mpt", alibi_bias_max=8.0, max_positions=2048),
+        ),
+        Preset(
+            name="deberta-v3",
+            encoding="deberta",
+            description="DeBERTa-v3-base disentangled attention: 12 heads x 64, 256 log buckets, c2p and p2c, shared keys",
+            params=dict(
+                heads=12, head_dim=64, position_buckets=256, max_relative_positions=-1, max_position_embeddings=512,
+                pos_att_type="p2c|c2p", share_att_key=True, norm_rel_ebd=True, max_positions=512,
+            ),
         ),
     ]
 }

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from pe_export.encodings import ENCODINGS
+from pe_export.encodings import encoding_for
 from pe_export.spec import Spec, numpy_dtype
 
 EPS = {"fp32": 2.0**-23, "fp16": 2.0**-10, "bf16": 2.0**-7}  # machine epsilon
@@ -78,7 +78,7 @@ class Skip(Exception):
 def run_torch(spec: Spec, model_bytes: bytes):
     import torch
 
-    module = ENCODINGS.get(spec.encoding).module(spec)
+    module = encoding_for(spec).module(spec)
 
     def call(inputs):
         args = [to_torch(v) for v in inputs.values()]
@@ -160,7 +160,7 @@ DEFAULT_RUNTIMES = ("torch", "ort-cpu", "ort-cuda", "onnx-reference")
 
 def check(spec: Spec, model_bytes: bytes, runtimes=DEFAULT_RUNTIMES, seed: int = 0, batch: int = 2) -> list[Row]:
     """Run every probe on every runtime and compare with the float64 reference."""
-    enc = ENCODINGS.get(spec.encoding)
+    enc = encoding_for(spec)
     probes = enc.probes(spec, np.random.default_rng(seed), batch)
     truths = [enc.reference(spec, inputs) for _, inputs in probes]
     tol = tolerance(spec.dtype, spec.op)

@@ -212,9 +212,10 @@ def test_bad_verify_input(tmp_path, name, make, message):
     "change,message",
     [
         (dict(layout="bogus"), "layout must be one of bhsd, bshd"),
-        (dict(op="bogus"), "unknown op target 'bogus'"),
+        (dict(op="bogus"), "rope exports with --op onnx or ort or decomposed, got 'bogus'"),
         (dict(opset="x"), "takes an opset in"),
-        (dict(encoding="alibi"), "unknown encoding 'alibi'"),
+        (dict(encoding="cope"), "unknown encoding 'cope'"),
+        (dict(encoding="alibi"), "alibi exports with --op decomposed, got 'onnx'"),
         (dict(params={"head_dim": 7, "max_positions": 64}), "head_dim must be even"),
         (dict(params={"head_dim": 64, "max_positions": 64, "foo": 1}), "unexpected keyword argument 'foo'"),
         (dict(params={"head_dim": 64, "max_positions": 10**13}), "GiB of memory available"),
@@ -322,3 +323,111 @@ def test_ci_runs_the_readme_test_command():
     test_command = 'pip install "torch==2.13.0" -e ".[cpu,test]" && python -m pytest'
     assert test_command in README.read_text()
     assert test_command in (README.parent / ".ci" / "run").read_text().splitlines()
+
+
+# --------------------------------------------------------------------------------------------------
+# The other encodings: every preset from the CLI, learned weights from files, their bad input.
+
+OTHER_PRESETS = [name for name, p in PRESETS.items() if p.encoding != "rope"]
+
+
+@pytest.mark.parametrize("preset", OTHER_PRESETS)
+def test_every_other_preset_exports_and_verifies(tmp_path, preset):
+    result = invoke(preset, "--seq", "64", "--dtype", "fp16", "--report", str(tmp_path / "r.json"), cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["verdict"] == "pass" and report["spec"]["encoding"] == PRESETS[preset].encoding
+    assert {r["runtime"]: r["verdict"] for r in report["rows"]}["ort-cpu"] == "pass"
+    assert invoke("verify", str(tmp_path / f"{preset}.onnx"), "--providers", "cpu").exit_code == 0
+
+
+def test_generic_options_override_the_preset(tmp_path):
+    result = invoke("t5-decoder-bias", "--seq", "100", "--heads", "3", "--num-buckets", "16", "--max-distance", "40",
+                    "--bidirectional", "--weights-seed", "7", "--attention", "--attention-head-dim", "16", cwd=tmp_path)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    from pe_export.export import load
+
+    _, spec = load(tmp_path / "t5-decoder-bias.onnx")
+    assert spec.params == dict(heads=3, num_buckets=16, max_distance=40, bidirectional=True, max_positions=100,
+                               weights_seed=7, attention=True, attention_head_dim=16)  # fmt: skip
+
+
+def write_weights(path, tensor, key="wpe.weight"):
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({key: tensor}, path)
+    else:
+        torch.save({key: tensor}, path)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_learned_weights_from_a_file(tmp_path, suffix):
+    import numpy as np
+    import torch
+
+    w = tmp_path / f"gpt2{suffix}"
+    write_weights(w, torch.randn(300, 48))
+    result = invoke("gpt2-learned", "--weights", str(w), "--key", "wpe.weight", cwd=tmp_path)  # shape from the file
+    assert result.exit_code == 0, result.output
+    from pe_export.encodings.learned import reference
+    from pe_export.export import load
+
+    model, spec = load(tmp_path / "gpt2-learned.onnx")
+    assert (spec.params["rows"], spec.params["dim"], spec.params.get("max_positions")) == (300, 48, None)
+    got = reference(spec, {"position_ids": np.array([[0, 299]])})
+    assert np.array_equal(got[0], torch.load(w, weights_only=True)["wpe.weight"].double().numpy()[[0, 299]]) if suffix == ".pt" else True
+    # verify re-reads the file; moved, it is found with --weights; changed, it is refused.
+    assert invoke("verify", str(tmp_path / "gpt2-learned.onnx"), "--providers", "cpu").exit_code == 0
+    moved = tmp_path / f"moved{suffix}"
+    shutil.move(w, moved)
+    gone = invoke("verify", str(tmp_path / "gpt2-learned.onnx"))
+    assert gone.exit_code == 2 and "does not exist" in gone.output
+    assert invoke("verify", str(tmp_path / "gpt2-learned.onnx"), "--weights", str(moved), "--providers", "cpu").exit_code == 0
+    write_weights(moved, torch.randn(300, 48))
+    changed = invoke("verify", str(tmp_path / "gpt2-learned.onnx"), "--weights", str(moved))
+    assert changed.exit_code == 2 and "is not the one this file was exported with" in changed.output
+    assert_one_line_error(changed)
+
+
+def test_learned_seq_is_at_most_the_table(tmp_path):
+    import torch
+
+    write_weights(tmp_path / "w.pt", torch.randn(100, 8))
+    ok = invoke("bert-learned", "--weights", str(tmp_path / "w.pt"), "--key", "wpe.weight", "--seq", "60", cwd=tmp_path)
+    assert ok.exit_code == 0, ok.output
+    too_long = invoke("bert-learned", "--weights", str(tmp_path / "w.pt"), "--key", "wpe.weight", "--seq", "101", "--force", cwd=tmp_path)
+    assert too_long.exit_code == 2 and "at most the table's 100 rows, got 101" in too_long.output
+
+
+def bad_weights(tmp_path):
+    import torch
+
+    torch.save({"table": torch.zeros(7, 12)}, tmp_path / "t5.pt")  # (num_buckets, heads) wants (32, 12)
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x04 junk")
+    return [
+        (["bert-learned", "--weights", str(tmp_path / "none.pt"), "--key", "k"], "does not exist"),
+        (["bert-learned", "--weights", str(tmp_path / "junk.pt"), "--key", "k"], "is not a .safetensors file or a torch state dict"),
+        (["bert-learned", "--weights", str(tmp_path / "t5.pt"), "--key", "nope"], "has no tensor 'nope'; it has: table"),
+        (["bert-learned", "--weights", str(tmp_path / "t5.pt")], "--weights FILE and --key NAME go together"),
+        (["t5-bias", "--weights", str(tmp_path / "t5.pt"), "--key", "table"], "has shape (7, 12), want (32, 12) (num_buckets, heads)"),
+        (["bloom-alibi", "--heads", "0"], "heads must be an integer >= 1, got 0"),
+        (["t5-bias", "--num-buckets", "32", "--max-distance", "8"], "max_distance must be > 8"),
+        (["t5-bias", "--attention-head-dim", "8"], "need --attention"),
+        (["t5-bias", "--attention", "--attention-causal"], "sets causal masking by its own mode"),
+        (["llama-rope", "--attention", "--layout", "bshd"], "rope --attention takes --layout bhsd, got 'bshd'"),
+        (["bloom-alibi", "--op", "onnx"], "alibi exports with --op decomposed, got 'onnx'"),
+        (["vaswani-sinusoidal", "--layout-variant", "paper"], "layout_variant must be one of interleaved, concat, tensor2tensor"),
+    ]
+
+
+def test_bad_input_of_the_other_encodings(tmp_path):
+    for args, message in bad_weights(tmp_path):
+        before = snapshot(tmp_path)
+        result = invoke(*args, "--seq", "64", cwd=tmp_path)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)
+        assert_one_line_error(result)
+        assert snapshot(tmp_path) == before, args

@@ -29,6 +29,19 @@ class Encoding:
     ops: tuple = ("decomposed",)  # the ONNX targets it lowers to (pe_export.custom_ops.lowerings.OP_TARGETS)
     layouts: tuple = ("bhsd",)  # of its 4D inputs
     reference_impl: str = ""  # the published implementation it is checked against (README, `pe-export list`)
+    attention_scale: bool = True  # bias encodings: whether the attention layer scales q.k by 1/sqrt(D)
 
 
 ENCODINGS = Registry("encoding", __name__)
+
+
+def encoding_for(spec) -> Encoding:
+    """The encoding a spec exports: the registered one, or it inside an attention layer (`attention`)."""
+    enc = ENCODINGS.get(spec.encoding)
+    if spec.params.get("attention"):
+        if enc.kind == "attention":
+            raise ValueError(f"{enc.name} is an attention layer already; drop --attention")
+        from pe_export.encodings.attention import as_attention
+
+        return as_attention(enc)
+    return enc

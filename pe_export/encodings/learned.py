@@ -26,6 +26,11 @@ class LearnedParams(weights.LearnedWeights):
     rows: int  # rows of the learned table (BERT's max_position_embeddings, GPT-2's n_positions)
     max_positions: int | None = None  # table rows kept in the graph (--seq); None: all of them
 
+    @staticmethod
+    def shape_params(shape) -> dict:
+        """The parameters a weights tensor of this shape sets: (rows, dim)."""
+        return {"rows": int(shape[0]), "dim": int(shape[1])} if len(shape) == 2 else {}
+
     def __post_init__(self):
         self.check_weights()
         if self.max_positions is None:

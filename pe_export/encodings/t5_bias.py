@@ -121,5 +121,6 @@ ENCODINGS.register("t5-bias")(
         derived=lambda spec: {},
         kind="bias",
         reference_impl="transformers 5.23 T5Attention._relative_position_bucket and compute_bias",
+        attention_scale=False,
     )
 )
