@@ -65,6 +65,34 @@ def test_rope_in_an_attention_layer():
         assert all(r.verdict == "pass" for r in rows.values()), [r.note for r in rows.values()]
 
 
+INPUTS = {
+    "absolute": [("position_ids", ["batch", "seq"])],
+    "bias": [("query_positions", ["q"]), ("key_positions", ["k"])],
+    "attention": [("query", ["batch", "H", "q", "D"]), ("key", ["batch", "H", "k", "D"]), ("value", ["batch", "H", "k", "D"]),
+                  ("query_positions", ["q"]), ("key_positions", ["k"])],
+}  # fmt: skip
+OUTPUTS = {"absolute": "embeddings", "bias": "bias", "attention": "output"}
+
+
+@pytest.mark.parametrize("preset", OTHERS)
+def test_graph_contract(preset):
+    """Input and output names and symbolic dims, opset 17, plain ops only."""
+    spec = spec_for(preset, max_positions=64)
+    kind = ENCODINGS.get(spec.encoding).kind
+    model = onnx.load_from_string(exported(spec))
+    dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    got = [(i.name, dims(i)) for i in model.graph.input]
+    want = INPUTS[kind]
+    if kind == "attention":
+        H, D = spec.params["heads"], spec.params["head_dim"]
+        want = [(n, [H if d == "H" else D if d == "D" else d for d in ds]) for n, ds in want]
+        if spec.encoding == "transformer-xl":  # positions implicit: memory then segment
+            want = want[:3]
+    assert got == want
+    assert [o.name for o in model.graph.output] == [OUTPUTS[kind]]
+    assert {o.domain: o.version for o in model.opset_import} == {"": 17}
+
+
 def test_every_encoding_has_a_preset_and_a_known_kind():
     assert {p.encoding for p in PRESETS.values()} == set(ENCODINGS.names())
     assert all(ENCODINGS.get(n).kind in KINDS and ENCODINGS.get(n).reference_impl for n in ENCODINGS.names())

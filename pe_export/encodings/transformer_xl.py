@@ -16,7 +16,7 @@ query i at (K - Q) + i. For head h, with d = (K - Q + i) - j clamped to `clamp_l
 and layer norm lie outside the positional encoding and outside the graph.
 
 The graph computes BD as TXL does: (q + v) against every row of W_r R[pos_seq], pos_seq = K-1 ... 0,
-then the pad-one-column / reshape / drop-first-row / reshape shift, which is valid only for K >= Q.
+then the zero-column / reshape / drop-first-row / reshape shift, which is valid only for K >= Q.
 W_r R (input-independent) is precomputed in float64 at export time for distances [0, rows), rows =
 min(max_positions, clamp_len + 1) (or max_positions without a clamp), and cast once to the export dtype.
 K > max_positions or K < Q sends the table read past its end, so the graph fails on every runtime.
@@ -121,7 +121,7 @@ def module(spec):
             bd = (query + self.r_r_bias) @ r_head_k.permute(1, 2, 0)  # (B, H, Q, K), column r: distance K-1-r
             # TXL's _rel_shift: prepend a zero column, read the (Q, K+1) block as (K+1, Q), drop the first
             # row, read it back as (Q, K): row i shifts left by Q-1-i, so column j holds distance K-Q+i-j.
-            bd = torch.nn.functional.pad(bd, (1, 0))  # (B, H, Q, K+1)
+            bd = torch.cat([torch.zeros_like(bd[..., :1]), bd], dim=-1)  # (B, H, Q, K+1), as TXL's zero_pad
             bd = bd.reshape(B, H, K + 1, Q)[:, :, 1:].reshape(B, H, Q, K)  # (B, H, Q, K)
 
             score = (ac + bd) * (1.0 / math.sqrt(p.head_dim))  # (B, H, Q, K)
