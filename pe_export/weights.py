@@ -120,10 +120,14 @@ def _safetensors(data: bytes, path: str) -> dict:
 
 
 def _state_dict(path: str) -> dict:
+    import warnings
+
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # its warnings about odd pickles would add lines to a one-line error
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise BadInput(f"weights file {path!r} is not a .safetensors file or a torch state dict ({first})") from None
