@@ -158,32 +158,37 @@ RUNTIMES = {
 DEFAULT_RUNTIMES = ("torch", "ort-cpu", "ort-cuda", "onnx-reference")
 
 
+def bound(spec: Spec, inputs: dict) -> np.ndarray:
+    """The per-element error bound of the output for `inputs`: factor * (eps * magnitude + denorm_min)."""
+    magnitude = encoding_for(spec).magnitude(spec, inputs)
+    return tolerance(spec.dtype, spec.op).factor * (EPS[spec.dtype] * magnitude + DENORM_MIN[spec.dtype])
+
+
 def check(spec: Spec, model_bytes: bytes, runtimes=DEFAULT_RUNTIMES, seed: int = 0, batch: int = 2) -> list[Row]:
     """Run every probe on every runtime and compare with the float64 reference."""
     enc = encoding_for(spec)
     probes = enc.probes(spec, np.random.default_rng(seed), batch)
     truths = [enc.reference(spec, inputs) for _, inputs in probes]
-    tol = tolerance(spec.dtype, spec.op)
-    bounds = [tol.factor * (EPS[spec.dtype] * enc.magnitude(spec, inputs) + DENORM_MIN[spec.dtype]) for _, inputs in probes]
+    bounds = [bound(spec, inputs) for _, inputs in probes]
     rows = []
     for name in runtimes:
         row = Row(runtime=name, provider="", dtype=spec.dtype, verdict="pass", probes=[p for p, _ in probes])
         try:
             call, row.provider = RUNTIMES[name](spec, model_bytes)
-            for (probe, inputs), truth, bound in zip(probes, truths, bounds):
+            for (probe, inputs), truth, limit in zip(probes, truths, bounds):
                 got = call(inputs)
                 if got.shape != truth.shape:
                     raise RuntimeError(f"probe {probe}: output shape {got.shape}, want {truth.shape}")
                 # Equal infinities (a mask's -inf) are exact; any other NaN or inf error fails below.
                 with np.errstate(invalid="ignore"):
                     err = np.where(got == truth, 0.0, np.abs(got - truth))
-                ratio = np.where(np.isfinite(err), err / bound, np.inf)
+                ratio = np.where(np.isfinite(err), err / limit, np.inf)
                 at = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
                 row.max_abs = max(row.max_abs or 0.0, float(np.max(err)))
                 finite = np.abs(truth[np.isfinite(truth)])
                 row.max_rel = max(row.max_rel or 0.0, float(np.max(err)) / max(float(finite.max(initial=0.0)), 1e-300))
                 if row.worst_ratio is None or ratio[at] > row.worst_ratio:
-                    row.worst_ratio, row.worst_error, row.worst_tolerance = float(ratio[at]), float(err[at]), float(bound[at])
+                    row.worst_ratio, row.worst_error, row.worst_tolerance = float(ratio[at]), float(err[at]), float(limit[at])
                     row.where = f"{probe}: " + enc.locate(spec, inputs, at)
             if row.worst_ratio > 1.0:
                 row.verdict = "FAIL"

@@ -10,12 +10,12 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import exported, ort_cpu_session
+from conftest import assert_verified, exported, ort_cpu_session
 
 from pe_export.encodings import ENCODINGS
 from pe_export.encodings.transformer_xl import TransformerXLParams, learned, sinusoid
 from pe_export.spec import Spec
-from pe_export.verify import DENORM_MIN, EPS, check, tolerance
+from pe_export.verify import bound
 
 # ------------------------------------------------------------------------------------------------
 # The oracle: kimiyoung/transformer-xl pytorch/mem_transformer.py at commit
@@ -134,11 +134,6 @@ def probes(spec):
     return ENCODINGS.get("transformer-xl").probes(spec, np.random.default_rng(0), 2)
 
 
-def bound(spec, inputs):
-    """verify.py's per-element bound for `spec`'s dtype."""
-    mag = ENCODINGS.get("transformer-xl").magnitude(spec, inputs)
-    return tolerance(spec.dtype, spec.op).factor * (EPS[spec.dtype] * mag + DENORM_MIN[spec.dtype])
-
 
 def reference(spec, inputs):
     return ENCODINGS.get("transformer-xl").reference(spec, inputs)
@@ -151,15 +146,7 @@ def reference(spec, inputs):
 @pytest.mark.parametrize("params", [SMALL, NO_CLAMP], ids=["clamp20", "noclamp"])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 def test_exported_graph_matches_reference(params, dtype):
-    spec = txl_spec(dtype, **params)
-    rows = {r.runtime: r for r in check(spec, exported(spec), runtimes=("torch", "ort-cpu", "onnx-reference"))}
-    failures = [f"{r.runtime}: {r.note}" for r in rows.values() if r.verdict == "FAIL"]
-    assert not failures, failures
-    assert rows["torch"].verdict == rows["onnx-reference"].verdict == "pass"
-    if dtype == "bf16":
-        assert rows["ort-cpu"].verdict == "skipped"  # no bf16 kernels in ORT CPU, no bf16 in its Python API
-    else:
-        assert rows["ort-cpu"].verdict == "pass" and rows["ort-cpu"].provider == "CPUExecutionProvider"
+    assert_verified(txl_spec(dtype, **params))
 
 
 def test_probes_cover_decode_the_table_end_and_the_clamp():
@@ -303,11 +290,3 @@ def test_table_rows():
     assert rows(TransformerXLParams(**NO_CLAMP)) == 64  # max_positions
     assert rows(TransformerXLParams(**{**SMALL, "clamp_len": 500})) == 128  # the clamp is never reached
     assert rows(TransformerXLParams(**WT103)) == 1001
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_wt103_graph_passes_on_ort_cpu(dtype):
-    spec = txl_spec(dtype, **WT103)
-    rows = check(spec, exported(spec), runtimes=("ort-cpu",))
-    assert rows[0].verdict == "pass", rows[0]
