@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pe_export.registry import Registry
-from pe_export.spec import LAYOUTS, OP_NAMES
 
 KINDS = ("absolute", "bias", "attention", "rotary")  # the graph contracts of pe_export.encodings.common
 

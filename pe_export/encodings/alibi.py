@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding
-from pe_export.encodings.common import bias_io, bias_locate, bias_probes, check_positions, guard, take
+from pe_export.encodings.common import check_positions, contract, guard, take
 
 CONVENTIONS = ("relative", "bloom", "mpt")
 
@@ -112,19 +112,21 @@ def magnitude(spec, inputs):
     return np.where(np.isfinite(b), b, 0.0)
 
 
+def derived(spec) -> dict:
+    p = AlibiParams(**spec.params)
+    return {"slopes": slopes(p.heads, p.alibi_bias_max).tolist()}
+
+
 ENCODINGS.register("alibi")(
     Encoding(
         name="alibi",
         params=AlibiParams,
         module=module,
-        example_inputs=lambda spec: bias_io(spec, AlibiParams(**spec.params).max_positions),
-        probes=lambda spec, rng, batch=2: bias_probes(spec, rng, batch, AlibiParams(**spec.params).max_positions),
         reference=reference,
         translation_table=lambda spec: {},
         magnitude=magnitude,
-        locate=bias_locate,
-        derived=lambda spec: {"slopes": slopes(**{k: v for k, v in spec.params.items() if k in ("heads", "alibi_bias_max")}).tolist()},
-        kind="bias",
+        derived=derived,
+        **contract("bias", AlibiParams),
         reference_impl="transformers 5.23 bloom build_alibi_tensor, mpt build_mpt_alibi_tensor; Press get_slopes",
     )
 )

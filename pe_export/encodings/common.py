@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pe_export.encodings import Encoding
 from pe_export.spec import numpy_dtype, torch_dtype
 
 # ------------------------------------------------------------------------------------------------
@@ -189,3 +190,67 @@ def attention_magnitude(alpha: np.ndarray, value_abs: np.ndarray, logit_abs: np.
     else:
         weighted = np.einsum("bhqk,bhqkd->bhqd", alpha, value_abs)
     return weighted * spread
+
+
+# ------------------------------------------------------------------------------------------------
+# An encoding's contract, sized from its parameters
+
+
+def contract(kind: str, params: type, positions: bool = True) -> dict:
+    """The Encoding fields a contract fixes (kind, example_inputs, probes, locate), sized from the
+    encoding's parameters: `max_positions`, and `heads` and `head_dim` for an attention layer."""
+
+    def sizes(spec):
+        p = params(**spec.params)
+        return (p.max_positions,) if kind != "attention" else (p.max_positions, p.heads, p.head_dim)
+
+    io, probes, locate = {
+        "absolute": (absolute_io, absolute_probes, absolute_locate),
+        "bias": (bias_io, bias_probes, bias_locate),
+        "attention": (attention_io, attention_probes, attention_locate),
+    }[kind]
+    extra = {} if kind != "attention" else {"positions": positions}
+    return dict(
+        kind=kind,
+        example_inputs=lambda spec: io(spec, *sizes(spec), **extra),
+        probes=lambda spec, rng, batch=2: probes(spec, rng, batch, *sizes(spec), **extra),
+        locate=locate,
+    )
+
+
+def table_encoding(name: str, params: type, table, reference_impl: str) -> Encoding:
+    """An absolute encoding that is one float64 (max_positions, dim) table read at the positions:
+    `table(params)` builds it; the graph is a guarded Gather of it, cast once to the export dtype."""
+
+    def module(spec):
+        import torch
+
+        p = params(**spec.params)
+
+        class Table(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.register_buffer("table", torch.from_numpy(table(p)).to(torch_dtype(spec.dtype)))  # (P, dim)
+
+            def forward(self, position_ids):  # (B, S) -> (B, S, dim)
+                return take(self.table, guard(position_ids, p.max_positions))
+
+        return Table().eval()
+
+    def reference(spec, inputs):
+        p = params(**spec.params)
+        ids = inputs["position_ids"]
+        check_positions(ids, p.max_positions)
+        return table(p)[ids]
+
+    return Encoding(
+        name=name,
+        params=params,
+        module=module,
+        reference=reference,
+        translation_table=lambda spec: {},
+        magnitude=lambda spec, inputs: np.abs(reference(spec, inputs)),  # one rounding of each entry
+        derived=lambda spec: {},
+        reference_impl=reference_impl,
+        **contract("absolute", params),
+    )

@@ -47,16 +47,7 @@ import numpy as np
 
 from pe_export import weights
 from pe_export.encodings import ENCODINGS, Encoding
-from pe_export.encodings.common import (
-    attention_io,
-    attention_locate,
-    attention_magnitude,
-    attention_probes,
-    check_positions,
-    guard,
-    softmax_np,
-    take,
-)
+from pe_export.encodings.common import attention_magnitude, attention_probes, check_positions, contract, guard, softmax_np, take
 
 POS_ATT_TYPES = ("c2p", "p2c")
 
@@ -290,24 +281,16 @@ def probes(spec, rng, batch=2):
     return cases + [("distances", x | {"query_positions": qp, "key_positions": kp})]
 
 
-def _sizes(spec):
-    p = DebertaParams(**spec.params)
-    return p.max_positions, p.heads, p.head_dim
-
-
 ENCODINGS.register("deberta")(
     Encoding(
         name="deberta",
         params=DebertaParams,
         module=module,
-        example_inputs=lambda spec: attention_io(spec, *_sizes(spec)),
-        probes=probes,
         reference=reference,
         translation_table=lambda spec: {},
         magnitude=magnitude,
-        locate=attention_locate,
         derived=lambda spec: {},
-        kind="attention",
+        **{**contract("attention", DebertaParams), "probes": probes},
         reference_impl="transformers 5.23 deberta_v2 DisentangledSelfAttention, make_log_bucket_position, get_rel_embedding",
     )
 )

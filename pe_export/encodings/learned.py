@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pe_export import weights
-from pe_export.encodings import ENCODINGS, Encoding
-from pe_export.encodings.common import absolute_io, absolute_locate, absolute_probes, check_positions, guard, take
+from pe_export.encodings import ENCODINGS
+from pe_export.encodings.common import table_encoding
 
 INIT_STD = 0.02
 
@@ -53,44 +53,6 @@ def table(p: LearnedParams) -> np.ndarray:
     return full[: p.max_positions]
 
 
-def module(spec):
-    import torch
-
-    from pe_export.spec import torch_dtype
-
-    p = LearnedParams(**spec.params)
-
-    class Learned(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.register_buffer("table", torch.from_numpy(table(p)).to(torch_dtype(spec.dtype)))  # (P, dim)
-
-        def forward(self, position_ids):  # (B, S) -> (B, S, dim)
-            return take(self.table, guard(position_ids, p.max_positions))
-
-    return Learned().eval()
-
-
-def reference(spec, inputs):
-    p = LearnedParams(**spec.params)
-    ids = inputs["position_ids"]
-    check_positions(ids, p.max_positions)
-    return table(p)[ids]
-
-
 ENCODINGS.register("learned")(
-    Encoding(
-        name="learned",
-        params=LearnedParams,
-        module=module,
-        example_inputs=lambda spec: absolute_io(spec, LearnedParams(**spec.params).max_positions),
-        probes=lambda spec, rng, batch=2: absolute_probes(spec, rng, batch, LearnedParams(**spec.params).max_positions),
-        reference=reference,
-        translation_table=lambda spec: {},
-        magnitude=lambda spec, inputs: np.abs(reference(spec, inputs)),  # one rounding of each entry
-        locate=absolute_locate,
-        derived=lambda spec: {},
-        kind="absolute",
-        reference_impl="transformers 5.23 BertEmbeddings.position_embeddings, GPT2Model.wpe",
-    )
+    table_encoding("learned", LearnedParams, table, "transformers 5.23 BertEmbeddings.position_embeddings, GPT2Model.wpe")
 )

@@ -27,16 +27,7 @@ import numpy as np
 
 from pe_export import weights
 from pe_export.encodings import ENCODINGS, Encoding
-from pe_export.encodings.common import (
-    attention_io,
-    attention_locate,
-    attention_magnitude,
-    attention_probes,
-    check_positions,
-    guard,
-    softmax_np,
-    take,
-)
+from pe_export.encodings.common import attention_magnitude, check_positions, contract, guard, softmax_np, take
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,24 +149,16 @@ def module(spec):
     return Shaw().eval()
 
 
-def _sizes(spec):
-    p = ShawParams(**spec.params)
-    return p.max_positions, p.heads, p.head_dim
-
-
 ENCODINGS.register("shaw")(
     Encoding(
         name="shaw",
         params=ShawParams,
         module=module,
-        example_inputs=lambda spec: attention_io(spec, *_sizes(spec)),
-        probes=lambda spec, rng, batch=2: attention_probes(spec, rng, batch, *_sizes(spec)),
         reference=reference,
         translation_table=lambda spec: {},
         magnitude=magnitude,
-        locate=attention_locate,
         derived=lambda spec: {},
-        kind="attention",
+        **contract("attention", ShawParams),
         reference_impl="tensor2tensor common_attention.py dot_product_attention_relative (t2t 1.x, 5623deb)",
     )
 )

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pe_export.encodings import ENCODINGS, Encoding
-from pe_export.encodings.common import absolute_io, absolute_locate, absolute_probes, check_positions, guard, take
+from pe_export.encodings import ENCODINGS
+from pe_export.encodings.common import table_encoding
 
 VARIANTS = ("interleaved", "concat", "tensor2tensor")
 
@@ -63,45 +63,12 @@ def table(p: SinusoidalParams) -> np.ndarray:
     return out
 
 
-def module(spec):
-    import torch
-
-    from pe_export.spec import torch_dtype
-
-    p = SinusoidalParams(**spec.params)
-
-    class Sinusoidal(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.register_buffer("table", torch.from_numpy(table(p)).to(torch_dtype(spec.dtype)))  # (P, dim)
-
-        def forward(self, position_ids):  # (B, S) -> (B, S, dim)
-            return take(self.table, guard(position_ids, p.max_positions))
-
-    return Sinusoidal().eval()
-
-
-def reference(spec, inputs):
-    p = SinusoidalParams(**spec.params)
-    ids = inputs["position_ids"]
-    check_positions(ids, p.max_positions)
-    return table(p)[ids]
-
-
 ENCODINGS.register("sinusoidal")(
-    Encoding(
-        name="sinusoidal",
-        params=SinusoidalParams,
-        module=module,
-        example_inputs=lambda spec: absolute_io(spec, SinusoidalParams(**spec.params).max_positions),
-        probes=lambda spec, rng, batch=2: absolute_probes(spec, rng, batch, SinusoidalParams(**spec.params).max_positions),
-        reference=reference,
-        translation_table=lambda spec: {},
-        magnitude=lambda spec, inputs: np.abs(reference(spec, inputs)),  # one rounding of each entry
-        locate=absolute_locate,
-        derived=lambda spec: {},
-        kind="absolute",
-        reference_impl="transformers 5.23: DistilBERT create_sinusoidal_embeddings (interleaved), XLNet "
-        "positional_embedding (concat), M2M100SinusoidalPositionalEmbedding (tensor2tensor)",
+    table_encoding(
+        "sinusoidal",
+        SinusoidalParams,
+        table,
+        "transformers 5.23: DistilBERT create_sinusoidal_embeddings (interleaved), XLNet positional_embedding "
+        "(concat), M2M100SinusoidalPositionalEmbedding (tensor2tensor)",
     )
 )

@@ -19,7 +19,7 @@ import numpy as np
 
 from pe_export import weights
 from pe_export.encodings import ENCODINGS, Encoding
-from pe_export.encodings.common import bias_io, bias_locate, bias_probes, check_positions, guard, take
+from pe_export.encodings.common import check_positions, contract, guard, take
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,14 +112,11 @@ ENCODINGS.register("t5-bias")(
         name="t5-bias",
         params=T5BiasParams,
         module=module,
-        example_inputs=lambda spec: bias_io(spec, T5BiasParams(**spec.params).max_positions),
-        probes=lambda spec, rng, batch=2: bias_probes(spec, rng, batch, T5BiasParams(**spec.params).max_positions),
         reference=reference,
         translation_table=lambda spec: {},
         magnitude=lambda spec, inputs: np.abs(reference(spec, inputs)),  # the table is rounded once
-        locate=bias_locate,
         derived=lambda spec: {},
-        kind="bias",
+        **contract("bias", T5BiasParams),
         reference_impl="transformers 5.23 T5Attention._relative_position_bucket and compute_bias",
         attention_scale=False,
     )

@@ -32,7 +32,7 @@ import numpy as np
 
 from pe_export import weights
 from pe_export.encodings import ENCODINGS, Encoding
-from pe_export.encodings.common import attention_io, attention_magnitude, attention_probes, softmax_np, take
+from pe_export.encodings.common import attention_magnitude, attention_probes, contract, softmax_np, take
 
 # Seeded weights: u and v like q (N(0, 1)); W_r as nn.Linear(d_model, H * D) so that W_r R ~ N(0, 1/2).
 SCALES = {"r_w_bias": 1.0, "r_r_bias": 1.0}
@@ -192,11 +192,6 @@ def probes(spec, rng, batch=2):
     return cases + [("full", full)]
 
 
-def example_inputs(spec):
-    p = TransformerXLParams(**spec.params)
-    return attention_io(spec, p.max_positions, p.heads, p.head_dim, positions=False)
-
-
 def locate(spec, inputs, at) -> str:
     b, h, i, d = at
     Q, K = inputs["query"].shape[2], inputs["key"].shape[2]
@@ -208,14 +203,11 @@ ENCODINGS.register("transformer-xl")(
         name="transformer-xl",
         params=TransformerXLParams,
         module=module,
-        example_inputs=example_inputs,
-        probes=probes,
         reference=reference,
         translation_table=lambda spec: {},
         magnitude=magnitude,
-        locate=locate,
         derived=lambda spec: {},
-        kind="attention",
+        **{**contract("attention", TransformerXLParams, positions=False), "probes": probes, "locate": locate},
         reference_impl="kimiyoung/transformer-xl@81b1b19 pytorch/mem_transformer.py RelPartialLearnableMultiHeadAttn, _rel_shift",
     )
 )
