@@ -2,7 +2,8 @@
 
     pe-export PRESET --seq N [-o FILE] [--op ...] [--dtype ...] [--layout ...] [--force]
     pe-export list
-    pe-export verify FILE [--providers cpu,cuda] [--report FILE.json]
+    pe-export verify FILE [--runtimes ...] [--positions ...] [--batch N] [--probe-bounds] [--report FILE.json|.md]
+    pe-export matrix [--presets ...] [--ops ...] [--dtypes ...] [--runtimes ...] [--quick] [--shard i/n]
 
 Exit codes: 0 success, 1 parity failure (or nothing here could verify), 2 bad input. Bad input
 prints one line on stderr, never a traceback, and writes nothing.
@@ -28,7 +29,7 @@ from pe_export.presets import PRESETS, Preset
 from pe_export.scaling import dynamic, longrope
 from pe_export.spec import DTYPES, LAYOUTS, OP_NAMES
 
-COMMANDS = ("list", "verify", "from-config")
+COMMANDS = ("list", "verify", "matrix", "from-config")
 # Tables are wide; when stdout is not a terminal, do not squeeze them into 80 columns.
 out = Console(highlight=False, width=max(shutil.get_terminal_size((160, 24)).columns, 100))
 
@@ -115,7 +116,7 @@ CommonOptions = dict(
     attention_head_dim=(Annotated[Optional[int], typer.Option(help="--attention with a bias encoding: head dim of query and key (default 64).")], None),
     attention_causal=(Annotated[Optional[bool], typer.Option("--attention-causal/--attention-bidirectional", help="--attention with an absolute or rotary encoding: mask keys after their query.")], None),
     force=(Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")], False),
-    report=(Annotated[Optional[Path], typer.Option(help="Also write the parity table as JSON.")], None),
+    report=(Annotated[Optional[Path], typer.Option(help="Also write the parity report: FILE.json, or FILE.md for Markdown.")], None),
     seed=(Annotated[int, typer.Option(min=0, help="Seed of the random verification inputs.")], 0),
 )  # fmt: skip
 
@@ -337,33 +338,60 @@ def run_export(preset, params, layout, options):
     except ValueError as e:
         fail(str(e))
     out.print(f"wrote {output} ({len(data) / 2**20:.2f} MiB, op {op}, opset {opset}, {spec.dtype}, {layout})")
-    finish(output, spec, data, ("torch", "ort-cpu", "ort-cuda", "onnx-reference"), options["report"], force, options["seed"])
+    from pe_export.verify import DEFAULT_RUNTIMES
+
+    finish(output, spec, data, DEFAULT_RUNTIMES, options["report"], force, options["seed"])
 
 
-PROVIDERS = {"cpu": "ort-cpu", "cuda": "ort-cuda"}
+PROVIDERS = {"cpu": "ort-cpu", "cuda": "ort-cuda"}  # the old --providers names
+
+
+def parse_runtimes(text: str) -> tuple[str, ...]:
+    from pe_export.verify import RUNTIMES
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in RUNTIMES]
+    if bad or not names:
+        fail(f"--runtimes takes a comma-separated list of {', '.join(RUNTIMES)}; got {text!r}")
+    return tuple(dict.fromkeys(names))
 
 
 @app.command("verify")
 def verify_command(
     file: Annotated[Path, typer.Argument(help="An ONNX file written by pe-export.")],
-    providers: Annotated[str, typer.Option(help="ONNX Runtime providers to check, comma separated: cpu, cuda.")] = "cpu,cuda",
-    report: Annotated[Optional[Path], typer.Option(help="Also write the parity table as JSON.")] = None,
+    runtimes: Annotated[
+        Optional[str], typer.Option(help="Runtimes to check, comma separated: torch, ort-cpu, ort-cpu-noopt, ort-cuda, onnx-reference, openvino (default: all; absent ones are reported as skipped).")
+    ] = None,  # fmt: skip
+    providers: Annotated[Optional[str], typer.Option(help="Old form of --runtimes: ONNX Runtime providers cpu, cuda (torch and onnx-reference run too).")] = None,
+    positions: Annotated[Optional[str], typer.Option(help="Also probe exactly these positions: integers and ranges a:b, comma separated (e.g. 0,131000:131072).")] = None,
+    batch: Annotated[int, typer.Option(min=1, max=64, help="Batch size of the probes.")] = 2,
+    probe_bounds: Annotated[bool, typer.Option("--probe-bounds", help="Also feed positions -1 and the table length, and report runtimes that do not fail on them.")] = False,
+    report: Annotated[Optional[Path], typer.Option(help="Also write the report: FILE.json, or FILE.md for Markdown.")] = None,
+    bundle: Annotated[Optional[Path], typer.Option(help="On failure, write the reproduction bundle here (default: FILE.repro beside the model).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing report.")] = False,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the random verification inputs.")] = 0,
     weights: Annotated[
         Optional[Path], typer.Option(help="Where the learned weights file the model was exported from is now.")
     ] = None,
 ):
-    """Re-verify a file pe-export wrote, rebuilding the reference from its embedded spec."""
+    """Re-verify a file pe-export wrote against the float64 reference rebuilt from its embedded spec:
+    positions over the whole table (its last rows always), a decode step and batch > 1, on every runtime."""
     import dataclasses
 
     from pe_export.export import load
+    from pe_export.verify import DEFAULT_RUNTIMES, make_probes, parse_positions
 
-    names = [p.strip() for p in providers.split(",") if p.strip()]
-    unknown = [p for p in names if p not in PROVIDERS]
-    if unknown or not names:
-        fail(f"--providers takes a comma-separated list of {', '.join(PROVIDERS)}, got {providers!r}")
+    if runtimes is not None and providers is not None:
+        fail("give --runtimes or --providers, not both")
+    if providers is not None:
+        names = [p.strip() for p in providers.split(",") if p.strip()]
+        if not names or any(p not in PROVIDERS for p in names):
+            fail(f"--providers takes a comma-separated list of {', '.join(PROVIDERS)}, got {providers!r}")
+        chosen = ("torch", *[PROVIDERS[p] for p in names], "onnx-reference")
+    else:
+        chosen = parse_runtimes(runtimes) if runtimes is not None else DEFAULT_RUNTIMES
     try:
+        wanted = parse_positions(positions) if positions is not None else None
         model, spec = load(file)
         if weights is not None:
             if "weights_sha256" not in spec.params:
@@ -373,11 +401,13 @@ def verify_command(
             from pe_export import weights as learned
 
             learned.load(learned.LearnedWeights(**{k: spec.params.get(k) for k in WEIGHT_FIELDS}))
+        if wanted is not None:
+            make_probes(spec, seed, batch, wanted)  # refuses positions outside the table, before any work
         check_report_path(report, file, force)
     except ValueError as e:
         fail(str(e))
-    runtimes = ("torch", *[PROVIDERS[p] for p in names], "onnx-reference")
-    finish(file, spec, model.SerializeToString(), runtimes, report, force, seed)
+    finish(file, spec, model.SerializeToString(), chosen, report, force, seed,
+           batch=batch, positions=positions, probe_bounds=probe_bounds, bundle=bundle)  # fmt: skip
 
 
 def check_report_path(report, model_path, force):
@@ -391,35 +421,73 @@ def check_report_path(report, model_path, force):
     check_output_path(report, force)
 
 
-def finish(path, spec, data, runtimes, report, force, seed):
-    """Verify, print the table, write the report, exit 0 / 1."""
-    from pe_export.export import write_atomic
-    from pe_export.verify import check, verdict
+def print_rows(rows, bounds_rows=None):
+    from pe_export.report import ROW_COLUMNS, row_cells
 
-    with out.status("verifying"):
-        rows = check(spec, data, runtimes, seed=seed)
-    table = Table("runtime", "provider", "dtype", "max abs err", "max rel err", "worst err / its tolerance", "worst at", "verdict")
-    fmt = lambda v: "" if v is None else f"{v:.3g}"  # noqa: E731
+    table = Table(*ROW_COLUMNS)
     for r in rows:
-        worst = "" if r.worst_ratio is None else f"{fmt(r.worst_error)} / {fmt(r.worst_tolerance)} ({r.worst_ratio:.2f})"
-        table.add_row(r.runtime, r.provider, r.dtype, fmt(r.max_abs), fmt(r.max_rel), worst, r.where, r.verdict)
+        table.add_row(*row_cells(r.as_dict()))
     out.print(table)
     for r in rows:
         if r.note:
             out.print(f"  {r.runtime} {r.verdict}: {r.note}", soft_wrap=True)
+    for b in bounds_rows or []:
+        out.print(f"  out-of-range positions, {b.runtime}: {b.verdict}{': ' + b.note if b.note else ''}", soft_wrap=True)
+
+
+def free_folder(path: Path) -> Path:
+    """`path`, or `path.2`, `path.3`, ...: the first that does not exist (a bundle never overwrites)."""
+    n, candidate = 1, path
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
+
+
+def finish(path, spec, data, runtimes, report, force, seed, batch=2, positions=None, probe_bounds=False, bundle=None):
+    """Verify, print the table, write the report (and a reproduction bundle on failure), exit 0 / 1."""
+    import shlex
+
+    from pe_export.export import write_atomic
+    from pe_export.report import render, verify_doc
+    from pe_export.verify import check, parse_positions, verdict, write_bundle
+    from pe_export.verify import probe_bounds as run_probe_bounds
+
+    wanted = parse_positions(positions) if positions else None
+    with out.status("verifying"):
+        rows = check(spec, data, runtimes, seed=seed, batch=batch, positions=wanted)
+        bounds_rows = run_probe_bounds(spec, data, runtimes, seed=seed) if probe_bounds else None
+    print_rows(rows, bounds_rows)
     result = verdict(rows)
+    command = ["pe-export", "verify", str(path), "--runtimes", ",".join(runtimes), "--seed", str(seed), "--batch", str(batch)]
+    command += ["--positions", positions] if positions else []
+    command += ["--probe-bounds"] if probe_bounds else []
     if report:
-        doc = {"file": str(path), "spec": json.loads(spec.to_json()), "verdict": result, "rows": [r.as_dict() for r in rows]}
+        doc = verify_doc(path, spec, rows, result, bounds_rows, shlex.join(command))
         try:
-            write_atomic(json.dumps(doc, indent=2).encode(), report, force)
+            write_atomic(render(doc, report), report, force)
         except ValueError as e:  # the report path changed under us since it was checked
             fail(str(e))
         out.print(f"wrote {report}")
     if result == "FAIL":
+        folder = free_folder(bundle or Path(f"{path}.repro"))
+        try:
+            write_bundle(folder, spec, data, rows, seed, batch, positions)
+            out.print(f"wrote the reproduction bundle {folder} (README.txt has the command that re-runs the check)")
+        except OSError as e:
+            out.print(f"could not write the reproduction bundle {folder}: {e}")
         fail(f"parity check failed; {path} is kept for inspection", 1)
     if result == "unverified":
         fail(f"no runtime here could run {path} ({spec.op}, {spec.dtype}); it is kept but unverified", 1)
+    if bounds_rows and any(b.verdict == "SILENT" for b in bounds_rows):
+        silent = ", ".join(b.runtime for b in bounds_rows if b.verdict == "SILENT")
+        out.print(f"[yellow]warning[/yellow]: {silent} returned results for positions outside the table: guard positions before calling it")
     out.print(f"[green]verified[/green]: {path} matches the float64 reference on every runtime that ran")
+
+
+from pe_export.cli import matrix as _matrix  # noqa: E402
+
+_matrix.register(app)
 
 
 def run():

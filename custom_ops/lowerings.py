@@ -6,8 +6,9 @@
   whenever `rotary_embedding_dim` is set, so partial rotary is a Slice, a full-width node on the
   rotated part, and a Concat, which keeps heads dynamic; `bshd` is reshaped (no copy) to its 3D form.
 - `decomposed`: standard ops only (Gather, Unsqueeze, Slice, Mul, Sub, Add, Concat, Reshape), any
-  opset >= 17. ONNX's Gather wraps negative indices, so negative positions are mapped to row P,
-  which makes the Gather fail as the fused kernels do.
+  opset >= 17.
+In every lowering negative positions are first mapped to row P (ONNX's Gather and onnx's evaluator
+wrap negative indices), so that every runtime that checks indices fails on them.
 
 Each function takes the op's arguments and is called by the exporter with onnxscript tensors.
 """
@@ -37,7 +38,14 @@ class OpTarget:
         return range(self.min_opset, (self.max_opset or defs.onnx_opset_version()) + 1)
 
 
+def negatives_past_table(position_ids, cos_table):
+    """Negative positions -> P, one past the table, so that no runtime can wrap them (onnx's
+    evaluator indexes cos_cache[-1] silently); kernels and Gathers fail on P."""
+    return op.Where(op.Less(position_ids, [0]), op.Shape(cos_table, start=0, end=1), position_ids)
+
+
 def lower_onnx(x, cos_table, sin_table, position_ids, interleaved, rotary_dim, layout):
+    position_ids = negatives_past_table(position_ids, cos_table)
     if layout == "bshd":
         x = op.Transpose(x, perm=[0, 2, 1, 3])  # (B, H, S, D)
     y = op23.RotaryEmbedding(
@@ -48,6 +56,7 @@ def lower_onnx(x, cos_table, sin_table, position_ids, interleaved, rotary_dim, l
 
 def lower_ort(x, cos_table, sin_table, position_ids, interleaved, rotary_dim, layout):
     register_contrib_schema()
+    position_ids = negatives_past_table(position_ids, cos_table)
     rot = x if whole_head(x, rotary_dim) else op.Slice(x, [0], [rotary_dim], [-1])  # (..., R)
     if layout == "bshd":
         rot_shape = op.Shape(rot)

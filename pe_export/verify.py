@@ -1,22 +1,32 @@
 """Parity of an exported graph with the float64 reference, on every runtime that can run it.
 
-One tolerance table, one comparison helper. Each output element gets its own bound,
+One tolerance table, one comparison helper, shared by the tests, the export check, `pe-export verify`
+and `pe-export matrix`. Each output element gets its own bound,
 
     factor * (eps(dtype) * magnitude + denorm_min(dtype)),
 
 where `magnitude` comes from the encoding (for RoPE: `attention_factor * (|a| + |b|)` for the pair
 (a, b) the element belongs to, `|x|` on the pass-through tail). It bounds the rounding error of a
 correct implementation in that dtype; it is not a number tuned to make a run pass.
+
+Each row reports the error against the float64 truth (is the export faithful, and what does the dtype
+cost) and, when the torch original ran, against it in the same dtype (does the file compute what the
+PyTorch module computes).
 """
 
 from __future__ import annotations
 
+import json
+import shlex
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from pe_export.encodings import encoding_for
-from pe_export.spec import Spec, numpy_dtype
+from pe_export.errors import BadInput
+from pe_export.runtimes import DEFAULT_RUNTIMES, RUNTIMES, Skip, to_torch  # noqa: F401 (re-exported)
+from pe_export.spec import OP_NAMES, Spec, numpy_dtype
 
 EPS = {"fp32": 2.0**-23, "fp16": 2.0**-10, "bf16": 2.0**-7}  # machine epsilon
 DENORM_MIN = {"fp32": 2.0**-149, "fp16": 2.0**-24, "bf16": 2.0**-133}  # spacing of the subnormals
@@ -28,22 +38,33 @@ class Tolerance:
     reason: str
 
 
-# (dtype, op target) -> bound; "*" matches any target. The same table serves the tests, the export
-# check and `pe-export verify`.
 _ROUNDING = (
     "an output a*c - b*s (or b*c + a*s) rounds the tables, the two products and the sum, each by at most "
     "eps/2 relative: at most 1.5 eps * F * (|a| + |b|) to first order, bounded here by 2; results in the "
-    "subnormal range add at most half a subnormal spacing per operation"
+    "subnormal range add at most half a subnormal spacing per operation. Table reads (absolute, bias) "
+    "round once; attention layers bring their own magnitude (encodings.common.attention_magnitude)"
 )
+_TARGETS = {
+    "onnx": "the opset-23 RotaryEmbedding kernel: one product pair and a sum per element",
+    "ort": "com.microsoft::RotaryEmbedding: the same arithmetic as the standard op",
+    "decomposed": "plain Mul/Add/Sub on gathered tables: the same roundings, in the graph",
+}
+_DTYPES = {
+    "fp32": "",
+    "fp16": "; kernels that compute in fp32 inside land well under it",
+    "bf16": "; bf16 keeps 8 significant bits, so eps = 2^-7",
+}
+# (dtype, op target) -> bound. Every entry has the same factor: the arithmetic each target performs
+# is the same up to the order of two roundings, so no target is given slack another does not get.
 TOLERANCES: dict[tuple[str, str], Tolerance] = {
-    ("fp32", "*"): Tolerance(2.0, _ROUNDING),
-    ("fp16", "*"): Tolerance(2.0, _ROUNDING + "; kernels that compute in fp32 inside land well under it"),
-    ("bf16", "*"): Tolerance(2.0, _ROUNDING + "; bf16 keeps 8 significant bits, so eps = 2^-7"),
+    (dtype, op): Tolerance(2.0, f"{_ROUNDING}{_DTYPES[dtype]}; {op}: {_TARGETS[op]}")
+    for dtype in _DTYPES
+    for op in OP_NAMES
 }
 
 
 def tolerance(dtype: str, op: str) -> Tolerance:
-    return TOLERANCES.get((dtype, op)) or TOLERANCES[(dtype, "*")]
+    return TOLERANCES[(dtype, op)]
 
 
 @dataclass
@@ -52,110 +73,138 @@ class Row:
     provider: str
     dtype: str
     verdict: str  # "pass", "FAIL" or "skipped"
-    max_abs: float | None = None  # over all probes and elements
+    max_abs: float | None = None  # against the float64 truth, over all probes and elements
     max_rel: float | None = None  # max abs error / max |reference|, over all probes
+    vs_torch_max_abs: float | None = None  # against the torch original in the same dtype
     # The element whose error is largest relative to its own bound: its error, bound and place.
     worst_error: float | None = None
     worst_tolerance: float | None = None
     worst_ratio: float | None = None  # worst_error / worst_tolerance; the row fails above 1
     where: str = ""
+    worst_probe: str = ""
     note: str = ""
     probes: list[str] = field(default_factory=list)
+    # Max error and bound at each probed position (binned to at most BINS entries), for plots.
+    by_position: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
+BINS = 512
+
+
 # ------------------------------------------------------------------------------------------------
-# Runtimes: each takes the model bytes and returns a callable inputs -> output, plus the provider
-# that actually runs it; `Skip` says why one cannot run here.
+# Probes
 
 
-class Skip(Exception):
-    pass
+def parse_positions(text: str) -> np.ndarray:
+    """'0,100,8190:8192' -> [0, 100, 8190, 8191]: integers and half-open ranges a:b, in order given."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            if ":" in item:
+                a, b = (int(v) for v in item.split(":"))
+                if b <= a:
+                    raise ValueError
+                out.extend(range(a, b))
+            elif item:
+                out.append(int(item))
+        except ValueError:
+            raise BadInput(f"--positions takes integers and ranges a:b (a < b), comma separated; got {item!r}") from None
+    if not out:
+        raise BadInput("--positions is empty")
+    return np.array(out, dtype=np.int64)
 
 
-def run_torch(spec: Spec, model_bytes: bytes):
-    import torch
-
-    module = encoding_for(spec).module(spec)
-
-    def call(inputs):
-        args = [to_torch(v) for v in inputs.values()]
-        with torch.no_grad():
-            y = module(*args)
-        return y.to(torch.float64).numpy()
-
-    return call, "eager (CPU)"
-
-
-def to_torch(a: np.ndarray):
-    import torch
-
-    if a.dtype == numpy_dtype("bf16"):  # NumPy has no bfloat16 of its own: go through the bits
-        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))
-
-
-def _ort_session(model_bytes: bytes, provider: str):
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise Skip("onnxruntime is not installed (pip install 'pe-export[cpu]' or 'pe-export[gpu]')") from None
-    if provider not in ort.get_available_providers():
-        raise Skip(f"{provider} not available in this onnxruntime build")
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 4  # failures come back as exceptions, not log lines
-    try:
-        providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-        sess = ort.InferenceSession(model_bytes, opts, providers=providers)
-    except Exception as e:
-        if "NOT_IMPLEMENTED" in str(e):
-            raise Skip(f"no kernel in this onnxruntime: {str(e).split(':')[-1].strip()}") from None
-        raise
-    return sess
+def user_probe(spec: Spec, template: dict, positions: np.ndarray, rng, batch: int) -> dict:
+    """The encoding's own probe re-shaped to the given positions (each batch row gets all of them)."""
+    enc = encoding_for(spec)
+    P = enc.params(**spec.params).max_positions
+    if positions.min() < 0 or positions.max() >= P:
+        bad = positions[(positions < 0) | (positions >= P)][0]
+        raise BadInput(f"--positions: {bad} is outside the table [0, {P}); use --probe-bounds to check out-of-range handling")
+    dtype, n = numpy_dtype(spec.dtype), len(positions)
+    noise = lambda shape: rng.standard_normal(shape, dtype=np.float32).astype(dtype)  # noqa: E731
+    if enc.kind in ("absolute", "rotary") and "position_ids" in template:
+        inputs = {"position_ids": np.broadcast_to(positions, (batch, n)).copy()}
+        if "x" in template:
+            B, H, _, D = template["x"].shape if spec.layout == "bhsd" else np.array(template["x"].shape)[[0, 2, 1, 3]]
+            inputs = {"x": noise((batch, H, n, D) if spec.layout == "bhsd" else (batch, n, H, D)), **inputs}
+        return {k: inputs[k] for k in template}
+    if enc.kind == "bias":
+        return {"query_positions": positions.copy(), "key_positions": positions.copy()}
+    if enc.kind == "attention" and "query_positions" in template:
+        _, H, _, D = template["query"].shape
+        qkv = {name: noise((batch, H, n, D)) for name in ("query", "key", "value")}
+        return {k: ({**qkv, "query_positions": positions.copy(), "key_positions": positions.copy()})[k] for k in template}
+    raise BadInput(f"--positions does not apply to {enc.name}: its graph takes no position inputs")
 
 
-def _ort_run(sess, spec: Spec):
-    if spec.dtype == "bf16":
-        # The session may load (ORT has some bf16 kernels), but its Python API cannot hand bf16 arrays in or out.
-        raise Skip("onnxruntime's Python API cannot pass bfloat16 tensors")
-    return lambda inputs: sess.run(None, inputs)[0].astype(np.float64)
+def make_probes(spec: Spec, seed: int = 0, batch: int = 2, positions: np.ndarray | None = None):
+    """The encoding's probes (spread over the table, its last rows, a decode step, batch > 1) and,
+    with `positions`, one more at exactly those positions. Deterministic in (spec, seed, batch)."""
+    if batch < 1:
+        raise BadInput(f"--batch must be >= 1, got {batch}")
+    enc = encoding_for(spec)
+    rng = np.random.default_rng(seed)
+    probes = enc.probes(spec, np.random.default_rng(seed), batch)
+    if positions is not None:
+        probes = probes + [("positions", user_probe(spec, probes[0][1], positions, rng, batch))]
+    return probes
 
 
-def run_ort_cpu(spec: Spec, model_bytes: bytes):
-    sess = _ort_session(model_bytes, "CPUExecutionProvider")
-    return _ort_run(sess, spec), sess.get_providers()[0]
+def position_grid(spec: Spec, inputs: dict, shape: tuple) -> np.ndarray | None:
+    """The table position of each output element, as an array that broadcasts to `shape`, or None."""
+    kind = encoding_for(spec).kind
+    if "position_ids" in inputs and kind in ("absolute", "rotary"):
+        ids = inputs["position_ids"]
+        if kind == "absolute":
+            grid = ids[:, :, None]
+        else:
+            grid = ids[:, None, :, None] if spec.layout == "bhsd" else ids[:, :, None, None]
+    elif kind == "bias":
+        grid = np.maximum(inputs["query_positions"][:, None], inputs["key_positions"][None, :])[None, None]
+    elif "query_positions" in inputs:
+        grid = inputs["query_positions"][None, None, :, None]
+    else:
+        return None
+    return grid
 
 
-def run_ort_cuda(spec: Spec, model_bytes: bytes):
-    sess = _ort_session(model_bytes, "CUDAExecutionProvider")
-    ran = sess.get_providers()[0]
-    if ran != "CUDAExecutionProvider":  # ORT falls back to CPU silently: that is a failure here
-        raise RuntimeError(f"asked for CUDAExecutionProvider but the session runs on {ran}")
-    return _ort_run(sess, spec), ran
+def _by_position(acc: dict, grid, err, limit, P: int):
+    """Fold the max error and bound per position bin into `acc` (bins of ceil(P / BINS) positions).
+    `grid` broadcasts to the output's shape; the axes it does not vary along are reduced first."""
+    if grid is None:
+        return
+    axes = tuple(i for i, n in enumerate(grid.shape) if n == 1 and err.shape[i] > 1)
+    width = -(-P // BINS)
+    bins = None
+    for key, values in (("max_abs", err), ("bound", limit)):
+        reduced = np.max(np.broadcast_to(values, err.shape), axis=axes, keepdims=True)
+        if bins is None:
+            bins = (np.broadcast_to(grid, reduced.shape) // width).ravel()
+        arr = acc.setdefault(key, np.full(-(-P // width), -np.inf))
+        np.maximum.at(arr, bins, reduced.ravel())
+    acc["width"] = width
 
 
-def run_onnx_reference(spec: Spec, model_bytes: bytes):
-    import onnx
-    from onnx.reference import ReferenceEvaluator
+def _finish_by_position(acc: dict) -> dict:
+    if not acc:
+        return {}
+    seen = np.isfinite(acc["max_abs"]) & (acc["max_abs"] >= 0)
+    idx = np.nonzero(seen)[0]
+    return {
+        "positions": (idx * acc["width"]).tolist(),
+        "bin_width": int(acc["width"]),
+        "max_abs": acc["max_abs"][idx].tolist(),
+        "bound": acc["bound"][idx].tolist(),
+    }
 
-    model = onnx.load_from_string(model_bytes)
-    custom = sorted({o.domain for o in model.opset_import if o.domain not in ("", "ai.onnx")})
-    if custom:
-        raise Skip(f"onnx's ReferenceEvaluator has no ops of domain {', '.join(custom)}")
-    ev = ReferenceEvaluator(model)
-    return (lambda inputs: np.asarray(ev.run(None, inputs)[0]).astype(np.float64)), "ReferenceEvaluator"
 
-
-RUNTIMES = {
-    "torch": run_torch,
-    "ort-cpu": run_ort_cpu,
-    "ort-cuda": run_ort_cuda,
-    "onnx-reference": run_onnx_reference,
-}
-DEFAULT_RUNTIMES = ("torch", "ort-cpu", "ort-cuda", "onnx-reference")
+# ------------------------------------------------------------------------------------------------
+# The check
 
 
 def bound(spec: Spec, inputs: dict) -> np.ndarray:
@@ -164,24 +213,41 @@ def bound(spec: Spec, inputs: dict) -> np.ndarray:
     return tolerance(spec.dtype, spec.op).factor * (EPS[spec.dtype] * magnitude + DENORM_MIN[spec.dtype])
 
 
-def check(spec: Spec, model_bytes: bytes, runtimes=DEFAULT_RUNTIMES, seed: int = 0, batch: int = 2) -> list[Row]:
-    """Run every probe on every runtime and compare with the float64 reference."""
+def _errors(got: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    # Equal infinities (a mask's -inf) are exact; any other NaN or inf error is infinite.
+    with np.errstate(invalid="ignore"):
+        err = np.where(got == truth, 0.0, np.abs(got - truth))
+    return np.where(np.isnan(err), np.inf, err)
+
+
+def check(
+    spec: Spec,
+    model_bytes: bytes,
+    runtimes=DEFAULT_RUNTIMES,
+    seed: int = 0,
+    batch: int = 2,
+    positions: np.ndarray | None = None,
+) -> list[Row]:
+    """Run every probe on every runtime and compare with the float64 reference (and the torch original)."""
     enc = encoding_for(spec)
-    probes = enc.probes(spec, np.random.default_rng(seed), batch)
+    probes = make_probes(spec, seed, batch, positions)
     truths = [enc.reference(spec, inputs) for _, inputs in probes]
     bounds = [bound(spec, inputs) for _, inputs in probes]
+    P = enc.params(**spec.params).max_positions
+    originals = None  # the torch module's outputs, once it has run
     rows = []
-    for name in runtimes:
+    for name in sorted(runtimes, key=lambda n: n != "torch"):  # torch first: the others compare with it
         row = Row(runtime=name, provider="", dtype=spec.dtype, verdict="pass", probes=[p for p, _ in probes])
+        acc: dict = {}
+        outputs = []
         try:
             call, row.provider = RUNTIMES[name](spec, model_bytes)
             for (probe, inputs), truth, limit in zip(probes, truths, bounds):
                 got = call(inputs)
                 if got.shape != truth.shape:
                     raise RuntimeError(f"probe {probe}: output shape {got.shape}, want {truth.shape}")
-                # Equal infinities (a mask's -inf) are exact; any other NaN or inf error fails below.
-                with np.errstate(invalid="ignore"):
-                    err = np.where(got == truth, 0.0, np.abs(got - truth))
+                outputs.append(got)
+                err = _errors(got, truth)
                 ratio = np.where(np.isfinite(err), err / limit, np.inf)
                 at = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
                 row.max_abs = max(row.max_abs or 0.0, float(np.max(err)))
@@ -189,7 +255,12 @@ def check(spec: Spec, model_bytes: bytes, runtimes=DEFAULT_RUNTIMES, seed: int =
                 row.max_rel = max(row.max_rel or 0.0, float(np.max(err)) / max(float(finite.max(initial=0.0)), 1e-300))
                 if row.worst_ratio is None or ratio[at] > row.worst_ratio:
                     row.worst_ratio, row.worst_error, row.worst_tolerance = float(ratio[at]), float(err[at]), float(limit[at])
-                    row.where = f"{probe}: " + enc.locate(spec, inputs, at)
+                    row.where, row.worst_probe = f"{probe}: " + enc.locate(spec, inputs, at), probe
+                _by_position(acc, position_grid(spec, inputs, err.shape), err, limit, P)
+            if originals is not None and name != "torch":
+                row.vs_torch_max_abs = max(float(np.max(_errors(g, o))) for g, o in zip(outputs, originals))
+            if name == "torch":
+                originals = outputs
             if row.worst_ratio > 1.0:
                 row.verdict = "FAIL"
                 row.note = f"error {row.worst_error:.3g} over its bound {row.worst_tolerance:.3g} at {row.where}"
@@ -197,8 +268,10 @@ def check(spec: Spec, model_bytes: bytes, runtimes=DEFAULT_RUNTIMES, seed: int =
             row.verdict, row.note = "skipped", str(e)
         except Exception as e:  # a runtime that errors on a valid input is a failed row, with its message
             row.verdict, row.note = "FAIL", " ".join(str(e).split())[:300]
+        row.by_position = _finish_by_position(acc)
         rows.append(row)
-    return rows
+    order = {n: i for i, n in enumerate(runtimes)}
+    return sorted(rows, key=lambda r: order[r.runtime])
 
 
 def verdict(rows: list[Row]) -> str:
@@ -209,3 +282,99 @@ def verdict(rows: list[Row]) -> str:
         return "unverified"
     return "pass"
 
+
+# ------------------------------------------------------------------------------------------------
+# Out-of-range positions
+
+
+def bounds_probes(spec: Spec, seed: int = 0) -> list[tuple[str, dict]]:
+    """A valid probe with one position moved to -1, and one moved to the table length."""
+    enc = encoding_for(spec)
+    P = enc.params(**spec.params).max_positions
+    name, template = make_probes(spec, seed, 1)[0]
+    keys = [k for k in template if k.endswith("position_ids") or k.endswith("positions")]
+    if not keys:
+        return []
+    cases = []
+    for bad in (-1, P):
+        inputs = {k: v.copy() for k, v in template.items()}
+        inputs[keys[0]].reshape(-1)[-1] = bad
+        cases.append((f"{keys[0]} {bad}", inputs))
+    return cases
+
+
+@dataclass
+class BoundsRow:
+    runtime: str
+    verdict: str  # "loud" (every bad position raised), "SILENT" (some returned a result) or "skipped"
+    note: str = ""
+
+
+def probe_bounds(spec: Spec, model_bytes: bytes, runtimes=DEFAULT_RUNTIMES, seed: int = 0) -> list[BoundsRow]:
+    """Feed each runtime positions outside [0, P) and report the ones that return a result anyway."""
+    cases = bounds_probes(spec, seed)
+    rows = []
+    for name in runtimes:
+        if not cases:
+            rows.append(BoundsRow(name, "skipped", f"{spec.encoding} takes no position inputs"))
+            continue
+        try:
+            call, _ = RUNTIMES[name](spec, model_bytes)
+        except Skip as e:
+            rows.append(BoundsRow(name, "skipped", str(e)))
+            continue
+        except Exception as e:
+            rows.append(BoundsRow(name, "skipped", "cannot load: " + " ".join(str(e).split())[:200]))
+            continue
+        silent = []
+        for case, inputs in cases:
+            try:
+                call(inputs)
+                silent.append(case)
+            except Exception:  # any error is a loud failure, which is what we want
+                pass
+        rows.append(BoundsRow(name, "SILENT", "returned a result for " + ", ".join(silent)) if silent else BoundsRow(name, "loud"))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Reproduction bundles
+
+
+def write_bundle(folder: Path, spec: Spec, model_bytes: bytes, rows: list[Row], seed: int, batch: int,
+                 positions_text: str | None = None) -> list[Path]:  # fmt: skip
+    """For each failed row: the ONNX file, the failing probe's inputs, the float64 truth and the
+    runtime's output as .npz, the spec, and the one command that re-runs the check (README.txt).
+    The folder must not exist yet (nothing is overwritten)."""
+    from pe_export.export import write_atomic
+
+    failed = [r for r in rows if r.verdict == "FAIL"]
+    if not failed:
+        return []
+    folder.mkdir(parents=True)
+    enc = encoding_for(spec)
+    positions = parse_positions(positions_text) if positions_text else None
+    probes = dict(make_probes(spec, seed, batch, positions))
+    written = [folder / "model.onnx", folder / "spec.json"]
+    write_atomic(model_bytes, written[0], False)
+    write_atomic(json.dumps(json.loads(spec.to_json()), indent=2).encode(), written[1], False)
+    command = ["pe-export", "verify", "model.onnx", "--runtimes", ",".join(r.runtime for r in failed),
+               "--seed", str(seed), "--batch", str(batch)]  # fmt: skip
+    if positions_text:
+        command += ["--positions", positions_text]
+    lines = [f"pe-export reproduction bundle: {spec.encoding}, op {spec.op}, opset {spec.opset}, {spec.dtype}",
+             "", "Re-run the check (in this folder):", "", "    " + shlex.join(command), ""]  # fmt: skip
+    for r in failed:
+        inputs = probes.get(r.worst_probe) or next(iter(probes.values()))
+        data = {f"input_{k}": v for k, v in inputs.items()} | {"truth": enc.reference(spec, inputs), "bound": bound(spec, inputs)}
+        try:
+            data["output"] = RUNTIMES[r.runtime](spec, model_bytes)[0](inputs)
+        except Exception as e:  # the failure may be that it does not run at all
+            lines.append(f"{r.runtime}: running the probe raised: {' '.join(str(e).split())[:300]}")
+        path = folder / f"{r.runtime}-{r.worst_probe or 'probe'}.npz"
+        with open(path, "wb") as f:
+            np.savez(f, **{k: (v.view(np.uint16) if v.dtype == numpy_dtype("bf16") else v) for k, v in data.items()})
+        written.append(path)
+        lines.append(f"{r.runtime}: {r.note}; inputs, truth (float64), bound and output in {path.name}")
+    (folder / "README.txt").write_text("\n".join(lines) + "\n")
+    return written + [folder / "README.txt"]

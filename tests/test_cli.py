@@ -252,7 +252,7 @@ def test_verify_refuses_to_write_the_report_over_the_model(tmp_path):
 def test_export_parity_failure_exits_1_and_keeps_the_file(tmp_path, monkeypatch):
     import pe_export.verify
 
-    def failing_check(spec, data, runtimes, seed=0):
+    def failing_check(spec, data, runtimes, seed=0, **probes):
         return [pe_export.verify.Row(runtime="ort-cpu", provider="CPUExecutionProvider", dtype="fp32", verdict="FAIL", note="planted")]
 
     monkeypatch.setattr(pe_export.verify, "check", failing_check)

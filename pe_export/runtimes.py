@@ -1,0 +1,135 @@
+"""The runtimes an exported graph is checked on, each a small adapter behind one interface:
+
+    RUNTIMES[name](spec, model_bytes) -> (call, provider)
+
+`call(inputs: {name: ndarray}) -> float64 ndarray` runs the graph (or, for `torch`, the PyTorch module
+the graph was exported from, in the export dtype) and `provider` names what actually ran it. An adapter
+that cannot run here raises `Skip` with the reason; any other exception is a failure of that runtime.
+
+    torch            the torch module in the export dtype, eager on CPU
+    ort-cpu          ONNX Runtime, CPUExecutionProvider, graph optimisations fully on (ORT's default)
+    ort-cpu-noopt    the same with graph optimisations off: the graph as written
+    ort-cuda         CUDAExecutionProvider; a session that lands on CPU is a failure, not a pass
+    onnx-reference   onnx's ReferenceEvaluator, an independent implementation of the standard ops
+    openvino         OpenVINO's ONNX frontend on CPU (the optional `openvino` extra)
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from pe_export.encodings import encoding_for
+from pe_export.spec import Spec, numpy_dtype
+
+
+class Skip(Exception):
+    """This runtime cannot run this file here; the message says why."""
+
+
+def to_torch(a: np.ndarray):
+    import torch
+
+    if a.dtype == numpy_dtype("bf16"):  # NumPy has no bfloat16 of its own: go through the bits
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def run_torch(spec: Spec, model_bytes: bytes):
+    import torch
+
+    module = encoding_for(spec).module(spec)
+
+    def call(inputs):
+        args = [to_torch(v) for v in inputs.values()]
+        with torch.no_grad():
+            y = module(*args)
+        return y.to(torch.float64).numpy()
+
+    return call, "eager (CPU)"
+
+
+def ort_session(model_bytes: bytes, provider: str, options: dict | None = None, optimize: bool = True):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise Skip("onnxruntime is not installed (pip install 'pe-export[cpu]' or 'pe-export[gpu]')") from None
+    if provider not in ort.get_available_providers():
+        raise Skip(f"{provider} not available in this onnxruntime build")
+    opts = ort.SessionOptions()
+    level = ort.GraphOptimizationLevel
+    opts.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
+    opts.log_severity_level = 4  # failures come back as exceptions, not log lines
+    try:
+        providers = [provider] if provider == "CPUExecutionProvider" else [(provider, options or {}), "CPUExecutionProvider"]
+        return ort.InferenceSession(model_bytes, opts, providers=providers)
+    except Exception as e:
+        if "NOT_IMPLEMENTED" in str(e):
+            raise Skip(f"no kernel in this onnxruntime: {str(e).split(':')[-1].strip()}") from None
+        raise
+
+
+def _ort_call(sess, spec: Spec):
+    if spec.dtype == "bf16":
+        # The session may load (ORT has some bf16 kernels), but its Python API cannot hand bf16 arrays in or out.
+        raise Skip("onnxruntime's Python API cannot pass bfloat16 tensors")
+    return lambda inputs: sess.run(None, inputs)[0].astype(np.float64)
+
+
+def run_ort_cpu(spec: Spec, model_bytes: bytes):
+    sess = ort_session(model_bytes, "CPUExecutionProvider")
+    return _ort_call(sess, spec), sess.get_providers()[0]
+
+
+def run_ort_cpu_noopt(spec: Spec, model_bytes: bytes):
+    sess = ort_session(model_bytes, "CPUExecutionProvider", optimize=False)
+    return _ort_call(sess, spec), sess.get_providers()[0] + " (no graph optimisation)"
+
+
+def run_ort_cuda(spec: Spec, model_bytes: bytes):
+    # ORT's CUDA EP runs float32 MatMuls in TF32 by default on Ampere and later (10-bit mantissa: errors
+    # of ~1e-3 in an attention layer, measured on an H100). Verification checks the file in the precision
+    # it declares, so TF32 is switched off here (README: "CUDA and TF32").
+    sess = ort_session(model_bytes, "CUDAExecutionProvider", {"use_tf32": "0"})
+    ran = sess.get_providers()[0]
+    if ran != "CUDAExecutionProvider":  # ORT falls back to CPU silently: that is a failure here
+        raise RuntimeError(f"asked for CUDAExecutionProvider but the session runs on {ran}")
+    return _ort_call(sess, spec), ran
+
+
+def run_onnx_reference(spec: Spec, model_bytes: bytes):
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    model = onnx.load_from_string(model_bytes)
+    custom = sorted({o.domain for o in model.opset_import if o.domain not in ("", "ai.onnx")})
+    if custom:
+        raise Skip(f"onnx's ReferenceEvaluator has no ops of domain {', '.join(custom)}")
+    ev = ReferenceEvaluator(model)
+    return (lambda inputs: np.asarray(ev.run(None, inputs)[0]).astype(np.float64)), "ReferenceEvaluator"
+
+
+def run_openvino(spec: Spec, model_bytes: bytes):
+    try:
+        import openvino as ov
+    except ImportError:
+        raise Skip("openvino is not installed (pip install 'pe-export[openvino]')") from None
+    if spec.dtype == "bf16":
+        raise Skip("OpenVINO's Python API takes no NumPy bfloat16 arrays")
+    core = ov.Core()
+    model = core.read_model(io.BytesIO(model_bytes))
+    # f32: on CPUs with AMX or AVX512-BF16 OpenVINO would otherwise run float32 graphs in bf16.
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return (lambda inputs: np.asarray(compiled(inputs)[0]).astype(np.float64)), f"OpenVINO {ov.__version__.split('-')[0]} CPU"
+
+
+RUNTIMES = {
+    "torch": run_torch,
+    "ort-cpu": run_ort_cpu,
+    "ort-cpu-noopt": run_ort_cpu_noopt,
+    "ort-cuda": run_ort_cuda,
+    "onnx-reference": run_onnx_reference,
+    "openvino": run_openvino,
+}
+DEFAULT_RUNTIMES = tuple(RUNTIMES)
