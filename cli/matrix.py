@@ -68,6 +68,8 @@ def matrix_command(
             out.print(f"  reproduction bundle: {c['bundle']}", soft_wrap=True)
     s = matrix.summary(results)
     out.print(f"{s['cases']} cases, {s['rows']} rows: {s['pass']} pass, {s['FAIL']} FAIL, {s['skipped']} skipped; slowest: {s['slowest']}")
+    if s["unverified_cases"]:
+        out.print(f"unverified (no runtime here can run them): {', '.join(s['unverified_cases'])}", soft_wrap=True)
     if report is not None:
         doc = {"mode": "quick" if quick else "full", "shard": shard or "", "runtimes": list(chosen), "summary": s, "cases": results}
         try:

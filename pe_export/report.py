@@ -63,6 +63,8 @@ def matrix_markdown(doc: dict) -> str:
              f"{s['cases']} exports, {s['rows']} rows: {s['pass']} pass, {s['FAIL']} FAIL, {s['skipped']} skipped"
              f" ({doc['mode']}{', shard ' + doc['shard'] if doc.get('shard') else ''}).",
              f"Slowest case: {s['slowest']}.", ""]  # fmt: skip
+    if s.get("unverified_cases"):
+        lines += [f"Unverified (no runtime here can run them): {', '.join(s['unverified_cases'])}.", ""]
     rows = []
     for case in doc["cases"]:
         for r in case["rows"]:
