@@ -86,3 +86,30 @@ def test_longrope_validation():
         RopeParams(head_dim=96, scaling="longrope", scaling_params=dict(short_factor=[1.0] * 47, long_factor=LONG, original_max_positions=256, factor=4.0))
     with pytest.raises(ValueError, match="mode must be one of runtime, long"):
         RopeParams(head_dim=96, scaling="longrope", scaling_params=dict(short_factor=SHORT, long_factor=LONG, original_max_positions=256, factor=4.0, mode="vllm"))
+
+
+@pytest.mark.parametrize("largest", [4095, 4096, 8191])
+def test_phi3_preset_matches_transformers_across_the_switch(largest):
+    """The phi3-mini-128k-rope preset's own factor lists (8192 positions, so the file stays small)
+    against transformers' Phi3RotaryEmbedding built from the same rope_scaling block."""
+    from pe_export.presets import PRESETS
+
+    params = {**PRESETS["phi3-mini-128k-rope"].params, "max_positions": 8192, "angles": "float32"}
+    sp = params["scaling_params"]
+    sess = ort_cpu_session(exported(Spec(encoding="rope", params=params, op="onnx", opset=23)))
+    config = transformers.Phi3Config(
+        hidden_size=3072, num_attention_heads=32, max_position_embeddings=131072, original_max_position_embeddings=4096,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": sp["short_factor"],
+                         "long_factor": sp["long_factor"], "original_max_position_embeddings": 4096},
+    )  # fmt: skip  (no "factor", as in Phi-3's config: transformers takes 131072 / 4096)
+    rng = np.random.default_rng(largest)
+    ids = np.sort(rng.choice(largest, size=31, replace=False))
+    ids = np.concatenate([ids, [largest]])[None, :]
+    x = rng.standard_normal((1, 2, ids.shape[1], 96), dtype=np.float32)
+    cos, sin = phi3.Phi3RotaryEmbedding(config)(torch.from_numpy(x), torch.from_numpy(ids))
+    want, _ = phi3.apply_rotary_pos_emb(torch.from_numpy(x), torch.from_numpy(x), cos, sin)
+    got = sess.run(None, {"x": x, "position_ids": ids})[0]
+    half = np.abs(x[..., :48]) + np.abs(x[..., 48:])
+    factor = 1.1902380714238083  # sqrt(1 + ln 32 / ln 4096), Phi-3's scaling
+    bound = 2 * tolerance("fp32", "onnx").factor * EPS["fp32"] * factor * np.concatenate([half, half], -1)
+    assert np.all(np.abs(got - want.numpy()) <= bound), np.abs(got - want.numpy()).max()
