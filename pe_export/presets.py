@@ -71,6 +71,43 @@ PRESETS: dict[str, Preset] = {
             ),
         ),
         Preset(
+            name="phi3-mini-128k-rope",
+            encoding="rope",
+            description="Phi-3-mini-128k (April 2024 rope block, as in Phi-3-vision-128k-instruct's config.json): LongRoPE x32 from 4096, head_dim 96",
+            params=dict(
+                head_dim=96, theta=10000.0, pairing="half", max_positions=131072, scaling="longrope",
+                scaling_params=dict(
+                    original_max_positions=4096, factor=32.0, mode="runtime",
+                    # config.json's rope_scaling (type "su"), verbatim: 48 = head_dim / 2 values each.
+                    long_factor=[
+                    1.0299999713897705, 1.0499999523162842, 1.0499999523162842, 1.0799999237060547,
+                    1.2299998998641968, 1.2299998998641968, 1.2999999523162842, 1.4499999284744263,
+                    1.5999999046325684, 1.6499998569488525, 1.8999998569488525, 2.859999895095825, 3.68999981880188,
+                    5.419999599456787, 5.489999771118164, 5.489999771118164, 9.09000015258789, 11.579999923706055,
+                    15.65999984741211, 15.769999504089355, 15.789999961853027, 18.360000610351562,
+                    21.989999771118164, 23.079999923706055, 30.009998321533203, 32.35000228881836,
+                    32.590003967285156, 35.56000518798828, 39.95000457763672, 53.840003967285156, 56.20000457763672,
+                    57.95000457763672, 59.29000473022461, 59.77000427246094, 59.920005798339844, 61.190006256103516,
+                    61.96000671386719, 62.50000762939453, 63.3700065612793, 63.48000717163086, 63.48000717163086,
+                    63.66000747680664, 63.850006103515625, 64.08000946044922, 64.760009765625, 64.80001068115234,
+                    64.81001281738281, 64.81001281738281,
+                    ],
+                    short_factor=[
+                    1.05, 1.05, 1.05, 1.1, 1.1, 1.1, 1.2500000000000002, 1.2500000000000002, 1.4000000000000004,
+                    1.4500000000000004, 1.5500000000000005, 1.8500000000000008, 1.9000000000000008,
+                    2.000000000000001, 2.000000000000001, 2.000000000000001, 2.000000000000001, 2.000000000000001,
+                    2.000000000000001, 2.000000000000001, 2.000000000000001, 2.000000000000001, 2.000000000000001,
+                    2.000000000000001, 2.000000000000001, 2.000000000000001, 2.000000000000001, 2.000000000000001,
+                    2.000000000000001, 2.000000000000001, 2.000000000000001, 2.000000000000001, 2.1000000000000005,
+                    2.1000000000000005, 2.2, 2.3499999999999996, 2.3499999999999996, 2.3499999999999996,
+                    2.3499999999999996, 2.3999999999999995, 2.3999999999999995, 2.6499999999999986,
+                    2.6999999999999984, 2.8999999999999977, 2.9499999999999975, 3.049999999999997, 3.049999999999997,
+                    3.049999999999997,
+                    ],
+                ),
+            ),
+        ),
+        Preset(
             name="gemma-rope",
             encoding="rope",
             description="Gemma 7B: head_dim 256, rotate-half, theta 10000, 8192 positions",
@@ -167,6 +204,30 @@ PRESETS: dict[str, Preset] = {
                 heads=12, head_dim=64, position_buckets=256, max_relative_positions=-1, max_position_embeddings=512,
                 pos_att_type="p2c|c2p", share_att_key=True, norm_rel_ebd=True, max_positions=512,
             ),
+        ),
+        Preset(
+            name="kerple-log",
+            encoding="kerple",
+            description="KERPLE log kernel -p*log(1+a|i-j|), 12 heads (the paper's 162M GPT-NeoX), p and a as initialised, causal",
+            params=dict(heads=12, variant="log", causal=True, max_positions=2048),
+        ),
+        Preset(
+            name="kerple-power",
+            encoding="kerple",
+            description="KERPLE power kernel -a|i-j|^p (0 < p <= 2), 12 heads, p and a as initialised, causal",
+            params=dict(heads=12, variant="power", causal=True, max_positions=2048),
+        ),
+        Preset(
+            name="fire",
+            encoding="fire",
+            description="FIRE bias: MLP(psi(c(i-j))/psi(c max(i,L))), 12 heads, MLP width 32, c 0.1, L 512, seeded weights, causal",
+            params=dict(heads=12, mlp_width=32, init_c=0.1, init_L=512.0, max_positions=2048),
+        ),
+        Preset(
+            name="sandwich",
+            encoding="sandwich",
+            description="Sandwich sinusoidal bias with NeMo's per-head scaling, 12 heads, hidden size 64, causal",
+            params=dict(heads=12, hidden_size=64, causal=True, max_positions=2048),
         ),
     ]
 }

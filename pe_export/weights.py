@@ -54,15 +54,12 @@ def random(seed: int, shapes: dict[str, tuple], scales: dict[str, float]) -> dic
 
 
 def load(p: LearnedWeights) -> np.ndarray:
-    """The tensor `p.key` of `p.weights` as float64, checked against `p.weights_sha256` when set."""
-    path = Path(p.weights)
-    try:
-        stat = path.stat()
-    except OSError:
-        raise BadInput(f"weights file {p.weights!r} does not exist") from None
-    if not path.is_file():
-        raise BadInput(f"weights file {p.weights!r} is not a file")
-    a = _read(str(path.resolve()), p.key, stat.st_mtime_ns, stat.st_size)
+    """The tensor `p.key` of `p.weights` as float64, checked against `p.weights_sha256` when set.
+
+    A key that names no tensor but is the prefix of some (`KEY.name`; "" for every tensor) names the
+    group: a module with several tensors (FIRE's MLP). `load` then returns them flattened and joined
+    in name order, so that one sha256 covers them all; `load_group` returns them by name."""
+    a = _read(*_located(p), p.key)
     if p.weights_sha256 is not None and digest(a) != p.weights_sha256:
         raise BadInput(
             f"tensor {p.key!r} of {p.weights!r} is not the one this file was exported with "
@@ -71,10 +68,50 @@ def load(p: LearnedWeights) -> np.ndarray:
     return a
 
 
+def load_group(p: LearnedWeights) -> dict[str, np.ndarray]:
+    """The tensors under the prefix `p.key` (see `load`), by their names after it, as float64,
+    checked against `p.weights_sha256` (the digest of what `load` returns for that key)."""
+    load(p)
+    return dict(_group(*_located(p), p.key))
+
+
+def _located(p: LearnedWeights) -> tuple[str, int, int]:
+    path = Path(p.weights)
+    try:
+        stat = path.stat()
+    except OSError:
+        raise BadInput(f"weights file {p.weights!r} does not exist") from None
+    if not path.is_file():
+        raise BadInput(f"weights file {p.weights!r} is not a file")
+    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
+
+
+def _tensors(path: str) -> dict:
+    return _safetensors(Path(path).read_bytes(), path) if path.endswith(".safetensors") else _state_dict(path)
+
+
 @functools.lru_cache(maxsize=8)
-def _read(path: str, key: str, mtime_ns: int, size: int) -> np.ndarray:
-    data = Path(path).read_bytes()
-    tensors = _safetensors(data, path) if path.endswith(".safetensors") else _state_dict(path)
+def _group(path: str, mtime_ns: int, size: int, key: str) -> tuple:
+    """((name after the prefix, float64 tensor), ...) in name order, for every tensor under `key`."""
+    prefix = key if key == "" or key.endswith(".") else key + "."
+    tensors = _tensors(path)
+    group = []
+    for name in sorted(n for n in tensors if n.startswith(prefix)):
+        a = tensors[name]()
+        if not np.all(np.isfinite(a)):
+            raise BadInput(f"tensor {name!r} of {path!r} holds NaN or infinite values")
+        a.setflags(write=False)
+        group.append((name[len(prefix) :], a))
+    return tuple(group)
+
+
+@functools.lru_cache(maxsize=8)
+def _read(path: str, mtime_ns: int, size: int, key: str) -> np.ndarray:
+    tensors = _tensors(path)
+    if key not in tensors and _group(path, mtime_ns, size, key):
+        a = np.concatenate([t.ravel() for _, t in _group(path, mtime_ns, size, key)])
+        a.setflags(write=False)
+        return a
     if key not in tensors:
         names = sorted(tensors)
         shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")

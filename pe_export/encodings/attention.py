@@ -62,10 +62,11 @@ def as_attention(enc: Encoding) -> Encoding:
         D = p.dim if enc.kind == "absolute" else p.head_dim
         return p.max_positions, 3, D, bool(layer.attention_causal), 1.0 / math.sqrt(D)
 
-    def params(**kwargs):  # validates like the encoding's own parameters, plus the layer's
+    def params(**kwargs):  # validates like the encoding's own parameters, plus the layer's; returns the former
         from pe_export.spec import Spec
 
-        check(Spec(encoding=enc.name, params=kwargs))
+        base, _, _ = check(Spec(encoding=enc.name, params=kwargs))
+        return enc.params(**base.params)
 
     def module(spec):
         import torch
