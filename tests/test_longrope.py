@@ -40,13 +40,13 @@ def transformers_rope(x, position_ids):
     return q.numpy()
 
 
-def assert_close(got, want, x):
+def assert_close(got, want, x, op):
     """The verification bound (float32 rounding of each pair), doubled: transformers rounds too."""
     from pe_export.encodings.rope import RopeParams, inv_freq
 
     factor = inv_freq(RopeParams(**spec("onnx").params))[1]  # the attention factor, 1.27 here
     half = np.abs(x[..., : D // 2]) + np.abs(x[..., D // 2 :])
-    bound = 2 * tolerance("fp32", "*").factor * EPS["fp32"] * factor * np.concatenate([half, half], -1)
+    bound = 2 * tolerance("fp32", op).factor * EPS["fp32"] * factor * np.concatenate([half, half], -1)
     assert np.all(np.abs(got - want) <= bound), np.abs(got - want).max()
 
 
@@ -61,7 +61,7 @@ def test_switch_matches_transformers(op, largest):
     x = rng.standard_normal((2, 3, ids.shape[1], D), dtype=np.float32)
     got = sess.run(None, {"x": x, "position_ids": ids})[0]
     want = transformers_rope(x, ids)
-    assert_close(got, want, x)
+    assert_close(got, want, x, op)
     if largest < ORIGINAL:  # the long factors give visibly different output, so the check can tell regimes apart
         long_sess = ort_cpu_session(exported(spec(op, mode="long")))
         assert np.abs(long_sess.run(None, {"x": x, "position_ids": ids})[0] - got).max() > 1e-2
@@ -76,7 +76,7 @@ def test_long_mode_uses_long_factors_everywhere(op):
     # transformers picks the long factors when the largest position passes the original length
     with_long = np.concatenate([ids, [[ORIGINAL]]], axis=1)
     want = transformers_rope(np.concatenate([x, x[:, :, :1]], axis=2), with_long)[:, :, :4]
-    assert_close(got, want, x)
+    assert_close(got, want, x, op)
 
 
 def test_longrope_validation():
