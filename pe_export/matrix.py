@@ -127,7 +127,7 @@ def summary(results: list[dict]) -> dict:
         "rows": len(rows) + sum(1 for c in results if c["error"]),
         **counts,
         "failed_cases": sum(c["verdict"] == "FAIL" for c in results),
-        # No runtime here could run them (ORT's Python API has no bf16; onnx's evaluator no contrib ops).
+        # No runtime here could run them (ORT CPU has no bf16 kernels; onnx's evaluator no contrib ops).
         "unverified_cases": [f"{c['preset']} {c['op']} {c['dtype']}" for c in results if c["verdict"] == "unverified"],
         "slowest": f"{slowest['preset']} {slowest['op']} {slowest['dtype']} seq {slowest['seq']} ({slowest['seconds']} s)" if slowest else "",
         "seconds": round(sum(c["seconds"] for c in results), 1),
