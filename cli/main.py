@@ -25,11 +25,15 @@ from rich.console import Console
 from rich.table import Table
 
 from pe_export.encodings.rope import ANGLES, PAIRINGS
+
+TABLES = ("constant", "computed")  # pe_export.deploy.TABLES, import-free
 from pe_export.presets import PRESETS, Preset
 from pe_export.scaling import dynamic, longrope
 from pe_export.spec import DTYPES, LAYOUTS, OP_NAMES
 
-COMMANDS = ("list", "verify", "matrix", "from-config")
+FORMATS, OPTIMIZE_LEVELS, OPTIMIZE_PROVIDERS = ("onnx", "ort"), ("basic", "extended", "all"), ("cpu", "cuda")  # pe_export.deploy's, import-free
+
+COMMANDS = ("list", "verify", "matrix", "from-config", "inspect", "plot", "bench")
 # Tables are wide; when stdout is not a terminal, do not squeeze them into 80 columns.
 out = Console(highlight=False, width=max(shutil.get_terminal_size((160, 24)).columns, 100))
 
@@ -109,7 +113,7 @@ def list_presets():
 CommonOptions = dict(
     seq=(Annotated[Optional[int], typer.Option("--seq", help="The largest position + 1 the graph accepts (table length).")], None),
     output=(Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: PRESET.onnx in the current folder).")], None),
-    op=(Annotated[Optional[Op], typer.Option(help="ONNX target: standard op, ORT contrib op, or plain ops (RoPE; the others are plain ops).")], None),
+    op=(Annotated[Optional[choices("OpChoice", (*OP_NAMES, "auto"))], typer.Option(help="ONNX target: standard op, ORT contrib op, or plain ops (RoPE; the others are plain ops); auto: the best the opset and runtime take.")], None),
     dtype=(Annotated[DType, typer.Option(help="dtype of the float inputs, outputs and tables.")], DType("fp32")),
     opset=(Annotated[Optional[int], typer.Option(help="ONNX opset (default: the lowest the target takes).")], None),
     attention=(Annotated[bool, typer.Option("--attention", help="Export one attention layer (query, key, value -> output) with the encoding applied as its paper does.")], False),
@@ -118,6 +122,11 @@ CommonOptions = dict(
     force=(Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")], False),
     report=(Annotated[Optional[Path], typer.Option(help="Also write the parity report: FILE.json, or FILE.md for Markdown.")], None),
     seed=(Annotated[int, typer.Option(min=0, help="Seed of the random verification inputs.")], 0),
+    static_shapes=(Annotated[Optional[str], typer.Option(help="Fixed input sizes, no symbolic dims (NPUs): B,S (B,S,H for RoPE: H heads; 1,S for a bias).")], None),
+    format=(Annotated[Optional[choices("Format", FORMATS)], typer.Option(help="ort: also write ONNX Runtime's .ort file beside the .onnx (ORT's own converter), verified.")], None),
+    optimize=(Annotated[Optional[choices("OptimizeLevel", OPTIMIZE_LEVELS)], typer.Option(help="Also write ORT's offline-optimised graph at this level (FILE.opt-LEVEL-PROVIDER.onnx), verified.")], None),
+    optimize_provider=(Annotated[Optional[choices("OptimizeProvider", OPTIMIZE_PROVIDERS)], typer.Option(help="Execution provider --optimize optimises for (default cpu).")], None),
+    external_data=(Annotated[Optional[bool], typer.Option("--external-data/--no-external-data", help="Tables in FILE.onnx.data beside the model (default: on above 1 GiB of tables).")], None),
 )  # fmt: skip
 
 
@@ -150,6 +159,10 @@ def make_rope_command(preset: Preset):
         angles: Annotated[
             Angles, typer.Option(help="float64: exact tables; float32: transformers' float32 angles, bit for bit.")
         ] = Angles("float64"),
+        tables: Annotated[
+            Optional[choices("Tables", TABLES)],
+            typer.Option(help="constant: cos/sin tables in the file (default); computed: cos/sin computed in the graph in float32 from the positions (a tiny file, less accurate at large positions)."),
+        ] = None,  # fmt: skip
         theta: Annotated[Optional[float], typer.Option(help="RoPE base.")] = None,
         head_dim: Annotated[Optional[int], typer.Option(help="Head dimension D.")] = None,
         rotary_dim: Annotated[Optional[int], typer.Option(help="Rotated dims R, for partial rotary (default: the whole head).")] = None,
@@ -177,7 +190,7 @@ def make_rope_command(preset: Preset):
     ):
         overrides = dict(
             max_positions=common["seq"], theta=theta, head_dim=head_dim, rotary_dim=rotary_dim,
-            pairing=pairing.value if pairing else None, angles=angles.value,
+            pairing=pairing.value if pairing else None, angles=angles.value, tables=tables.value if tables else "constant",
         )  # fmt: skip
         params = {**preset.params, **{k: v for k, v in overrides.items() if v is not None}}
         if scaling is not None and scaling != params.get("scaling"):
@@ -220,6 +233,8 @@ def make_generic_command(preset: Preset):
         if f.name == "max_positions" or f.name in WEIGHT_FIELDS:
             continue
         kind = typing.get_args(hints[f.name])[0] if typing.get_args(hints[f.name]) else hints[f.name]  # X | None -> X
+        if kind is dict:  # a nested block (a wrapped RoPE's scaling_params): the preset's, not an option
+            continue
         flag = f"--{f.name.replace('_', '-')}"
         decl = [f"{flag}/--no-{f.name.replace('_', '-')}"] if kind is bool else [flag]
         shown = preset.params.get(f.name, None if f.default is dataclasses.MISSING else f.default)
@@ -312,35 +327,94 @@ app.command("from-config")(from_config_command)
 
 
 def run_export(preset, params, layout, options):
-    from pe_export.export import build, check_output_path, check_spec, write_atomic
+    from pe_export import deploy
+    from pe_export.export import build, check_output_path, check_spec, load, write_atomic
     from pe_export.spec import Spec
 
     output, force = options["output"] or Path(f"{preset.name}.onnx"), options["force"]
+    picked = None
     try:
         from pe_export.custom_ops.lowerings import OP_TARGETS
         from pe_export.encodings import ENCODINGS
 
+        settings = {"format": options["format"] and options["format"].value, "optimize": options["optimize"] and options["optimize"].value,
+                    "optimize_provider": options["optimize_provider"] and options["optimize_provider"].value}  # fmt: skip
+        settings = {k: v for k, v in settings.items() if v is not None and v != "onnx"}
+        if options["external_data"]:
+            settings["external_data"] = True
+        static = deploy.parse_static_shapes(options["static_shapes"]) if options["static_shapes"] is not None else None
         op = options["op"].value if options["op"] else ENCODINGS.get(preset.encoding).ops[0]
+        if op == "auto":
+            for_ort = settings.get("format") == "ort" or "optimize" in settings
+            op, picked = deploy.pick_op(ENCODINGS.get(preset.encoding).ops, options["opset"], for_ort)
         opset = options["opset"] if options["opset"] is not None else OP_TARGETS[op].min_opset
-        spec = Spec(encoding=preset.encoding, params=params, op=op, opset=opset, dtype=options["dtype"].value, layout=layout)
+        spec = Spec(encoding=preset.encoding, params=params, op=op, opset=opset, dtype=options["dtype"].value, layout=layout,
+                    static_shapes=static, deploy=settings)  # fmt: skip
         check_spec(spec)
-        check_output_path(output, force)
+        deploy.check_tools(spec)
+        for path in deploy.artifact_paths(spec, output).values():
+            check_output_path(path, force)
         check_report_path(options["report"], output, force)
     except ValueError as e:  # parameter validation and BadInput alike
         fail(str(e))
+    if picked:
+        out.print(f"--op auto picked {op} (opset {opset}): {picked}")
+    extra = {}  # kind -> bytes of the files written beside the model
     with out.status(f"exporting {preset.name} ({op}, {spec.dtype})"):
         try:
-            data = build(spec).SerializeToString()
-        except ValueError as e:  # weights that changed or went missing since they were checked
+            model = build(spec)
+            spec = deploy.finalize_spec(spec, model, options["external_data"])  # records external data
+            data = model.SerializeToString()
+            if spec.deploy.get("format") == "ort":
+                extra["ort"] = deploy.to_ort_format(data)
+            if "optimize" in spec.deploy:
+                extra["optimized"] = deploy.optimize(data, spec.deploy["optimize"], spec.deploy.get("optimize_provider", "cpu"))
+        except ValueError as e:  # weights that changed or went missing since they were checked; ORT refusing
             fail(str(e))
+    paths = deploy.artifact_paths(spec, output)
     try:
-        write_atomic(data, output, force)
+        for path in paths.values():
+            check_output_path(path, force)
+        if spec.deploy.get("external_data"):
+            deploy.write_external(model, output, force)
+        else:
+            write_atomic(data, output, force)
+        for kind, blob in extra.items():
+            write_atomic(blob, paths[kind], force)
+        data = load(output)[0].SerializeToString() if spec.deploy.get("external_data") else output.read_bytes()
     except ValueError as e:
         fail(str(e))
-    out.print(f"wrote {output} ({len(data) / 2**20:.2f} MiB, op {op}, opset {opset}, {spec.dtype}, {layout})")
+    size = sum(paths[k].stat().st_size for k in ("onnx", "data") if k in paths)
+    more = f", {deploy.describe(spec)}" if deploy.describe(spec) else ""
+    out.print(f"wrote {output} ({size / 2**20:.2f} MiB, op {op}, opset {opset}, {spec.dtype}, {layout}{more})")
     from pe_export.verify import DEFAULT_RUNTIMES
 
     finish(output, spec, data, DEFAULT_RUNTIMES, options["report"], force, options["seed"])
+    for kind, runtimes in (("ort", ORT_FORMAT_RUNTIMES), ("optimized", OPTIMIZED_RUNTIMES[spec.deploy.get("optimize_provider", "cpu")])):
+        if kind in extra:
+            out.print(f"wrote {paths[kind]} ({paths[kind].stat().st_size / 2**20:.2f} MiB)")
+            verify_artifact(paths[kind], spec, runtimes, options["seed"])
+
+
+# What can load the files written beside the model: an .ort file only ONNX Runtime; an optimised graph
+# also onnx's evaluator where ORT kept to standard ops (it skips itself on com.microsoft ops).
+ORT_FORMAT_RUNTIMES = ("torch", "ort-cpu", "ort-cpu-noopt", "ort-cuda")
+OPTIMIZED_RUNTIMES = {"cpu": ("torch", "ort-cpu", "ort-cpu-noopt", "onnx-reference"), "cuda": ("torch", "ort-cuda")}
+
+
+def verify_artifact(path, spec, runtimes, seed):
+    """Verify a file written beside the model (.ort, optimised graph) as read back from disk."""
+    from pe_export.verify import check, verdict
+
+    with out.status(f"verifying {path}"):
+        rows = check(spec, path.read_bytes(), runtimes, seed=seed)
+    print_rows(rows)
+    result = verdict(rows)
+    if result == "FAIL":
+        fail(f"parity check failed for {path}; it is kept for inspection", 1)
+    if result == "unverified":
+        fail(f"no runtime here could run {path} ({spec.op}, {spec.dtype}); it is kept but unverified", 1)
+    out.print(f"[green]verified[/green]: {path} matches the float64 reference on every runtime that ran")
 
 
 PROVIDERS = {"cpu": "ort-cpu", "cuda": "ort-cuda"}  # the old --providers names
@@ -488,6 +562,14 @@ def finish(path, spec, data, runtimes, report, force, seed, batch=2, positions=N
 from pe_export.cli import matrix as _matrix  # noqa: E402
 
 _matrix.register(app)
+
+from pe_export.cli import tools  # noqa: E402
+
+tools.register(app)
+
+from pe_export.cli import bench as _bench  # noqa: E402
+
+_bench.register(app)
 
 
 def run():

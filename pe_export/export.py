@@ -37,6 +37,11 @@ def check_spec(spec: Spec) -> None:
         encoding.params(**spec.params)  # validates
     except TypeError as e:  # an unknown or missing parameter name
         raise BadInput(f"bad {spec.encoding} parameters: {e}") from None
+    from pe_export import deploy
+
+    deploy.check_deploy(spec)
+    if spec.static_shapes:
+        deploy.static_sizes(spec)  # fits the contract and the table
 
 
 def build(spec: Spec) -> onnx.ModelProto:
@@ -45,6 +50,10 @@ def build(spec: Spec) -> onnx.ModelProto:
     check_spec(spec)
     enc = encoding_for(spec)
     args, dynamic, input_names, output_names = enc.example_inputs(spec)
+    if spec.static_shapes:  # fixed sizes: no symbolic dim in the graph (pe_export.deploy)
+        from pe_export.deploy import static_args
+
+        args, dynamic = static_args(spec, args, dynamic, input_names), None
     # The exporter prints progress and warns about internals; neither is the user's concern.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet_logging():
         warnings.simplefilter("ignore")
@@ -119,8 +128,8 @@ def write_atomic(data: bytes, path: Path, force: bool) -> None:
         raise
 
 
-def load(path: Path) -> tuple[onnx.ModelProto, Spec]:
-    """Read a file pe-export wrote, with a clear error for anything else."""
+def read_file(path: Path) -> bytes:
+    """The bytes of `path`, with one-line errors for a missing path, a folder and an empty file."""
     if not path.exists():
         raise BadInput(f"{str(path)!r} does not exist")
     if not path.is_file():
@@ -128,12 +137,28 @@ def load(path: Path) -> tuple[onnx.ModelProto, Spec]:
     data = path.read_bytes()
     if not data:
         raise BadInput(f"{str(path)!r} is empty")
+    return data
+
+
+def not_onnx(path: Path, e: Exception) -> BadInput:
+    """The error for a file onnx cannot parse or check (protobuf's and onnx's errors share no base)."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return BadInput(f"{str(path)!r} is not a valid ONNX model ({first})")
+
+
+def load(path: Path) -> tuple[onnx.ModelProto, Spec]:
+    """Read a file pe-export wrote, with a clear error for anything else."""
+    data = read_file(path)
     try:
         model = onnx.load_from_string(data)
+        from pe_export.deploy import load_external_data
+
+        load_external_data(model, path)  # the FILE.onnx.data of --external-data, if the model has one
         onnx.checker.check_model(model)
-    except Exception as e:  # protobuf's DecodeError and onnx's ValidationError share no base class
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput(f"{str(path)!r} is not a valid ONNX model ({first})") from None
+    except BadInput:
+        raise
+    except Exception as e:
+        raise not_onnx(path, e) from None
     props = {p.key: p.value for p in model.metadata_props}
     if SPEC_KEY not in props:
         raise BadInput(f"{str(path)!r} has no {SPEC_KEY} metadata: it was not written by pe-export")

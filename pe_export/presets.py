@@ -229,5 +229,25 @@ PRESETS: dict[str, Preset] = {
             description="Sandwich sinusoidal bias with NeMo's per-head scaling, 12 heads, hidden size 64, causal",
             params=dict(heads=12, hidden_size=64, causal=True, max_positions=2048),
         ),
+        Preset(
+            name="xpos",
+            encoding="xpos",
+            description="xPos (torchscale XPOS defaults): interleaved RoPE x zeta^(n/512), query role, head_dim 64",
+            params=dict(head_dim=64, scale_base=512.0, role="query", max_positions=2048),
+        ),
+        Preset(
+            name="cape-text",
+            encoding="cape",
+            description="CAPE text recipe (gcambara/cape README, CAPE1d 058df08): global shift 5, local 1, scaling 1.03, no normalisation",
+            params=dict(
+                dim=512, max_global_shift=5.0, max_local_shift=1.0, max_global_scaling=1.03, normalize=False, max_positions=2048,
+            ),
+        ),
+        Preset(
+            name="randomized-rope",
+            encoding="randomized-rope",
+            description="Ruoss et al. NOISY_ROTARY: interleaved RoPE, head_dim 8 (64 / 8 heads), noise_max_length 2048, trained on 40",
+            params=dict(head_dim=8, theta=10000.0, pairing="interleaved", train_length=40, max_positions=2048),
+        ),
     ]
 }

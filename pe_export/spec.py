@@ -40,6 +40,12 @@ class Spec:
     opset: int = 23
     dtype: str = "fp32"  # of the float inputs, outputs and tables
     layout: str = "bhsd"
+    # Fixed input sizes (batch, seq[, heads]) for runtimes that need static shapes (pe_export.deploy);
+    # None: batch and lengths stay symbolic.
+    static_shapes: list[int] | None = None
+    # How the file is packaged and what was written beside it: {"external_data": bool, "format": "ort",
+    # "optimize": level, "optimize_provider": "cpu"|"cuda"} (pe_export.deploy); empty: a plain .onnx.
+    deploy: dict = field(default_factory=dict)
     version: str = field(default=__version__)
 
     def __post_init__(self):
@@ -49,6 +55,10 @@ class Spec:
             raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if not isinstance(self.params, dict):
             raise ValueError(f"params must be a JSON object, got {type(self.params).__name__}")
+        if self.static_shapes is not None:
+            from pe_export.deploy import check_static_shapes
+
+            check_static_shapes(self.static_shapes)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

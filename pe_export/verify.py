@@ -152,7 +152,9 @@ def make_probes(spec: Spec, seed: int = 0, batch: int = 2, positions: np.ndarray
     probes = enc.probes(spec, np.random.default_rng(seed), batch)
     if positions is not None:
         probes = probes + [("positions", user_probe(spec, probes[0][1], positions, rng, batch))]
-    return probes
+    from pe_export.deploy import fit_probes  # --static-shapes: every probe re-cut to exactly those sizes
+
+    return fit_probes(spec, probes)
 
 
 def position_grid(spec: Spec, inputs: dict, shape: tuple) -> np.ndarray | None:

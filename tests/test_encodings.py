@@ -58,7 +58,8 @@ INPUTS = {
     "attention": [("query", ["batch", "H", "q", "D"]), ("key", ["batch", "H", "k", "D"]), ("value", ["batch", "H", "k", "D"]),
                   ("query_positions", ["q"]), ("key_positions", ["k"])],
 }  # fmt: skip
-OUTPUTS = {"absolute": "embeddings", "bias": "bias", "attention": "output"}
+INPUTS["rotary"] = [("x", ["batch", "heads", "seq", "D"]), ("position_ids", ["batch", "seq"])]
+OUTPUTS = {"absolute": "embeddings", "bias": "bias", "attention": "output", "rotary": "y"}
 
 
 @pytest.mark.parametrize("preset", OTHERS)
@@ -70,8 +71,8 @@ def test_graph_contract(preset):
     dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
     got = [(i.name, dims(i)) for i in model.graph.input]
     want = INPUTS[kind]
-    if kind == "attention":
-        H, D = spec.params["heads"], spec.params["head_dim"]
+    if kind in ("attention", "rotary"):
+        H, D = spec.params.get("heads"), spec.params["head_dim"]
         want = [(n, [H if d == "H" else D if d == "D" else d for d in ds]) for n, ds in want]
         if spec.encoding == "transformer-xl":  # positions implicit: memory then segment
             want = want[:3]
@@ -126,3 +127,11 @@ def test_positions_out_of_range_fail_everywhere(preset):
             enc.reference(spec, inputs)
         with pytest.raises(Exception):
             ev.run(None, inputs)
+
+
+def test_an_encoding_with_a_query_or_key_role_refuses_the_attention_layer():
+    """xPos scales queries up and keys down: one module for both would export a layer that is not xPos."""
+    from pe_export.export import check_spec
+
+    with pytest.raises(ValueError, match="treats queries and keys differently"):
+        check_spec(spec_for("xpos", attention=True))

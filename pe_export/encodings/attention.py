@@ -43,6 +43,8 @@ def as_attention(enc: Encoding) -> Encoding:
     def check(spec):
         base, layer = split(spec)
         p = enc.params(**base.params)
+        if hasattr(p, "role"):  # xPos: one module here would give queries and keys the same scale
+            raise ValueError(f"{enc.name} treats queries and keys differently (role); export a query and a key graph instead of --attention")
         if enc.kind == "bias":
             if layer.attention_causal is not None:
                 raise ValueError(f"{enc.name} sets causal masking by its own mode; attention_causal applies to absolute and rotary encodings")
@@ -65,8 +67,7 @@ def as_attention(enc: Encoding) -> Encoding:
     def params(**kwargs):  # validates like the encoding's own parameters, plus the layer's; returns the former
         from pe_export.spec import Spec
 
-        base, _, _ = check(Spec(encoding=enc.name, params=kwargs))
-        return enc.params(**base.params)
+        return check(Spec(encoding=enc.name, params=kwargs))[2]
 
     def module(spec):
         import torch

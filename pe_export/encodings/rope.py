@@ -43,6 +43,7 @@ class RopeParams:
     scaling: str = "default"
     scaling_params: dict = field(default_factory=dict)  # the rule's own parameters (factor, ...)
     angles: str = "float64"
+    tables: str = "constant"  # "computed": cos/sin computed in the graph in float32 (pe_export.deploy)
 
     def __post_init__(self):
         if self.rotary_dim is None:
@@ -66,6 +67,9 @@ class RopeParams:
         check_scaling_params(self.scaling, self.scaling_params)
         check_table_fits(self.max_positions, self.rotary_dim)
         inv_freq(self)  # the rule validates its values
+        from pe_export.deploy import check_computed_tables
+
+        check_computed_tables(self)
         if self.angles == "float32" and computed_in_graph(self):
             # In the graph the runtime's own float32 Pow and Cos decide the bits, not torch's: transformers'
             # float32 arithmetic cannot be reproduced there, so do not pretend to.
@@ -220,6 +224,10 @@ def rope_module(spec):
     p = RopeParams(**spec.params)
     if computed_in_graph(p):
         return ComputedRopeModule(spec)
+    if p.tables == "computed":
+        from pe_export.deploy import computed_tables_module
+
+        return computed_tables_module(spec)
     P, switch = p.max_positions, switch_at(p)
     cos, sin = tables(p)
     if switch is not None:
@@ -346,7 +354,9 @@ def rope_magnitude(spec, inputs: dict) -> np.ndarray:
         pair = np.concatenate([m, m], axis=-1)
     else:
         pair = np.repeat(x[..., 0:R:2] + x[..., 1:R:2], 2, axis=-1)
-    return np.concatenate([pair * inv_freq(p)[1], x[..., R:]], axis=-1)
+    from pe_export.deploy import computed_tables_slack  # the float32 angle and Cos/Sin error of computed tables
+
+    return np.concatenate([pair * inv_freq(p)[1] * computed_tables_slack(spec, p, inputs), x[..., R:]], axis=-1)
 
 
 def rope_locate(spec, inputs: dict, at: tuple) -> str:

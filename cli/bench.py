@@ -1,0 +1,51 @@
+"""`pe-export bench FILE`: time an exported graph under ONNX Runtime against a memcpy of the same bytes
+(see pe_export.bench for the shapes and the byte model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def bench_command(
+    file: Annotated[Path, typer.Argument(help="An ONNX file written by pe-export.")],
+    providers: Annotated[str, typer.Option(help="ONNX Runtime providers, comma separated: cpu, cuda.")] = "cpu",
+    threads: Annotated[int, typer.Option(help="ORT intra_op_num_threads.")] = 2,
+    seq: Annotated[Optional[int], typer.Option(help="Prefill length S (default: min(4096, table length); 1024 for bias and attention).")] = None,
+    batch: Annotated[int, typer.Option(help="Batch size B.")] = 1,
+    heads: Annotated[int, typer.Option(help="Heads H of a rotary graph's x (other graphs keep their own).")] = 32,
+    repeat: Annotated[int, typer.Option(help="Timed calls per prefill case (decode takes at least 200).")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+):
+    """Measure prefill throughput (GB/s and ratio to a same-bytes memcpy) and decode latency (p50, p90, p99)."""
+    from rich.table import Table
+
+    from pe_export.bench import bench_file
+    from pe_export.cli.main import fail, out
+
+    names = [p.strip() for p in providers.split(",") if p.strip()]
+    try:
+        result = bench_file(file, providers=tuple(dict.fromkeys(names)), threads=threads, seq=seq, batch=batch, heads=heads, repeat=repeat)
+    except ValueError as e:  # BadInput included
+        fail(str(e))
+    except RuntimeError as e:  # a session that did not land on the provider asked for
+        fail(str(e), 1)
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    table = Table("case", "provider", "shapes", "MB", "op ms", "GB/s", "memcpy GB/s", "op / memcpy", "p50 ms", "p90 ms", "p99 ms")
+    for c in result.cases:
+        shapes = " ".join("x".join(map(str, s)) for s in c.shapes.values())
+        ratio = f"{c.ratio:.2f}" if c.ratio is not None else "-"
+        memcpy = f"{c.memcpy_gbps:.1f}" if c.memcpy_gbps is not None else "-"
+        table.add_row(c.name, c.provider, shapes, f"{c.bytes / 1e6:.1f}", f"{c.op_s * 1e3:.3f}", f"{c.gbps:.2f}", memcpy, ratio,
+                      f"{c.p50_ms:.3f}", f"{c.p90_ms:.3f}", f"{c.p99_ms:.3f}")  # fmt: skip
+    out.print(table)
+    out.print(f"bytes: {result.byte_model}; {result.cases[0].note}", soft_wrap=True)
+
+
+def register(app):
+    app.command("bench")(bench_command)
