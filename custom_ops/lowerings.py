@@ -5,8 +5,8 @@
 - `ort`: ONNX Runtime's `com.microsoft::RotaryEmbedding`. Its kernels need a static `num_heads`
   whenever `rotary_embedding_dim` is set, so partial rotary is a Slice, a full-width node on the
   rotated part, and a Concat, which keeps heads dynamic; `bshd` is reshaped (no copy) to its 3D form.
-- `decomposed`: standard ops only (Gather, Unsqueeze, Slice, Mul, Sub, Add, Concat, Reshape), any
-  opset >= 17.
+- `decomposed`: standard ops only (Gather, Unsqueeze, Reshape, Slice, Concat, Neg, Mul, Add), any
+  opset >= 17; see `lower_decomposed` for the arithmetic.
 In every lowering negative positions are first mapped to row P (ONNX's Gather and onnx's evaluator
 wrap negative indices), so that every runtime that checks indices fails on them.
 
@@ -68,25 +68,39 @@ def lower_ort(x, cos_table, sin_table, position_ids, interleaved, rotary_dim, la
 
 
 def lower_decomposed(x, cos_table, sin_table, position_ids, interleaved, rotary_dim, layout):
+    """y = x * cos + swap(x) * sin, where swap exchanges the two members of each pair and the sign of
+    the rotation lives in the sin row (-sin for a pair's first member, +sin for its second).
+
+    x is passed over four times: the swap, two Mul, one Add; no Slice of halves, no Concat of
+    results, no Reshape copy into the output. The swap comes first, on x itself: swapping the product
+    x * sin instead measured slower in fp16 on ORT CPU, which computes Mul in fp32 and would cast the
+    product down for the swap and up again. The cos table is widened to (P, R) before the Gather, by
+    copies that ONNX Runtime folds into a constant when the session loads (the file keeps (P, R/2));
+    the signed sin rows are built after the Gather, from B*S rows only, because ORT CPU has no fp16 Neg
+    kernel: a Neg of the whole table would not fold and would run on every call. Rounding is
+    unchanged: each output is still a*c + b*(-s) = a*c - b*s, two rounded products and a rounded sum."""
     rows = op.Shape(cos_table, start=0, end=1)  # (1,) = [P]
     safe_ids = op.Where(op.Less(position_ids, [0]), rows, position_ids)  # negative -> P: out of range
     axis = [1] if layout == "bhsd" else [2]
-    cos = op.Unsqueeze(op.Gather(cos_table, safe_ids), axis)  # (B, 1, S, R/2) or (B, S, 1, R/2)
-    sin = op.Unsqueeze(op.Gather(sin_table, safe_ids), axis)
     half = rotary_dim // 2
+    sin = op.Gather(sin_table, safe_ids)  # (B, S, R/2)
+    rot = x if whole_head(x, rotary_dim) else op.Slice(x, [0], [rotary_dim], [-1])  # (..., R)
     if interleaved:
-        rot = x if whole_head(x, rotary_dim) else op.Slice(x, [0], [rotary_dim], [-1])
-        pairs = op.Reshape(rot, [0, 0, 0, half, 2])  # (..., R/2, 2)
-        a = op.Squeeze(op.Slice(pairs, [0], [1], [-1]), [-1])  # (..., R/2)
-        b = op.Squeeze(op.Slice(pairs, [1], [2], [-1]), [-1])
-        a2 = op.Unsqueeze(op.Sub(op.Mul(a, cos), op.Mul(b, sin)), [-1])
-        b2 = op.Unsqueeze(op.Add(op.Mul(b, cos), op.Mul(a, sin)), [-1])
-        rot = op.Reshape(op.Concat(a2, b2, axis=-1), [0, 0, 0, rotary_dim])  # (..., R)
+        # Pairs (2i, 2i + 1): rows [c0, c0, c1, c1, ...] and [-s0, s0, -s1, s1, ...].
+        cos = op.Reshape(op.Concat(op.Unsqueeze(cos_table, [-1]), op.Unsqueeze(cos_table, [-1]), axis=-1), [0, rotary_dim])  # (P, R)
+        sin = op.Reshape(op.Concat(op.Unsqueeze(op.Neg(sin), [-1]), op.Unsqueeze(sin, [-1]), axis=-1), [0, 0, rotary_dim])  # (B, S, R)
+        pairs = op.Reshape(rot, [0, 0, 0, half, 2])  # (..., R/2, 2), no copy
+        even, odd = op.Slice(pairs, [0], [1], [-1]), op.Slice(pairs, [1], [2], [-1])  # (..., R/2, 1) each
+        swapped = op.Reshape(op.Concat(odd, even, axis=-1), [0, 0, 0, rotary_dim])  # (..., R)
     else:
-        a = op.Slice(x, [0], [half], [-1])
-        b = op.Slice(x, [half], [rotary_dim], [-1])
-        rot = op.Concat(op.Sub(op.Mul(a, cos), op.Mul(b, sin)), op.Add(op.Mul(b, cos), op.Mul(a, sin)), axis=-1)
-    return with_tail(rot, x, rotary_dim)
+        # Pairs (i, i + R/2): rows [c, c] and [-s, s]; the swap exchanges the halves with one Gather.
+        cos = op.Concat(cos_table, cos_table, axis=-1)  # (P, R)
+        sin = op.Concat(op.Neg(sin), sin, axis=-1)  # (B, S, R)
+        halves = op.Reshape(rot, [0, 0, 0, 2, half])  # (..., 2, R/2), no copy
+        swapped = op.Reshape(op.Gather(halves, [1, 0], axis=-2), [0, 0, 0, rotary_dim])  # (..., R)
+    cos = op.Unsqueeze(op.Gather(cos, safe_ids), axis)  # (B, 1, S, R) or (B, S, 1, R)
+    sin = op.Unsqueeze(sin, axis)
+    return with_tail(op.Add(op.Mul(rot, cos), op.Mul(swapped, sin)), x, rotary_dim)
 
 
 def whole_head(x, rotary_dim: int) -> bool:
