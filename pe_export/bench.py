@@ -150,7 +150,8 @@ def bound_call(sess, inputs: dict, provider: str):
     shape = sess.run(None, inputs)[0].shape  # the output's shape, once
     out_name = sess.get_outputs()[0].name
     out_type = sess.get_outputs()[0].type  # "tensor(float)", ...
-    dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}[out_type]
+    # uint8: the CUDA memcpy graph (an Identity of bytes); the others: what exports produce.
+    dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64, "tensor(uint8)": np.uint8}[out_type]
     out = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)  # preallocated, written in place
     binding.bind_ortvalue_output(out_name, out)
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
