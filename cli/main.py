@@ -186,13 +186,25 @@ def make_rope_command(preset: Preset):
             typer.Option(help="dynamic only. runtime: the graph computes the base from its positions, as "
                          "transformers (default); fixed: one table for --seq, as vLLM."),
         ] = None,  # fmt: skip
+        hf_config: Annotated[
+            Optional[Path], typer.Option("--config", help="Take the RoPE parameters from a local Hugging Face config.json instead of the preset's (as from-config does).")
+        ] = None,  # fmt: skip
         **common,
     ):
+        base = preset.params
+        if hf_config is not None:
+            from pe_export.hf_config import rope_params_from_config
+
+            try:
+                base = rope_params_from_config(hf_config, max_positions=common["seq"])
+            except ValueError as e:
+                fail(str(e))
+            out.print(f"{hf_config}: " + ", ".join(f"{k}={v}" for k, v in base.items()), soft_wrap=True)
         overrides = dict(
             max_positions=common["seq"], theta=theta, head_dim=head_dim, rotary_dim=rotary_dim,
             pairing=pairing.value if pairing else None, angles=angles.value, tables=tables.value if tables else "constant",
         )  # fmt: skip
-        params = {**preset.params, **{k: v for k, v in overrides.items() if v is not None}}
+        params = {**base, **{k: v for k, v in overrides.items() if v is not None}}
         if scaling is not None and scaling != params.get("scaling"):
             params["scaling"], params["scaling_params"] = scaling, {}
         if scaling_param:
@@ -203,9 +215,9 @@ def make_rope_command(preset: Preset):
                 params["scaling_params"] = {**params["scaling_params"], "mode": mode}
             elif chosen is not None:
                 fail(f"--{rule}-mode applies to the {rule} scaling rule; this export uses {params.get('scaling', 'default')!r}")
-        if head_dim is not None and rotary_dim is None and "rotary_dim" in preset.params:
+        if head_dim is not None and rotary_dim is None and "rotary_dim" in base:
             # Keep the preset's rotary fraction, as transformers' partial_rotary_factor does.
-            params["rotary_dim"] = int(head_dim * preset.params["rotary_dim"] / preset.params["head_dim"])
+            params["rotary_dim"] = int(head_dim * base["rotary_dim"] / base["head_dim"])
         run_export(preset, {**params, **layer_params(common)}, layout.value, common)
 
     own = inspect.signature(export_command, eval_str=True).parameters
@@ -322,7 +334,7 @@ _config = inspect.Parameter(
     "config", inspect.Parameter.POSITIONAL_OR_KEYWORD,
     annotation=Annotated[Path, typer.Argument(help="A local Hugging Face config.json.")],
 )  # fmt: skip
-from_config_command.__signature__ = inspect.Signature([_config, *_options])
+from_config_command.__signature__ = inspect.Signature([_config, *(o for o in _options if o.name != "hf_config")])
 app.command("from-config")(from_config_command)
 
 

@@ -77,7 +77,7 @@ PRESETS: dict[str, Preset] = {
             params=dict(
                 head_dim=96, theta=10000.0, pairing="half", max_positions=131072, scaling="longrope",
                 scaling_params=dict(
-                    original_max_positions=4096, factor=32.0, mode="runtime",
+                    original_max_positions=4096, factor=32.0,
                     # config.json's rope_scaling (type "su"), verbatim: 48 = head_dim / 2 values each.
                     long_factor=[
                     1.0299999713897705, 1.0499999523162842, 1.0499999523162842, 1.0799999237060547,

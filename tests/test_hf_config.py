@@ -30,6 +30,9 @@ FAMILIES = {
     "deepseek-v3-rope": ("deepseek_v3", dict(hidden_size=7168, num_attention_heads=128, qk_rope_head_dim=64, qk_nope_head_dim=128, max_position_embeddings=163840),
                          10000.0, ("yarn", {"factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})),
     "gpt-j-rope": ("gptj", dict(n_embd=4096, n_head=16, rotary_dim=64, n_positions=2048), None, None),
+    "phi3-mini-128k-rope": ("phi3", dict(hidden_size=3072, num_attention_heads=32, max_position_embeddings=131072), 10000.0,
+                            ("longrope", {"original_max_position_embeddings": 4096,
+                                          **{k: PRESETS["phi3-mini-128k-rope"].params["scaling_params"][k] for k in ("short_factor", "long_factor")}})),
     "gpt-neox-rope": ("gpt_neox", dict(hidden_size=4096, num_attention_heads=32, rotary_pct=0.25, max_position_embeddings=2048), 10000.0, None),
 }
 
@@ -205,3 +208,22 @@ def test_bad_configs(tmp_path, name, text, message):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("pe-export: error: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+def test_config_option_on_a_preset_command(tmp_path):
+    """`--config` on a preset command takes the parameters from the file, as from-config does; the
+    command's own options still override them."""
+    from pe_export.export import load
+
+    path = write_config(tmp_path / "qwen", "qwen2.5-yarn-rope", "new")
+    out = tmp_path / "q.onnx"
+    result = runner.invoke(app, ["llama-rope", "--config", str(path), "--seq", "1024", "--theta", "20000", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    params = load(out)[1].params
+    want = {**rope_params_from_config(path, max_positions=1024), "theta": 20000.0}
+    assert RopeParams(**params) == RopeParams(**{**want, "tables": "constant"})
+    assert params["scaling"] == "yarn" and params["head_dim"] == 128  # from the file, not llama-rope's preset
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    result = runner.invoke(app, ["llama-rope", "--config", str(bad), "-o", str(tmp_path / "x.onnx")])
+    assert result.exit_code == 2 and "is not valid JSON" in result.output and not (tmp_path / "x.onnx").exists()
