@@ -14,9 +14,9 @@ def bench_command(
     file: Annotated[Path, typer.Argument(help="An ONNX file written by pe-export.")],
     providers: Annotated[str, typer.Option(help="ONNX Runtime providers, comma separated: cpu, cuda.")] = "cpu",
     threads: Annotated[int, typer.Option(help="ORT intra_op_num_threads.")] = 2,
-    seq: Annotated[Optional[int], typer.Option(help="Prefill length S (default: min(4096, table length); 1024 for bias and attention).")] = None,
-    batch: Annotated[int, typer.Option(help="Batch size B.")] = 1,
-    heads: Annotated[int, typer.Option(help="Heads H of a rotary graph's x (other graphs keep their own).")] = 32,
+    seq: Annotated[Optional[int], typer.Option(help="Prefill length S (default: min(4096, table length); 1024 for bias and attention; a static-shapes file's own S).")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Batch size B (default 1; a static-shapes file's own B).")] = None,
+    heads: Annotated[Optional[int], typer.Option(help="Heads H of a rotary graph's x (default 32; other graphs keep their own).")] = None,
     repeat: Annotated[int, typer.Option(help="Timed calls per prefill case (decode takes at least 200).")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ):

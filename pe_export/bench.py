@@ -13,11 +13,14 @@ rotary graph the cos and sin rows it gathers (2 * B * S * R/2 elements of the ta
 baseline copies a buffer of half that many bytes into another (read + write = the same byte count), in
 the same process, timed in turn with the op (one copy, one call, ...), so that `ratio = memcpy time /
 op time` compares like with like on a shared machine (NumPy's copy uses one thread whatever --threads
-says; on CUDA the copy is an ORT Identity with input and output on the device). Bias and attention outputs grow as S^2, so their default S is capped lower (1024).
+says; on CUDA the copy is an ORT Identity with input and output on the device). Bias and attention
+outputs grow as S^2, so their default S is capped lower (1024).
 
 The ORT session runs with graph optimisations fully on and `intra_op_num_threads = threads`; inputs
-and outputs are bound once with `io_binding` (preallocated), so Python's per-call overhead is the
-binding's run call only. Each case is warmed up before it is timed.
+are placed on the provider's device and the output preallocated there, bound once with `io_binding`,
+so Python's per-call overhead is the binding's run call only (bf16 goes in as OrtValues made from the
+bits). Each case is warmed up before it is timed. A file exported with static shapes is timed at its
+own shapes only: a prefill, or a decode when S is 1.
 """
 
 from __future__ import annotations
@@ -139,23 +142,44 @@ def session(model_bytes: bytes, provider: str, threads: int):
     return sess
 
 
-def bound_call(sess, inputs: dict, provider: str):
-    """A no-argument call that runs the session on preallocated, bound inputs and outputs."""
+DEVICES = {"cpu": "cpu", "cuda": "cuda"}
+
+
+def on_device(host, device: str):
+    """A copy of a host OrtValue in memory of `device`, made once."""
     import onnxruntime as ort
 
-    device = "cpu" if provider == "cpu" else "cuda"
+    value = ort.OrtValue.ortvalue_from_shape_and_type(host.shape(), host.element_type(), device, 0)
+    value.update_inplace(host)
+    return value
+
+
+def bound_call(sess, inputs: dict, provider: str):
+    """A no-argument call that runs the session on inputs and an output preallocated on the device,
+    bound once; returns (call, output bytes, the output OrtValue)."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    from pe_export.runtimes import host_value
+
+    device = DEVICES[provider]
     binding = sess.io_binding()
-    for name, value in inputs.items():
-        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, device, 0))
-    shape = sess.run(None, inputs)[0].shape  # the output's shape, once
+    keep = []  # the OrtValues, and through them the NumPy memory the CPU ones read
+    for name, a in inputs.items():
+        keep.append(host_value(a) if device == "cpu" else on_device(host_value(a), device))
+        binding.bind_ortvalue_input(name, keep[-1])
     out_name = sess.get_outputs()[0].name
-    out_type = sess.get_outputs()[0].type  # "tensor(float)", ...
-    # uint8: the CUDA memcpy graph (an Identity of bytes); the others: what exports produce.
-    dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64, "tensor(uint8)": np.uint8}[out_type]
-    out = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)  # preallocated, written in place
-    binding.bind_ortvalue_output(out_name, out)
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    return (lambda: sess.run_with_iobinding(binding)), nbytes
+    binding.bind_output(out_name, device)  # one run lets ORT size the output ...
+    sess.run_with_iobinding(binding)
+    first = binding.get_outputs()[0]
+    out = ort.OrtValue.ortvalue_from_shape_and_type(first.shape(), first.element_type(), device, 0)
+    binding.bind_ortvalue_output(out_name, out)  # ... which is then preallocated and written in place
+    itemsize = helper.tensor_dtype_to_np_dtype(first.element_type()).itemsize
+
+    def call(_keep=keep):  # the default argument keeps the inputs' memory alive with the call
+        sess.run_with_iobinding(binding)
+
+    return call, int(np.prod(first.shape())) * itemsize, out
 
 
 def timed(calls, repeat: int) -> np.ndarray:
@@ -173,27 +197,30 @@ def timed(calls, repeat: int) -> np.ndarray:
     return times
 
 
-def memcpy_call(nbytes: int, provider: str, threads: int):
-    """A copy of nbytes / 2 bytes between two preallocated buffers (read + write = nbytes)."""
-    half = max(nbytes // 2, 1)
-    if provider == "cpu":
-        src, dst = np.ones(half, np.uint8), np.zeros(half, np.uint8)
-        return lambda: np.copyto(dst, src), "NumPy copy, one thread"
-    import onnx
+def copy_model(n: int) -> bytes:
+    """An Identity of n bytes: bound to buffers on one device, a device-to-device copy."""
     from onnx import TensorProto, helper
 
-    # A device-to-device copy: an Identity whose input and output both live on the GPU.
     graph = helper.make_graph(
         [helper.make_node("Identity", ["a"], ["b"])],
         "memcpy",
-        [helper.make_tensor_value_info("a", TensorProto.UINT8, [half])],
-        [helper.make_tensor_value_info("b", TensorProto.UINT8, [half])],
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n])],
+        [helper.make_tensor_value_info("b", TensorProto.UINT8, [n])],
     )
     # IR version 10: onnx's default follows onnx, and an older ORT refuses a newer IR (seen: ORT 1.31, onnx 1.23).
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-    sess = session(model.SerializeToString(), provider, threads)
-    call, _ = bound_call(sess, {"a": np.ones(half, np.uint8)}, provider)
-    return call, "ORT Identity on the device"
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10).SerializeToString()
+
+
+def memcpy_call(nbytes: int, provider: str, threads: int, ort_copy: bool | None = None):
+    """A copy of nbytes / 2 bytes between two preallocated buffers (read + write = nbytes): NumPy's on
+    the CPU, an ORT Identity with input and output on the device elsewhere (`ort_copy` forces either)."""
+    half = max(nbytes // 2, 1)
+    if not (provider != "cpu" if ort_copy is None else ort_copy):
+        src, dst = np.ones(half, np.uint8), np.zeros(half, np.uint8)
+        return lambda: np.copyto(dst, src), "NumPy copy, one thread"
+    sess = session(copy_model(half), provider, threads)
+    call, _, _ = bound_call(sess, {"a": np.ones(half, np.uint8)}, provider)
+    return call, f"ORT Identity, input and output on {DEVICES[provider]}"
 
 
 def bench(
@@ -202,17 +229,30 @@ def bench(
     providers=("cpu",),
     threads: int = 2,
     seq: int | None = None,
-    batch: int = 1,
-    heads: int = 32,
+    batch: int | None = None,
+    heads: int | None = None,
     repeat: int = 20,
 ) -> BenchResult:
-    """Measure prefill and decode of a graph on each provider (see the module docstring)."""
+    """Measure prefill and decode of a graph on each provider (see the module docstring). batch and
+    heads default to 1 and 32; a file exported with static shapes is timed at those shapes only (a
+    prefill, or a decode when S is 1), and a --seq, --batch or --heads that differs is refused."""
     from pe_export.encodings import encoding_for
 
-    if getattr(spec, "static_shapes", None):
-        raise BadInput(f"bench needs symbolic batch and lengths; this file was exported with static shapes {spec.static_shapes}")
     kind = encoding_for(spec).kind
     P = table_length(spec)
+    cases = ("prefill", "decode")
+    if spec.static_shapes:
+        from pe_export.deploy import static_sizes
+
+        sizes = static_sizes(spec)
+        for name, given, size in (("--seq", seq, sizes["seq"]), ("--batch", batch, sizes["batch"]), ("--heads", heads, sizes["heads"])):
+            if given is not None and size is not None and given != size:
+                shapes = ",".join(map(str, spec.static_shapes))
+                raise BadInput(f"{name} {given} does not fit this file's static shapes {shapes}: leave it out (or pass {size})")
+        seq, batch, heads = sizes["seq"], sizes["batch"], sizes["heads"]
+        cases = ("decode",) if seq == 1 else ("prefill",)
+    batch = 1 if batch is None else batch
+    heads = 32 if heads is None else heads
     if seq is None:
         seq = min(SEQ_CAP[kind], P)
     if not 1 <= seq <= P:
@@ -220,16 +260,14 @@ def bench(
     for name, value, low in (("--threads", threads, 1), ("--batch", batch, 1), ("--heads", heads, 1), ("--repeat", repeat, 3)):
         if value < low:
             raise BadInput(f"{name} must be >= {low}, got {value}")
-    if spec.dtype == "bf16":
-        raise BadInput("bench cannot time bf16 graphs: onnxruntime's Python API cannot pass bfloat16 tensors")
     result = BenchResult(spec=asdict(spec), threads=threads, batch=batch, heads=heads, seq=seq, byte_model=BYTE_MODEL)
     for provider in providers:
         if provider not in PROVIDERS:
             raise BadInput(f"--providers takes a comma-separated list of {', '.join(PROVIDERS)}, got {provider!r}")
         sess = session(model_bytes, provider, threads)
-        for case in ("prefill", "decode"):
+        for case in cases:
             inputs = make_inputs(spec, case, seq, batch, heads)
-            call, out_bytes = bound_call(sess, inputs, provider)
+            call, out_bytes, _ = bound_call(sess, inputs, provider)
             nbytes = sum(v.nbytes for v in inputs.values()) + out_bytes + gathered_bytes(spec, inputs)
             copy, how = memcpy_call(nbytes, provider, threads)
             reps = repeat if case == "prefill" else max(repeat, 200)  # decode is short: more samples for p99

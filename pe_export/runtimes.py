@@ -70,6 +70,18 @@ def ort_session(model_bytes: bytes, provider: str, options: dict | None = None, 
         raise
 
 
+def host_value(a: np.ndarray):
+    """An OrtValue over `a`'s memory (the OrtValue keeps it alive); bf16 goes in as its bits, since
+    NumPy has no bfloat16 ORT knows."""
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    a = np.ascontiguousarray(a)
+    if a.dtype == numpy_dtype("bf16"):
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(a.view(np.int16), TensorProto.BFLOAT16)
+    return ort.OrtValue.ortvalue_from_numpy(a)
+
+
 def _ort_call(sess, spec: Spec):
     if spec.dtype != "bf16":
         return lambda inputs: sess.run(None, inputs)[0].astype(np.float64)
@@ -77,19 +89,12 @@ def _ort_call(sess, spec: Spec):
     # through an io_binding on the CPU, read back as bits.
     import ctypes
 
-    import onnxruntime as ort
-    from onnx import TensorProto
-
     bf16 = numpy_dtype("bf16")
 
     def call(inputs):
         binding = sess.io_binding()
-        for name, a in inputs.items():
-            a = np.ascontiguousarray(a)
-            if a.dtype == bf16:
-                value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(a.view(np.int16), TensorProto.BFLOAT16)
-            else:
-                value = ort.OrtValue.ortvalue_from_numpy(a)
+        values = {name: host_value(a) for name, a in inputs.items()}  # alive until the run is over
+        for name, value in values.items():
             binding.bind_ortvalue_input(name, value)
         binding.bind_output(sess.get_outputs()[0].name, "cpu")
         sess.run_with_iobinding(binding)

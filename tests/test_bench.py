@@ -3,6 +3,7 @@ contract, and the bad-input contract (exit 2). No timed assertions: timings depe
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -76,6 +77,79 @@ def test_other_contracts(preset, kind):
     result = bench(spec, exported(spec), seq=40, repeat=3)
     assert [c.name for c in result.cases] == ["prefill", "decode"]
     assert all(c.op_s > 0 and math.isfinite(c.ratio) for c in result.cases)
+
+
+def test_bound_call_writes_what_a_plain_run_returns():
+    """The preallocated, bound output holds the session's own answer (fp32, fp16, and bf16 as bits),
+    read back here independently of bench's binding."""
+    import ctypes
+
+    from pe_export.bench import bound_call, make_inputs, session
+    from pe_export.presets import PRESETS
+    from pe_export.runtimes import _ort_call
+    from pe_export.spec import numpy_dtype
+
+    for dtype, itemsize in (("fp32", 4), ("fp16", 2), ("bf16", 2)):
+        spec = Spec(encoding="t5-bias", params=dict(PRESETS["t5-bias"].params), op="decomposed", opset=17, dtype=dtype)
+        sess = session(exported(spec), "cpu", 1)
+        inputs = make_inputs(spec, "prefill", 24, 1, 1)
+        call, nbytes, out = bound_call(sess, inputs, "cpu")
+        call()
+        shape = tuple(out.shape())
+        assert shape == (1, 12, 24, 24) and nbytes == 12 * 24 * 24 * itemsize
+        raw = (ctypes.c_uint8 * nbytes).from_address(out.data_ptr())
+        got = np.frombuffer(raw, dtype=numpy_dtype(dtype)).reshape(shape).astype(np.float64)
+        np.testing.assert_array_equal(got, _ort_call(sess, spec)(inputs))
+
+
+def test_inputs_placed_on_a_device_keep_their_bits():
+    """on_device (the CUDA path's host-to-device copy), run with CPU memory: every dtype bench feeds."""
+    import ctypes
+
+    from pe_export.bench import on_device
+    from pe_export.runtimes import host_value
+    from pe_export.spec import numpy_dtype
+
+    for dtype in ("fp32", "fp16", "bf16", "int64"):
+        a = (np.arange(24).reshape(2, 12) - 7.5).astype(numpy_dtype(dtype) if dtype != "int64" else np.int64)
+        host = host_value(a)
+        value = on_device(host, "cpu")
+        assert value.shape() == [2, 12] and value.element_type() == host.element_type()
+        got = np.frombuffer((ctypes.c_uint8 * a.nbytes).from_address(value.data_ptr()), dtype=a.dtype)
+        assert np.array_equal(got.reshape(a.shape), a)
+
+
+def test_device_copy_graph_copies():
+    """The memcpy used on CUDA (an ORT Identity between bound buffers), run here on the CPU: it loads
+    (IR version), binds a uint8 output, and copies every byte."""
+    from pe_export.bench import bound_call, copy_model, memcpy_call, session
+
+    data = (np.arange(1000) % 251).astype(np.uint8)
+    call, nbytes, out = bound_call(session(copy_model(1000), "cpu", 1), {"a": data}, "cpu")
+    out.update_inplace(np.zeros(1000, np.uint8))
+    call()
+    assert nbytes == 1000 and np.array_equal(out.numpy(), data)
+    call, how = memcpy_call(2 * 1000, "cpu", 1, ort_copy=True)
+    assert how == "ORT Identity, input and output on cpu"
+    call()
+
+
+def test_static_shapes_file(tmp_path):
+    """A static-shapes file is timed at its own shapes: a prefill, or a decode when S is 1; other sizes exit 2."""
+    spec = replace(rope_spec(op="decomposed", max_positions=64), static_shapes=[2, 16, 3])
+    path = write(tmp_path, spec)
+    result = runner.invoke(app, ["bench", str(path), "--repeat", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    (case,) = json.loads(result.output)["cases"]
+    assert case["name"] == "prefill" and case["shapes"] == {"x": [2, 3, 16, 64], "position_ids": [2, 16]}
+    for args in (["--seq", "8"], ["--batch", "1"], ["--heads", "4"]):
+        result = runner.invoke(app, ["bench", str(path), *args])
+        assert result.exit_code == 2 and "does not fit this file's static shapes 2,16,3" in result.output, result.output
+    spec = replace(spec, static_shapes=[1, 1, 2])
+    result = runner.invoke(app, ["bench", str(write(tmp_path, spec, "d.onnx")), "--repeat", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    (case,) = json.loads(result.output)["cases"]
+    assert case["name"] == "decode" and case["shapes"] == {"x": [1, 2, 1, 64], "position_ids": [1, 1]}
 
 
 @pytest.mark.parametrize(
