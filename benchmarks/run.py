@@ -175,7 +175,7 @@ def main(argv=None) -> int:
 
     import onnxruntime
 
-    from pe_export.bench import bench
+    from pe_export.bench import bench, time_by_op
     from pe_export.export import build
 
     graphs = []  # (name, dtype, spec, model bytes)
@@ -192,7 +192,9 @@ def main(argv=None) -> int:
         print(f"bench {name} {dtype}", file=sys.stderr)
         r = bench(spec, data, threads=args.threads, seq=args.seq, heads=args.heads, repeat=args.repeat)
         prefill, decode = r.cases
-        rows.append((name, dtype, prefill, decode, parity(spec, data)))
+        shares = time_by_op(spec, data, threads=args.threads, seq=args.seq, heads=args.heads, repeat=args.repeat)
+        where = ", ".join(f"{op} {share:.0%}" for op, share in shares if share >= 0.02)
+        rows.append((name, dtype, prefill, decode, parity(spec, data), where))
 
     measured, wall = end_to_end(args.e2e_seq) if args.e2e_seq else ([], 0.0)
     fp32_bytes = rows[0][2].bytes
@@ -212,11 +214,22 @@ def main(argv=None) -> int:
         "| graph | dtype | prefill vs memcpy | prefill GB/s | memcpy GB/s | prefill ms | decode p50 us | decode p99 us | worst err / bound |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, dtype, pf, dc, worst in rows:
+    for name, dtype, pf, dc, worst, _ in rows:
         lines.append(
             f"| {name} | {dtype} | {pf.ratio:.2f} | {pf.gbps:.2f} | {pf.memcpy_gbps:.1f} | {pf.op_s * 1e3:.1f} | "
             f"{dc.p50_ms * 1e3:.1f} | {dc.p99_ms * 1e3:.1f} | {worst:.2f} |"
         )
+    lines += [
+        "",
+        "## Where each prefill's time goes",
+        "",
+        "ORT's profiler over the same prefill (`pe-export bench FILE --profile`): each op type's share of the run, after "
+        "ORT's graph optimisations (so the op types ORT actually ran, Casts it inserted included); shares under 2% left out.",
+        "",
+        "| graph | dtype | time by op type |",
+        "|---|---|---|",
+        *[f"| {name} | {dtype} | {where} |" for name, dtype, _, _, _, where in rows],
+    ]
     if measured:
         total = sum(s for _, s in measured)
         lines += [

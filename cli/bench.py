@@ -18,6 +18,7 @@ def bench_command(
     batch: Annotated[Optional[int], typer.Option(help="Batch size B (default 1; a static-shapes file's own B).")] = None,
     heads: Annotated[Optional[int], typer.Option(help="Heads H of a rotary graph's x (default 32; other graphs keep their own).")] = None,
     repeat: Annotated[int, typer.Option(help="Timed calls per prefill case (decode takes at least 200).")] = 20,
+    profile: Annotated[bool, typer.Option(help="Also show where the prefill's time goes, by op type (ORT's profiler).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ):
     """Measure prefill throughput (GB/s and ratio to a same-bytes memcpy) and decode latency (p50, p90, p99)."""
@@ -28,7 +29,7 @@ def bench_command(
 
     names = [p.strip() for p in providers.split(",") if p.strip()]
     try:
-        result = bench_file(file, providers=tuple(dict.fromkeys(names)), threads=threads, seq=seq, batch=batch, heads=heads, repeat=repeat)
+        result = bench_file(file, providers=tuple(dict.fromkeys(names)), threads=threads, seq=seq, batch=batch, heads=heads, repeat=repeat, profile=profile)
     except ValueError as e:  # BadInput included
         fail(str(e))
     except RuntimeError as e:  # a session that did not land on the provider asked for
@@ -45,6 +46,11 @@ def bench_command(
                       f"{c.p50_ms:.3f}", f"{c.p90_ms:.3f}", f"{c.p99_ms:.3f}")  # fmt: skip
     out.print(table)
     out.print(f"bytes: {result.byte_model}; {result.cases[0].note}", soft_wrap=True)
+    for provider, shares in result.time_by_op.items():
+        table = Table("op type", "share of the run", title=f"where the {result.cases[0].name}'s time goes on {provider} (ORT profiler)")
+        for op, share in shares:
+            table.add_row(op, f"{share:.0%}")
+        out.print(table)
 
 
 def register(app):

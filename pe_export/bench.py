@@ -67,6 +67,7 @@ class BenchResult:
     seq: int
     byte_model: str
     cases: list[Case] = field(default_factory=list)
+    time_by_op: dict = field(default_factory=dict)  # provider -> [(op type, share)] (bench --profile)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -118,7 +119,7 @@ def gathered_bytes(spec: Spec, inputs: dict) -> int:
     return 2 * inputs["position_ids"].size * (p.rotary_dim // 2) * np.dtype(numpy_dtype(spec.dtype)).itemsize
 
 
-def session(model_bytes: bytes, provider: str, threads: int):
+def session(model_bytes: bytes, provider: str, threads: int, profile_prefix: str | None = None):
     try:
         import onnxruntime as ort
     except ImportError:
@@ -131,6 +132,8 @@ def session(model_bytes: bytes, provider: str, threads: int):
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 4
+    if profile_prefix:
+        opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
     providers = [name] if provider == "cpu" else [name, "CPUExecutionProvider"]
     try:
         sess = ort.InferenceSession(model_bytes, opts, providers=providers)
@@ -223,19 +226,10 @@ def memcpy_call(nbytes: int, provider: str, threads: int, ort_copy: bool | None 
     return call, f"ORT Identity, input and output on {DEVICES[provider]}"
 
 
-def bench(
-    spec: Spec,
-    model_bytes: bytes,
-    providers=("cpu",),
-    threads: int = 2,
-    seq: int | None = None,
-    batch: int | None = None,
-    heads: int | None = None,
-    repeat: int = 20,
-) -> BenchResult:
-    """Measure prefill and decode of a graph on each provider (see the module docstring). batch and
-    heads default to 1 and 32; a file exported with static shapes is timed at those shapes only (a
-    prefill, or a decode when S is 1), and a --seq, --batch or --heads that differs is refused."""
+def shapes(spec: Spec, seq: int | None, batch: int | None, heads: int | None) -> tuple[tuple[str, ...], int, int, int]:
+    """(the cases to time, S, B, H), checked. B and H default to 1 and 32, S to min(SEQ_CAP, table
+    length); a file exported with static shapes is timed at those shapes only (a prefill, or a decode
+    when S is 1), and a --seq, --batch or --heads that differs is refused."""
     from pe_export.encodings import encoding_for
 
     kind = encoding_for(spec).kind
@@ -247,8 +241,8 @@ def bench(
         sizes = static_sizes(spec)
         for name, given, size in (("--seq", seq, sizes["seq"]), ("--batch", batch, sizes["batch"]), ("--heads", heads, sizes["heads"])):
             if given is not None and size is not None and given != size:
-                shapes = ",".join(map(str, spec.static_shapes))
-                raise BadInput(f"{name} {given} does not fit this file's static shapes {shapes}: leave it out (or pass {size})")
+                fixed = ",".join(map(str, spec.static_shapes))
+                raise BadInput(f"{name} {given} does not fit this file's static shapes {fixed}: leave it out (or pass {size})")
         seq, batch, heads = sizes["seq"], sizes["batch"], sizes["heads"]
         cases = ("decode",) if seq == 1 else ("prefill",)
     batch = 1 if batch is None else batch
@@ -257,13 +251,36 @@ def bench(
         seq = min(SEQ_CAP[kind], P)
     if not 1 <= seq <= P:
         raise BadInput(f"--seq must be in [1, {P}] (the table length), got {seq}")
-    for name, value, low in (("--threads", threads, 1), ("--batch", batch, 1), ("--heads", heads, 1), ("--repeat", repeat, 3)):
+    for name, value in (("--batch", batch), ("--heads", heads)):
+        if value < 1:
+            raise BadInput(f"{name} must be >= 1, got {value}")
+    return cases, seq, batch, heads
+
+
+def check_options(providers, threads: int, repeat: int) -> None:
+    for name, value, low in (("--threads", threads, 1), ("--repeat", repeat, 3)):
         if value < low:
             raise BadInput(f"{name} must be >= {low}, got {value}")
-    result = BenchResult(spec=asdict(spec), threads=threads, batch=batch, heads=heads, seq=seq, byte_model=BYTE_MODEL)
     for provider in providers:
         if provider not in PROVIDERS:
             raise BadInput(f"--providers takes a comma-separated list of {', '.join(PROVIDERS)}, got {provider!r}")
+
+
+def bench(
+    spec: Spec,
+    model_bytes: bytes,
+    providers=("cpu",),
+    threads: int = 2,
+    seq: int | None = None,
+    batch: int | None = None,
+    heads: int | None = None,
+    repeat: int = 20,
+) -> BenchResult:
+    """Measure prefill and decode of a graph on each provider (see the module docstring and `shapes`)."""
+    cases, seq, batch, heads = shapes(spec, seq, batch, heads)
+    check_options(providers, threads, repeat)
+    result = BenchResult(spec=asdict(spec), threads=threads, batch=batch, heads=heads, seq=seq, byte_model=BYTE_MODEL)
+    for provider in providers:
         sess = session(model_bytes, provider, threads)
         for case in cases:
             inputs = make_inputs(spec, case, seq, batch, heads)
@@ -295,9 +312,46 @@ def bench(
     return result
 
 
-def bench_file(path, **options) -> BenchResult:
-    """`bench` of a file pe-export wrote (its spec read back from the metadata)."""
+def time_by_op(spec: Spec, model_bytes: bytes, provider="cpu", threads=2, seq=None, batch=None, heads=None, repeat=20):
+    """Where the time of bench's first case (the prefill) goes: [(op type, share of the run time)],
+    largest first, from ORT's own profiler over `repeat` bound runs (ops after ORT's graph
+    optimisations; the last entry is the time outside kernels: scheduling, allocation)."""
+    import json
+    import os
+    import tempfile
+    from collections import Counter
+
+    cases, seq, batch, heads = shapes(spec, seq, batch, heads)
+    check_options((provider,), threads, repeat)
+    if provider != "cpu":  # a CUDA kernel's event times its launch; the kernel runs later, on the stream
+        raise BadInput(f"--profile splits the time by op on the cpu provider only (ORT's profiler times {provider} kernel launches, not the kernels)")
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = session(model_bytes, provider, threads, profile_prefix=os.path.join(tmp, "profile"))
+        call, _, _ = bound_call(sess, make_inputs(spec, cases[0], seq, batch, heads), provider)
+        for _ in range(repeat):
+            call()
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    by_op, total = Counter(), 0
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            by_op[e["args"]["op_name"]] += e["dur"]
+        elif e.get("cat") == "Session" and e["name"] == "model_run":
+            total += e["dur"]
+    shares = [(op, us / total) for op, us in by_op.most_common()]
+    return shares + [("outside kernels", max(0.0, 1 - sum(share for _, share in shares)))]
+
+
+def bench_file(path, profile: bool = False, **options) -> BenchResult:
+    """`bench` of a file pe-export wrote (its spec read back from the metadata); `profile` adds
+    `time_by_op` for each provider."""
     from pe_export.export import load
 
     model, spec = load(path)
-    return bench(spec, model.SerializeToString(), **options)
+    data = model.SerializeToString()
+    sizes = {k: options[k] for k in ("threads", "seq", "batch", "heads", "repeat") if options.get(k) is not None}
+    # Profiled first: a provider it refuses then costs no benchmark.
+    shares = {p: time_by_op(spec, data, p, **sizes) for p in options.get("providers", ("cpu",))} if profile else {}
+    result = bench(spec, data, **options)
+    result.time_by_op = shares
+    return result

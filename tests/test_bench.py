@@ -134,6 +134,23 @@ def test_device_copy_graph_copies():
     call()
 
 
+def test_profile_splits_the_prefill_by_op(tmp_path):
+    """--profile: the decomposed graph's time is spread over its own op types (after ORT's
+    optimisations), the shares with the time outside kernels sum to 1, largest first."""
+    path = write(tmp_path, rope_spec(op="decomposed", max_positions=64))
+    result = runner.invoke(app, ["bench", str(path), "--heads", "2", "--repeat", "3", "--profile", "--json"])
+    assert result.exit_code == 0, result.output
+    shares = json.loads(result.output)["time_by_op"]["cpu"]
+    ops = [op for op, _ in shares]
+    assert ops[-1] == "outside kernels" and {"Mul", "Add", "Gather"} <= set(ops[:-1])
+    assert all(0 <= share <= 1 for _, share in shares) and sum(share for _, share in shares) == pytest.approx(1)
+    assert [share for _, share in shares[:-1]] == sorted((share for _, share in shares[:-1]), reverse=True)
+    result = runner.invoke(app, ["bench", str(path), "--repeat", "3", "--profile"])
+    assert result.exit_code == 0 and "where the prefill's time goes on cpu" in result.output and "Gather" in result.output
+    result = runner.invoke(app, ["bench", str(path), "--providers", "cuda", "--profile"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+
+
 def test_static_shapes_file(tmp_path):
     """A static-shapes file is timed at its own shapes: a prefill, or a decode when S is 1; other sizes exit 2."""
     spec = replace(rope_spec(op="decomposed", max_positions=64), static_shapes=[2, 16, 3])
