@@ -122,6 +122,7 @@ CommonOptions = dict(
     force=(Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")], False),
     report=(Annotated[Optional[Path], typer.Option(help="Also write the parity report: FILE.json, or FILE.md for Markdown.")], None),
     seed=(Annotated[int, typer.Option(min=0, help="Seed of the random verification inputs.")], 0),
+    runtimes=(Annotated[Optional[str], typer.Option(help="Runtimes that verify the export, comma separated (default: every one; see pe-export verify).")], None),
     static_shapes=(Annotated[Optional[str], typer.Option(help="Fixed input sizes, no symbolic dims (NPUs): B,S (B,S,H for RoPE: H heads; 1,S for a bias).")], None),
     format=(Annotated[Optional[choices("Format", FORMATS)], typer.Option(help="ort: also write ONNX Runtime's .ort file beside the .onnx (ORT's own converter), verified.")], None),
     optimize=(Annotated[Optional[choices("OptimizeLevel", OPTIMIZE_LEVELS)], typer.Option(help="Also write ORT's offline-optimised graph at this level (FILE.opt-LEVEL-PROVIDER.onnx), verified.")], None),
@@ -344,6 +345,9 @@ def run_export(preset, params, layout, options):
     from pe_export.spec import Spec
 
     output, force = options["output"] or Path(f"{preset.name}.onnx"), options["force"]
+    from pe_export.verify import DEFAULT_RUNTIMES
+
+    runtimes = parse_runtimes(options["runtimes"]) if options["runtimes"] is not None else DEFAULT_RUNTIMES
     picked = None
     try:
         from pe_export.custom_ops.lowerings import OP_TARGETS
@@ -371,6 +375,11 @@ def run_export(preset, params, layout, options):
         fail(str(e))
     if picked:
         out.print(f"--op auto picked {op} (opset {opset}): {picked}")
+    if spec.encoding == "rope":
+        from pe_export.encodings.rope import RopeParams, switch_note
+
+        if note := switch_note(RopeParams(**spec.params)):
+            out.print(f"[yellow]note[/yellow]: {note}", soft_wrap=True)
     extra = {}  # kind -> bytes of the files written beside the model
     with out.status(f"exporting {preset.name} ({op}, {spec.dtype})"):
         try:
@@ -399,9 +408,7 @@ def run_export(preset, params, layout, options):
     size = sum(paths[k].stat().st_size for k in ("onnx", "data") if k in paths)
     more = f", {deploy.describe(spec)}" if deploy.describe(spec) else ""
     out.print(f"wrote {output} ({size / 2**20:.2f} MiB, op {op}, opset {opset}, {spec.dtype}, {layout}{more})")
-    from pe_export.verify import DEFAULT_RUNTIMES
-
-    finish(output, spec, data, DEFAULT_RUNTIMES, options["report"], force, options["seed"])
+    finish(output, spec, data, runtimes, options["report"], force, options["seed"])
     for kind, runtimes in (("ort", ORT_FORMAT_RUNTIMES), ("optimized", OPTIMIZED_RUNTIMES[spec.deploy.get("optimize_provider", "cpu")])):
         if kind in extra:
             out.print(f"wrote {paths[kind]} ({paths[kind].stat().st_size / 2**20:.2f} MiB)")

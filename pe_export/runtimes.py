@@ -152,7 +152,20 @@ def run_openvino(spec: Spec, model_bytes: bytes):
     model = core.read_model(io.BytesIO(model_bytes))
     # f32: on CPUs with AMX or AVX512-BF16 OpenVINO would otherwise run float32 graphs in bf16.
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    return (lambda inputs: np.asarray(compiled(inputs)[0]).astype(np.float64)), f"OpenVINO {ov.__version__.split('-')[0]} CPU"
+    name = f"OpenVINO {ov.__version__.split('-')[0]} CPU"
+    if computes_in_float64(model_bytes):  # its CPU plugin has no float64 kernels (dynamic NTK's in-graph angles)
+        name += ", float64 math run in float32"
+    return (lambda inputs: np.asarray(compiled(inputs)[0]).astype(np.float64)), name
+
+
+def computes_in_float64(model_bytes: bytes) -> bool:
+    """True when the graph holds float64 constants or casts to float64."""
+    import onnx
+    from onnx import TensorProto
+
+    graph = onnx.load_from_string(model_bytes).graph
+    casts = (a.i for n in graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to")
+    return TensorProto.DOUBLE in casts or any(t.data_type == TensorProto.DOUBLE for t in graph.initializer)
 
 
 RUNTIMES = {

@@ -50,6 +50,21 @@ def test_export_then_verify(tmp_path):
     assert again.exit_code == 0, again.output
 
 
+def test_export_verifies_on_the_runtimes_asked_for(tmp_path):
+    result = invoke("llama-rope", "--seq", "64", "--runtimes", "ort-cpu, torch", "--report", "r.json", cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [r["runtime"] for r in report["rows"]] == ["ort-cpu", "torch"] and report["verdict"] == "pass"
+
+
+def test_a_preset_with_a_switch_past_its_table_says_so(tmp_path):
+    """LongRoPE (and dynamic NTK) at run time switch past original_max_positions: a shorter table never does."""
+    result = invoke("phi3-mini-128k-rope", "--seq", "4096", "--runtimes", "ort-cpu", cwd=tmp_path)
+    assert result.exit_code == 0 and "never reaches the longrope rule's switch" in " ".join(result.output.split())
+    result = invoke("phi3-mini-128k-rope", "--seq", "4097", "--runtimes", "ort-cpu", "--force", cwd=tmp_path)
+    assert result.exit_code == 0 and "never reaches" not in result.output
+
+
 def test_default_output_name_and_overrides(tmp_path):
     result = invoke("llama2-rope", "--seq", "64", "--op", "decomposed", "--layout", "bshd", "--dtype", "fp16",
                     "--head-dim", "32", "--theta", "5000", "--pairing", "interleaved", cwd=tmp_path)  # fmt: skip
@@ -131,6 +146,7 @@ BAD_EXPORTS = [
     (["--seq", "64", "--seed", "-1"], "'--seed'"),
     (["--seq", "64", "--report", "out.onnx"], "is the model file itself"),
     (["--seq", "64", "--layout", "half"], "'--layout'"),
+    (["--seq", "64", "--runtimes", "ort-cpu,tpu"], "--runtimes takes a comma-separated list of torch, ort-cpu"),
 ]
 
 

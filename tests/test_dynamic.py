@@ -84,3 +84,18 @@ def test_float32_angles_are_refused_for_a_graph_that_computes_them():
 
     with pytest.raises(ValueError, match="angles 'float32' cannot be reproduced by a graph"):
         RopeParams(head_dim=D, angles="float32", scaling="dynamic", scaling_params=dict(factor=2.0, original_max_positions=L))
+
+
+def test_openvino_runs_the_in_graph_float64_angles_in_float32_and_fails():
+    """OpenVINO's CPU plugin has no float64 kernels: the runtime-mode graph's angles lose float64
+    there, which verify must report as a failure (and say why), while the fixed-mode table passes."""
+    pytest.importorskip("openvino")
+    from pe_export.runtimes import computes_in_float64
+    from pe_export.verify import check
+
+    data = exported(spec("decomposed"))
+    assert computes_in_float64(data) and not computes_in_float64(exported(spec("decomposed", mode="fixed")))
+    (row,) = check(spec("decomposed"), data, ("openvino",))
+    assert row.verdict == "FAIL" and row.worst_ratio > 10 and "float64 math run in float32" in row.provider, row
+    (row,) = check(spec("decomposed", mode="fixed"), exported(spec("decomposed", mode="fixed")), ("openvino",))
+    assert row.verdict == "pass", row

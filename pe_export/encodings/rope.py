@@ -155,6 +155,19 @@ def switch_at(p: RopeParams) -> int | None:
     return at if at is not None and at < p.max_positions else None
 
 
+def switch_note(p: RopeParams) -> str | None:
+    """A note for a table too short to reach its rule's run-time switch (a legitimate export that
+    behaves like the unscaled or short-factor rule everywhere; worth saying)."""
+    switch = getattr(SCALING_RULES.get(p.scaling), "switch", None)
+    at = switch(**p.scaling_params) if switch else None
+    if at is None or at < p.max_positions:
+        return None
+    return (
+        f"--seq {p.max_positions} <= original_max_positions {at}: this file never reaches the {p.scaling} rule's switch "
+        f"(a call must reach position {at}), so it always uses the {'short factors' if p.scaling == 'longrope' else 'unscaled base'}"
+    )
+
+
 def angles(p: RopeParams, positions: np.ndarray, seq_len: int | None = None) -> np.ndarray:
     """Angles `position * inv_freq`, float64 of shape positions.shape + (R/2,)."""
     freqs, _ = inv_freq(p, seq_len)
