@@ -416,7 +416,7 @@ def run_export(preset, params, layout, options):
 
 
 # What can load the files written beside the model: an .ort file only ONNX Runtime; an optimised graph
-# also onnx's evaluator where ORT kept to standard ops (it skips itself on com.microsoft ops).
+# also onnx's evaluator where ORT kept to standard ops (it skips itself when a node is com.microsoft).
 ORT_FORMAT_RUNTIMES = ("torch", "ort-cpu", "ort-cpu-noopt", "ort-cuda")
 OPTIMIZED_RUNTIMES = {"cpu": ("torch", "ort-cpu", "ort-cpu-noopt", "onnx-reference"), "cuda": ("torch", "ort-cuda")}
 

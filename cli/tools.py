@@ -14,9 +14,7 @@ from pe_export.plot import KINDS
 PlotKind = Enum("PlotKind", {k: k for k in KINDS}, type=str)
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "missing"
+def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"

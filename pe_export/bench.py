@@ -108,15 +108,19 @@ def make_inputs(spec: Spec, case: str, seq: int, batch: int, heads: int, seed: i
 
 
 def gathered_bytes(spec: Spec, inputs: dict) -> int:
-    """cos and sin rows a rotary graph reads: 2 * B * S * R/2 table elements."""
+    """cos and sin rows a rotary graph reads from its tables: 2 * B * S * R/2 table elements (none when
+    the graph computes cos/sin itself: --tables computed, dynamic NTK at run time)."""
     from pe_export.encodings import encoding_for
+    from pe_export.encodings.rope import RopeParams, computed_in_graph
 
-    if encoding_for(spec).kind != "rotary":
+    enc = encoding_for(spec)
+    if enc.kind != "rotary":
         return 0
-    from pe_export.encodings.rope import RopeParams
-
-    p = RopeParams(**spec.params)
-    return 2 * inputs["position_ids"].size * (p.rotary_dim // 2) * np.dtype(numpy_dtype(spec.dtype)).itemsize
+    p = enc.params(**spec.params)  # RoPE's, randomized RoPE's (a subclass) or xPos's
+    if isinstance(p, RopeParams) and (p.tables == "computed" or computed_in_graph(p)):
+        return 0
+    rotary_dim = getattr(p, "rotary_dim", p.head_dim)
+    return 2 * inputs["position_ids"].size * (rotary_dim // 2) * np.dtype(numpy_dtype(spec.dtype)).itemsize
 
 
 def session(model_bytes: bytes, provider: str, threads: int, profile_prefix: str | None = None):

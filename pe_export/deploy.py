@@ -210,6 +210,8 @@ def pick_op(ops: tuple, opset: int | None, for_ort: bool) -> tuple[str, str]:
     if "ort" in ops and for_ort and opset in OP_TARGETS["ort"].opsets():
         return "ort", f"ONNX Runtime's contrib RotaryEmbedding (opset {opset} has no standard op)"
     why = "any ONNX runtime" if "onnx" in ops else "the only target of this encoding"
+    if "onnx" in ops and opset is not None and opset > max(OP_TARGETS["onnx"].opsets()):
+        why = f"torch's exporter writes the fused ops up to opset {max(OP_TARGETS['onnx'].opsets())}"
     return "decomposed", f"plain ops ({why})"
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from pe_export.errors import BadInput
+from pe_export.runtimes import all_nodes
 from pe_export.spec import DERIVED_KEY, SPEC_KEY, Spec
 
 
@@ -25,13 +26,18 @@ def read_model(path: Path) -> tuple[onnx.ModelProto, bytes]:
     from pe_export.export import not_onnx, read_file
 
     data = read_file(path)
+    external = []
     try:
         model = onnx.load_from_string(data)
-        if external_tensors(model):
+        external = _external(model, path.parent)
+        if external:
             onnx.checker.check_model(str(path))  # the path form finds (and checks) the external files
         else:
             onnx.checker.check_model(model)
     except Exception as e:
+        missing = [e["location"] for e in external if e["bytes"] is None]
+        if missing:
+            raise BadInput(f"{str(path)!r} keeps its tables in {missing[0]!r} beside it, which is missing") from None
         raise not_onnx(path, e) from None
     return model, data
 
@@ -42,15 +48,6 @@ def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
 
 def _domain(domain: str) -> str:
     return domain or "ai.onnx"
-
-
-def _nodes(graph: onnx.GraphProto):
-    """Every node of the graph, those inside control-flow subgraphs (If, Loop, Scan) included."""
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                yield from _nodes(sub)
 
 
 def _dtype_name(elem_type: int) -> str:
@@ -131,7 +128,7 @@ def runtimes_with_spec(spec: Spec, model_bytes: bytes) -> list[dict]:
 def runtimes_without_spec(model: onnx.ModelProto, model_bytes: bytes) -> list[dict]:
     """ONNX Runtime sessions (CPU with and without graph optimisation, CUDA) and onnx's evaluator,
     created directly: without a spec there is no torch module and no dtype to go by."""
-    from pe_export.runtimes import Skip, ort_session
+    from pe_export.runtimes import Skip, ort_session, reference_evaluator
 
     def ort(provider, optimize=True, options=None):
         sess = ort_session(model_bytes, provider, options, optimize=optimize)
@@ -141,12 +138,7 @@ def runtimes_without_spec(model: onnx.ModelProto, model_bytes: bytes) -> list[di
         return ran if optimize else ran + " (no graph optimisation)"
 
     def reference():
-        from onnx.reference import ReferenceEvaluator
-
-        custom = sorted({o.domain for o in model.opset_import if o.domain not in ("", "ai.onnx")})
-        if custom:
-            raise Skip(f"onnx's ReferenceEvaluator has no ops of domain {', '.join(custom)}")
-        ReferenceEvaluator(model)
+        reference_evaluator(model)
         return "ReferenceEvaluator"
 
     tries = {
@@ -177,7 +169,7 @@ def inspect_file(path: Path, try_runtimes: bool = True) -> dict:
         for t in model.graph.initializer
     ]  # fmt: skip
     external = _external(model, path.parent)
-    ops = Counter(f"{_domain(n.domain)}::{n.op_type}" for n in _nodes(model.graph))
+    ops = Counter(f"{_domain(n.domain)}::{n.op_type}" for n in all_nodes(model.graph))
     doc = {
         "file": str(path),
         "file_bytes": len(data),

@@ -170,6 +170,31 @@ def test_static_shapes_file(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "encoding, params, gathered_dim",
+    [
+        ("xpos", dict(head_dim=16, scale_base=512.0, role="key", max_positions=64), 16),
+        ("randomized-rope", dict(head_dim=8, pairing="interleaved", train_length=40, max_positions=64), 8),
+        ("rope", dict(head_dim=32, rotary_dim=16, max_positions=64), 16),
+        ("rope", dict(head_dim=32, max_positions=64, tables="computed"), 0),
+    ],
+)
+def test_every_rotary_encoding(encoding, params, gathered_dim):
+    """Each rotary encoding's own parameters give the byte model's gathered rows (R of the table; none
+    for a graph that computes cos/sin)."""
+    from pe_export.bench import bench
+
+    from pe_export.encodings import ENCODINGS
+
+    op = ENCODINGS.get(encoding).ops[0]
+    spec = Spec(encoding=encoding, params=params, op=op, opset=23 if op == "onnx" else 17)
+    result = bench(spec, exported(spec), seq=16, heads=2, repeat=3)
+    prefill = result.cases[0]
+    D = params["head_dim"]
+    io = 2 * (2 * 16 * D * 4) + 16 * 8  # x in and y out (fp32), position ids
+    assert prefill.bytes == io + 2 * 16 * (gathered_dim // 2) * 4
+
+
+@pytest.mark.parametrize(
     "args, make, message",
     [
         (["--repeat", "3"], lambda p: None, "does not exist"),

@@ -44,11 +44,7 @@ def randomized_params(cls: type) -> type:
 
         def __post_init__(self):
             super().__post_init__()
-            check_lengths(self.train_length, self.max_positions)
-
-        @property
-        def noise_max_length(self) -> int:
-            return self.max_positions
+            check_lengths(self.train_length, self.max_positions)  # max_positions is noise_max_length
 
     Params.__name__ = Params.__qualname__ = f"Randomized{cls.__name__}"
     return Params
