@@ -124,6 +124,8 @@ def gathered_bytes(spec: Spec, inputs: dict) -> int:
 
 
 def session(model_bytes: bytes, provider: str, threads: int, profile_prefix: str | None = None):
+    from pe_export.runtimes import require_provider
+
     try:
         import onnxruntime as ort
     except ImportError:
@@ -143,9 +145,7 @@ def session(model_bytes: bytes, provider: str, threads: int, profile_prefix: str
         sess = ort.InferenceSession(model_bytes, opts, providers=providers)
     except Exception as e:  # ORT's errors are not RuntimeErrors; the CLI prints one line either way
         raise RuntimeError(f"onnxruntime ({name}) could not load the graph: {' '.join(str(e).split())[:300]}") from None
-    ran = sess.get_providers()[0]
-    if ran != name:  # ORT falls back to CPU silently
-        raise RuntimeError(f"asked for {name} but the session runs on {ran}")
+    require_provider(sess, name)
     return sess
 
 

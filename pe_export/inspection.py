@@ -128,13 +128,10 @@ def runtimes_with_spec(spec: Spec, model_bytes: bytes) -> list[dict]:
 def runtimes_without_spec(model: onnx.ModelProto, model_bytes: bytes) -> list[dict]:
     """ONNX Runtime sessions (CPU with and without graph optimisation, CUDA) and onnx's evaluator,
     created directly: without a spec there is no torch module and no dtype to go by."""
-    from pe_export.runtimes import Skip, ort_session, reference_evaluator
+    from pe_export.runtimes import Skip, ort_session, reference_evaluator, require_provider
 
     def ort(provider, optimize=True, options=None):
-        sess = ort_session(model_bytes, provider, options, optimize=optimize)
-        ran = sess.get_providers()[0]
-        if ran != provider:  # ORT falls back to CPU silently
-            raise RuntimeError(f"asked for {provider} but the session runs on {ran}")
+        ran = require_provider(ort_session(model_bytes, provider, options, optimize=optimize), provider)
         return ran if optimize else ran + " (no graph optimisation)"
 
     def reference():

@@ -123,10 +123,16 @@ def run_ort_cuda(spec: Spec, model_bytes: bytes):
     # of ~1e-3 in an attention layer, measured on an H100). Verification checks the file in the precision
     # it declares, so TF32 is switched off here (README: "CUDA and TF32").
     sess = ort_session(model_bytes, "CUDAExecutionProvider", {"use_tf32": "0"})
+    return _ort_call(sess, spec), require_provider(sess, "CUDAExecutionProvider")
+
+
+def require_provider(sess, provider: str) -> str:
+    """The provider the session runs on, which must be the one asked for: ORT falls back to CPU
+    silently, and that is a failure here."""
     ran = sess.get_providers()[0]
-    if ran != "CUDAExecutionProvider":  # ORT falls back to CPU silently: that is a failure here
-        raise RuntimeError(f"asked for CUDAExecutionProvider but the session runs on {ran}")
-    return _ort_call(sess, spec), ran
+    if ran != provider:
+        raise RuntimeError(f"asked for {provider} but the session runs on {ran}")
+    return ran
 
 
 def all_nodes(graph):
