@@ -300,3 +300,11 @@ def test_external_data_switches_on_above_the_threshold(tmp_path, monkeypatch):
     assert (tmp_path / "m.onnx.data").exists() and load(out)[1].deploy == {"external_data": True}
     assert invoke("llama-rope", "--seq", 64, "--head-dim", 32, "--no-external-data", "-o", tmp_path / "n.onnx").exit_code == 0
     assert not (tmp_path / "n.onnx.data").exists() and load(tmp_path / "n.onnx")[1].deploy == {}
+
+
+def test_the_clis_import_free_copies_match_deploy():
+    """cli/main.py keeps copies of deploy's choices so that `--help` imports no NumPy: they must not drift."""
+    from pe_export.cli import main
+
+    for name in ("TABLES", "FORMATS", "OPTIMIZE_LEVELS", "OPTIMIZE_PROVIDERS"):
+        assert getattr(main, name) == getattr(deploy, name), name
