@@ -59,13 +59,16 @@ def matrix_command(
         table.add_row(c["preset"], c["op"], c["dtype"], str(c["seq"]), *cells, f"{c['seconds']:.1f}")
     out.print(table)
     for c in results:
+        case = f"{c['preset']} {c['op']} {c['dtype']} seq {c['seq']}"
         for r in c["rows"]:
             if r["verdict"] == "FAIL":
-                out.print(f"  {c['preset']} {c['op']} {c['dtype']} {r['runtime']}: {r['note']}", soft_wrap=True)
+                out.print(f"  {case} {r['runtime']}: {r['note']}", soft_wrap=True)
         if c["error"]:
-            out.print(f"  {c['preset']} {c['op']} {c['dtype']} export: {c['error']}", soft_wrap=True)
+            out.print(f"  {case} export: {c['error']}", soft_wrap=True)
         if c["bundle"]:
             out.print(f"  reproduction bundle: {c['bundle']}", soft_wrap=True)
+        if c["bundle_error"]:
+            out.print(f"  {case}: could not write the reproduction bundle: {c['bundle_error']}", soft_wrap=True)
     s = matrix.summary(results)
     out.print(f"{s['cases']} cases, {s['rows']} rows: {s['pass']} pass, {s['FAIL']} FAIL, {s['skipped']} skipped; slowest: {s['slowest']}")
     if s["unverified_cases"]:

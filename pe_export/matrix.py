@@ -30,6 +30,11 @@ class Case:
     dtype: str
     seq: int
 
+    @property
+    def name(self) -> str:
+        """Names its ONNX file and reproduction bundle: --quick runs one preset, op and dtype at two lengths."""
+        return f"{self.preset}-{self.op}-{self.dtype}-{self.seq}"
+
     def spec(self) -> Spec:
         from pe_export.custom_ops.lowerings import OP_TARGETS
 
@@ -75,7 +80,7 @@ def cases(presets=None, ops=None, dtypes=None, quick: bool = False) -> list[Case
     if quick and not presets and not ops:
         seq = table_length("llama-rope")
         out += [Case("llama-rope", o, d, seq) for o in OP_NAMES for d in (dtypes or QUICK_DTYPES)]
-    return out
+    return list(dict.fromkeys(out))  # a name given twice (--dtypes fp32,fp32) is one case
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -93,42 +98,52 @@ def shard(all_cases: list[Case], i: int, n: int) -> list[Case]:
 
 
 def run_case(case: Case, folder: Path, runtimes, seed: int = 0, bundles: Path | None = None) -> dict:
-    """Export one case into `folder`, verify it, and on failure write a reproduction bundle."""
+    """Export one case into `folder`, verify it, and on failure write a reproduction bundle.
+    `error` is an export or check that did not produce rows; a bundle that cannot be written is
+    `bundle_error`, beside the rows that failed (the case's failure is counted once, by its rows)."""
     from pe_export.export import build
     from pe_export.verify import check, verdict, write_bundle
 
-    result = {**asdict(case), "rows": [], "verdict": "FAIL", "seconds": 0.0, "error": "", "bundle": ""}
+    result = {**asdict(case), "rows": [], "verdict": "FAIL", "seconds": 0.0, "error": "", "bundle": "", "bundle_error": ""}
     start = time.perf_counter()
     try:
         spec = case.spec()
         data = build(spec).SerializeToString()
-        path = folder / f"{case.preset}-{case.op}-{case.dtype}.onnx"
+        path = folder / f"{case.name}.onnx"
         path.write_bytes(data)
         rows = check(spec, data, runtimes, seed=seed)
         result["rows"] = [r.as_dict() for r in rows]
         result["verdict"] = verdict(rows)
-        if result["verdict"] == "FAIL" and bundles is not None:
-            target = bundles / path.stem
-            write_bundle(target, spec, data, rows, seed, 2)
-            result["bundle"] = str(target)
     except Exception as e:  # an export that fails is a failed case, reported with its message
-        result["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        result["error"] = _message(e)
+    if result["rows"] and result["verdict"] == "FAIL" and bundles is not None:
+        try:
+            write_bundle(bundles / case.name, spec, data, rows, seed, 2)
+            result["bundle"] = str(bundles / case.name)
+        except Exception as e:
+            result["bundle_error"] = _message(e)
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
 
 
+def _message(e: Exception) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
 def summary(results: list[dict]) -> dict:
     rows = [r for c in results for r in c["rows"]]
+    # A case that failed before it had rows counts as one FAIL row; one with rows is counted by them.
+    broken = sum(1 for c in results if c["error"] and not c["rows"])
     counts = {v: sum(r["verdict"] == v for r in rows) for v in ("pass", "FAIL", "skipped")}
-    counts["FAIL"] += sum(1 for c in results if c["error"])
+    counts["FAIL"] += broken
     slowest = max(results, key=lambda c: c["seconds"], default=None)
     return {
         "cases": len(results),
-        "rows": len(rows) + sum(1 for c in results if c["error"]),
+        "rows": len(rows) + broken,
         **counts,
         "failed_cases": sum(c["verdict"] == "FAIL" for c in results),
         # No runtime here could run them (ORT CPU has no bf16 kernels; onnx's evaluator no contrib ops).
-        "unverified_cases": [f"{c['preset']} {c['op']} {c['dtype']}" for c in results if c["verdict"] == "unverified"],
+        "unverified_cases": [f"{c['preset']} {c['op']} {c['dtype']} seq {c['seq']}" for c in results if c["verdict"] == "unverified"],
         "slowest": f"{slowest['preset']} {slowest['op']} {slowest['dtype']} seq {slowest['seq']} ({slowest['seconds']} s)" if slowest else "",
         "seconds": round(sum(c["seconds"] for c in results), 1),
     }

@@ -13,7 +13,7 @@ dpi, so the PNG's size depends only on the number of panels):
     frequencies  RoPE: `inv_freq` of the spec's scaling rule against the unscaled rule (log scale), both
                  sets of a rule that switches at run time (LongRoPE, dynamic NTK).
     error        a `pe-export verify --report` JSON: max abs error and its bound against position
-                 (`by_position` of each row), log scale.
+                 (`by_position` of each row), log scale; infinite errors marked along the top.
 
 matplotlib is an optional extra (`pip install 'pe-export[plot]'`), imported only when drawing, with the
 Agg backend (no display needed).
@@ -298,6 +298,9 @@ def draw_error(report: dict, fig, ax):
         ax.plot(by["positions"], np.where(err > 0, err, np.nan), color=color, linewidth=0.8, alpha=0.8, label=f"{name} max abs error")
         if not same_bound:
             ax.plot(by["positions"], by["bound"], "--", color=color, linewidth=1, label=f"{name} bound")
+        if by.get("infinite"):  # inf or NaN outputs (null in the JSON): marked along the top edge
+            ax.plot(by["infinite"], [0.97] * len(by["infinite"]), "v", color=color, transform=ax.get_xaxis_transform(),
+                    label=f"{name} infinite error")  # fmt: skip
     ax.set_yscale("log")
     spec = report.get("spec") or {}
     width = max(r["by_position"].get("bin_width", 1) for r in rows)

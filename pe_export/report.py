@@ -11,10 +11,6 @@ from pathlib import Path
 from pe_export.spec import Spec
 
 
-def fmt(v) -> str:
-    return "" if v is None else f"{v:.3g}"
-
-
 def verify_doc(path, spec: Spec, rows, result: str, bounds_rows=None, command: str = "") -> dict:
     doc = {"file": str(path), "spec": json.loads(spec.to_json()), "verdict": result, "command": command,
            "rows": [r.as_dict() for r in rows]}  # fmt: skip
@@ -26,9 +22,18 @@ def verify_doc(path, spec: Spec, rows, result: str, bounds_rows=None, command: s
 ROW_COLUMNS = ("runtime", "provider", "max abs err", "vs torch", "worst err / bound", "worst at", "verdict")
 
 
+def cell(r: dict, key: str, spec: str = ".3g") -> str:
+    """A row's number as text: "inf" for the fields the report lists as infinite (JSON holds null)."""
+    if key in r.get("infinite", ()):
+        return "inf"
+    return "" if r[key] is None else format(r[key], spec)
+
+
 def row_cells(r: dict) -> list[str]:
-    worst = "" if r["worst_ratio"] is None else f"{fmt(r['worst_error'])} / {fmt(r['worst_tolerance'])} ({r['worst_ratio']:.2f})"
-    return [r["runtime"], r["provider"], fmt(r["max_abs"]), fmt(r["vs_torch_max_abs"]), worst, r["where"], r["verdict"]]
+    worst = ""
+    if r["worst_ratio"] is not None or "worst_ratio" in r.get("infinite", ()):
+        worst = f"{cell(r, 'worst_error')} / {cell(r, 'worst_tolerance')} ({cell(r, 'worst_ratio', '.2f')})"
+    return [r["runtime"], r["provider"], cell(r, "max_abs"), cell(r, "vs_torch_max_abs"), worst, r["where"], r["verdict"]]
 
 
 def _table(header, rows) -> list[str]:
@@ -68,10 +73,9 @@ def matrix_markdown(doc: dict) -> str:
     rows = []
     for case in doc["cases"]:
         for r in case["rows"]:
-            ratio = "" if r["worst_ratio"] is None else f"{r['worst_ratio']:.2f}"
             note = r["note"][:120] if r["verdict"] != "pass" else ""
             rows.append((case["preset"], case["op"], case["dtype"], case["seq"], r["runtime"], r["provider"],
-                         fmt(r["max_abs"]), fmt(r["vs_torch_max_abs"]), ratio, r["verdict"], note))  # fmt: skip
+                         cell(r, "max_abs"), cell(r, "vs_torch_max_abs"), cell(r, "worst_ratio", ".2f"), r["verdict"], note))  # fmt: skip
         if case.get("error"):
             rows.append((case["preset"], case["op"], case["dtype"], case["seq"], "export", "", "", "", "", "FAIL", case["error"][:120]))
     lines += _table(MATRIX_COLUMNS, rows)

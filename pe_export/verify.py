@@ -88,7 +88,19 @@ class Row:
     by_position: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The row as plain JSON. JSON has no infinity, and an infinite error (a NaN or inf output) is
+        the worst failure there is: it is written as null and named, the fields in `infinite`, the
+        bins in `by_position["infinite"]` (their start positions)."""
+        d = asdict(self)
+        d["infinite"] = [k for k, v in d.items() if isinstance(v, float) and not np.isfinite(v)]
+        for k in d["infinite"]:
+            d[k] = None
+        by = d["by_position"]
+        if by:
+            by["infinite"] = [p for p, e in zip(by["positions"], by["max_abs"]) if not np.isfinite(e)]
+            for k in ("max_abs", "bound"):
+                by[k] = [v if np.isfinite(v) else None for v in by[k]]
+        return d
 
 
 BINS = 512
@@ -98,9 +110,25 @@ BINS = 512
 # Probes
 
 
-def parse_positions(text: str) -> np.ndarray:
-    """'0,100,8190:8192' -> [0, 100, 8190, 8191]: integers and half-open ranges a:b, in order given."""
-    out = []
+@dataclass(frozen=True)
+class Positions:
+    """Parsed --positions: half-open ranges (a, b), one position p as (p, p + 1). Expanded only once
+    checked against the table, so a slip like 0:10000000000 is refused instead of allocated."""
+
+    ranges: tuple[tuple[int, int], ...]
+
+    def expand(self, P: int) -> np.ndarray:
+        for a, b in self.ranges:
+            if a < 0 or b > P:
+                given = str(a) if b == a + 1 else f"{a}:{b}"
+                raise BadInput(f"--positions: {given} is outside the table [0, {P}); "
+                               "use --probe-bounds to check out-of-range handling")  # fmt: skip
+        return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in self.ranges])
+
+
+def parse_positions(text: str) -> Positions:
+    """'0,100,8190:8192' -> positions [0, 100, 8190, 8191]: integers and half-open ranges a:b, in order given."""
+    ranges = []
     for item in text.split(","):
         item = item.strip()
         try:
@@ -108,20 +136,22 @@ def parse_positions(text: str) -> np.ndarray:
                 a, b = (int(v) for v in item.split(":"))
                 if b <= a:
                     raise ValueError
-                out.extend(range(a, b))
+                ranges.append((a, b))
             elif item:
-                out.append(int(item))
+                ranges.append((int(item), int(item) + 1))
         except ValueError:
             raise BadInput(f"--positions takes integers and ranges a:b (a < b), comma separated; got {item!r}") from None
-    if not out:
+    if not ranges:
         raise BadInput("--positions is empty")
-    return np.array(out, dtype=np.int64)
+    return Positions(tuple(ranges))
 
 
-def user_probe(spec: Spec, template: dict, positions: np.ndarray, rng, batch: int) -> dict:
+def user_probe(spec: Spec, template: dict, positions: Positions | np.ndarray, rng, batch: int) -> dict:
     """The encoding's own probe re-shaped to the given positions (each batch row gets all of them)."""
     enc = encoding_for(spec)
     P = enc.params(**spec.params).max_positions
+    if isinstance(positions, Positions):
+        positions = positions.expand(P)
     if positions.min() < 0 or positions.max() >= P:
         bad = positions[(positions < 0) | (positions >= P)][0]
         raise BadInput(f"--positions: {bad} is outside the table [0, {P}); use --probe-bounds to check out-of-range handling")
@@ -142,7 +172,7 @@ def user_probe(spec: Spec, template: dict, positions: np.ndarray, rng, batch: in
     raise BadInput(f"--positions does not apply to {enc.name}: its graph takes no position inputs")
 
 
-def make_probes(spec: Spec, seed: int = 0, batch: int = 2, positions: np.ndarray | None = None):
+def make_probes(spec: Spec, seed: int = 0, batch: int = 2, positions: Positions | np.ndarray | None = None):
     """The encoding's probes (spread over the table, its last rows, a decode step, batch > 1) and,
     with `positions`, one more at exactly those positions. Deterministic in (spec, seed, batch)."""
     if batch < 1:
@@ -195,8 +225,8 @@ def _by_position(acc: dict, grid, err, limit, P: int):
 def _finish_by_position(acc: dict) -> dict:
     if not acc:
         return {}
-    seen = np.isfinite(acc["max_abs"]) & (acc["max_abs"] >= 0)
-    idx = np.nonzero(seen)[0]
+    # Every bin a probe reached, an infinite error included (the fill of the others is -inf).
+    idx = np.nonzero(acc["max_abs"] > -np.inf)[0]
     return {
         "positions": (idx * acc["width"]).tolist(),
         "bin_width": int(acc["width"]),
@@ -228,7 +258,7 @@ def check(
     runtimes=DEFAULT_RUNTIMES,
     seed: int = 0,
     batch: int = 2,
-    positions: np.ndarray | None = None,
+    positions: Positions | np.ndarray | None = None,
 ) -> list[Row]:
     """Run every probe on every runtime and compare with the float64 reference (and the torch original)."""
     enc = encoding_for(spec)

@@ -197,6 +197,20 @@ def test_error_plot_of_a_verify_report(tmp_path):
     assert fig.axes[0].get_yscale() == "log"
 
 
+def test_infinite_errors_are_marked(tmp_path):
+    """A report row with infinite errors (null in the JSON) marks their positions along the top edge."""
+    report, _ = _verify_report(tmp_path)
+    doc = json.loads(report.read_text())
+    by = doc["rows"][1]["by_position"]
+    by["max_abs"][10] = None
+    by["infinite"] = [10]
+    report.write_text(json.dumps(doc))
+    fig = plot.figure(plot.resolve(str(report)), ("error",))
+    lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
+    marks = lines[f"{doc['rows'][1]['runtime']} infinite error"]
+    assert list(marks.get_xdata()) == [10] and "torch infinite error" not in lines
+
+
 def test_report_errors_are_one_line_exit_2(tmp_path):
     bare = tmp_path / "bare.json"
     bare.write_text(json.dumps({"file": "m.onnx", "spec": {}, "verdict": "pass", "rows": [{"runtime": "ort-cpu", "by_position": {}}]}))

@@ -3,6 +3,7 @@ corrupted table entry caught with its row and position (and a reproduction bundl
 CUDA adapter's fallback detection, --positions, --probe-bounds, reports, and `matrix --quick` in full."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,6 +12,7 @@ from conftest import exported, rope_spec
 from onnx import numpy_helper
 from test_cli import invoke
 
+from pe_export.encodings import encoding_for
 from pe_export.spec import Spec
 from pe_export.verify import RUNTIMES, TOLERANCES, Skip, check, make_probes, parse_positions, probe_bounds, verdict
 
@@ -104,11 +106,11 @@ def test_cuda_fallback_to_cpu_is_a_failure(monkeypatch):
 def test_positions_probe_exactly_those_positions():
     spec = rope_spec(max_positions=4096)
     wanted = parse_positions("7,4090:4096")
-    assert wanted.tolist() == [7, 4090, 4091, 4092, 4093, 4094, 4095]
+    assert wanted.expand(4096).tolist() == [7, 4090, 4091, 4092, 4093, 4094, 4095]
     rows = check(spec, exported(spec), runtimes=("ort-cpu",), positions=wanted, batch=3)
     assert rows[0].verdict == "pass" and rows[0].probes[-1] == "positions"
     name, inputs = make_probes(spec, 0, 3, wanted)[-1]
-    assert name == "positions" and inputs["position_ids"].tolist() == [wanted.tolist()] * 3
+    assert name == "positions" and inputs["position_ids"].tolist() == [[7, 4090, 4091, 4092, 4093, 4094, 4095]] * 3
     assert inputs["x"].shape == (3, 3, 7, 64)  # batch, the probes' three heads, the positions, head_dim
 
 
@@ -116,6 +118,8 @@ def test_positions_probe_exactly_those_positions():
     "args,message",
     [
         (["--positions", "0,300"], "300 is outside the table [0, 256)"),
+        (["--positions", "250:300"], "250:300 is outside the table [0, 256)"),
+        (["--positions", "-3:2"], "-3:2 is outside the table [0, 256)"),
         (["--positions", "5:2"], "integers and ranges a:b"),
         (["--positions", "x"], "integers and ranges a:b"),
         (["--runtimes", "tpu"], "--runtimes takes a comma-separated list of torch, ort-cpu"),
@@ -129,6 +133,54 @@ def test_bad_verify_options_exit_2(tmp_path, args, message):
     result = invoke("verify", str(model), *args)
     assert result.exit_code == 2 and message in " ".join(result.output.split())
     assert "Traceback" not in result.output
+
+
+def test_a_huge_positions_range_is_refused_before_it_is_built(tmp_path):
+    """0:10000000000 would be 10^10 integers (80 GB): the range is checked against the table first."""
+    model = tmp_path / "m.onnx"
+    assert invoke("llama-rope", "--seq", "256", "-o", str(model)).exit_code == 0
+    result = invoke("verify", str(model), "--positions", "0:10000000000")
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines() == [
+        "pe-export: error: --positions: 0:10000000000 is outside the table [0, 256); use --probe-bounds to check out-of-range handling"
+    ]
+
+
+def test_an_infinite_error_keeps_its_position_and_the_report_is_standard_json(monkeypatch):
+    """A runtime whose output is NaN at position 5 and -inf at position 2 (the truth is finite there):
+    both are infinite errors, the worst there are, and both must stay in the error-by-position curve."""
+    from pe_export.report import render, verify_doc
+
+    reference = encoding_for(TINY).reference
+
+    def broken(inputs):
+        got = reference(TINY, inputs).astype(np.float32)  # (B, S, 2)
+        ids = inputs["position_ids"]
+        got[ids == 5] = np.nan
+        got[ids == 2] = -np.inf
+        return got
+
+    monkeypatch.setitem(RUNTIMES, "broken", lambda spec, data: (broken, "broken"))
+    (row,) = check(TINY, b"", runtimes=("broken",), positions=parse_positions("0:8"))
+    assert row.verdict == "FAIL" and row.max_abs == np.inf
+    by = row.by_position
+    assert by["positions"] == list(range(8))  # the grid of 8 positions, none dropped
+    assert [p for p, e in zip(by["positions"], by["max_abs"]) if e == np.inf] == [2, 5]
+    assert all(0 <= e < 1e-6 for p, e in zip(by["positions"], by["max_abs"]) if p not in (2, 5))
+
+    d = row.as_dict()
+    assert d["by_position"]["positions"] == list(range(8)) and d["by_position"]["infinite"] == [2, 5]
+    assert d["by_position"]["max_abs"][2] is None and d["by_position"]["max_abs"][5] is None
+    assert d["by_position"]["bound"] == by["bound"]  # finite bounds are written as they are
+    assert {"max_abs", "max_rel", "worst_error", "worst_ratio"} <= set(d["infinite"]) and d["max_abs"] is None
+    assert row.max_abs == np.inf  # as_dict does not touch the row itself
+    doc = verify_doc("m.onnx", TINY, [row], "FAIL")
+    text = render(doc, Path("r.json")).decode()
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON token {name}"))
+    md = render(doc, Path("r.md")).decode()
+    assert "| broken | broken | inf |" in md and "(inf)" in md  # max abs error and worst ratio read "inf", not blank
+    ok = check(TINY, exported(TINY), runtimes=("ort-cpu",))[0].as_dict()
+    assert ok["infinite"] == [] and ok["by_position"]["infinite"] == []
 
 
 def test_probe_bounds_reports_a_runtime_that_returns_a_result(monkeypatch):
@@ -234,4 +286,55 @@ def test_matrix_failure_exits_1_with_a_bundle(tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert "1 of 1 cases failed" in " ".join(result.output.split())
     assert "| bloom-alibi | decomposed | fp32 | 2048 | ort-cpu |" in report.read_text()
-    assert (tmp_path / "matrix-repro" / "bloom-alibi-decomposed-fp32" / "README.txt").exists()
+    assert (tmp_path / "matrix-repro" / "bloom-alibi-decomposed-fp32-2048" / "README.txt").exists()
+
+
+def fake_matrix(monkeypatch, write_bundle):
+    """run_case with the export and the check replaced: every case fails on one row."""
+    import pe_export.export
+    import pe_export.verify
+    from pe_export.verify import Row
+
+    class Model:
+        def SerializeToString(self):
+            return b"onnx"
+
+    monkeypatch.setattr(pe_export.export, "build", lambda spec: Model())
+    monkeypatch.setattr(pe_export.verify, "check", lambda spec, data, runtimes, seed: [Row("ort-cpu", "cpu", spec.dtype, "FAIL", note="planted")])
+    monkeypatch.setattr(pe_export.verify, "write_bundle", write_bundle)
+
+
+def test_every_quick_case_fails_into_its_own_bundle_and_counts_once(tmp_path, monkeypatch):
+    """--quick has llama-rope onnx fp32 at 256 and at 8192 positions: their files and bundles differ."""
+    from pe_export import matrix
+
+    def write_bundle(folder, *args):
+        folder.mkdir(parents=True)  # as the real one: the folder must not exist yet
+        return [folder]
+
+    fake_matrix(monkeypatch, write_bundle)
+    quick = matrix.cases(quick=True)
+    (tmp_path / "onnx").mkdir()
+    results = [matrix.run_case(c, tmp_path / "onnx", ("ort-cpu",), 0, tmp_path / "repro") for c in quick]
+    assert [r["error"] for r in results] == [""] * len(quick)
+    assert len({r["bundle"] for r in results}) == len(quick) == len(list((tmp_path / "onnx").iterdir()))
+    s = matrix.summary(results)
+    assert (s["cases"], s["rows"], s["FAIL"], s["failed_cases"]) == (len(quick),) * 4
+    assert len({c.name for c in matrix.cases()}) == len(matrix.cases())
+    assert matrix.cases(["llama-rope", "llama-rope"], dtypes=["fp32", "fp32"]) == matrix.cases(["llama-rope"], dtypes=["fp32"])
+
+
+def test_a_bundle_that_cannot_be_written_does_not_count_the_case_twice(tmp_path, monkeypatch):
+    from pe_export import matrix
+
+    def write_bundle(folder, *args):
+        raise OSError("No space left on device")
+
+    fake_matrix(monkeypatch, write_bundle)
+    result = matrix.run_case(matrix.Case("bloom-alibi", "decomposed", "fp32", 64), tmp_path, ("ort-cpu",), 0, tmp_path / "repro")
+    assert result["verdict"] == "FAIL" and result["error"] == "" and result["bundle"] == ""
+    assert result["bundle_error"] == "OSError: No space left on device"
+    s = matrix.summary([result])
+    assert (s["cases"], s["rows"], s["FAIL"], s["failed_cases"]) == (1, 1, 1, 1)
+    export_error = {**result, "rows": [], "error": "ValueError: planted", "bundle_error": ""}
+    assert (matrix.summary([export_error])["rows"], matrix.summary([export_error])["FAIL"]) == (1, 1)
