@@ -230,6 +230,30 @@ def test_fire_weights_file_errors(tmp_path):
         fire.learned(FireParams(heads=4, mlp_width=8, weights=str(tmp_path / "w.pt"), key="fire"))
 
 
+@pytest.mark.parametrize("scale", [1 + 1e-5, 1 - 1e-5])
+def test_fire_num_table_off_by_1e5_fails_in_fp32(scale):
+    """The fp32 bound is the first-order rounding bound of the graph's arithmetic (fire.magnitude),
+    so the `num` table (psi(c d)) scaled by 1 +- 1e-5, about 84 float32 ulp, fails on ORT CPU and the
+    reference evaluator, while the same file unscaled passes (measured with the preset's parameters at
+    512 positions: worst ratio 0.06 clean, 1.41 scaled; the earlier bound, four times looser, passed it
+    at 0.38 at 2048 positions)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from pe_export.verify import check
+
+    spec = Spec(encoding="fire", params=dict(heads=12, mlp_width=32, init_c=0.1, init_L=512.0, max_positions=512),
+                op="decomposed", opset=17)  # fmt: skip
+    model = onnx.load_from_string(exported(spec))
+    runtimes = ("ort-cpu", "onnx-reference")
+    assert all(r.verdict == "pass" for r in check(spec, model.SerializeToString(), runtimes=runtimes))
+    num = next(t for t in model.graph.initializer if t.name == "num")
+    num.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(num) * np.float32(scale), "num"))
+    rows = check(spec, model.SerializeToString(), runtimes=runtimes)
+    assert [r.verdict for r in rows] == ["FAIL", "FAIL"], [(r.runtime, r.worst_ratio) for r in rows]
+    assert all("over its bound" in r.note for r in rows)
+
+
 # --------------------------------------------------------------------------------------------------
 # Sandwich
 

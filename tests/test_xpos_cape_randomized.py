@@ -161,9 +161,37 @@ def test_xpos_score_depends_on_distance_only_and_decays():
         assert abs(qq @ kk) <= b * (1 + 1e-12)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 def test_xpos_key_role_parity(dtype):
     assert_verified(xpos_spec(dtype, role="key"))
+
+
+@pytest.mark.parametrize("role", ["query", "key"])
+def test_xpos_parity_near_the_fp16_overflow_limit(role):
+    """4500 positions: the largest F is 250, just under fp16's limit of 256 (reached near 4532)."""
+    assert_verified(xpos_spec("fp16", role=role, max_positions=4500))
+
+
+@pytest.mark.parametrize("dtype,scale", [("fp32", 1 + 2**-21), ("fp16", 1 + 2**-10), ("bf16", 1 + 2**-7)])
+def test_xpos_scale_table_off_by_a_few_roundings_fails(dtype, scale):
+    """The bound is the graph's rounding bound (xpos_magnitude): float32 arithmetic, then one rounding
+    to the export dtype. So the float32 scale table F scaled by 4 float32 ulp (fp32 file), or by one
+    eps of the export dtype (fp16, bf16 files: a relative error twice that of the final rounding)
+    fails, while the same file unscaled passes. Measured at 512 positions: worst ratio 2.3 (fp32) and
+    3.0 (fp16, bf16); the earlier fp16/bf16 bound, the float32 arithmetic's at eps(dtype), passed
+    the fp16 and bf16 cases at 0.58."""
+    from onnx import numpy_helper
+
+    from pe_export.verify import check
+
+    spec = xpos_spec(dtype, max_positions=512)
+    model = onnx.load_from_string(exported(spec))
+    runtimes = ("ort-cpu", "onnx-reference")
+    assert all(r.verdict == "pass" for r in check(spec, model.SerializeToString(), runtimes=runtimes))
+    table = next(t for t in model.graph.initializer if t.name == "scale_table")
+    table.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(table) * np.float32(scale), table.name))
+    rows = check(spec, model.SerializeToString(), runtimes=runtimes)
+    assert [r.verdict for r in rows] == ["FAIL", "FAIL"], [(r.runtime, r.worst_ratio) for r in rows]
 
 
 def test_xpos_fp16_overflow_is_refused_not_inf():

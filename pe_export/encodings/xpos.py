@@ -184,17 +184,38 @@ def xpos_probes(spec, rng: np.random.Generator, batch: int = 2) -> list[tuple[st
 
 
 def xpos_magnitude(spec, inputs: dict) -> np.ndarray:
-    """1.25 * F * (|a| + |b|) for the pair (a, b) of each element. y = a * (cos * F) - b * (sin * F) rounds
-    cos, sin and F (table reads), the two products cos * F and sin * F, the products with a and b and the
-    sum: 2.5 eps F (|a| + |b|) to first order where RoPE's three roundings give 1.5; verify's bound is
-    2 * eps * magnitude."""
+    """The rounding-error bound of each output element divided by 2 eps(dtype): verify's bound is
+    2 * eps * magnitude (+ denormals), so the bound it checks is exactly the one derived here.
+
+    What the graph computes (xpos_module): cos, sin and F are float64 tables rounded once to float32;
+    x is cast to float32 (exact from fp16 and bf16); in float32, cos_f = cos * F and sin_f = sin * F
+    (Mul), then y_a = a * cos_f - b * sin_f and y_b = b * cos_f + a * sin_f (two Muls and a Sub or
+    Add); then one Cast to the export dtype (none in fp32). With u = eps32 / 2 and each rounding off by
+    at most u relative, to first order: cos_f carries cos's, F's and the product's rounding (3u), the
+    product with a one more (4u), the sum one more (5u), likewise for b * sin_f (an FMA only drops one):
+        E32 = 5u F (|a cos| + |b sin|) for y_a,   5u F (|b cos| + |a sin|) for y_b.
+    The final cast to fp16/bf16 rounds y32 = y + e (|e| <= E32) to nearest: its error is at most
+    u_d |y32| <= u_d |y| + u_d E32, so the total is u_d |y| + (1 + u_d) E32 (u_d = eps(dtype) / 2;
+    results in the subnormal range are covered by verify's denorm_min term). That last rounding is
+    attained almost exactly (measured: 0.99 of u_d |y|), so it is counted twice, the margin verify
+    gives a table read, and a correct fp16/bf16 file sits near 0.5 of its bound. The torch module computes
+    the same way (x.to(float32), one cast of y), so the bound covers it too."""
+    from pe_export.verify import EPS
+
     p = XposParams(**spec.params)
     ids = inputs["position_ids"]
-    _, _, scale = tables(p)
-    f = scale[ids - centre(int(ids.max())) + offset(p)][:, None]  # (B, 1, S, D/2)
+    cos, sin, scale = tables(p)
+    f = scale[ids - centre(int(ids.max())) + offset(p)]  # (B, S, D/2), F > 0
+    c, s = (np.abs(cos[ids]) * f)[:, None], (np.abs(sin[ids]) * f)[:, None]  # (B, 1, S, D/2)
     x = np.abs(np.asarray(inputs["x"]).astype(np.float64))
-    pair = x[..., 0::2] + x[..., 1::2]  # (B, H, S, D/2)
-    return np.repeat(1.25 * f * pair, 2, axis=-1)
+    a, b = x[..., 0::2], x[..., 1::2]  # (B, H, S, D/2)
+    e32 = 5 * EPS["fp32"] / 2 * np.stack([a * c + b * s, b * c + a * s], axis=-1).reshape(x.shape)  # (B, H, S, D)
+    if spec.dtype == "fp32":
+        error = e32
+    else:
+        u = EPS[spec.dtype] / 2
+        error = 2 * u * np.abs(xpos_reference(spec, inputs)) + (1 + u) * e32  # the cast: twice its worst case (below)
+    return error / (2 * EPS[spec.dtype])
 
 
 def xpos_locate(spec, inputs: dict, at: tuple) -> str:
