@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from pe_export.errors import BadInput
+from pe_export.errors import BadInput, one_line
 from pe_export.spec import Spec, numpy_dtype
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -144,7 +144,7 @@ def session(model_bytes: bytes, provider: str, threads: int, profile_prefix: str
     try:
         sess = ort.InferenceSession(model_bytes, opts, providers=providers)
     except Exception as e:  # ORT's errors are not RuntimeErrors; the CLI prints one line either way
-        raise RuntimeError(f"onnxruntime ({name}) could not load the graph: {' '.join(str(e).split())[:300]}") from None
+        raise RuntimeError(f"onnxruntime ({name}) could not load the graph: {one_line(e)}") from None
     require_provider(sess, name)
     return sess
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pe_export.errors import BadInput
+from pe_export.errors import BadInput, one_line
 
 TABLES = ("constant", "computed")
 COS_SIN_ERROR = 2.0**-22  # float32 Cos/Sin (<= 1.72 * 2^-24 measured) and the float32 attention factor
@@ -388,7 +388,7 @@ def to_ort_format(model_bytes: bytes) -> bytes:
                 convert_onnx_models_to_ort(src, output_dir=Path(tmp) / "ort", optimization_styles=[OptimizationStyle.Fixed])
             return (Path(tmp) / "ort" / "model.ort").read_bytes()
         except Exception as e:
-            raise BadInput(f"--format ort: ONNX Runtime could not convert the model: {' '.join(str(e).split())[:200]}") from None
+            raise BadInput(f"--format ort: ONNX Runtime could not convert the model: {one_line(e, 200)}") from None
 
 
 def optimize(model_bytes: bytes, level: str, provider: str) -> bytes:
@@ -406,7 +406,7 @@ def optimize(model_bytes: bytes, level: str, provider: str) -> bytes:
             ort.InferenceSession(model_bytes, opts, providers=providers)
             return (Path(tmp) / "optimized.onnx").read_bytes()
         except Exception as e:
-            raise BadInput(f"--optimize: ONNX Runtime could not optimise the model for {provider}: {' '.join(str(e).split())[:200]}") from None
+            raise BadInput(f"--optimize: ONNX Runtime could not optimise the model for {provider}: {one_line(e, 200)}") from None
 
 
 def write_external(model, path: Path, force: bool) -> list[Path]:
@@ -459,7 +459,7 @@ def load_external_data(model, path: Path) -> None:
     try:
         load_external_data_for_model(model, str(path.parent))
     except Exception as e:
-        raise BadInput(f"{str(path)!r}: cannot read its external data ({' '.join(str(e).split())[:200]})") from None
+        raise BadInput(f"{str(path)!r}: cannot read its external data ({one_line(e, 200)})") from None
 
 
 def describe(spec) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from pe_export.errors import BadInput
+from pe_export.errors import BadInput, one_line
 from pe_export.runtimes import all_nodes
 from pe_export.spec import DERIVED_KEY, SPEC_KEY, Spec
 
@@ -105,10 +105,6 @@ def _spec(props: dict) -> Spec | None:
         return None  # the raw text is still shown; the runtimes are tried without it
 
 
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())[:300] or type(e).__name__
-
-
 def runtimes_with_spec(spec: Spec, model_bytes: bytes) -> list[dict]:
     """Each of verify's runtimes: loads (and the provider it got), skipped (and why) or cannot load."""
     from pe_export.runtimes import RUNTIMES, Skip
@@ -119,9 +115,9 @@ def runtimes_with_spec(spec: Spec, model_bytes: bytes) -> list[dict]:
             _, provider = adapter(spec, model_bytes)
             rows.append({"runtime": name, "result": "loads", "provider": provider, "note": ""})
         except Skip as e:
-            rows.append({"runtime": name, "result": "skipped", "provider": "", "note": _one_line(e)})
+            rows.append({"runtime": name, "result": "skipped", "provider": "", "note": one_line(e)})
         except Exception as e:  # any other error: this runtime cannot load the file
-            rows.append({"runtime": name, "result": "cannot load", "provider": "", "note": _one_line(e)})
+            rows.append({"runtime": name, "result": "cannot load", "provider": "", "note": one_line(e)})
     return rows
 
 
@@ -149,9 +145,9 @@ def runtimes_without_spec(model: onnx.ModelProto, model_bytes: bytes) -> list[di
         try:
             rows.append({"runtime": name, "result": "loads", "provider": attempt(), "note": ""})
         except Skip as e:
-            rows.append({"runtime": name, "result": "skipped", "provider": "", "note": _one_line(e)})
+            rows.append({"runtime": name, "result": "skipped", "provider": "", "note": one_line(e)})
         except Exception as e:
-            rows.append({"runtime": name, "result": "cannot load", "provider": "", "note": _one_line(e)})
+            rows.append({"runtime": name, "result": "cannot load", "provider": "", "note": one_line(e)})
     return rows
 
 
@@ -197,7 +193,7 @@ def _runtimes(path: Path, model: onnx.ModelProto, data: bytes, spec: Spec | None
             model = onnx.load(str(path))
             data = model.SerializeToString()
         except Exception as e:
-            note = f"could not load the external data into one model: {_one_line(e)}"
+            note = f"could not load the external data into one model: {one_line(e)}"
             return [{"runtime": "all", "result": "cannot load", "provider": "", "note": note}]
     if spec is not None:
         try:
@@ -206,6 +202,6 @@ def _runtimes(path: Path, model: onnx.ModelProto, data: bytes, spec: Spec | None
             check_spec(spec)
             return runtimes_with_spec(spec, data)
         except ValueError as e:
-            bad = {"runtime": "torch", "result": "cannot load", "provider": "", "note": f"invalid spec: {_one_line(e)}"}
+            bad = {"runtime": "torch", "result": "cannot load", "provider": "", "note": f"invalid spec: {one_line(e)}"}
             return [bad, *runtimes_without_spec(model, data)]
     return runtimes_without_spec(model, data)

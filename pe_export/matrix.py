@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pe_export.encodings import ENCODINGS
-from pe_export.errors import BadInput
+from pe_export.errors import BadInput, one_line
 from pe_export.presets import PRESETS
 from pe_export.spec import DTYPES, OP_NAMES, Spec
 
@@ -115,19 +115,15 @@ def run_case(case: Case, folder: Path, runtimes, seed: int = 0, bundles: Path | 
         result["rows"] = [r.as_dict() for r in rows]
         result["verdict"] = verdict(rows)
     except Exception as e:  # an export that fails is a failed case, reported with its message
-        result["error"] = _message(e)
+        result["error"] = f"{type(e).__name__}: {one_line(e)}"
     if result["rows"] and result["verdict"] == "FAIL" and bundles is not None:
         try:
             write_bundle(bundles / case.name, spec, data, rows, seed, 2)
             result["bundle"] = str(bundles / case.name)
         except Exception as e:
-            result["bundle_error"] = _message(e)
+            result["bundle_error"] = f"{type(e).__name__}: {one_line(e)}"
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
-
-
-def _message(e: Exception) -> str:
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
 
 
 def summary(results: list[dict]) -> dict:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pe_export.encodings import encoding_for
-from pe_export.errors import BadInput
+from pe_export.errors import BadInput, one_line
 from pe_export.runtimes import DEFAULT_RUNTIMES, RUNTIMES, Skip, to_torch  # noqa: F401 (re-exported)
 from pe_export.spec import OP_NAMES, Spec, numpy_dtype
 
@@ -299,7 +299,7 @@ def check(
         except Skip as e:
             row.verdict, row.note = "skipped", str(e)
         except Exception as e:  # a runtime that errors on a valid input is a failed row, with its message
-            row.verdict, row.note = "FAIL", " ".join(str(e).split())[:300]
+            row.verdict, row.note = "FAIL", one_line(e)
         row.by_position = _finish_by_position(acc)
         rows.append(row)
     order = {n: i for i, n in enumerate(runtimes)}
@@ -356,7 +356,7 @@ def probe_bounds(spec: Spec, model_bytes: bytes, runtimes=DEFAULT_RUNTIMES, seed
             rows.append(BoundsRow(name, "skipped", str(e)))
             continue
         except Exception as e:
-            rows.append(BoundsRow(name, "skipped", "cannot load: " + " ".join(str(e).split())[:200]))
+            rows.append(BoundsRow(name, "skipped", "cannot load: " + one_line(e, 200)))
             continue
         silent = []
         for case, inputs in cases:
@@ -402,7 +402,7 @@ def write_bundle(folder: Path, spec: Spec, model_bytes: bytes, rows: list[Row], 
         try:
             data["output"] = RUNTIMES[r.runtime](spec, model_bytes)[0](inputs)
         except Exception as e:  # the failure may be that it does not run at all
-            lines.append(f"{r.runtime}: running the probe raised: {' '.join(str(e).split())[:300]}")
+            lines.append(f"{r.runtime}: running the probe raised: {one_line(e)}")
         path = folder / f"{r.runtime}-{r.worst_probe or 'probe'}.npz"
         with open(path, "wb") as f:
             np.savez(f, **{k: (v.view(np.uint16) if v.dtype == numpy_dtype("bf16") else v) for k, v in data.items()})

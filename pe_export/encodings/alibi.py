@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding
-from pe_export.encodings.common import check_positions, contract, guard, take
+from pe_export.encodings.common import check_positions, contract, guard, table_magnitude, take
 
 CONVENTIONS = ("relative", "bloom", "mpt")
 
@@ -106,12 +106,6 @@ def reference(spec, inputs):
     return bias_np(p, q, k)
 
 
-def magnitude(spec, inputs):
-    """|slope * distance|: the float32 slope, the product and the cast each round once."""
-    b = np.abs(reference(spec, inputs))
-    return np.where(np.isfinite(b), b, 0.0)
-
-
 def derived(spec) -> dict:
     p = AlibiParams(**spec.params)
     return {"slopes": slopes(p.heads, p.alibi_bias_max).tolist()}
@@ -124,7 +118,7 @@ ENCODINGS.register("alibi")(
         module=module,
         reference=reference,
         translation_table=lambda spec: {},
-        magnitude=magnitude,
+        magnitude=table_magnitude(reference),  # the float32 slope, the product and the cast each round once
         derived=derived,
         **contract("bias", AlibiParams),
         reference_impl="transformers 5.23 bloom build_alibi_tensor, mpt build_mpt_alibi_tensor; Press get_slopes",

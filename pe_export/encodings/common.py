@@ -170,6 +170,17 @@ def attention_locate(spec, inputs, at) -> str:
     return where + f", dim {d}"
 
 
+def table_magnitude(reference):
+    """The magnitude of a bias read from a table rounded once: |bias|, and 0 for a mask's -inf, which
+    is exact."""
+
+    def magnitude(spec, inputs):
+        b = np.abs(reference(spec, inputs))
+        return np.where(np.isfinite(b), b, 0.0)
+
+    return magnitude
+
+
 def softmax_np(logits: np.ndarray) -> np.ndarray:
     """Softmax over the last axis in float64; -inf entries get weight 0."""
     m = np.max(logits, axis=-1, keepdims=True)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding
-from pe_export.encodings.common import check_positions, contract, guard, take
+from pe_export.encodings.common import check_positions, contract, guard, table_magnitude, take
 
 VARIANTS = ("log", "power")
 CLAMP_MIN = 1e-2  # the reference's eps: p and a are clamped to >= eps in every forward
@@ -137,16 +137,6 @@ def distance_bias_module(table_pH: np.ndarray, causal: bool, dtype: str):
             return bias[None]
 
     return DistanceBias().eval()
-
-
-def table_magnitude(reference):
-    """|bias| (one rounding of each table entry); 0 for the mask's -inf, which is exact."""
-
-    def magnitude(spec, inputs):
-        b = np.abs(reference(spec, inputs))
-        return np.where(np.isfinite(b), b, 0.0)
-
-    return magnitude
 
 
 # ------------------------------------------------------------------------------------------------

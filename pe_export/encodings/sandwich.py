@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding
-from pe_export.encodings.common import contract
-from pe_export.encodings.kerple import distance_bias_module, distance_bias_np, table_magnitude
+from pe_export.encodings.common import contract, table_magnitude
+from pe_export.encodings.kerple import distance_bias_module, distance_bias_np
 
 
 @dataclass(frozen=True, kw_only=True)

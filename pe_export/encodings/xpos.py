@@ -36,7 +36,7 @@ import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding
 from pe_export.encodings.common import check_positions, guard, position_cases, take
-from pe_export.encodings.rope import apply_reference, apply_torch
+from pe_export.encodings.rope import apply_reference, apply_torch, rope_locate
 
 ROLES = ("query", "key")
 THETA = 10000.0  # torchscale's fixed_pos_embedding
@@ -218,11 +218,6 @@ def xpos_magnitude(spec, inputs: dict) -> np.ndarray:
     return error / (2 * EPS[spec.dtype])
 
 
-def xpos_locate(spec, inputs: dict, at: tuple) -> str:
-    b, _, s, d = at
-    return f"batch {b}, position {int(inputs['position_ids'][b, s])}, dim {d}"
-
-
 ENCODINGS.register("xpos")(
     Encoding(
         name="xpos",
@@ -233,7 +228,7 @@ ENCODINGS.register("xpos")(
         reference=xpos_reference,
         translation_table=lambda spec: {},
         magnitude=xpos_magnitude,
-        locate=xpos_locate,
+        locate=rope_locate,
         derived=lambda spec: {"largest_scale": largest_scale(XposParams(**spec.params))},
         kind="rotary",
         ops=("decomposed",),
