@@ -43,7 +43,7 @@ def baseline(spec, kind: str) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
 
     from pe_export.encodings.rope import RopeParams, tables
-    from pe_export.spec import numpy_dtype
+    from pe_export.dtypes import numpy_dtype
 
     p = RopeParams(**spec.params)
     cos, sin = tables(p)  # (P, R/2) float64

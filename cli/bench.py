@@ -25,7 +25,7 @@ def bench_command(
     from rich.table import Table
 
     from pe_export.bench import bench_file
-    from pe_export.cli.main import fail, out
+    from pe_export.cli.common import fail, out
 
     names = [p.strip() for p in providers.split(",") if p.strip()]
     try:

@@ -13,37 +13,30 @@ from __future__ import annotations
 
 import inspect
 import json
-import shutil
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 import typer.core
-from rich.console import Console
 from rich.table import Table
+
+from pe_export.cli import bench as _bench
+from pe_export.cli import matrix as _matrix
+from pe_export.cli import tools
+from pe_export.cli.common import choices, fail, free_folder, out, parse_runtimes
 
 from pe_export.encodings.rope import ANGLES, PAIRINGS
 
 TABLES = ("constant", "computed")  # pe_export.deploy.TABLES, import-free
 from pe_export.presets import PRESETS, Preset
 from pe_export.scaling import dynamic, longrope
-from pe_export.spec import DTYPES, LAYOUTS, OP_NAMES
+from pe_export.dtypes import DTYPES
+from pe_export.spec import LAYOUTS, OP_NAMES
 
 FORMATS, OPTIMIZE_LEVELS, OPTIMIZE_PROVIDERS = ("onnx", "ort"), ("basic", "extended", "all"), ("cpu", "cuda")  # pe_export.deploy's, import-free
 
 COMMANDS = ("list", "verify", "matrix", "from-config", "inspect", "plot", "bench")
-# Tables are wide; when stdout is not a terminal, do not squeeze them into 80 columns.
-out = Console(highlight=False, width=max(shutil.get_terminal_size((160, 24)).columns, 100))
-
-
-def fail(message: str, code: int = 2):
-    """One line on stderr, then exit: the CLI's only way to report bad input."""
-    typer.echo(f"pe-export: error: {message}", err=True)
-    raise typer.Exit(code)
-
-
 class Group(typer.core.TyperGroup):
     """Turns every usage error into one line with exit code 2, and lists the presets for a wrong name."""
 
@@ -80,11 +73,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Export Transformer positional encodings to ONNX graphs verified against PyTorch.",
 )
-
-
-def choices(name: str, values) -> type[Enum]:
-    """An Enum of CLI choices made from the tuple the library validates against, never typed twice."""
-    return Enum(name, {v: v for v in values}, type=str)
 
 
 Op = choices("Op", OP_NAMES)
@@ -439,16 +427,6 @@ def verify_artifact(path, spec, runtimes, seed):
 PROVIDERS = {"cpu": "ort-cpu", "cuda": "ort-cuda"}  # the old --providers names
 
 
-def parse_runtimes(text: str) -> tuple[str, ...]:
-    from pe_export.verify import RUNTIMES
-
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if n not in RUNTIMES]
-    if bad or not names:
-        fail(f"--runtimes takes a comma-separated list of {', '.join(RUNTIMES)}; got {text!r}")
-    return tuple(dict.fromkeys(names))
-
-
 @app.command("verify")
 def verify_command(
     file: Annotated[Path, typer.Argument(help="An ONNX file written by pe-export.")],
@@ -528,15 +506,6 @@ def print_rows(rows, bounds_rows=None):
         out.print(f"  out-of-range positions, {b.runtime}: {b.verdict}{': ' + b.note if b.note else ''}", soft_wrap=True)
 
 
-def free_folder(path: Path) -> Path:
-    """`path`, or `path.2`, `path.3`, ...: the first that does not exist (a bundle never overwrites)."""
-    n, candidate = 1, path
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.name}.{n}")
-    return candidate
-
-
 def finish(path, spec, data, runtimes, report, force, seed, batch=2, positions=None, probe_bounds=False, bundle=None):
     """Verify, print the table, write the report (and a reproduction bundle on failure), exit 0 / 1."""
     import shlex
@@ -578,16 +547,8 @@ def finish(path, spec, data, runtimes, report, force, seed, batch=2, positions=N
     out.print(f"[green]verified[/green]: {path} matches the float64 reference on every runtime that ran")
 
 
-from pe_export.cli import matrix as _matrix  # noqa: E402
-
 _matrix.register(app)
-
-from pe_export.cli import tools  # noqa: E402
-
 tools.register(app)
-
-from pe_export.cli import bench as _bench  # noqa: E402
-
 _bench.register(app)
 
 

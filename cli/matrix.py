@@ -26,7 +26,7 @@ def matrix_command(
     from rich.table import Table
 
     from pe_export import matrix
-    from pe_export.cli.main import fail, free_folder, out, parse_runtimes
+    from pe_export.cli.common import fail, free_folder, out, parse_runtimes
     from pe_export.export import check_output_path, write_atomic
     from pe_export.report import render
     from pe_export.verify import DEFAULT_RUNTIMES

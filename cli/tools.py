@@ -33,7 +33,7 @@ def inspect_command(
     pe-export spec) and which runtimes here can load it."""
     from rich.table import Table
 
-    from pe_export.cli.main import fail, out
+    from pe_export.cli.common import fail, out
     from pe_export.inspection import inspect_file
 
     try:
@@ -88,7 +88,7 @@ def plot_command(
 ):
     """Plot an encoding (RoPE cos/sin tables, long-term decay and frequencies; bias and absolute
     heatmaps) or the error by position of a verify report. Needs matplotlib, the `plot` extra."""
-    from pe_export.cli.main import fail, out
+    from pe_export.cli.common import fail, out
     from pe_export.plot import plot
 
     try:

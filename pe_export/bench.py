@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pe_export.errors import BadInput, one_line
-from pe_export.spec import Spec, numpy_dtype
+from pe_export.dtypes import numpy_dtype
+from pe_export.spec import Spec
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 SEQ_CAP = {"rotary": 4096, "absolute": 4096, "bias": 1024, "attention": 1024}

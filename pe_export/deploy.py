@@ -226,7 +226,7 @@ def computed_tables_module(spec):
 
     import pe_export.custom_ops.rotary  # noqa: F401  registers torch.ops.pe_export.rotary_embedding
     from pe_export.encodings.rope import RopeParams, inv_freq, switch_at
-    from pe_export.spec import torch_dtype
+    from pe_export.dtypes import torch_dtype
 
     p = RopeParams(**spec.params)
     P, switch, half = p.max_positions, switch_at(p), p.rotary_dim // 2
@@ -270,7 +270,7 @@ def computed_tables_slack(spec, p, inputs) -> np.ndarray | float:
     if getattr(p, "tables", "constant") != "computed":
         return 1.0
     from pe_export.encodings.rope import heads_axis, inv_freq
-    from pe_export.verify import EPS
+    from pe_export.dtypes import EPS
 
     ids = np.asarray(inputs["position_ids"])
     freqs, _ = inv_freq(p, seq_len=int(ids.max()) + 1 if ids.size else None)

@@ -17,7 +17,8 @@ from pathlib import Path
 from pe_export.encodings import ENCODINGS
 from pe_export.errors import BadInput, one_line
 from pe_export.presets import PRESETS
-from pe_export.spec import DTYPES, OP_NAMES, Spec
+from pe_export.dtypes import DTYPES
+from pe_export.spec import OP_NAMES, Spec
 
 QUICK_SEQ = 256
 QUICK_DTYPES = ("fp32", "fp16")

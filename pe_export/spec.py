@@ -8,28 +8,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
-
 from pe_export import __version__
+from pe_export.dtypes import DTYPES
 from pe_export.errors import BadInput
 
 SPEC_KEY = "pe_export.spec"
 DERIVED_KEY = "pe_export.derived"  # values computed from the spec that a runtime needs (JSON)
-DTYPES = ("fp32", "fp16", "bf16")
 OP_NAMES = ("onnx", "ort", "decomposed")  # the keys of pe_export.custom_ops.lowerings.OP_TARGETS, import-free
 LAYOUTS = ("bhsd", "bshd")  # where the heads axis sits in x: (B, H, S, D) or (B, S, H, D)
-
-
-def numpy_dtype(name: str):
-    import ml_dtypes
-
-    return {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}[name]
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 @dataclass(frozen=True, kw_only=True)

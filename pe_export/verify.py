@@ -26,10 +26,9 @@ import numpy as np
 from pe_export.encodings import encoding_for
 from pe_export.errors import BadInput, one_line
 from pe_export.runtimes import DEFAULT_RUNTIMES, RUNTIMES, Skip, to_torch  # noqa: F401 (re-exported)
-from pe_export.spec import OP_NAMES, Spec, numpy_dtype
+from pe_export.dtypes import DENORM_MIN, EPS, numpy_dtype  # noqa: F401 (EPS re-exported)
+from pe_export.spec import OP_NAMES, Spec
 
-EPS = {"fp32": 2.0**-23, "fp16": 2.0**-10, "bf16": 2.0**-7}  # machine epsilon
-DENORM_MIN = {"fp32": 2.0**-149, "fp16": 2.0**-24, "bf16": 2.0**-133}  # spacing of the subnormals
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,7 @@ def test_bound_call_writes_what_a_plain_run_returns():
     from pe_export.bench import bound_call, make_inputs, session
     from pe_export.presets import PRESETS
     from pe_export.runtimes import _ort_call
-    from pe_export.spec import numpy_dtype
+    from pe_export.dtypes import numpy_dtype
 
     for dtype, itemsize in (("fp32", 4), ("fp16", 2), ("bf16", 2)):
         spec = Spec(encoding="t5-bias", params=dict(PRESETS["t5-bias"].params), op="decomposed", opset=17, dtype=dtype)
@@ -108,7 +108,7 @@ def test_inputs_placed_on_a_device_keep_their_bits():
 
     from pe_export.bench import on_device
     from pe_export.runtimes import host_value
-    from pe_export.spec import numpy_dtype
+    from pe_export.dtypes import numpy_dtype
 
     for dtype in ("fp32", "fp16", "bf16", "int64"):
         a = (np.arange(24).reshape(2, 12) - 7.5).astype(numpy_dtype(dtype) if dtype != "int64" else np.int64)

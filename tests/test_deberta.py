@@ -21,7 +21,8 @@ from conftest import assert_verified, exported, ort_cpu_session
 from pe_export.encodings import ENCODINGS
 from pe_export.encodings import deberta
 from pe_export.encodings.deberta import DebertaParams, learned, log_bucket, relative_index
-from pe_export.spec import Spec, numpy_dtype
+from pe_export.dtypes import numpy_dtype
+from pe_export.spec import Spec
 from pe_export.verify import bound, check
 
 torch = pytest.importorskip("torch")

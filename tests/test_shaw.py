@@ -19,7 +19,8 @@ from conftest import assert_verified, exported, ort_cpu_session
 
 from pe_export.encodings import ENCODINGS
 from pe_export.encodings.shaw import ShawParams, tables
-from pe_export.spec import Spec, numpy_dtype
+from pe_export.dtypes import numpy_dtype
+from pe_export.spec import Spec
 from pe_export.verify import bound
 
 torch = pytest.importorskip("torch")

@@ -71,7 +71,7 @@ def bias_np(p: AlibiParams, q: np.ndarray, k: np.ndarray) -> np.ndarray:
 def module(spec):
     import torch
 
-    from pe_export.spec import torch_dtype
+    from pe_export.dtypes import torch_dtype
 
     p = AlibiParams(**spec.params)
     P = p.max_positions

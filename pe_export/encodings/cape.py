@@ -30,7 +30,7 @@ import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding
 from pe_export.encodings.common import check_positions, contract, guard, take
-from pe_export.spec import torch_dtype
+from pe_export.dtypes import torch_dtype
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from pe_export.encodings import Encoding
-from pe_export.spec import numpy_dtype, torch_dtype
+from pe_export.dtypes import numpy_dtype, torch_dtype
 
 # ------------------------------------------------------------------------------------------------
 # Table reads

@@ -230,7 +230,7 @@ def pick(full, flat_index):
 def module(spec):
     import torch
 
-    from pe_export.spec import torch_dtype
+    from pe_export.dtypes import torch_dtype
 
     p = DebertaParams(**spec.params)
     P, span, dtype, inv_scale = p.max_positions, att_span(p), torch_dtype(spec.dtype), 1.0 / scale(p)
@@ -270,7 +270,7 @@ def module(spec):
 
 
 def probes(spec, rng, batch=2):
-    from pe_export.spec import numpy_dtype
+    from pe_export.dtypes import numpy_dtype
 
     p = DebertaParams(**spec.params)
     P, H, D = p.max_positions, p.heads, p.head_dim

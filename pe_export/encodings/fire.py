@@ -140,7 +140,7 @@ def magnitude(spec, inputs):
     attained almost exactly (measured: 0.99 of u_d |y|), so it is counted twice, the margin verify
     gives a table read, and a correct fp16/bf16 file sits near 0.5 of its bound. float64 errors of the
     tables and the reference are 2^-29 of these and left out."""
-    from pe_export.verify import EPS
+    from pe_export.dtypes import EPS
 
     x, h, out, t = forward_np(spec, inputs)
     inner = 6 * np.abs(x * t["w1"]) + 2 * np.abs(t["b1"]) + (len(t["b1"]) + 2) * h  # (Q, K, W)
@@ -154,7 +154,7 @@ def magnitude(spec, inputs):
 def module(spec):
     import torch
 
-    from pe_export.spec import torch_dtype
+    from pe_export.dtypes import torch_dtype
 
     p = FireParams(**spec.params)
     P, t = p.max_positions, learned(p)

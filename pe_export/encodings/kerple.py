@@ -96,7 +96,7 @@ def saturate(values: np.ndarray, dtype: str) -> np.ndarray:
     """Values below the dtype's lowest finite number -> that number (not -inf: -inf is the mask)."""
     import ml_dtypes
 
-    from pe_export.spec import numpy_dtype
+    from pe_export.dtypes import numpy_dtype
 
     lowest = float(ml_dtypes.finfo(numpy_dtype(dtype)).min)
     return np.maximum(values, lowest)
@@ -118,7 +118,7 @@ def distance_bias_module(table_pH: np.ndarray, causal: bool, dtype: str):
     """The torch original: a guarded read of the (P, H) table at |i - j|, cast once to `dtype`."""
     import torch
 
-    from pe_export.spec import torch_dtype
+    from pe_export.dtypes import torch_dtype
 
     P = table_pH.shape[0]
 

@@ -232,7 +232,7 @@ def rope_module(spec):
     import torch
 
     import pe_export.custom_ops.rotary  # noqa: F401  registers torch.ops.pe_export.rotary_embedding
-    from pe_export.spec import torch_dtype
+    from pe_export.dtypes import torch_dtype
 
     p = RopeParams(**spec.params)
     if computed_in_graph(p):
@@ -276,7 +276,7 @@ def ComputedRopeModule(spec):
     import torch
 
     import pe_export.custom_ops.rotary  # noqa: F401
-    from pe_export.spec import torch_dtype
+    from pe_export.dtypes import torch_dtype
 
     p = RopeParams(**spec.params)  # angles "float64": float32 is refused for in-graph rules
     rule, P = SCALING_RULES.get(p.scaling), p.max_positions
@@ -306,7 +306,7 @@ def rope_example_inputs(spec):
     """Example args, dynamic shapes, input and output names for torch.onnx.export."""
     import torch
 
-    from pe_export.spec import torch_dtype
+    from pe_export.dtypes import torch_dtype
 
     p = RopeParams(**spec.params)
     B, H, S = 2, 3, min(5, p.max_positions)
@@ -323,7 +323,7 @@ def rope_probes(spec, rng: np.random.Generator, batch: int = 2) -> list[tuple[st
     """Inputs that cover the whole table: spread positions ending in the last row, the last block
     (prefill near the end), a decode step (S = 1 at a large position), all with three heads (an odd
     count) and `batch` rows; and every row of the table once."""
-    from pe_export.spec import numpy_dtype
+    from pe_export.dtypes import numpy_dtype
 
     p = RopeParams(**spec.params)
     P, H = p.max_positions, 3

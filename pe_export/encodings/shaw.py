@@ -124,7 +124,7 @@ def shaw_attention(query, key, value, rel_keys, rel_values, mask, scale: float):
 def module(spec):
     import torch
 
-    from pe_export.spec import torch_dtype
+    from pe_export.dtypes import torch_dtype
 
     p = ShawParams(**spec.params)
     P, k = p.max_positions, p.max_relative_position

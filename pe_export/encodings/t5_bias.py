@@ -77,7 +77,7 @@ def table(p: T5BiasParams) -> np.ndarray:
 def module(spec):
     import torch
 
-    from pe_export.spec import torch_dtype
+    from pe_export.dtypes import torch_dtype
 
     p = T5BiasParams(**spec.params)
     P = p.max_positions

@@ -91,7 +91,7 @@ def projected_table(p: TransformerXLParams) -> np.ndarray:
 def module(spec):
     import torch
 
-    from pe_export.spec import torch_dtype
+    from pe_export.dtypes import torch_dtype
 
     p = TransformerXLParams(**spec.params)
     P, N = p.max_positions, rows(p)
@@ -179,7 +179,7 @@ def magnitude(spec, inputs):
 def probes(spec, rng, batch=2):
     """The shared attention cases (keys at [0, K), queries the last Q) plus a few queries over a memory
     that fills the table (K = max_positions): every distance, and the clamp where clamp_len < K - 1."""
-    from pe_export.spec import numpy_dtype
+    from pe_export.dtypes import numpy_dtype
 
     p = TransformerXLParams(**spec.params)
     P, H, D = p.max_positions, p.heads, p.head_dim

@@ -127,7 +127,7 @@ def xpos_reference(spec, inputs: dict) -> np.ndarray:
 def xpos_module(spec):
     import torch
 
-    from pe_export.spec import torch_dtype
+    from pe_export.dtypes import torch_dtype
 
     p = XposParams(**spec.params)
     check_range(p, spec.dtype)
@@ -158,7 +158,7 @@ def xpos_example_inputs(spec):
     import torch
 
     from pe_export.encodings.common import dims
-    from pe_export.spec import torch_dtype
+    from pe_export.dtypes import torch_dtype
 
     p = XposParams(**spec.params)
     S = min(5, p.max_positions)
@@ -170,7 +170,7 @@ def xpos_example_inputs(spec):
 def xpos_probes(spec, rng: np.random.Generator, batch: int = 2) -> list[tuple[str, dict]]:
     """common.position_cases (spread ending in the last row, the last block, a decode step, every row
     once) with three heads of standard normal x; plus a short prefill from 0 (a small centre)."""
-    from pe_export.spec import numpy_dtype
+    from pe_export.dtypes import numpy_dtype
 
     p = XposParams(**spec.params)
     cases = position_cases(p.max_positions, rng, batch)
@@ -200,7 +200,7 @@ def xpos_magnitude(spec, inputs: dict) -> np.ndarray:
     attained almost exactly (measured: 0.99 of u_d |y|), so it is counted twice, the margin verify
     gives a table read, and a correct fp16/bf16 file sits near 0.5 of its bound. The torch module computes
     the same way (x.to(float32), one cast of y), so the bound covers it too."""
-    from pe_export.verify import EPS
+    from pe_export.dtypes import EPS
 
     p = XposParams(**spec.params)
     ids = inputs["position_ids"]
