@@ -16,8 +16,8 @@ import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from pe_export.spec import Spec
 from pe_export.presets import PRESETS
-from pe_export.export import build
-from pe_export.encodings import encoding_for
+from pe_export.onnx_export import build
+from pe_export.encodings.attention import encoding_for
 from pe_export.encodings.rope import RopeParams, apply_torch
 
 HF_KEYS = {"original_max_positions": "original_max_position_embeddings"}

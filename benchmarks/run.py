@@ -100,7 +100,7 @@ def baseline(spec, kind: str) -> bytes:
 
 def parity(spec, model_bytes: bytes) -> float:
     """Worst error / verify bound of a graph on the standard probes under ORT CPU (< 1 passes)."""
-    from pe_export.verify import check
+    from pe_export.parity import check
 
     rows = check(spec, model_bytes, ("ort-cpu",))
     return rows[0].worst_ratio if rows[0].verdict == "pass" else float("inf")
@@ -113,9 +113,9 @@ def stages(seq: int) -> list[tuple[str, float]]:
     import onnx
     import torch  # noqa: F401
 
-    from pe_export.encodings import encoding_for
-    from pe_export.export import build
-    from pe_export.verify import DEFAULT_RUNTIMES, check, make_probes
+    from pe_export.encodings.attention import encoding_for
+    from pe_export.onnx_export import build
+    from pe_export.parity import DEFAULT_RUNTIMES, check, make_probes
 
     done = [("imports (torch, onnx, pe_export)", time.perf_counter() - t)]
     spec = llama_spec("onnx", "fp32", seq)
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     import onnxruntime
 
     from pe_export.bench import bench, time_by_op
-    from pe_export.export import build
+    from pe_export.onnx_export import build
 
     graphs = []  # (name, dtype, spec, model bytes)
     for dtype in DTYPES:

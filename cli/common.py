@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 from enum import Enum
-from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -25,19 +24,10 @@ def choices(name: str, values) -> type[Enum]:
 
 
 def parse_runtimes(text: str) -> tuple[str, ...]:
-    from pe_export.verify import RUNTIMES
+    from pe_export.parity import RUNTIMES
 
     names = [n.strip() for n in text.split(",") if n.strip()]
     bad = [n for n in names if n not in RUNTIMES]
     if bad or not names:
         fail(f"--runtimes takes a comma-separated list of {', '.join(RUNTIMES)}; got {text!r}")
     return tuple(dict.fromkeys(names))
-
-
-def free_folder(path: Path) -> Path:
-    """`path`, or `path.2`, `path.3`, ...: the first that does not exist (a bundle never overwrites)."""
-    n, candidate = 1, path
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.name}.{n}")
-    return candidate

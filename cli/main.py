@@ -24,19 +24,17 @@ from rich.table import Table
 from pe_export.cli import bench as _bench
 from pe_export.cli import matrix as _matrix
 from pe_export.cli import tools
-from pe_export.cli.common import choices, fail, free_folder, out, parse_runtimes
-
-from pe_export.encodings.rope import ANGLES, PAIRINGS
-
-TABLES = ("constant", "computed")  # pe_export.deploy.TABLES, import-free
+from pe_export.cli.common import choices, fail, out, parse_runtimes
+from pe_export.dtypes import DTYPES
+from pe_export.encodings.rope import ANGLES, PAIRINGS, TABLES
+from pe_export.packaging import FORMATS, OPTIMIZE_LEVELS, OPTIMIZE_PROVIDERS
 from pe_export.presets import PRESETS, Preset
 from pe_export.scaling import dynamic, longrope
-from pe_export.dtypes import DTYPES
 from pe_export.spec import LAYOUTS, OP_NAMES
 
-FORMATS, OPTIMIZE_LEVELS, OPTIMIZE_PROVIDERS = ("onnx", "ort"), ("basic", "extended", "all"), ("cpu", "cuda")  # pe_export.deploy's, import-free
-
 COMMANDS = ("list", "verify", "matrix", "from-config", "inspect", "plot", "bench")
+
+
 class Group(typer.core.TyperGroup):
     """Turns every usage error into one line with exit code 2, and lists the presets for a wrong name."""
 
@@ -284,6 +282,9 @@ def load_weights_params(cls, kw, params) -> dict:
     return found
 
 
+PROVIDERS = {"cpu": "ort-cpu", "cuda": "ort-cuda"}  # the old --providers names
+
+
 def parse_scaling_params(items: list[str]) -> dict:
     parsed = {}
     for item in items:
@@ -328,103 +329,47 @@ app.command("from-config")(from_config_command)
 
 
 def run_export(preset, params, layout, options):
-    from pe_export import deploy
-    from pe_export.export import build, check_output_path, check_spec, load, write_atomic
-    from pe_export.spec import Spec
+    """Parse the common options, then run the library's pipeline step by step, printing each."""
+    import dataclasses
 
-    output, force = options["output"] or Path(f"{preset.name}.onnx"), options["force"]
-    from pe_export.verify import DEFAULT_RUNTIMES
+    from pe_export import pipeline
+    from pe_export.static_shapes import parse_static_shapes
 
-    runtimes = parse_runtimes(options["runtimes"]) if options["runtimes"] is not None else DEFAULT_RUNTIMES
-    picked = None
+    output = options["output"] or Path(f"{preset.name}.onnx")
+    runtimes = parse_runtimes(options["runtimes"]) if options["runtimes"] is not None else None
+    value = lambda o: o.value if o is not None else None  # noqa: E731
     try:
-        from pe_export.custom_ops.lowerings import OP_TARGETS
-        from pe_export.encodings import ENCODINGS
-
-        settings = {"format": options["format"] and options["format"].value, "optimize": options["optimize"] and options["optimize"].value,
-                    "optimize_provider": options["optimize_provider"] and options["optimize_provider"].value}  # fmt: skip
-        settings = {k: v for k, v in settings.items() if v is not None and v != "onnx"}
-        if options["external_data"]:
-            settings["external_data"] = True
-        static = deploy.parse_static_shapes(options["static_shapes"]) if options["static_shapes"] is not None else None
-        op = options["op"].value if options["op"] else ENCODINGS.get(preset.encoding).ops[0]
-        if op == "auto":
-            for_ort = settings.get("format") == "ort" or "optimize" in settings
-            op, picked = deploy.pick_op(ENCODINGS.get(preset.encoding).ops, options["opset"], for_ort)
-        opset = options["opset"] if options["opset"] is not None else OP_TARGETS[op].min_opset
-        spec = Spec(encoding=preset.encoding, params=params, op=op, opset=opset, dtype=options["dtype"].value, layout=layout,
-                    static_shapes=static, deploy=settings)  # fmt: skip
-        check_spec(spec)
-        deploy.check_tools(spec)
-        for path in deploy.artifact_paths(spec, output).values():
-            check_output_path(path, force)
-        check_report_path(options["report"], output, force)
+        static = parse_static_shapes(options["static_shapes"]) if options["static_shapes"] is not None else None
+        job = pipeline.prepare(
+            dataclasses.replace(preset, params=params), output, force=options["force"], report=options["report"],
+            op=value(options["op"]), dtype=options["dtype"].value, layout=layout, opset=options["opset"],
+            static_shapes=static, format=value(options["format"]), optimize=value(options["optimize"]),
+            optimize_provider=value(options["optimize_provider"]), external_data=options["external_data"],
+        )  # fmt: skip
+        pipeline.check_runtimes(runtimes)
     except ValueError as e:  # parameter validation and BadInput alike
         fail(str(e))
-    if picked:
-        out.print(f"--op auto picked {op} (opset {opset}): {picked}")
-    if spec.encoding == "rope":
-        from pe_export.encodings.rope import RopeParams, switch_note
-
-        if note := switch_note(RopeParams(**spec.params)):
-            out.print(f"[yellow]note[/yellow]: {note}", soft_wrap=True)
-    extra = {}  # kind -> bytes of the files written beside the model
-    with out.status(f"exporting {preset.name} ({op}, {spec.dtype})"):
+    for note in job.notes:
+        out.print(note if note.startswith("--op auto") else f"[yellow]note[/yellow]: {note}", soft_wrap=True)
+    spec = job.spec
+    with out.status(f"exporting {preset.name} ({spec.op}, {spec.dtype})"):
         try:
-            model = build(spec)
-            spec = deploy.finalize_spec(spec, model, options["external_data"])  # records external data
-            data = model.SerializeToString()
-            if spec.deploy.get("format") == "ort":
-                extra["ort"] = deploy.to_ort_format(data)
-            if "optimize" in spec.deploy:
-                extra["optimized"] = deploy.optimize(data, spec.deploy["optimize"], spec.deploy.get("optimize_provider", "cpu"))
-        except ValueError as e:  # weights that changed or went missing since they were checked; ORT refusing
+            written = pipeline.write(job)
+        except ValueError as e:
             fail(str(e))
-    paths = deploy.artifact_paths(spec, output)
-    try:
-        for path in paths.values():
-            check_output_path(path, force)
-        if spec.deploy.get("external_data"):
-            deploy.write_external(model, output, force)
-        else:
-            write_atomic(data, output, force)
-        for kind, blob in extra.items():
-            write_atomic(blob, paths[kind], force)
-        data = load(output)[0].SerializeToString() if spec.deploy.get("external_data") else output.read_bytes()
-    except ValueError as e:
-        fail(str(e))
-    size = sum(paths[k].stat().st_size for k in ("onnx", "data") if k in paths)
-    more = f", {deploy.describe(spec)}" if deploy.describe(spec) else ""
-    out.print(f"wrote {output} ({size / 2**20:.2f} MiB, op {op}, opset {opset}, {spec.dtype}, {layout}{more})")
-    finish(output, spec, data, runtimes, options["report"], force, options["seed"])
-    for kind, runtimes in (("ort", ORT_FORMAT_RUNTIMES), ("optimized", OPTIMIZED_RUNTIMES[spec.deploy.get("optimize_provider", "cpu")])):
-        if kind in extra:
-            out.print(f"wrote {paths[kind]} ({paths[kind].stat().st_size / 2**20:.2f} MiB)")
-            verify_artifact(paths[kind], spec, runtimes, options["seed"])
-
-
-# What can load the files written beside the model: an .ort file only ONNX Runtime; an optimised graph
-# also onnx's evaluator where ORT kept to standard ops (it skips itself when a node is com.microsoft).
-ORT_FORMAT_RUNTIMES = ("torch", "ort-cpu", "ort-cpu-noopt", "ort-cuda")
-OPTIMIZED_RUNTIMES = {"cpu": ("torch", "ort-cpu", "ort-cpu-noopt", "onnx-reference"), "cuda": ("torch", "ort-cuda")}
-
-
-def verify_artifact(path, spec, runtimes, seed):
-    """Verify a file written beside the model (.ort, optimised graph) as read back from disk."""
-    from pe_export.verify import check, verdict
-
-    with out.status(f"verifying {path}"):
-        rows = check(spec, path.read_bytes(), runtimes, seed=seed)
-    print_rows(rows)
-    result = verdict(rows)
-    if result == "FAIL":
-        fail(f"parity check failed for {path}; it is kept for inspection", 1)
-    if result == "unverified":
-        fail(f"no runtime here could run {path} ({spec.op}, {spec.dtype}); it is kept but unverified", 1)
-    out.print(f"[green]verified[/green]: {path} matches the float64 reference on every runtime that ran")
-
-
-PROVIDERS = {"cpu": "ort-cpu", "cuda": "ort-cuda"}  # the old --providers names
+    describe = pipeline.packaging.describe(written.spec)
+    more = f", {describe}" if describe else ""
+    out.print(f"wrote {output} ({written.size / 2**20:.2f} MiB, op {spec.op}, opset {spec.opset}, {spec.dtype}, {layout}{more})")
+    finish(output, runtimes, options["report"], options["force"], options["seed"])
+    for kind in ("ort", "optimized"):
+        if kind in written.paths:
+            path = written.paths[kind]
+            out.print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB)")
+            with out.status(f"verifying {path}"):
+                result = pipeline.verify_artifact(path, written.spec, pipeline.artifact_runtimes(written.spec, kind, None), options["seed"])
+            print_rows(result.rows)
+            exit_on(result, f"parity check failed for {path}; it is kept for inspection")
+            out.print(f"[green]verified[/green]: {path} matches the float64 reference on every runtime that ran")
 
 
 @app.command("verify")
@@ -447,11 +392,6 @@ def verify_command(
 ):
     """Re-verify a file pe-export wrote against the float64 reference rebuilt from its embedded spec:
     positions over the whole table (its last rows always), a decode step and batch > 1, on every runtime."""
-    import dataclasses
-
-    from pe_export.export import load
-    from pe_export.verify import DEFAULT_RUNTIMES, make_probes, parse_positions
-
     if runtimes is not None and providers is not None:
         fail("give --runtimes or --providers, not both")
     if providers is not None:
@@ -460,36 +400,8 @@ def verify_command(
             fail(f"--providers takes a comma-separated list of {', '.join(PROVIDERS)}, got {providers!r}")
         chosen = ("torch", *[PROVIDERS[p] for p in names], "onnx-reference")
     else:
-        chosen = parse_runtimes(runtimes) if runtimes is not None else DEFAULT_RUNTIMES
-    try:
-        wanted = parse_positions(positions) if positions is not None else None
-        model, spec = load(file)
-        if weights is not None:
-            if "weights_sha256" not in spec.params:
-                fail(f"{file} was exported with random weights (weights_seed); --weights does not apply")
-            spec = dataclasses.replace(spec, params={**spec.params, "weights": str(weights.resolve())})
-        if "weights_sha256" in spec.params:  # the learned tensor must still be there, unchanged
-            from pe_export import weights as learned
-
-            learned.load(learned.LearnedWeights(**{k: spec.params.get(k) for k in WEIGHT_FIELDS}))
-        if wanted is not None:
-            make_probes(spec, seed, batch, wanted)  # refuses positions outside the table, before any work
-        check_report_path(report, file, force)
-    except ValueError as e:
-        fail(str(e))
-    finish(file, spec, model.SerializeToString(), chosen, report, force, seed,
-           batch=batch, positions=positions, probe_bounds=probe_bounds, bundle=bundle)  # fmt: skip
-
-
-def check_report_path(report, model_path, force):
-    from pe_export.errors import BadInput
-    from pe_export.export import check_output_path
-
-    if report is None:
-        return
-    if report.resolve() == model_path.resolve():
-        raise BadInput(f"--report {str(report)!r} is the model file itself; name another file")
-    check_output_path(report, force)
+        chosen = parse_runtimes(runtimes) if runtimes is not None else None
+    finish(file, chosen, report, force, seed, batch=batch, positions=positions, probe_bounds=probe_bounds, bundle=bundle, weights=weights)
 
 
 def print_rows(rows, bounds_rows=None):
@@ -506,45 +418,34 @@ def print_rows(rows, bounds_rows=None):
         out.print(f"  out-of-range positions, {b.runtime}: {b.verdict}{': ' + b.note if b.note else ''}", soft_wrap=True)
 
 
-def finish(path, spec, data, runtimes, report, force, seed, batch=2, positions=None, probe_bounds=False, bundle=None):
-    """Verify, print the table, write the report (and a reproduction bundle on failure), exit 0 / 1."""
-    import shlex
+def finish(path, runtimes, report, force, seed, **options):
+    """Verify, print the table, say where the report and the bundle went, exit 0 / 1."""
+    from pe_export import pipeline
 
-    from pe_export.export import write_atomic
-    from pe_export.report import render, verify_doc
-    from pe_export.verify import check, parse_positions, verdict, write_bundle
-    from pe_export.verify import probe_bounds as run_probe_bounds
-
-    wanted = parse_positions(positions) if positions else None
-    with out.status("verifying"):
-        rows = check(spec, data, runtimes, seed=seed, batch=batch, positions=wanted)
-        bounds_rows = run_probe_bounds(spec, data, runtimes, seed=seed) if probe_bounds else None
-    print_rows(rows, bounds_rows)
-    result = verdict(rows)
-    command = ["pe-export", "verify", str(path), "--runtimes", ",".join(runtimes), "--seed", str(seed), "--batch", str(batch)]
-    command += ["--positions", positions] if positions else []
-    command += ["--probe-bounds"] if probe_bounds else []
-    if report:
-        doc = verify_doc(path, spec, rows, result, bounds_rows, shlex.join(command))
-        try:
-            write_atomic(render(doc, report), report, force)
-        except ValueError as e:  # the report path changed under us since it was checked
-            fail(str(e))
-        out.print(f"wrote {report}")
-    if result == "FAIL":
-        folder = free_folder(bundle or Path(f"{path}.repro"))
-        try:
-            write_bundle(folder, spec, data, rows, seed, batch, positions)
-            out.print(f"wrote the reproduction bundle {folder} (README.txt has the command that re-runs the check)")
-        except OSError as e:
-            out.print(f"could not write the reproduction bundle {folder}: {e}")
-        fail(f"parity check failed; {path} is kept for inspection", 1)
-    if result == "unverified":
-        fail(f"no runtime here could run {path} ({spec.op}, {spec.dtype}); it is kept but unverified", 1)
-    if bounds_rows and any(b.verdict == "SILENT" for b in bounds_rows):
-        silent = ", ".join(b.runtime for b in bounds_rows if b.verdict == "SILENT")
-        out.print(f"[yellow]warning[/yellow]: {silent} returned results for positions outside the table: guard positions before calling it")
+    try:
+        with out.status("verifying"):
+            result = pipeline.verify(path, runtimes, report=report, force=force, seed=seed, **options)
+    except ValueError as e:
+        fail(str(e))
+    print_rows(result.rows, result.bounds)
+    if result.report:
+        out.print(f"wrote {result.report}")
+    if result.bundle:
+        out.print(f"wrote the reproduction bundle {result.bundle} (README.txt has the command that re-runs the check)")
+    if result.bundle_error:
+        out.print(result.bundle_error)
+    exit_on(result)
+    if result.silent:
+        out.print(f"[yellow]warning[/yellow]: {', '.join(result.silent)} returned results for positions outside the table: guard positions before calling it")
     out.print(f"[green]verified[/green]: {path} matches the float64 reference on every runtime that ran")
+
+
+def exit_on(result, failed: str | None = None):
+    """Exit 1 unless the verification passed."""
+    if result.verdict == "FAIL":
+        fail(failed or f"parity check failed; {result.path} is kept for inspection", 1)
+    if result.verdict == "unverified":
+        fail(f"no runtime here could run {result.path} ({result.spec.op}, {result.spec.dtype}); it is kept but unverified", 1)
 
 
 _matrix.register(app)

@@ -26,10 +26,11 @@ def matrix_command(
     from rich.table import Table
 
     from pe_export import matrix
-    from pe_export.cli.common import fail, free_folder, out, parse_runtimes
-    from pe_export.export import check_output_path, write_atomic
+    from pe_export.cli.common import fail, out, parse_runtimes
+    from pe_export.pipeline import free_folder
+    from pe_export.onnx_export import check_output_path, write_atomic
     from pe_export.report import render
-    from pe_export.verify import DEFAULT_RUNTIMES
+    from pe_export.parity import DEFAULT_RUNTIMES
 
     split = lambda text: [v.strip() for v in text.split(",") if v.strip()] if text else None  # noqa: E731
     chosen = parse_runtimes(runtimes) if runtimes is not None else DEFAULT_RUNTIMES

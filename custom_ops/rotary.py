@@ -2,7 +2,8 @@
 
 One opaque op through `torch.export`, so that each ONNX target (see `lowerings.py`) can lower it to
 the node or nodes it wants. The eager kernel is the PyTorch original the exports are verified against;
-the fake kernel gives shapes for tracing.
+the fake kernel gives shapes for tracing. It trains: the gradient with respect to x is the inverse
+rotation, which is the same op with the sin table negated (the tables are constants: no gradient).
 
     x            (B, H, S, D) if layout == "bhsd", (B, S, H, D) if layout == "bshd"
     cos_table    (P, R/2), sin_table the same, attention factor already included
@@ -12,7 +13,7 @@ the fake kernel gives shapes for tracing.
 
 import torch
 
-from pe_export.encodings.rope import apply_torch, heads_axis
+from pe_export.rotation import apply_torch, heads_axis
 
 
 @torch.library.custom_op("pe_export::rotary_embedding", mutates_args=())
@@ -39,3 +40,20 @@ def rotary_embedding(
 @rotary_embedding.register_fake
 def _(x, cos_table, sin_table, position_ids, interleaved, rotary_dim, layout):
     return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output):
+    x, cos_table, sin_table, position_ids, interleaved, rotary_dim, layout = inputs
+    ctx.save_for_backward(cos_table, sin_table, position_ids)
+    ctx.options = (interleaved, rotary_dim, layout)
+
+
+def _backward(ctx, grad):
+    # Each pair's rotation [[c, -s], [s, c]] is orthogonal: its transpose, the rotation by -angle, maps
+    # dL/dy to dL/dx; the pass-through tail's gradient passes through too.
+    cos_table, sin_table, position_ids = ctx.saved_tensors
+    dx = rotary_embedding(grad, cos_table, -sin_table, position_ids, *ctx.options)
+    return dx, None, None, None, None, None, None
+
+
+rotary_embedding.register_autograd(_backward, setup_context=_setup_context)

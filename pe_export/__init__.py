@@ -1,3 +1,38 @@
-"""pe-export: positional encodings of Transformer models as verified ONNX graphs."""
+"""pe-export: positional encodings of Transformer models as verified ONNX graphs.
+
+The public API (each name documented where it is defined; README section "Python API"):
+
+    preset, rope_tables, translation_table    pe_export.api
+    RotaryEmbedding                           pe_export.modules (an nn.Module)
+    export, verify                            pe_export.pipeline
+    BadInput                                  pe_export.errors
+
+Names are imported on first use, so `import pe_export` (and `pe-export --help`) loads no torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_WHERE = {
+    "preset": "pe_export.api",
+    "rope_tables": "pe_export.api",
+    "translation_table": "pe_export.api",
+    "RotaryEmbedding": "pe_export.modules",
+    "export": "pe_export.pipeline",
+    "verify": "pe_export.pipeline",
+    "BadInput": "pe_export.errors",
+}
+__all__ = [*_WHERE, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'pe_export' has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)
+
+
+def __dir__():
+    return sorted([*globals(), *_WHERE])

@@ -88,7 +88,7 @@ def table_length(spec: Spec) -> int:
 
 def make_inputs(spec: Spec, case: str, seq: int, batch: int, heads: int, seed: int = 0) -> dict:
     """Inputs of the graph's own contract at (batch, heads, seq); `case` "prefill" or "decode"."""
-    from pe_export.encodings import encoding_for
+    from pe_export.encodings.attention import encoding_for
 
     enc = encoding_for(spec)
     args, dynamic, names, _ = enc.example_inputs(spec)
@@ -111,7 +111,7 @@ def make_inputs(spec: Spec, case: str, seq: int, batch: int, heads: int, seed: i
 def gathered_bytes(spec: Spec, inputs: dict) -> int:
     """cos and sin rows a rotary graph reads from its tables: 2 * B * S * R/2 table elements (none when
     the graph computes cos/sin itself: --tables computed, dynamic NTK at run time)."""
-    from pe_export.encodings import encoding_for
+    from pe_export.encodings.attention import encoding_for
     from pe_export.encodings.rope import RopeParams, computed_in_graph
 
     enc = encoding_for(spec)
@@ -235,13 +235,13 @@ def shapes(spec: Spec, seq: int | None, batch: int | None, heads: int | None) ->
     """(the cases to time, S, B, H), checked. B and H default to 1 and 32, S to min(SEQ_CAP, table
     length); a file exported with static shapes is timed at those shapes only (a prefill, or a decode
     when S is 1), and a --seq, --batch or --heads that differs is refused."""
-    from pe_export.encodings import encoding_for
+    from pe_export.encodings.attention import encoding_for
 
     kind = encoding_for(spec).kind
     P = table_length(spec)
     cases = ("prefill", "decode")
     if spec.static_shapes:
-        from pe_export.deploy import static_sizes
+        from pe_export.static_shapes import static_sizes
 
         sizes = static_sizes(spec)
         for name, given, size in (("--seq", seq, sizes["seq"]), ("--batch", batch, sizes["batch"]), ("--heads", heads, sizes["heads"])):
@@ -350,7 +350,7 @@ def time_by_op(spec: Spec, model_bytes: bytes, provider="cpu", threads=2, seq=No
 def bench_file(path, profile: bool = False, **options) -> BenchResult:
     """`bench` of a file pe-export wrote (its spec read back from the metadata); `profile` adds
     `time_by_op` for each provider."""
-    from pe_export.export import load
+    from pe_export.onnx_export import load
 
     model, spec = load(path)
     data = model.SerializeToString()

@@ -23,7 +23,7 @@ from pe_export.spec import DERIVED_KEY, SPEC_KEY, Spec
 def read_model(path: Path) -> tuple[onnx.ModelProto, bytes]:
     """The model (external data not loaded) and the file's bytes, with export.load's errors for a
     missing path, a folder, an empty file and anything onnx cannot parse or check."""
-    from pe_export.export import not_onnx, read_file
+    from pe_export.onnx_export import not_onnx, read_file
 
     data = read_file(path)
     external = []
@@ -197,7 +197,7 @@ def _runtimes(path: Path, model: onnx.ModelProto, data: bytes, spec: Spec | None
             return [{"runtime": "all", "result": "cannot load", "provider": "", "note": note}]
     if spec is not None:
         try:
-            from pe_export.export import check_spec
+            from pe_export.onnx_export import check_spec
 
             check_spec(spec)
             return runtimes_with_spec(spec, data)

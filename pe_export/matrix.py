@@ -102,8 +102,8 @@ def run_case(case: Case, folder: Path, runtimes, seed: int = 0, bundles: Path | 
     """Export one case into `folder`, verify it, and on failure write a reproduction bundle.
     `error` is an export or check that did not produce rows; a bundle that cannot be written is
     `bundle_error`, beside the rows that failed (the case's failure is counted once, by its rows)."""
-    from pe_export.export import build
-    from pe_export.verify import check, verdict, write_bundle
+    from pe_export.onnx_export import build
+    from pe_export.parity import check, verdict, write_bundle
 
     result = {**asdict(case), "rows": [], "verdict": "FAIL", "seconds": 0.0, "error": "", "bundle": "", "bundle_error": ""}
     start = time.perf_counter()

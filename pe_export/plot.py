@@ -76,7 +76,7 @@ def resolve(source: str, seq: int | None = None) -> Source:
         raise BadInput(f"--seq applies to a preset; {source!r} is a file, which brings its own table length")
     if path.suffix.lower() == ".json":
         return Source(source, report=read_report(path))
-    from pe_export.export import load
+    from pe_export.onnx_export import load
 
     _, spec = load(path)  # its errors name the file and the problem
     return Source(source, spec=spec)
@@ -354,7 +354,7 @@ def require_matplotlib() -> None:
 
 def plot(source: str, output: Path, kind: str | None = None, seq: int | None = None, force: bool = False) -> tuple[Source, tuple[str, ...], int]:
     """Resolve, check the output path, draw, write atomically. Returns (source, kinds drawn, bytes)."""
-    from pe_export.export import check_output_path, write_atomic
+    from pe_export.onnx_export import check_output_path, write_atomic
 
     require_matplotlib()
     if output.suffix.lower() != ".png":

@@ -20,7 +20,7 @@ import io
 
 import numpy as np
 
-from pe_export.encodings import encoding_for
+from pe_export.encodings.attention import encoding_for
 from pe_export.dtypes import numpy_dtype
 from pe_export.spec import Spec
 

@@ -18,6 +18,14 @@ OP_NAMES = ("onnx", "ort", "decomposed")  # the keys of pe_export.custom_ops.low
 LAYOUTS = ("bhsd", "bshd")  # where the heads axis sits in x: (B, H, S, D) or (B, S, H, D)
 
 
+def check_static_shapes(shape) -> None:
+    """The form only (positive integers); `check_spec` checks them against the contract and the table."""
+    if not isinstance(shape, list) or not shape or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape):
+        raise ValueError(f"static_shapes must be a list of integers like [1, 128], got {shape!r}")
+    if any(n < 1 for n in shape):
+        raise ValueError(f"--static-shapes sizes must be >= 1, got {','.join(map(str, shape))}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Spec:
     encoding: str
@@ -26,11 +34,11 @@ class Spec:
     opset: int = 23
     dtype: str = "fp32"  # of the float inputs, outputs and tables
     layout: str = "bhsd"
-    # Fixed input sizes (batch, seq[, heads]) for runtimes that need static shapes (pe_export.deploy);
+    # Fixed input sizes (batch, seq[, heads]) for runtimes that need static shapes (pe_export.static_shapes);
     # None: batch and lengths stay symbolic.
     static_shapes: list[int] | None = None
     # How the file is packaged and what was written beside it: {"external_data": bool, "format": "ort",
-    # "optimize": level, "optimize_provider": "cpu"|"cuda"} (pe_export.deploy); empty: a plain .onnx.
+    # "optimize": level, "optimize_provider": "cpu"|"cuda"} (pe_export.packaging); empty: a plain .onnx.
     deploy: dict = field(default_factory=dict)
     version: str = field(default=__version__)
 
@@ -42,8 +50,6 @@ class Spec:
         if not isinstance(self.params, dict):
             raise ValueError(f"params must be a JSON object, got {type(self.params).__name__}")
         if self.static_shapes is not None:
-            from pe_export.deploy import check_static_shapes
-
             check_static_shapes(self.static_shapes)
 
     def to_json(self) -> str:

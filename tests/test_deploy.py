@@ -1,4 +1,4 @@
-"""Deployment options (pe_export.deploy): computed RoPE tables, static shapes, --op auto, the .ort
+"""Deployment options (pe_export.static_shapes, op_choice, packaging, computed tables in encodings.rope): computed RoPE tables, static shapes, --op auto, the .ort
 format, ORT's optimised graph and external data; each recorded in the spec and verified."""
 
 import dataclasses
@@ -10,12 +10,13 @@ import pytest
 from conftest import exported, rope_spec
 from typer.testing import CliRunner
 
-from pe_export import deploy
+from pe_export import op_choice, packaging, static_shapes
+from pe_export.encodings import rope
 from pe_export.cli.main import app
 from pe_export.custom_ops.lowerings import OP_TARGETS
 from pe_export.encodings import ENCODINGS, KINDS
 from pe_export.encodings.rope import RopeParams, inv_freq
-from pe_export.export import load
+from pe_export.onnx_export import load
 from pe_export.presets import PRESETS
 from pe_export.spec import Spec
 
@@ -29,7 +30,7 @@ def invoke(*args):
 
 def assert_verified(spec):
     """Nothing fails; torch, ORT CPU and onnx's evaluator pass (the evaluator skips com.microsoft ops)."""
-    from pe_export.verify import check, verdict
+    from pe_export.parity import check, verdict
 
     rows = {r.runtime: r for r in check(spec, exported(spec), runtimes=("torch", "ort-cpu", "onnx-reference"))}
     assert not [r for r in rows.values() if r.verdict == "FAIL"], rows
@@ -77,7 +78,7 @@ def test_computed_tables_bound_catches_a_wrong_frequency():
     """inv_freq moved by 2^-19 relative (8x the derived angle term) fails verification."""
     import onnx
 
-    from pe_export.verify import check
+    from pe_export.parity import check
 
     spec = rope_spec("decomposed", max_positions=300, tables="computed")
     model = onnx.load_from_string(exported(spec))
@@ -103,7 +104,7 @@ def test_computed_tables_accuracy_cost_at_large_positions():
         theta = pos * freqs
         err = np.maximum(np.abs(y[0, 0, 0, :64] - np.cos(theta)), np.abs(y[0, 0, 0, 64:] - np.sin(theta)))
         assert low < err.max() < high, (pos, err.max())
-        assert np.all(err <= deploy.ANGLE_ULP * theta + deploy.COS_SIN_ERROR), pos
+        assert np.all(err <= rope.ANGLE_ULP * theta + rope.COS_SIN_ERROR), pos
 
 
 def test_computed_tables_refusals_and_old_specs():
@@ -142,12 +143,12 @@ def static_case(kind):
 def test_static_shapes_no_symbolic_dims_and_probes_fit(kind):
     import onnx
 
-    from pe_export.verify import make_probes
+    from pe_export.parity import make_probes
 
     spec = static_case(kind)
     model = onnx.load_from_string(exported(spec))
-    assert deploy.symbolic_dims(model) == []
-    sizes = deploy.static_sizes(spec)
+    assert static_shapes.symbolic_dims(model) == []
+    sizes = static_shapes.static_sizes(spec)
     names = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     probes = make_probes(spec, seed=1, batch=2)
     seen = set()
@@ -192,15 +193,15 @@ def test_static_shapes_bad_input(tmp_path, preset, shape, words):
 def test_pick_op_follows_the_opset_ranges():
     rope = ENCODINGS.get("rope").ops
     newest = OP_TARGETS["decomposed"].opsets().stop - 1
-    assert deploy.pick_op(rope, None, False)[0] == "onnx"
-    assert deploy.pick_op(rope, 23, False)[0] == "onnx"
-    assert deploy.pick_op(rope, 18, True)[0] == "ort"  # ORT below opset 23: its contrib op
-    assert deploy.pick_op(rope, 18, False)[0] == "decomposed"
-    assert deploy.pick_op(rope, 17, True)[0] == "decomposed"  # below the contrib op's range
-    assert deploy.pick_op(rope, newest, False)[0] == ("decomposed" if newest > OP_TARGETS["onnx"].max_opset else "onnx")
+    assert op_choice.pick_op(rope, None, False)[0] == "onnx"
+    assert op_choice.pick_op(rope, 23, False)[0] == "onnx"
+    assert op_choice.pick_op(rope, 18, True)[0] == "ort"  # ORT below opset 23: its contrib op
+    assert op_choice.pick_op(rope, 18, False)[0] == "decomposed"
+    assert op_choice.pick_op(rope, 17, True)[0] == "decomposed"  # below the contrib op's range
+    assert op_choice.pick_op(rope, newest, False)[0] == ("decomposed" if newest > OP_TARGETS["onnx"].max_opset else "onnx")
     past = OP_TARGETS["onnx"].max_opset + 1
-    assert deploy.pick_op(rope, past, True) == ("decomposed", f"plain ops (torch's exporter writes the fused ops up to opset {past - 1})")
-    assert deploy.pick_op(ENCODINGS.get("alibi").ops, 23, True)[0] == "decomposed"
+    assert op_choice.pick_op(rope, past, True) == ("decomposed", f"plain ops (torch's exporter writes the fused ops up to opset {past - 1})")
+    assert op_choice.pick_op(ENCODINGS.get("alibi").ops, 23, True)[0] == "decomposed"
 
 
 def test_op_auto_cli_records_the_pick(tmp_path):
@@ -253,7 +254,7 @@ def test_optimize_writes_a_verified_graph(tmp_path):
     assert spec.deploy == {"optimize": "extended"}
     # ORT's file imports its own domains whatever it kept; the nodes decide whether onnx's evaluator runs.
     assert {o.domain for o in model.opset_import} > {"", "com.microsoft"}
-    from pe_export.verify import check
+    from pe_export.parity import check
 
     (row,) = check(spec, optimized.read_bytes(), ("onnx-reference",))
     assert {n.domain for n in model.graph.node} == {""} and row.verdict == "pass", row
@@ -294,17 +295,9 @@ def test_external_data_round_trip(tmp_path):
 
 
 def test_external_data_switches_on_above_the_threshold(tmp_path, monkeypatch):
-    monkeypatch.setattr(deploy, "EXTERNAL_DATA_THRESHOLD", 1000)
+    monkeypatch.setattr(packaging, "EXTERNAL_DATA_THRESHOLD", 1000)
     out = tmp_path / "m.onnx"
     assert invoke("llama-rope", "--seq", 64, "--head-dim", 32, "-o", out).exit_code == 0
     assert (tmp_path / "m.onnx.data").exists() and load(out)[1].deploy == {"external_data": True}
     assert invoke("llama-rope", "--seq", 64, "--head-dim", 32, "--no-external-data", "-o", tmp_path / "n.onnx").exit_code == 0
     assert not (tmp_path / "n.onnx.data").exists() and load(tmp_path / "n.onnx")[1].deploy == {}
-
-
-def test_the_clis_import_free_copies_match_deploy():
-    """cli/main.py keeps copies of deploy's choices so that `--help` imports no NumPy: they must not drift."""
-    from pe_export.cli import main
-
-    for name in ("TABLES", "FORMATS", "OPTIMIZE_LEVELS", "OPTIMIZE_PROVIDERS"):
-        assert getattr(main, name) == getattr(deploy, name), name

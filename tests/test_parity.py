@@ -1,6 +1,6 @@
 """Parity matrix generated from the registries: preset x op target x layout x dtype under ONNX Runtime
 CPU, onnx's ReferenceEvaluator (where it implements the op) and the torch original, against the float64
-reference, with the one tolerance table of `pe_export.verify`."""
+reference, with the one tolerance table of `pe_export.parity`."""
 
 import itertools
 
@@ -12,7 +12,7 @@ from conftest import exported
 from pe_export.custom_ops.lowerings import OP_TARGETS
 from pe_export.presets import PRESETS
 from pe_export.spec import DTYPES, LAYOUTS, Spec
-from pe_export.verify import check, verdict
+from pe_export.parity import check, verdict
 
 SEQ = 512  # short tables keep the matrix fast; the full preset lengths are exported in test_full_length
 
@@ -161,7 +161,7 @@ def test_a_corrupted_table_entry_fails_with_its_position():
 
 
 def test_exports_are_byte_identical():
-    from pe_export.export import build
+    from pe_export.onnx_export import build
 
     spec = preset_spec("gpt-neox-rope", "decomposed", "bshd", "fp16")
     assert build(spec).SerializeToString() == build(spec).SerializeToString()

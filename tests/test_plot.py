@@ -171,7 +171,7 @@ def _verify_report(tmp_path):
     from conftest import exported, rope_spec
 
     from pe_export.report import verify_doc
-    from pe_export.verify import check, verdict
+    from pe_export.parity import check, verdict
 
     spec = rope_spec(max_positions=64)
     rows = check(spec, exported(spec), runtimes=("torch", "ort-cpu"))

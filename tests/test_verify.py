@@ -12,9 +12,9 @@ from conftest import exported, rope_spec
 from onnx import numpy_helper
 from test_cli import invoke
 
-from pe_export.encodings import encoding_for
+from pe_export.encodings.attention import encoding_for
 from pe_export.spec import Spec
-from pe_export.verify import RUNTIMES, TOLERANCES, Skip, check, make_probes, parse_positions, probe_bounds, verdict
+from pe_export.parity import RUNTIMES, TOLERANCES, Skip, check, make_probes, parse_positions, probe_bounds, verdict
 
 # dim 2 with the paper's layout: PE(p) = [sin(p), cos(p)], the answer without any of pe-export's code.
 TINY = Spec(encoding="sinusoidal", params={"dim": 2, "max_positions": 8}, op="decomposed", opset=17)
@@ -277,10 +277,10 @@ def test_bad_matrix_options_exit_2(args, message):
 
 
 def test_matrix_failure_exits_1_with_a_bundle(tmp_path, monkeypatch):
-    import pe_export.verify
+    import pe_export.parity
 
-    real = pe_export.verify.bound
-    monkeypatch.setattr(pe_export.verify, "bound", lambda spec, inputs: real(spec, inputs) / 1e6)  # a planted bug
+    real = pe_export.parity.bound
+    monkeypatch.setattr(pe_export.parity, "bound", lambda spec, inputs: real(spec, inputs) / 1e6)  # a planted bug
     report = tmp_path / "m.md"
     result = invoke("matrix", "--presets", "bloom-alibi", "--dtypes", "fp32", "--runtimes", "ort-cpu", "--report", str(report), cwd=tmp_path)
     assert result.exit_code == 1
@@ -291,17 +291,17 @@ def test_matrix_failure_exits_1_with_a_bundle(tmp_path, monkeypatch):
 
 def fake_matrix(monkeypatch, write_bundle):
     """run_case with the export and the check replaced: every case fails on one row."""
-    import pe_export.export
-    import pe_export.verify
-    from pe_export.verify import Row
+    import pe_export.onnx_export
+    import pe_export.parity
+    from pe_export.parity import Row
 
     class Model:
         def SerializeToString(self):
             return b"onnx"
 
-    monkeypatch.setattr(pe_export.export, "build", lambda spec: Model())
-    monkeypatch.setattr(pe_export.verify, "check", lambda spec, data, runtimes, seed: [Row("ort-cpu", "cpu", spec.dtype, "FAIL", note="planted")])
-    monkeypatch.setattr(pe_export.verify, "write_bundle", write_bundle)
+    monkeypatch.setattr(pe_export.onnx_export, "build", lambda spec: Model())
+    monkeypatch.setattr(pe_export.parity, "check", lambda spec, data, runtimes, seed: [Row("ort-cpu", "cpu", spec.dtype, "FAIL", note="planted")])
+    monkeypatch.setattr(pe_export.parity, "write_bundle", write_bundle)
 
 
 def test_every_quick_case_fails_into_its_own_bundle_and_counts_once(tmp_path, monkeypatch):

@@ -32,15 +32,3 @@ class Encoding:
 
 
 ENCODINGS = Registry("encoding", __name__)
-
-
-def encoding_for(spec) -> Encoding:
-    """The encoding a spec exports: the registered one, or it inside an attention layer (`attention`)."""
-    enc = ENCODINGS.get(spec.encoding)
-    if spec.params.get("attention"):
-        if enc.kind == "attention":
-            raise ValueError(f"{enc.name} is an attention layer already; drop --attention")
-        from pe_export.encodings.attention import as_attention
-
-        return as_attention(enc)
-    return enc

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pe_export.encodings import Encoding
+from pe_export.encodings import ENCODINGS, Encoding
 from pe_export.encodings.common import attention_io, attention_locate, attention_magnitude, attention_probes, softmax_np
 
 LAYER_PARAMS = ("attention", "attention_head_dim", "attention_causal")
@@ -162,3 +162,13 @@ def as_attention(enc: Encoding) -> Encoding:
         kind="attention",
         layouts=("bhsd",),
     )
+
+
+def encoding_for(spec) -> Encoding:
+    """The encoding a spec exports: the registered one, or it inside an attention layer (`attention`)."""
+    enc = ENCODINGS.get(spec.encoding)
+    if spec.params.get("attention"):
+        if enc.kind == "attention":
+            raise ValueError(f"{enc.name} is an attention layer already; drop --attention")
+        return as_attention(enc)
+    return enc

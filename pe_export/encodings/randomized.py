@@ -59,7 +59,7 @@ def randomized(enc: Encoding) -> Encoding:
         return dataclasses.replace(spec, encoding=enc.name, params={k: v for k, v in spec.params.items() if k != "train_length"})
 
     def probes(spec, rng, batch=2):
-        from pe_export.verify import user_probe
+        from pe_export.parity import user_probe
 
         p = params(**spec.params)
         cases = enc.probes(inner(spec), rng, batch)

@@ -13,6 +13,27 @@ Tables are built in float64 and cast once. `angles="float32"` instead reproduces
 forward, which forms `inv_freq` and the positions in float32 and multiplies them in float32; only
 cos/sin of those float32 angles is then taken in float64. The float32 `inv_freq` is computed with
 torch's float32 ops exactly as transformers computes it (see `pe_export/scaling`).
+
+Computed tables (`tables="computed"`, `pe_export.modules.ComputedTablesRotary`): cos/sin computed in
+the graph from the positions in float32, as transformers' forward does: `inv_freq` (R/2,) is the one
+constant, rounded once to float32; angle = float(position) * inv_freq in float32; Cos, Sin, the
+attention factor, a cast to the export dtype. The file holds R/2 floats instead of 2 * P * R/2.
+
+**Accuracy of computed tables.** With float64 angles as the truth (`angles="float64"`), the graph's
+float32 angle `fl(fl(inv_freq) * p)` is off by at most `2^-23 * p * inv_freq[m]` (two roundings of
+relative size 2^-24; positions are exact in float32 below 2^24), and moving a rotation of the pair
+(a, b) by dθ moves the output by at most |dθ| * F * (|a| + |b|). Float32 Cos/Sin themselves are off by
+at most 1.72 * 2^-24 (measured: ONNX Runtime 1.32 CPU, 4M arguments in [0, 131072]; torch 0.60, NumPy
+1.18 in the same units; ONNX does not specify an accuracy for Cos), and the float32 attention factor
+adds two more roundings of F: `COS_SIN_ERROR = 2^-22` covers both. So each output element gets
+    F * (|a| + |b|) * (2^-23 * p * inv_freq[m] + 2^-22)
+on top of the table-rounding bound (`rope_magnitude` adds it). The angle term grows with the position:
+measured max abs error of cos/sin vs float64, Llama 3 (theta 5e5, R = 128), ORT CPU, fp32: 1.0e-4 at
+position 8191 and 2.1e-3 at 131071 (constant tables: 2.9e-8 at both; the bound's angle term there is
+2^-23 * p = 9.8e-4 and 1.6e-2 at the fastest frequency). With `angles="float32"` the graph's angles are
+transformers' float32 angles bit for bit (3.0e-4 and 3.7e-3 from float64, as transformers' own
+forward), the truth uses them too, and only Cos/Sin's own error remains. Dynamic NTK at run time already computes cos/sin in the graph (in float64) and refuses
+`tables="computed"`.
 """
 
 from __future__ import annotations
@@ -26,10 +47,15 @@ import numpy as np
 from pe_export.encodings import ENCODINGS, Encoding
 from pe_export.encodings.common import position_cases
 from pe_export.scaling import SCALING_RULES, rule_params
+from pe_export.rotation import apply_reference, apply_torch, heads_axis  # noqa: F401 (re-exported)
 from pe_export.spec import LAYOUTS, OP_NAMES
 
 PAIRINGS = ("half", "interleaved")
 ANGLES = ("float64", "float32")
+TABLES = ("constant", "computed")
+COS_SIN_ERROR = 2.0**-22  # float32 Cos/Sin (<= 1.72 * 2^-24 measured) and the float32 attention factor
+ANGLE_ULP = 2.0**-23  # relative error of fl(fl(inv_freq) * p) in float32
+FLOAT32_EXACT_POSITIONS = 2**24  # positions above this are not integers in float32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,8 +93,6 @@ class RopeParams:
         check_scaling_params(self.scaling, self.scaling_params)
         check_table_fits(self.max_positions, self.rotary_dim)
         inv_freq(self)  # the rule validates its values
-        from pe_export.deploy import check_computed_tables
-
         check_computed_tables(self)
         if self.angles == "float32" and computed_in_graph(self):
             # In the graph the runtime's own float32 Pow and Cos decide the bits, not torch's: transformers'
@@ -77,6 +101,20 @@ class RopeParams:
                 f"angles 'float32' cannot be reproduced by a graph that computes its frequencies at run time "
                 f"({self.scaling!r} in mode 'runtime'); use angles 'float64' or mode 'fixed'"
             )
+
+
+    # The calls pe_export.modules makes, so that the torch modules need no import of this file.
+    def frequencies(self, seq_len: int | None = None) -> tuple[np.ndarray, float]:
+        return inv_freq(self, seq_len)
+
+    def cos_sin(self, seq_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return tables(self, seq_len)
+
+    def switch(self) -> int | None:
+        return switch_at(self)
+
+    def runtime_frequencies(self) -> bool:
+        return computed_in_graph(self)
 
 
 def check_scaling_params(name: str, params: dict) -> None:
@@ -186,120 +224,18 @@ def tables(p: RopeParams, seq_len: int | None = None) -> tuple[np.ndarray, np.nd
     return np.cos(theta) * factor, np.sin(theta) * factor
 
 
-def heads_axis(layout: str) -> int:
-    return LAYOUTS.index(layout) + 1  # bhsd: 1, bshd: 2
-
-
-def apply_reference(
-    x: np.ndarray, cos: np.ndarray, sin: np.ndarray, position_ids: np.ndarray, *, pairing: str, rotary_dim: int, layout: str
-) -> np.ndarray:
-    """float64 NumPy RoPE. x: (B, H, S, D) or (B, S, H, D); tables (P, R/2); position_ids (B, S)."""
-    if position_ids.min() < 0 or position_ids.max() >= cos.shape[0]:
-        raise IndexError(f"position out of range [0, {cos.shape[0]})")
-    x = np.asarray(x, dtype=np.float64)
-    c = np.expand_dims(cos[position_ids], heads_axis(layout))  # (B, 1, S, R/2) or (B, S, 1, R/2)
-    s = np.expand_dims(sin[position_ids], heads_axis(layout))
-    rot = x[..., :rotary_dim]
-    if pairing == "half":
-        a, b = rot[..., : rotary_dim // 2], rot[..., rotary_dim // 2 :]
-        out = np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
-    else:
-        a, b = rot[..., 0::2], rot[..., 1::2]
-        out = np.stack([a * c - b * s, b * c + a * s], axis=-1).reshape(rot.shape)
-    return np.concatenate([out, x[..., rotary_dim:]], axis=-1)
-
-
-def apply_torch(x, cos, sin, *, interleaved: bool, rotary_dim: int):
-    """The torch form of `apply_reference`, on cos/sin already gathered and broadcastable to x[..., :R/2]."""
-    import torch
-
-    rot, tail = x[..., :rotary_dim], x[..., rotary_dim:]
-    if interleaved:
-        a, b = rot[..., 0::2], rot[..., 1::2]
-        out = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
-    else:
-        a, b = rot.chunk(2, dim=-1)
-        out = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
-    return torch.cat([out, tail], dim=-1)
-
-
 # ---------------------------------------------------------------------------------------------------
 # The encoding as pe-export exports and verifies it. Contract of the exported graph:
 #   x (B, H, S, D) [bhsd] or (B, S, H, D) [bshd], float; position_ids (B, S) int64 -> y like x.
 
 
 def rope_module(spec):
-    import torch
-
-    import pe_export.custom_ops.rotary  # noqa: F401  registers torch.ops.pe_export.rotary_embedding
-    from pe_export.dtypes import torch_dtype
+    """The PyTorch original of a RoPE spec: one of pe_export.modules' RoPE modules, in eval mode."""
+    from pe_export.modules import ComputedTablesRotary, RotaryEmbedding, RuntimeRotary
 
     p = RopeParams(**spec.params)
-    if computed_in_graph(p):
-        return ComputedRopeModule(spec)
-    if p.tables == "computed":
-        from pe_export.deploy import computed_tables_module
-
-        return computed_tables_module(spec)
-    P, switch = p.max_positions, switch_at(p)
-    cos, sin = tables(p)
-    if switch is not None:
-        # Two regimes in one table: rows [0, P) for seq_len <= switch, rows [P, 2P) beyond (2P, R/2).
-        cos_long, sin_long = tables(p, seq_len=switch + 1)
-        cos, sin = np.concatenate([cos, cos_long]), np.concatenate([sin, sin_long])
-
-    class RopeModule(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            # float64 -> export dtype, rounded once.
-            self.register_buffer("cos_table", torch.from_numpy(cos).to(torch_dtype(spec.dtype)))  # (P or 2P, R/2)
-            self.register_buffer("sin_table", torch.from_numpy(sin).to(torch_dtype(spec.dtype)))
-
-        def forward(self, x, position_ids):
-            if switch is not None:
-                # As transformers: one regime for the whole call, chosen by max(position_ids) + 1. Positions
-                # outside [0, P) go to row 2P, past both tables, so they still fail rather than read a row.
-                long = (position_ids.max() + 1 > switch).to(position_ids.dtype)
-                bad = (position_ids < 0) | (position_ids >= P)
-                position_ids = torch.where(bad, 2 * P, position_ids + long * P)
-            return torch.ops.pe_export.rotary_embedding(
-                x, self.cos_table, self.sin_table, position_ids, p.pairing == "interleaved", p.rotary_dim, spec.layout
-            )
-
-    return RopeModule().eval()
-
-
-def ComputedRopeModule(spec):
-    """RoPE whose cos/sin the graph computes from the positions of each call (no table), with the
-    scaling rule's own torch code run on the traced `seq_len = max(position_ids) + 1`. The per-call
-    cos/sin, (B*S, R/2), go to the same custom op as a table read at rows arange(B*S)."""
-    import torch
-
-    import pe_export.custom_ops.rotary  # noqa: F401
-    from pe_export.dtypes import torch_dtype
-
-    p = RopeParams(**spec.params)  # angles "float64": float32 is refused for in-graph rules
-    rule, P = SCALING_RULES.get(p.scaling), p.max_positions
-    math_dtype = torch.float64
-    half = p.rotary_dim // 2
-
-    class Module(torch.nn.Module):
-        def forward(self, x, position_ids):
-            B, S = position_ids.shape
-            freqs, factor = rule(
-                theta=p.theta, rotary_dim=p.rotary_dim, max_positions=P, dtype=math_dtype,
-                seq_len=position_ids.max() + 1, **p.scaling_params,
-            )  # fmt: skip
-            angles = position_ids.to(math_dtype)[..., None] * freqs  # (B, S, R/2)
-            factor = factor * p.attention_factor
-            cos = (torch.cos(angles) * factor).to(torch_dtype(spec.dtype)).reshape(B * S, half)  # (B*S, R/2)
-            sin = (torch.sin(angles) * factor).to(torch_dtype(spec.dtype)).reshape(B * S, half)
-            rows = torch.arange(B * S, dtype=torch.int64).reshape(B, S)
-            # Positions outside [0, P) point past the per-call table, so the call fails as with a table.
-            rows = torch.where((position_ids < 0) | (position_ids >= P), B * S, rows)
-            return torch.ops.pe_export.rotary_embedding(x, cos, sin, rows, p.pairing == "interleaved", p.rotary_dim, spec.layout)
-
-    return Module().eval()
+    cls = RuntimeRotary if computed_in_graph(p) else ComputedTablesRotary if p.tables == "computed" else RotaryEmbedding
+    return cls(p, layout=spec.layout, dtype=spec.dtype).eval()
 
 
 def rope_example_inputs(spec):
@@ -357,6 +293,40 @@ def rope_reference(spec, inputs: dict) -> np.ndarray:
     )
 
 
+def computed_tables_slack(spec, p, inputs) -> np.ndarray | float:
+    """Per rotated element, the factor by which computed tables widen the rounding magnitude:
+    1 + (2^-23 * p * inv_freq[m] + COS_SIN_ERROR) / eps(dtype); 1 for constant tables. Broadcasts to
+    x[..., :R]. The angle term is 0 with angles="float32" (the truth uses the same float32 angles)."""
+    if getattr(p, "tables", "constant") != "computed":
+        return 1.0
+    from pe_export.dtypes import EPS
+
+    ids = np.asarray(inputs["position_ids"])
+    freqs, _ = inv_freq(p, seq_len=int(ids.max()) + 1 if ids.size else None)
+    angle_error = 0.0 if p.angles == "float32" else ANGLE_ULP * ids[..., None].astype(np.float64) * np.abs(freqs)  # (B, S, R/2)
+    term = np.broadcast_to(1.0 + (angle_error + COS_SIN_ERROR) / EPS[spec.dtype], (*ids.shape, len(freqs)))
+    term = np.concatenate([term, term], axis=-1) if p.pairing == "half" else np.repeat(term, 2, axis=-1)  # (B, S, R)
+    return np.expand_dims(term, heads_axis(spec.layout))
+
+
+def check_computed_tables(p) -> None:
+    """Refuse what computed tables cannot express (called from RopeParams.__post_init__)."""
+    if p.tables not in TABLES:
+        raise ValueError(f"tables must be one of {', '.join(TABLES)}, got {p.tables!r}")
+    if p.tables != "computed":
+        return
+    if computed_in_graph(p):
+        raise ValueError(
+            f"tables 'computed' does not apply to {p.scaling!r} in mode 'runtime': that graph computes cos/sin "
+            f"from the positions already (in float64); drop --tables computed or use mode 'fixed'"
+        )
+    if p.max_positions > FLOAT32_EXACT_POSITIONS:
+        raise ValueError(
+            f"tables 'computed' takes max_positions (--seq) <= 2^24 = {FLOAT32_EXACT_POSITIONS} (positions above it "
+            f"are not exact in float32), got {p.max_positions}"
+        )
+
+
 def rope_magnitude(spec, inputs: dict) -> np.ndarray:
     """Per output element: attention_factor * (|a| + |b|) of its pair (a, b); |x| on the pass-through tail."""
     p = RopeParams(**spec.params)
@@ -367,8 +337,6 @@ def rope_magnitude(spec, inputs: dict) -> np.ndarray:
         pair = np.concatenate([m, m], axis=-1)
     else:
         pair = np.repeat(x[..., 0:R:2] + x[..., 1:R:2], 2, axis=-1)
-    from pe_export.deploy import computed_tables_slack  # the float32 angle and Cos/Sin error of computed tables
-
     return np.concatenate([pair * inv_freq(p)[1] * computed_tables_slack(spec, p, inputs), x[..., R:]], axis=-1)
 
 

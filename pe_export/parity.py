@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pe_export.encodings import encoding_for
+from pe_export.encodings.attention import encoding_for
 from pe_export.errors import BadInput, one_line
 from pe_export.runtimes import DEFAULT_RUNTIMES, RUNTIMES, Skip, to_torch  # noqa: F401 (re-exported)
 from pe_export.dtypes import DENORM_MIN, EPS, numpy_dtype  # noqa: F401 (EPS re-exported)
@@ -181,7 +181,7 @@ def make_probes(spec: Spec, seed: int = 0, batch: int = 2, positions: Positions 
     probes = enc.probes(spec, np.random.default_rng(seed), batch)
     if positions is not None:
         probes = probes + [("positions", user_probe(spec, probes[0][1], positions, rng, batch))]
-    from pe_export.deploy import fit_probes  # --static-shapes: every probe re-cut to exactly those sizes
+    from pe_export.static_shapes import fit_probes  # --static-shapes: every probe re-cut to exactly those sizes
 
     return fit_probes(spec, probes)
 
@@ -377,7 +377,7 @@ def write_bundle(folder: Path, spec: Spec, model_bytes: bytes, rows: list[Row], 
     """For each failed row: the ONNX file, the failing probe's inputs, the float64 truth and the
     runtime's output as .npz, the spec, and the one command that re-runs the check (README.txt).
     The folder must not exist yet (nothing is overwritten)."""
-    from pe_export.export import write_atomic
+    from pe_export.onnx_export import write_atomic
 
     failed = [r for r in rows if r.verdict == "FAIL"]
     if not failed:

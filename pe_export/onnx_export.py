@@ -7,18 +7,23 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import onnx
 
-from pe_export import __version__
-from pe_export.encodings import encoding_for
+from pe_export import __version__, packaging
+from pe_export.encodings.attention import encoding_for
 from pe_export.errors import BadInput
+from pe_export.files import (  # noqa: F401 (re-exported)
+    check_output_path,
+    not_onnx,
+    quiet_logging,
+    read_file,
+    write_atomic,
+)
 from pe_export.spec import DERIVED_KEY, SPEC_KEY, Spec
+from pe_export.static_shapes import static_args, static_sizes
 
 
 def check_spec(spec: Spec) -> None:
@@ -37,11 +42,9 @@ def check_spec(spec: Spec) -> None:
         encoding.params(**spec.params)  # validates
     except TypeError as e:  # an unknown or missing parameter name
         raise BadInput(f"bad {spec.encoding} parameters: {e}") from None
-    from pe_export import deploy
-
-    deploy.check_deploy(spec)
+    packaging.check_deploy(spec)
     if spec.static_shapes:
-        deploy.static_sizes(spec)  # fits the contract and the table
+        static_sizes(spec)  # fits the contract and the table
 
 
 def build(spec: Spec) -> onnx.ModelProto:
@@ -50,9 +53,7 @@ def build(spec: Spec) -> onnx.ModelProto:
     check_spec(spec)
     enc = encoding_for(spec)
     args, dynamic, input_names, output_names = enc.example_inputs(spec)
-    if spec.static_shapes:  # fixed sizes: no symbolic dim in the graph (pe_export.deploy)
-        from pe_export.deploy import static_args
-
+    if spec.static_shapes:  # fixed sizes: no symbolic dim in the graph (pe_export.static_shapes)
         args, dynamic = static_args(spec, args, dynamic, input_names), None
     # The exporter prints progress and warns about internals; neither is the user's concern.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet_logging():
@@ -92,68 +93,12 @@ def build(spec: Spec) -> onnx.ModelProto:
     return model
 
 
-@contextlib.contextmanager
-def quiet_logging():
-    """The exporter and the version converter log warnings about their internals; errors still show."""
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
-def check_output_path(path: Path, force: bool) -> None:
-    if not path.parent.is_dir():
-        raise BadInput(f"output folder {str(path.parent)!r} does not exist")
-    if path.is_dir():
-        raise BadInput(f"output path {str(path)!r} is a folder")
-    if path.exists() and not force:
-        raise BadInput(f"{str(path)!r} exists; pass --force to overwrite it")
-
-
-def write_atomic(data: bytes, path: Path, force: bool) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    check_output_path(path, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        if not force and path.exists():
-            raise BadInput(f"{str(path)!r} appeared while exporting; pass --force to overwrite it")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def read_file(path: Path) -> bytes:
-    """The bytes of `path`, with one-line errors for a missing path, a folder and an empty file."""
-    if not path.exists():
-        raise BadInput(f"{str(path)!r} does not exist")
-    if not path.is_file():
-        raise BadInput(f"{str(path)!r} is not a file")
-    data = path.read_bytes()
-    if not data:
-        raise BadInput(f"{str(path)!r} is empty")
-    return data
-
-
-def not_onnx(path: Path, e: Exception) -> BadInput:
-    """The error for a file onnx cannot parse or check (protobuf's and onnx's errors share no base)."""
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return BadInput(f"{str(path)!r} is not a valid ONNX model ({first})")
-
-
 def load(path: Path) -> tuple[onnx.ModelProto, Spec]:
     """Read a file pe-export wrote, with a clear error for anything else."""
     data = read_file(path)
     try:
         model = onnx.load_from_string(data)
-        from pe_export.deploy import load_external_data
-
-        load_external_data(model, path)  # the FILE.onnx.data of --external-data, if the model has one
+        packaging.load_external_data(model, path)  # the FILE.onnx.data of --external-data, if the model has one
         onnx.checker.check_model(model)
     except BadInput:
         raise

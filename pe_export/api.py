@@ -1,0 +1,66 @@
+"""The public functions a script imports from `pe_export` (the classes live in their own modules).
+
+    preset(name, **overrides)        -> the preset's parameter dataclass (RopeParams for RoPE presets)
+    rope_tables(params, dtype)       -> (cos, sin) torch tensors (P, R/2), float64-built, rounded once
+    translation_table(op)            -> custom_translation_table for torch.onnx.export(dynamo=True)
+
+Bad input raises `BadInput` with the one-line message the CLI prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pe_export.custom_ops.lowerings import OP_TARGETS
+from pe_export.dtypes import DTYPES, torch_dtype
+from pe_export.encodings import ENCODINGS
+from pe_export.encodings.rope import RopeParams
+from pe_export.errors import BadInput
+from pe_export.presets import PRESETS
+
+
+def preset(name: str, **overrides):
+    """The parameters of preset `name` with `overrides` applied and validated, e.g.
+    `preset("llama3.1-rope", max_positions=32768)` -> RopeParams(head_dim=128, theta=500000.0, ...)."""
+    if name not in PRESETS:
+        raise BadInput(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    cls = ENCODINGS.get(p.encoding).params
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise BadInput(f"{p.encoding} has no parameter {unknown[0]!r}; it takes: {', '.join(sorted(fields))}")
+    try:
+        return cls(**{**p.params, **overrides})
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"{name}: {e}") from None
+
+
+def rope_tables(params: RopeParams, dtype: str = "fp32", seq_len: int | None = None):
+    """(cos, sin), each a torch tensor (P, R/2) of `dtype`: built in float64, the attention factor
+    applied, rounded once. `seq_len` picks the regime of a run-time rule (LongRoPE's long factors
+    above its switch); None: the table for short calls."""
+    import torch
+
+    if not isinstance(params, RopeParams):
+        raise BadInput(f"rope_tables takes RopeParams (pe_export.preset of a RoPE preset), got {type(params).__name__}")
+    if dtype not in DTYPES:
+        raise BadInput(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if params.runtime_frequencies():
+        raise BadInput(f"{params.scaling!r} in mode 'runtime' has no table: its frequencies follow each call; use mode 'fixed'")
+    cos, sin = params.cos_sin(seq_len)
+    return torch.from_numpy(cos).to(torch_dtype(dtype)), torch.from_numpy(sin).to(torch_dtype(dtype))
+
+
+def translation_table(op: str = "onnx") -> dict:
+    """The `custom_translation_table` that lowers every `pe_export.RotaryEmbedding` of a model in
+    `torch.onnx.export(model, args, dynamo=True, custom_translation_table=..., opset_version=23)`:
+    `onnx` (the standard RotaryEmbedding, opset 23+), `ort` (com.microsoft::RotaryEmbedding, ONNX
+    Runtime only) or `decomposed` (plain ops, any runtime)."""
+    import torch
+
+    import pe_export.custom_ops.rotary  # noqa: F401  registers torch.ops.pe_export.rotary_embedding
+
+    if op not in OP_TARGETS:
+        raise BadInput(f"op must be one of {', '.join(OP_TARGETS)}, got {op!r}")
+    return {torch.ops.pe_export.rotary_embedding.default: OP_TARGETS[op].lower}
