@@ -53,5 +53,5 @@ def bench_command(
         out.print(table)
 
 
-def register(app):
-    app.command("bench")(bench_command)
+app = typer.Typer()
+app.command("bench")(bench_command)

@@ -93,5 +93,5 @@ def _cell(row) -> str:
     return row["verdict"]
 
 
-def register(app):
-    app.command("matrix")(matrix_command)
+app = typer.Typer()
+app.command("matrix")(matrix_command)

@@ -98,6 +98,6 @@ def plot_command(
     out.print(f"wrote {output} ({', '.join(kinds)}; {size / 1024:.0f} KiB)", markup=False)
 
 
-def register(app):
-    app.command("inspect")(inspect_command)
-    app.command("plot")(plot_command)
+app = typer.Typer()
+app.command("inspect")(inspect_command)
+app.command("plot")(plot_command)

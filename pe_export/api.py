@@ -14,14 +14,16 @@ import dataclasses
 from pe_export.custom_ops.lowerings import OP_TARGETS
 from pe_export.dtypes import DTYPES, torch_dtype
 from pe_export.encodings import ENCODINGS
-from pe_export.encodings.rope import RopeParams
+from pe_export.encodings.rope import RopeParams, with_overrides
 from pe_export.errors import BadInput
 from pe_export.presets import PRESETS
 
 
 def preset(name: str, **overrides):
     """The parameters of preset `name` with `overrides` applied and validated, e.g.
-    `preset("llama3.1-rope", max_positions=32768)` -> RopeParams(head_dim=128, theta=500000.0, ...)."""
+    `preset("llama3.1-rope", max_positions=32768)` -> RopeParams(head_dim=128, theta=500000.0, ...).
+    RoPE overrides follow the CLI's rules (`pe_export.encodings.rope.with_overrides`): a new head_dim
+    keeps a partial-rotary preset's fraction, a new scaling rule starts from no parameters."""
     if name not in PRESETS:
         raise BadInput(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     p = PRESETS[name]
@@ -30,8 +32,9 @@ def preset(name: str, **overrides):
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise BadInput(f"{p.encoding} has no parameter {unknown[0]!r}; it takes: {', '.join(sorted(fields))}")
+    params = with_overrides(p.params, **overrides) if p.encoding == "rope" else {**p.params, **overrides}
     try:
-        return cls(**{**p.params, **overrides})
+        return cls(**params)
     except (TypeError, ValueError) as e:
         raise BadInput(f"{name}: {e}") from None
 

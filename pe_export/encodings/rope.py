@@ -117,6 +117,31 @@ class RopeParams:
         return computed_in_graph(self)
 
 
+def with_overrides(base: dict, *, scaling_updates: dict | None = None, longrope_mode: str | None = None,
+                   dynamic_mode: str | None = None, **fields) -> dict:  # fmt: skip
+    """RoPE parameters `base` (a preset's or a config's) with a user's changes, as the CLI's options and
+    `pe_export.preset` apply them. `fields` (None: unchanged) replace the base's; a new `scaling` rule
+    starts from no parameters unless `scaling_params` is given; `scaling_updates` then changes single
+    rule parameters; a LongRoPE or dynamic rule always records its mode (default "runtime"), so the
+    file says which semantics it has; a new `head_dim` keeps the base's rotary fraction, as
+    transformers' `partial_rotary_factor` does, unless `rotary_dim` is given."""
+    fields = {k: v for k, v in fields.items() if v is not None}
+    params = {**base, **fields}
+    if "scaling" in fields and fields["scaling"] != base.get("scaling") and "scaling_params" not in fields:
+        params["scaling_params"] = {}
+    if scaling_updates:
+        params["scaling_params"] = {**params.get("scaling_params", {}), **scaling_updates}
+    for rule, chosen in (("longrope", longrope_mode), ("dynamic", dynamic_mode)):
+        if params.get("scaling") == rule:
+            params["scaling_params"] = {**params.get("scaling_params", {})}
+            params["scaling_params"]["mode"] = chosen or params["scaling_params"].get("mode", "runtime")
+        elif chosen is not None:
+            raise ValueError(f"--{rule}-mode applies to the {rule} scaling rule; this export uses {params.get('scaling', 'default')!r}")
+    if "head_dim" in fields and "rotary_dim" not in fields and "rotary_dim" in base:
+        params["rotary_dim"] = int(fields["head_dim"] * base["rotary_dim"] / base["head_dim"])
+    return params
+
+
 def check_scaling_params(name: str, params: dict) -> None:
     """Unknown or missing parameters of a scaling rule, named, with what the rule takes."""
     sig = rule_params(name)
