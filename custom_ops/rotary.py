@@ -13,6 +13,8 @@ rotation, which is the same op with the sin table negated (the tables are consta
 
 import torch
 
+from pe_export.custom_ops.lowerings import OP_TARGETS
+from pe_export.errors import BadInput
 from pe_export.rotation import apply_torch, heads_axis
 
 
@@ -57,3 +59,13 @@ def _backward(ctx, grad):
 
 
 rotary_embedding.register_autograd(_backward, setup_context=_setup_context)
+
+
+def translation_table(op: str = "onnx") -> dict:
+    """The `custom_translation_table` that lowers every `pe_export.RotaryEmbedding` of a model in
+    `torch.onnx.export(model, args, dynamo=True, custom_translation_table=..., opset_version=23)`:
+    `onnx` (the standard RotaryEmbedding, opset 23+), `ort` (com.microsoft::RotaryEmbedding, ONNX
+    Runtime only) or `decomposed` (plain ops, any runtime)."""
+    if op not in OP_TARGETS:
+        raise BadInput(f"op must be one of {', '.join(OP_TARGETS)}, got {op!r}")
+    return {rotary_embedding._opoverload: OP_TARGETS[op].lower}

@@ -3,6 +3,7 @@
     preset(name, **overrides)        -> the preset's parameter dataclass (RopeParams for RoPE presets)
     rope_tables(params, dtype)       -> (cos, sin) torch tensors (P, R/2), float64-built, rounded once
     translation_table(op)            -> custom_translation_table for torch.onnx.export(dynamo=True)
+                                        (defined beside the custom op, pe_export.custom_ops.rotary)
 
 Bad input raises `BadInput` with the one-line message the CLI prints.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pe_export.custom_ops.lowerings import OP_TARGETS
+from pe_export.custom_ops.rotary import translation_table  # noqa: F401 (public)
 from pe_export.dtypes import DTYPES, torch_dtype
 from pe_export.encodings import ENCODINGS
 from pe_export.encodings.rope import RopeParams, with_overrides
@@ -53,17 +54,3 @@ def rope_tables(params: RopeParams, dtype: str = "fp32", seq_len: int | None = N
         raise BadInput(f"{params.scaling!r} in mode 'runtime' has no table: its frequencies follow each call; use mode 'fixed'")
     cos, sin = params.cos_sin(seq_len)
     return torch.from_numpy(cos).to(torch_dtype(dtype)), torch.from_numpy(sin).to(torch_dtype(dtype))
-
-
-def translation_table(op: str = "onnx") -> dict:
-    """The `custom_translation_table` that lowers every `pe_export.RotaryEmbedding` of a model in
-    `torch.onnx.export(model, args, dynamo=True, custom_translation_table=..., opset_version=23)`:
-    `onnx` (the standard RotaryEmbedding, opset 23+), `ort` (com.microsoft::RotaryEmbedding, ONNX
-    Runtime only) or `decomposed` (plain ops, any runtime)."""
-    import torch
-
-    import pe_export.custom_ops.rotary  # noqa: F401  registers torch.ops.pe_export.rotary_embedding
-
-    if op not in OP_TARGETS:
-        raise BadInput(f"op must be one of {', '.join(OP_TARGETS)}, got {op!r}")
-    return {torch.ops.pe_export.rotary_embedding.default: OP_TARGETS[op].lower}

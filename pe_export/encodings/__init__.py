@@ -12,6 +12,11 @@ from pe_export.registry import Registry
 KINDS = ("absolute", "bias", "attention", "rotary")  # the graph contracts of pe_export.encodings.common
 
 
+def nothing(spec) -> dict:
+    """The default of `translation_table` (no custom op to lower) and `derived` (nothing to store)."""
+    return {}
+
+
 @dataclass(frozen=True)
 class Encoding:
     name: str
@@ -20,10 +25,10 @@ class Encoding:
     example_inputs: Callable  # spec -> (args, dynamic_shapes, input_names, output_names)
     probes: Callable  # (spec, rng, batch) -> [(name, {input name: ndarray})]
     reference: Callable  # (spec, inputs) -> float64 ndarray, the truth
-    translation_table: Callable  # spec -> custom_translation_table for torch.onnx.export
     magnitude: Callable  # (spec, inputs) -> per-output-element magnitude the rounding bound scales with
     locate: Callable  # (spec, inputs, index into the output) -> "batch b, position p, dim d"
-    derived: Callable  # spec -> {name: value} a runtime needs besides the graph (stored as pe_export.derived)
+    translation_table: Callable = nothing  # spec -> custom_translation_table for torch.onnx.export
+    derived: Callable = nothing  # spec -> {name: value} a runtime needs besides the graph (stored as pe_export.derived)
     kind: str = "absolute"  # one of KINDS
     ops: tuple = ("decomposed",)  # the ONNX targets it lowers to (pe_export.custom_ops.lowerings.OP_TARGETS)
     layouts: tuple = ("bhsd",)  # of its 4D inputs

@@ -117,7 +117,6 @@ ENCODINGS.register("alibi")(
         params=AlibiParams,
         module=module,
         reference=reference,
-        translation_table=lambda spec: {},
         magnitude=table_magnitude(reference),  # the float32 slope, the product and the cast each round once
         derived=derived,
         **contract("bias", AlibiParams),

@@ -139,9 +139,7 @@ ENCODINGS.register("cape")(
         params=CapeParams,
         module=cape_module,
         reference=cape_reference,
-        translation_table=lambda spec: {},
         magnitude=lambda spec, inputs: np.abs(cape_reference(spec, inputs)),  # rounded once (see the docstring)
-        derived=lambda spec: {},
         reference_impl="gcambara/cape 058df08 CAPE1d (eval mode), re-typed in the tests; sinusoidal (interleaved) when neutral",
         **contract("absolute", CapeParams),
     )

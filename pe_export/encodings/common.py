@@ -259,9 +259,7 @@ def table_encoding(name: str, params: type, table, reference_impl: str) -> Encod
         params=params,
         module=module,
         reference=reference,
-        translation_table=lambda spec: {},
         magnitude=lambda spec, inputs: np.abs(reference(spec, inputs)),  # one rounding of each entry
-        derived=lambda spec: {},
         reference_impl=reference_impl,
         **contract("absolute", params),
     )

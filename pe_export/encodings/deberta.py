@@ -287,9 +287,7 @@ ENCODINGS.register("deberta")(
         params=DebertaParams,
         module=module,
         reference=reference,
-        translation_table=lambda spec: {},
         magnitude=magnitude,
-        derived=lambda spec: {},
         **{**contract("attention", DebertaParams), "probes": probes},
         reference_impl="transformers 5.23 deberta_v2 DisentangledSelfAttention, make_log_bucket_position, get_rel_embedding",
     )

@@ -196,7 +196,6 @@ ENCODINGS.register("fire")(
         params=FireParams,
         module=module,
         reference=reference,
-        translation_table=lambda spec: {},
         magnitude=magnitude,
         derived=derived,
         **contract("bias", FireParams),

@@ -163,7 +163,6 @@ ENCODINGS.register("kerple")(
         params=KerpleParams,
         module=module,
         reference=reference,
-        translation_table=lambda spec: {},
         magnitude=table_magnitude(reference),
         derived=derived,
         **contract("bias", KerpleParams),

@@ -382,12 +382,9 @@ def rope_derived(spec) -> dict:
 
 
 def rope_translation_table(spec) -> dict:
-    import torch
+    from pe_export.custom_ops.rotary import translation_table
 
-    import pe_export.custom_ops.rotary  # noqa: F401
-    from pe_export.custom_ops.lowerings import OP_TARGETS
-
-    return {torch.ops.pe_export.rotary_embedding.default: OP_TARGETS[spec.op].lower}
+    return translation_table(spec.op)
 
 
 ROPE = ENCODINGS.register("rope")(

@@ -82,9 +82,7 @@ ENCODINGS.register("sandwich")(
         params=SandwichParams,
         module=module,
         reference=reference,
-        translation_table=lambda spec: {},
         magnitude=table_magnitude(reference),
-        derived=lambda spec: {},
         **contract("bias", SandwichParams),
         reference_impl="NVIDIA/NeMo@000b931 SandwichRelativePositionEmbedding (transcribed)",
     )

@@ -155,9 +155,7 @@ ENCODINGS.register("shaw")(
         params=ShawParams,
         module=module,
         reference=reference,
-        translation_table=lambda spec: {},
         magnitude=magnitude,
-        derived=lambda spec: {},
         **contract("attention", ShawParams),
         reference_impl="tensor2tensor common_attention.py dot_product_attention_relative (t2t 1.x, 5623deb)",
     )

@@ -113,9 +113,7 @@ ENCODINGS.register("t5-bias")(
         params=T5BiasParams,
         module=module,
         reference=reference,
-        translation_table=lambda spec: {},
         magnitude=lambda spec, inputs: np.abs(reference(spec, inputs)),  # the table is rounded once
-        derived=lambda spec: {},
         **contract("bias", T5BiasParams),
         reference_impl="transformers 5.23 T5Attention._relative_position_bucket and compute_bias",
         attention_scale=False,

@@ -204,9 +204,7 @@ ENCODINGS.register("transformer-xl")(
         params=TransformerXLParams,
         module=module,
         reference=reference,
-        translation_table=lambda spec: {},
         magnitude=magnitude,
-        derived=lambda spec: {},
         **{**contract("attention", TransformerXLParams, positions=False), "probes": probes, "locate": locate},
         reference_impl="kimiyoung/transformer-xl@81b1b19 pytorch/mem_transformer.py RelPartialLearnableMultiHeadAttn, _rel_shift",
     )

@@ -226,7 +226,6 @@ ENCODINGS.register("xpos")(
         example_inputs=xpos_example_inputs,
         probes=xpos_probes,
         reference=xpos_reference,
-        translation_table=lambda spec: {},
         magnitude=xpos_magnitude,
         locate=rope_locate,
         derived=lambda spec: {"largest_scale": largest_scale(XposParams(**spec.params))},
