@@ -16,12 +16,11 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pe_export import packaging
+from pe_export import onnx_export, packaging, parity
 from pe_export.custom_ops.lowerings import OP_TARGETS
 from pe_export.encodings import ENCODINGS
 from pe_export.encodings.rope import RopeParams, switch_note
 from pe_export.errors import BadInput
-from pe_export.onnx_export import build, check_spec, load
 from pe_export.files import check_output_path, write_atomic
 from pe_export.op_choice import pick_op
 from pe_export.presets import PRESETS, Preset
@@ -30,13 +29,9 @@ from pe_export.spec import Spec
 from pe_export.parity import (
     DEFAULT_RUNTIMES,
     RUNTIMES,
-    check,
     make_probes,
     parse_positions,
-    verdict,
-    write_bundle,
 )
-from pe_export.parity import probe_bounds as run_probe_bounds
 
 # What can load the files written beside the model: an .ort file only ONNX Runtime; an optimised graph
 # also onnx's evaluator where ORT kept to standard ops (it skips itself when a node is com.microsoft).
@@ -150,7 +145,7 @@ def prepare(spec_or_preset, path=None, *, force: bool = False, report=None, **op
     name = spec_or_preset if isinstance(spec_or_preset, str) else getattr(spec_or_preset, "name", spec.encoding)
     output = Path(path) if path is not None else Path(f"{name}.onnx")
     try:
-        check_spec(spec)
+        onnx_export.check_spec(spec)
         packaging.check_tools(spec)
         for p in packaging.artifact_paths(spec, output).values():
             check_output_path(p, force)
@@ -167,7 +162,7 @@ def write(job: Job) -> Written:
     """Build the graph, package it, and write every file atomically (never over one without force)."""
     output, force = job.output, job.force
     try:
-        model = build(job.spec)
+        model = onnx_export.build(job.spec)
         spec = packaging.finalize_spec(job.spec, model, job.external_data)  # records external data
         data = model.SerializeToString()
         extra = {}  # kind -> bytes of the files written beside the model
@@ -230,7 +225,7 @@ def verify(path, runtimes=None, positions: str | None = None, *, batch: int = 2,
         raise BadInput(f"batch must be in [1, 64], got {batch}")
     try:
         wanted = parse_positions(positions) if positions is not None else None
-        model, spec = load(path)
+        model, spec = onnx_export.load(path)
         if weights is not None:
             if "weights_sha256" not in spec.params:
                 raise BadInput(f"{path} was exported with random weights (weights_seed); --weights does not apply")
@@ -245,9 +240,9 @@ def verify(path, runtimes=None, positions: str | None = None, *, batch: int = 2,
     except ValueError as e:
         raise BadInput(str(e)) from None
     data = model.SerializeToString()
-    rows = check(spec, data, runtimes, seed=seed, batch=batch, positions=wanted)
-    bounds = run_probe_bounds(spec, data, runtimes, seed=seed) if probe_bounds else None
-    result = verdict(rows)
+    rows = parity.check(spec, data, runtimes, seed=seed, batch=batch, positions=wanted)
+    bounds = parity.probe_bounds(spec, data, runtimes, seed=seed) if probe_bounds else None
+    result = parity.verdict(rows)
     command = ["pe-export", "verify", str(path), "--runtimes", ",".join(runtimes), "--seed", str(seed), "--batch", str(batch)]
     command += ["--positions", positions] if positions else []
     command += ["--probe-bounds"] if probe_bounds else []
@@ -258,7 +253,7 @@ def verify(path, runtimes=None, positions: str | None = None, *, batch: int = 2,
     if result == "FAIL":
         folder = free_folder(Path(bundle) if bundle is not None else Path(f"{path}.repro"))
         try:
-            write_bundle(folder, spec, data, rows, seed, batch, positions)
+            parity.write_bundle(folder, spec, data, rows, seed, batch, positions)
         except OSError as e:
             folder, error = None, f"could not write the reproduction bundle: {e}"
     return VerifyResult(path=path, spec=spec, rows=rows, verdict=result, bounds=bounds,
@@ -267,8 +262,8 @@ def verify(path, runtimes=None, positions: str | None = None, *, batch: int = 2,
 
 def verify_artifact(path: Path, spec: Spec, runtimes=None, seed: int = 0) -> VerifyResult:
     """Verify a file written beside the model (.ort, optimised graph) with the model's spec."""
-    rows = check(spec, Path(path).read_bytes(), check_runtimes(runtimes), seed=seed)
-    return VerifyResult(path=Path(path), spec=spec, rows=rows, verdict=verdict(rows))
+    rows = parity.check(spec, Path(path).read_bytes(), check_runtimes(runtimes), seed=seed)
+    return VerifyResult(path=Path(path), spec=spec, rows=rows, verdict=parity.verdict(rows))
 
 
 def artifact_runtimes(spec: Spec, kind: str, runtimes) -> tuple[str, ...]:
