@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pe_export.encodings.attention import encoding_for
+from pe_export.encodings.common import contract_of
 from pe_export.errors import BadInput, one_line
 from pe_export.runtimes import DEFAULT_RUNTIMES, RUNTIMES, Skip, to_torch  # noqa: F401 (re-exported)
 from pe_export.dtypes import DENORM_MIN, EPS, numpy_dtype  # noqa: F401 (EPS re-exported)
@@ -154,21 +155,12 @@ def user_probe(spec: Spec, template: dict, positions: Positions | np.ndarray, rn
     if positions.min() < 0 or positions.max() >= P:
         bad = positions[(positions < 0) | (positions >= P)][0]
         raise BadInput(f"--positions: {bad} is outside the table [0, {P}); use --probe-bounds to check out-of-range handling")
-    dtype, n = numpy_dtype(spec.dtype), len(positions)
+    dtype = numpy_dtype(spec.dtype)
     noise = lambda shape: rng.standard_normal(shape, dtype=np.float32).astype(dtype)  # noqa: E731
-    if enc.kind in ("absolute", "rotary") and "position_ids" in template:
-        inputs = {"position_ids": np.broadcast_to(positions, (batch, n)).copy()}
-        if "x" in template:
-            B, H, _, D = template["x"].shape if spec.layout == "bhsd" else np.array(template["x"].shape)[[0, 2, 1, 3]]
-            inputs = {"x": noise((batch, H, n, D) if spec.layout == "bhsd" else (batch, n, H, D)), **inputs}
-        return {k: inputs[k] for k in template}
-    if enc.kind == "bias":
-        return {"query_positions": positions.copy(), "key_positions": positions.copy()}
-    if enc.kind == "attention" and "query_positions" in template:
-        _, H, _, D = template["query"].shape
-        qkv = {name: noise((batch, H, n, D)) for name in ("query", "key", "value")}
-        return {k: ({**qkv, "query_positions": positions.copy(), "key_positions": positions.copy()})[k] for k in template}
-    raise BadInput(f"--positions does not apply to {enc.name}: its graph takes no position inputs")
+    probe = contract_of(enc).user_probe(spec, template, positions, noise, batch)
+    if probe is None:
+        raise BadInput(f"--positions does not apply to {enc.name}: its graph takes no position inputs")
+    return probe
 
 
 def make_probes(spec: Spec, seed: int = 0, batch: int = 2, positions: Positions | np.ndarray | None = None):
@@ -188,20 +180,7 @@ def make_probes(spec: Spec, seed: int = 0, batch: int = 2, positions: Positions 
 
 def position_grid(spec: Spec, inputs: dict, shape: tuple) -> np.ndarray | None:
     """The table position of each output element, as an array that broadcasts to `shape`, or None."""
-    kind = encoding_for(spec).kind
-    if "position_ids" in inputs and kind in ("absolute", "rotary"):
-        ids = inputs["position_ids"]
-        if kind == "absolute":
-            grid = ids[:, :, None]
-        else:
-            grid = ids[:, None, :, None] if spec.layout == "bhsd" else ids[:, :, None, None]
-    elif kind == "bias":
-        grid = np.maximum(inputs["query_positions"][:, None], inputs["key_positions"][None, :])[None, None]
-    elif "query_positions" in inputs:
-        grid = inputs["query_positions"][None, None, :, None]
-    else:
-        return None
-    return grid
+    return contract_of(encoding_for(spec)).position_grid(spec, inputs)
 
 
 def _by_position(acc: dict, grid, err, limit, P: int):

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding
-from pe_export.encodings.common import position_cases
+from pe_export.encodings.common import CONTRACTS, position_cases
 from pe_export.scaling import SCALING_RULES, rule_params
 from pe_export.rotation import apply_reference, apply_torch, heads_axis  # noqa: F401 (re-exported)
 from pe_export.spec import LAYOUTS, OP_NAMES
@@ -365,9 +365,7 @@ def rope_magnitude(spec, inputs: dict) -> np.ndarray:
     return np.concatenate([pair * inv_freq(p)[1] * computed_tables_slack(spec, p, inputs), x[..., R:]], axis=-1)
 
 
-def rope_locate(spec, inputs: dict, at: tuple) -> str:
-    b, s = at[0], (at[2] if spec.layout == "bhsd" else at[1])
-    return f"batch {b}, position {int(inputs['position_ids'][b, s])}, dim {at[-1]}"
+rope_locate = CONTRACTS["rotary"].locate
 
 
 def rope_derived(spec) -> dict:
