@@ -19,6 +19,7 @@ from pe_export.cli.verify import exit_on, finish, print_rows
 from pe_export.dtypes import DTYPES
 from pe_export.encodings.rope import ANGLES, PAIRINGS, TABLES
 from pe_export.packaging import FORMATS, OPTIMIZE_LEVELS, OPTIMIZE_PROVIDERS
+from pe_export.pipeline import WEIGHT_FIELDS
 from pe_export.presets import PRESETS, Preset
 from pe_export.scaling import dynamic, longrope
 from pe_export.spec import LAYOUTS, OP_NAMES
@@ -159,7 +160,6 @@ def make_rope_command(preset: Preset):
     return export_command
 
 
-WEIGHT_FIELDS = ("weights_seed", "weights", "key", "weights_sha256")
 
 
 def make_generic_command(preset: Preset):
@@ -288,7 +288,6 @@ def run_export(preset, params, layout, options):
             static_shapes=static, format=value(options["format"]), optimize=value(options["optimize"]),
             optimize_provider=value(options["optimize_provider"]), external_data=options["external_data"],
         )  # fmt: skip
-        pipeline.check_runtimes(runtimes)
     except ValueError as e:  # parameter validation and BadInput alike
         fail(str(e))
     for note in job.notes:
@@ -308,7 +307,7 @@ def run_export(preset, params, layout, options):
             path = written.paths[kind]
             out.print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB)")
             with out.status(f"verifying {path}"):
-                result = pipeline.verify_artifact(path, written.spec, pipeline.artifact_runtimes(written.spec, kind, None), options["seed"])
+                result = pipeline.verify_artifact(path, written.spec, pipeline.artifact_runtimes(written.spec, kind), options["seed"])
             print_rows(result.rows)
             exit_on(result, f"parity check failed for {path}; it is kept for inspection")
             out.print(f"[green]verified[/green]: {path} matches the float64 reference on every runtime that ran")

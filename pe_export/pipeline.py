@@ -266,10 +266,9 @@ def verify_artifact(path: Path, spec: Spec, runtimes=None, seed: int = 0) -> Ver
     return VerifyResult(path=Path(path), spec=spec, rows=rows, verdict=parity.verdict(rows))
 
 
-def artifact_runtimes(spec: Spec, kind: str, runtimes) -> tuple[str, ...]:
-    """The runtimes that can load a file written beside the model, among those asked for."""
-    can = ORT_FORMAT_RUNTIMES if kind == "ort" else OPTIMIZED_RUNTIMES[spec.deploy.get("optimize_provider", "cpu")]
-    return tuple(r for r in can if runtimes is None or r in runtimes) or can
+def artifact_runtimes(spec: Spec, kind: str) -> tuple[str, ...]:
+    """The runtimes that can load a file written beside the model ("ort" or "optimized")."""
+    return ORT_FORMAT_RUNTIMES if kind == "ort" else OPTIMIZED_RUNTIMES[spec.deploy.get("optimize_provider", "cpu")]
 
 
 def export(spec_or_preset, path=None, *, runtimes=None, report=None, force: bool = False, seed: int = 0,
@@ -283,6 +282,6 @@ def export(spec_or_preset, path=None, *, runtimes=None, report=None, force: bool
     if not verify_file:
         return ExportResult(job=job, written=written, verification=None)
     result = verify(written.paths["onnx"], runtimes, report=report, force=force, seed=seed)
-    artifacts = {kind: verify_artifact(written.paths[kind], written.spec, artifact_runtimes(written.spec, kind, None), seed)
+    artifacts = {kind: verify_artifact(written.paths[kind], written.spec, artifact_runtimes(written.spec, kind), seed)
                  for kind in ("ort", "optimized") if kind in written.paths}  # fmt: skip
     return ExportResult(job=job, written=written, verification=result, artifacts=artifacts)
