@@ -396,7 +396,7 @@ def test_learned_weights_from_a_file(tmp_path, suffix):
     model, spec = load(tmp_path / "gpt2-learned.onnx")
     assert (spec.params["rows"], spec.params["dim"], spec.params.get("max_positions")) == (300, 48, None)
     got = ort_cpu_session(model.SerializeToString()).run(None, {"position_ids": np.array([[0, 299]])})[0]
-    assert np.array_equal(got[0], tensor.numpy()[[0, 299]])  # the file's float32 rows, exactly
+    assert np.array_equal(got[0], tensor.numpy()[[0, 299]])  # the file's float32 rows, exactly (a Gather)
     # verify re-reads the file; moved, it is found with --weights; changed, it is refused.
     assert invoke("verify", str(tmp_path / "gpt2-learned.onnx"), "--providers", "cpu").exit_code == 0
     moved = tmp_path / f"moved{suffix}"

@@ -84,7 +84,7 @@ def test_kerple_is_monotone_in_distance(variant, seed):
     t = kerple.table(KerpleParams(heads=12, variant=variant, init_seed=seed, max_positions=4096))  # (P, H)
     assert np.all(np.diff(t, axis=0) <= 0) and np.all(t[0] == 0)
     b = bias("kerple", np.arange(100), np.arange(100), heads=12, variant=variant, causal=False, init_seed=seed)[0]
-    assert np.array_equal(b, b.transpose(0, 2, 1))  # --no-causal: the kernel at |i - j|
+    assert np.array_equal(b, b.transpose(0, 2, 1))  # --no-causal: the kernel at |i - j| (exact: one table read)
 
 
 def test_kerple_fp16_saturates_instead_of_overflowing():
@@ -196,6 +196,7 @@ def test_fire_hand_computed(tmp_path):
     b = bias("fire", [2, 9], [0, 8, 9], **params)[0]
     assert b[:, 0, 0].tolist() == pytest.approx([0.6826058, 0.0], abs=1e-7)
     assert b[:, 1, 1].tolist() == pytest.approx([0.3010299, 0.3979403], abs=1e-7)
+    # exact: x = 0 and dyadic weights, so every product and sum of the output layer is exact
     assert b[:, 1, 2].tolist() == [0.0, 1.0] and np.isneginf(b[:, 0, 1:]).all()
 
 
@@ -310,7 +311,7 @@ def test_sandwich_hand_computed():
 def test_sandwich_depends_on_the_distance_and_decays():
     rng = np.random.default_rng(1)
     q, k = rng.integers(0, 1000, 30), rng.integers(0, 1000, 40)
-    base = bias("sandwich", q, k, heads=12, causal=False)
+    base = bias("sandwich", q, k, heads=12, causal=False)  # exact below: reads of one (P, H) table at |i - j|
     assert np.array_equal(base, bias("sandwich", q + 1000, k + 1000, heads=12, causal=False))  # only i - j
     assert np.array_equal(base, bias("sandwich", k, q, heads=12, causal=False).transpose(0, 1, 3, 2))  # and only |i - j|
     # The paper claims a logarithmically decaying bias (like KERPLE's log kernel), not a monotone one:
