@@ -16,6 +16,7 @@ import numpy as np
 from pe_export import weights
 from pe_export.encodings import ENCODINGS
 from pe_export.encodings.common import table_encoding
+from pe_export.encodings.size import check_size
 
 INIT_STD = 0.02
 
@@ -38,6 +39,7 @@ class LearnedParams(weights.LearnedWeights):
         for name in ("dim", "rows", "max_positions"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        check_size(self.rows, stored=4 * self.dim, working=24 * self.dim, name="rows")  # the (rows, dim) table
         if self.max_positions > self.rows:
             raise ValueError(f"max_positions (--seq) must be at most the table's {self.rows} rows, got {self.max_positions}")
 
