@@ -87,3 +87,64 @@ def test_the_sizes_the_presets_use_fit():
     for preset in PRESETS.values():
         ENCODINGS.get(preset.encoding).params(**preset.params)
 
+
+# ------------------------------------------------------------------------------------------------
+# --scaling-param values of the wrong type, or not finite: refused as from-config refuses them
+
+
+def llama31_config(tmp_path, **scaling) -> str:
+    """Llama 3.1's config.json with its rope_scaling block changed by `scaling` (values as JSON text)."""
+    block = {"rope_type": '"llama3"', "factor": "8.0", "low_freq_factor": "1.0", "high_freq_factor": "4.0",
+             "original_max_position_embeddings": "8192"} | scaling  # fmt: skip
+    text = ", ".join(f'"{k}": {v}' for k, v in block.items())
+    path = tmp_path / "config.json"
+    path.write_text(f'{{"model_type": "llama", "head_dim": 128, "rope_theta": 500000.0, '
+                    f'"max_position_embeddings": 131072, "rope_scaling": {{{text}}}}}')  # fmt: skip
+    return str(path)
+
+
+BAD_FACTORS = {  # --scaling-param factor=VALUE, VALUE as JSON: what the rule's parameter got
+    "Infinity": "inf", "-Infinity": "-inf", "NaN": "nan", "true": "True", '"4"': "'4'", "[4]": "[4]", "null": "None",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("value", BAD_FACTORS)
+def test_a_scaling_param_of_the_wrong_type_is_refused_by_both_paths(tmp_path, value):
+    import json
+
+    from pe_export.encodings.rope import RopeParams
+    from pe_export.presets import PRESETS
+
+    want = f"scaling rule 'llama3' parameter 'factor' must be a finite number, got {BAD_FACTORS[value]}"
+    line = refused(tmp_path, "llama3.1-rope", "--seq", "256", "--scaling-param", f"factor={value}", "-o", "x.onnx")
+    assert line == f"pe-export: error: {want}", line
+    params = PRESETS["llama3.1-rope"].params
+    with pytest.raises(ValueError) as e:
+        RopeParams(**params | {"scaling_params": params["scaling_params"] | {"factor": json.loads(value)}})
+    assert str(e.value) == want
+    if value != "null":  # from-config skips null keys, as transformers reads them as unset
+        line = refused(tmp_path, "from-config", llama31_config(tmp_path, factor=value), "--seq", "256", "-o", "x.onnx")
+        assert "'factor'" in line and ("finite" in line or "a number" in line), line
+
+
+@pytest.mark.parametrize("key,value,what", [
+    ("original_max_positions", "8192.5", "an integer"), ("original_max_positions", "true", "an integer"),
+    ("low_freq_factor", '"1"', "a finite number"),
+])  # fmt: skip
+def test_scaling_params_are_checked_by_their_type(tmp_path, key, value, what):
+    line = refused(tmp_path, "llama3.1-rope", "--seq", "256", "--scaling-param", f"{key}={value}", "-o", "x.onnx")
+    assert f"parameter {key!r} must be {what}, got" in line, line
+
+
+@pytest.mark.parametrize("rule", __import__("pe_export.scaling", fromlist=["SCALING_RULES"]).SCALING_RULES.names())
+def test_every_scaling_rule_parameter_says_its_type(rule):
+    """The check reads the rules' annotations: a rule added without them would go unchecked."""
+    import inspect
+
+    from pe_export.scaling import PARAM_KINDS, rule_params
+
+    for name, param in rule_params(rule).items():
+        assert param.annotation is not inspect.Parameter.empty, f"{rule}: {name} has no annotation"
+        kinds = [a for a in getattr(param.annotation, "__args__", (param.annotation,)) if a is not type(None)]
+        assert len(kinds) == 1 and kinds[0] in PARAM_KINDS, f"{rule}: {name}: {param.annotation}"
+

@@ -25,7 +25,7 @@ import numpy as np
 from pe_export.encodings import ENCODINGS, Encoding
 from pe_export.encodings.common import position_cases
 from pe_export.encodings.size import check_size
-from pe_export.scaling import SCALING_RULES, rule_params
+from pe_export.scaling import SCALING_RULES, check_param, rule_params
 from pe_export.spec import LAYOUTS, OP_NAMES
 
 PAIRINGS = ("half", "interleaved")
@@ -89,6 +89,8 @@ def check_scaling_params(name: str, params: dict) -> None:
         raise ValueError(f"scaling rule {name!r} has no parameter {unknown[0]!r}; it takes: {takes}")
     if missing:
         raise ValueError(f"scaling rule {name!r} needs {missing[0]!r}; it takes: {takes}")
+    for key, value in params.items():
+        check_param(name, key, value, sig[key].annotation)
 
 
 def inv_freq(p: RopeParams, seq_len: int | None = None) -> tuple[np.ndarray, float]:
