@@ -148,3 +148,26 @@ def test_every_scaling_rule_parameter_says_its_type(rule):
         kinds = [a for a in getattr(param.annotation, "__args__", (param.annotation,)) if a is not type(None)]
         assert len(kinds) == 1 and kinds[0] in PARAM_KINDS, f"{rule}: {name}: {param.annotation}"
 
+
+# ------------------------------------------------------------------------------------------------
+# from-config: zero is a value, not "unset"
+
+
+@pytest.mark.parametrize("key,value,want", [
+    ("rope_theta", "0", "config key 'rope_theta' must be > 0, got 0.0"),
+    ("rope_theta", "-10000", "config key 'rope_theta' must be > 0, got -10000.0"),
+    ("max_position_embeddings", "0", "config key 'max_position_embeddings' must be >= 1, got 0"),
+    ("max_position_embeddings", "-5", "config key 'max_position_embeddings' must be >= 1, got -5"),
+])  # fmt: skip
+def test_from_config_refuses_zero_instead_of_a_default(tmp_path, key, value, want):
+    from pe_export.errors import BadInput
+    from pe_export.hf_config import rope_params_from_config
+
+    path = tmp_path / "config.json"
+    cfg = {"model_type": '"llama"', "head_dim": "64", "rope_theta": "10000.0", "max_position_embeddings": "4096"} | {key: value}
+    path.write_text("{" + ", ".join(f'"{k}": {v}' for k, v in cfg.items()) + "}")  # values as JSON text
+    line = refused(tmp_path, "from-config", str(path), "-o", "x.onnx")
+    assert line == f"pe-export: error: {want}", line
+    with pytest.raises(BadInput) as e:
+        rope_params_from_config(path)
+    assert str(e.value) == want
