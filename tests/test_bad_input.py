@@ -171,3 +171,28 @@ def test_from_config_refuses_zero_instead_of_a_default(tmp_path, key, value, wan
     with pytest.raises(BadInput) as e:
         rope_params_from_config(path)
     assert str(e.value) == want
+
+
+# ------------------------------------------------------------------------------------------------
+# A learned table whose shape is not the preset's: refused unless the size is given
+
+
+def test_a_weights_tensor_of_another_shape_than_the_preset_is_refused(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from pe_export.encodings.learned import LearnedParams, table
+
+    w = tmp_path / "W.safetensors"
+    save_file({"wpe.weight": torch.randn(1024, 100)}, w)
+    line = refused(tmp_path, "gpt2-learned", "--weights", str(w), "--key", "wpe.weight", "-o", "x.onnx")
+    want = (f"tensor 'wpe.weight' of {str(w.resolve())!r} has shape (1024, 100), want (1024, 768) (rows, dim); "
+            f"set rows and dim (--rows 1024 --dim 100) to export that shape")  # fmt: skip
+    assert line == f"pe-export: error: {want}", line
+    with pytest.raises(ValueError) as e:
+        table(LearnedParams(dim=768, rows=1024, weights=str(w.resolve()), key="wpe.weight"))
+    assert str(e.value) == want
+    # Sizes given: the file's shape is what was asked for.
+    ok = runner.invoke(app, ["gpt2-learned", "--weights", str(w), "--key", "wpe.weight", "--dim", "100", "--seq", "64",
+                             "--runtimes", "ort-cpu", "-o", str(tmp_path / "ok.onnx")])  # fmt: skip
+    assert ok.exit_code == 0 and (tmp_path / "ok.onnx").exists(), ok.output
