@@ -196,7 +196,7 @@ def make_generic_command(preset: Preset):
         if kw["seq"] is not None:
             params["max_positions"] = kw["seq"]
         if learned and (kw["weights"] is not None or kw["key"] is not None):
-            params |= load_weights_params(cls, kw, params)
+            params |= load_weights_params(kw)
         run_export(preset, {**params, **layer_params(kw)}, "bhsd", kw)
 
     with_signature(export_command, {**options, **CommonOptions})
@@ -204,27 +204,18 @@ def make_generic_command(preset: Preset):
     return export_command
 
 
-def load_weights_params(cls, kw, params) -> dict:
-    """Read --weights/--key once: record the file, key and sha256; take the table's shape where the
-    encoding's parameters follow it (a learned table's rows and dim) and were not given."""
-    from pe_export import weights
+def load_weights_params(kw) -> dict:
+    """--weights FILE --key NAME, checked together, as the parameters that name the learned table."""
+    from pe_export.pipeline import weights_source
 
     if kw["weights"] is None or kw["key"] is None:
         fail("--weights FILE and --key NAME go together")
     if kw["weights_seed"] is not None:
         fail("--weights-seed applies to random weights; drop it with --weights")
-    src = weights.LearnedWeights(weights=str(kw["weights"].resolve()), key=kw["key"])
     try:
-        tensor = weights.load(src)
+        return weights_source(kw["weights"], kw["key"])
     except ValueError as e:
         fail(str(e))
-    found = {"weights": src.weights, "key": src.key, "weights_sha256": weights.digest(tensor)}
-    shape_params = getattr(cls, "shape_params", None)
-    if shape_params:
-        found |= {k: v for k, v in shape_params(tensor.shape).items() if kw.get(k) is None}
-        if kw["seq"] is None and "max_positions" in params:
-            found["max_positions"] = None  # all the file's rows
-    return found
 
 
 def parse_scaling_params(items: list[str]) -> dict:

@@ -47,11 +47,21 @@ def _number(cfg: dict, key: str, kind=float, where: str = "config"):
     return kind(value)
 
 
-def _first(cfg: dict, keys: list[str], kind=float):
+def _first(cfg: dict, keys: list[str], kind=float, least=None):
+    """The first of `keys` that `cfg` sets (not null), as a number of `kind`, refused below `least`
+    (`> 0` for floats, `>= least` for ints); None when none is set. Zero is a value, not "unset"."""
     for key in keys:
         if cfg.get(key) is not None:
-            return _number(cfg, key, kind)
+            value = _number(cfg, key, kind)
+            if least is not None and (value < least if kind is int else value <= least):
+                raise BadInput(f"config key {key!r} must be {'>=' if kind is int else '>'} {least}, got {value}")
+            return value
     return None
+
+
+def _either(*values):
+    """The first value that is not None (so that a configured 0 is not replaced by a default)."""
+    return next((v for v in values if v is not None), None)
 
 
 def rope_params_from_config(path: Path, max_positions: int | None = None) -> dict:
@@ -64,8 +74,8 @@ def rope_params_from_config(path: Path, max_positions: int | None = None) -> dic
     if not isinstance(block, dict):
         raise BadInput(f"config key 'rope_parameters' / 'rope_scaling' must be an object, got {block!r}")
 
-    theta = 10000.0 if model_type == "gptj" else (
-        _first(block, ["rope_theta"]) or _first(cfg, ["rope_theta", "rotary_emb_base"]) or 10000.0
+    theta = 10000.0 if model_type == "gptj" else _either(
+        _first(block, ["rope_theta"], least=0), _first(cfg, ["rope_theta", "rotary_emb_base"], least=0), 10000.0
     )  # fmt: skip
     head_dim = _first(cfg, ["qk_rope_head_dim", "head_dim"], int)
     if head_dim is None:
@@ -81,19 +91,19 @@ def rope_params_from_config(path: Path, max_positions: int | None = None) -> dic
     if (block.get("rope_type") or block.get("type")) == "proportional":
         rotary_dim = head_dim  # its partial_rotary_factor is the rule's own parameter (see scaling/proportional.py)
     if rotary_dim is None:
-        fraction = _first(block, ["partial_rotary_factor"]) or _first(cfg, ["partial_rotary_factor", "rotary_pct"])
+        fraction = _either(_first(block, ["partial_rotary_factor"]), _first(cfg, ["partial_rotary_factor", "rotary_pct"]))
         if fraction is not None:
             if not 0 < fraction <= 1:
                 raise BadInput(f"config partial rotary factor must be in (0, 1], got {fraction}")
             rotary_dim = int(head_dim * fraction)
 
     interleaved = model_type == "gptj" or bool(cfg.get("rope_interleave")) or model_type.startswith("deepseek")
-    config_positions = _first(cfg, ["max_position_embeddings", "n_positions"], int)
+    config_positions = _first(cfg, ["max_position_embeddings", "n_positions"], int, least=1)
     params = dict(
         head_dim=head_dim,
         theta=theta,
         pairing="interleaved" if interleaved else "half",
-        max_positions=max_positions or config_positions or 2048,
+        max_positions=_either(max_positions, config_positions, 2048),
     )
     if rotary_dim is not None and rotary_dim != head_dim:
         params["rotary_dim"] = rotary_dim

@@ -203,6 +203,15 @@ def check_runtimes(runtimes) -> tuple[str, ...]:
     return names
 
 
+def weights_source(path, key: str) -> dict:
+    """The parameters that name a learned table read from a file: {weights, key, weights_sha256},
+    the tensor read once now (BadInput for a missing file, key or dtype)."""
+    from pe_export import weights
+
+    src = weights.LearnedWeights(weights=str(Path(path).resolve()), key=key)
+    return {"weights": src.weights, "key": src.key, "weights_sha256": weights.digest(weights.load(src))}
+
+
 def free_folder(path: Path) -> Path:
     """`path`, or `path.2`, `path.3`, ...: the first that does not exist (a bundle never overwrites)."""
     n, candidate = 1, path

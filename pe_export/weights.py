@@ -1,5 +1,6 @@
 """Learned weights: seeded random values for trying an encoding out, or one tensor read from a
-`.safetensors` file or a torch state dict (`torch.load(weights_only=True)`: never arbitrary unpickling).
+`.safetensors` file (the `safetensors` package's `safe_open`) or a torch state dict
+(`torch.load(weights_only=True)`: never arbitrary unpickling).
 
 A spec names its weights by source, never by value: `weights_seed` (regenerated anywhere), or the
 file, the key and the tensor's sha256 (re-read by `pe-export verify`, which refuses a changed tensor).
@@ -10,16 +11,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pe_export.errors import BadInput
-
-# safetensors dtype names -> NumPy dtypes (little-endian, as the format stores them)
-_SAFETENSORS = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "bf16", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1"}
+from pe_export.errors import BadInput, one_line
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,7 +84,7 @@ def _located(p: LearnedWeights) -> tuple[str, int, int]:
 
 
 def _tensors(path: str) -> dict:
-    return _safetensors(Path(path).read_bytes(), path) if path.endswith(".safetensors") else _state_dict(path)
+    return _safetensors(path) if path.endswith(".safetensors") else _state_dict(path)
 
 
 @functools.lru_cache(maxsize=8)
@@ -123,37 +120,34 @@ def _read(path: str, mtime_ns: int, size: int, key: str) -> np.ndarray:
     return a
 
 
-def _safetensors(data: bytes, path: str) -> dict:
-    """The safetensors layout: 8-byte little-endian header length, a JSON header of
-    {name: {dtype, shape, data_offsets}}, then the raw little-endian bytes."""
+def _safetensors(path: str) -> dict:
+    """The tensors of a `.safetensors` file, each read on its own when called (`safe_open` maps the file:
+    one tensor is read without loading the others)."""
+    from safetensors import SafetensorError, safe_open
+
     bad = f"weights file {path!r} is not a valid .safetensors file"
-    if len(data) < 8:
-        raise BadInput(bad + " (too short)")
-    (n,) = struct.unpack("<Q", data[:8])
     try:
-        header = json.loads(data[8 : 8 + n])
-        assert isinstance(header, dict)
-    except Exception:
-        raise BadInput(bad + " (unreadable header)") from None
-    body = data[8 + n :]
+        with safe_open(path, framework="pt") as f:
+            names = list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BadInput(f"{bad} ({one_line(e, 160)})") from None
 
-    def reader(name, info):
+    def reader(name):
         def read():
-            try:
-                dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-                np_dtype = _SAFETENSORS[dtype]
-                if np_dtype == "bf16":
-                    import ml_dtypes
+            import torch
 
-                    np_dtype = ml_dtypes.bfloat16
-                a = np.frombuffer(body[start:end], dtype=np_dtype).reshape(shape)
-            except Exception:
-                raise BadInput(f"{bad} (tensor {name!r} is malformed or of an unsupported dtype)") from None
-            return a.astype(np.float64)
+            try:
+                with safe_open(path, framework="pt") as f:
+                    t = f.get_tensor(name)
+            except (SafetensorError, OSError, ValueError, TypeError) as e:
+                raise BadInput(f"{bad} (tensor {name!r}: {one_line(e, 160)})") from None
+            if not (t.dtype.is_floating_point or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64)):
+                raise BadInput(f"tensor {name!r} of {path!r} has dtype {str(t.dtype).removeprefix('torch.')}; want a float or signed integer")
+            return t.to(torch.float64).numpy()
 
         return read
 
-    return {k: reader(k, v) for k, v in header.items() if k != "__metadata__"}
+    return {name: reader(name) for name in names}
 
 
 def _state_dict(path: str) -> dict:

@@ -48,3 +48,33 @@ def assert_verified(spec: Spec) -> dict:
             assert rows[ort].verdict == "pass" and rows[ort].provider.startswith("CPUExecutionProvider")
     assert verdict(list(rows.values())) == "pass"
     return rows
+
+
+
+def assert_within_ulps(actual, expected, ulps: float, why: str, scale=None) -> None:
+    """actual and expected have one shape and dtype and differ by at most `ulps` units in the last place:
+    |actual - expected| <= ulps * spacing(scale), elementwise, with scale the larger of |actual| and
+    |expected| unless given (equal values, infinities and NaN included, are 0 apart). For values that go
+    through BLAS (matmul, einsum, attention): it picks other kernels (summation orders, FMA or not) for
+    other shapes and CPUs, so one float64 dot product computed over two shapes can differ in its last
+    bits. Pass `scale` (broadcastable) for sums that cancel: a sum's rounding follows the magnitude of its
+    terms, not of its result. `why` states where `ulps` comes from; a failure prints it with the largest
+    distance, where it is, and how many elements differ."""
+    import numpy as np
+
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, f"shapes differ: {actual.shape} vs {expected.shape}"
+    assert actual.dtype == expected.dtype, f"dtypes differ: {actual.dtype} vs {expected.dtype}"
+    a, e = actual.astype(np.float64), expected.astype(np.float64)
+    same = (a == e) | (np.isnan(a) & np.isnan(e))
+    if scale is None:
+        scale = np.maximum(np.abs(a), np.abs(e))
+    step = np.spacing(np.broadcast_to(np.abs(scale), a.shape).astype(actual.dtype)).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        d = np.where(same, 0.0, np.nan_to_num(np.abs(a - e) / step, nan=np.inf))  # NaN on one side only: inf
+    if d.size and d.max() > ulps:
+        at = tuple(int(i) for i in np.unravel_index(int(np.argmax(d)), d.shape))
+        raise AssertionError(
+            f"{d.max():.3g} ulps apart at {at} ({actual[at]!r} vs {expected[at]!r}), allowed {ulps}: {why}; "
+            f"{int((d > ulps).sum())} of {d.size} elements over, {int((~same).sum())} not identical"
+        )

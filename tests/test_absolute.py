@@ -49,7 +49,7 @@ def test_paper_values_by_hand():
     t = sinusoidal.table(SinusoidalParams(dim=4, max_positions=3))
     # PE(1, 0) = sin(1), PE(1, 1) = cos(1), PE(1, 2) = sin(1 / 10000^(2/4)) = sin(0.01)
     assert t[1].tolist() == pytest.approx([np.sin(1.0), np.cos(1.0), np.sin(0.01), np.cos(0.01)], abs=1e-15)
-    assert t[0].tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert t[0].tolist() == [0.0, 1.0, 0.0, 1.0]  # exact: sin(0) and cos(0)
 
 
 @pytest.mark.parametrize(
@@ -97,7 +97,7 @@ def test_learned_is_bert_and_gpt2_with_the_same_weights(tmp_path):
 
 def test_seeded_weights_differ_by_seed_and_repeat():
     a, b = table(LearnedParams(dim=8, rows=16)), table(LearnedParams(dim=8, rows=16, weights_seed=1))
-    assert not np.allclose(a, b) and np.array_equal(a, table(LearnedParams(dim=8, rows=16)))
+    assert not np.allclose(a, b) and np.array_equal(a, table(LearnedParams(dim=8, rows=16)))  # exact: same draws
 
 
 def test_safetensors_and_state_dict_read_the_same_tensor(tmp_path):
@@ -108,11 +108,11 @@ def test_safetensors_and_state_dict_read_the_same_tensor(tmp_path):
     torch.save({"wpe.weight": t, "step": 3}, tmp_path / "w.pt")
     for path in ("w.safetensors", "w.pt"):
         got = weights.load(weights.LearnedWeights(weights=str(tmp_path / path), key="wpe.weight"))
-        assert np.array_equal(got, t.double().numpy())
+        assert np.array_equal(got, t.double().numpy())  # exact: a cast
     save_file({"x": t.to(torch.bfloat16), "y": t.half()}, tmp_path / "b.safetensors")
     for key, dt in (("x", torch.bfloat16), ("y", torch.float16)):
         got = weights.load(weights.LearnedWeights(weights=str(tmp_path / "b.safetensors"), key=key))
-        assert np.array_equal(got, t.to(dt).double().numpy())
+        assert np.array_equal(got, t.to(dt).double().numpy())  # exact: casts
 
 
 class Evil:

@@ -110,6 +110,7 @@ def test_slopes_are_press_bloom_and_mpt(heads):
 
 
 def test_slopes_section_10_vectors():
+    # exact: powers of two
     assert alibi.slopes(8).tolist() == [0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125, 0.00390625]
     s12 = alibi.slopes(12)
     assert s12[:3].tolist() == [0.5, 0.25, 0.125] and s12[-1] == pytest.approx(0.08839, abs=1e-5)
@@ -148,6 +149,7 @@ def test_alibi_properties():
     causal = alibi.reference(Spec(encoding="alibi", params=dict(heads=H, max_positions=P)), {"query_positions": q, "key_positions": k})[0]
     bidir = alibi.reference(Spec(encoding="alibi", params=dict(heads=H, causal=False, max_positions=P)), {"query_positions": q, "key_positions": k})[0]
     assert np.all(np.diagonal(causal, axis1=1, axis2=2) == 0) and np.all(np.diagonal(bidir, axis1=1, axis2=2) == 0)
+    # exact: elementwise slope * distance (no BLAS), the same products both ways
     assert np.array_equal(bidir, bidir.transpose(0, 2, 1))
     lower = np.tril(np.ones((P, P), dtype=bool))
     assert np.array_equal(causal[:, lower], bidir[:, lower]) and np.all(causal[:, ~lower] == -np.inf)

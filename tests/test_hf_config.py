@@ -87,7 +87,7 @@ def test_transformers_reads_the_same_file_the_same_way(tmp_path, preset, style, 
     config = transformers.AutoConfig.from_pretrained(str(path.parent))
     rotary = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), cls)(config)
     ours, factor = inv_freq(RopeParams(**{**rope_params_from_config(path), "angles": "float32"}))
-    np.testing.assert_array_equal(ours.astype(np.float32), rotary.inv_freq.numpy())
+    np.testing.assert_array_equal(ours.astype(np.float32), rotary.inv_freq.numpy())  # exact: elementwise float32 ops
     assert factor == pytest.approx(rotary.attention_scaling, rel=1e-15)
 
 
@@ -132,7 +132,7 @@ def test_proportional_config_keeps_the_whole_head(tmp_path):
     config = transformers.LlamaConfig(head_dim=256, hidden_size=1024, num_attention_heads=4, rope_parameters=dict(rope))
     hf, _ = ROPE_INIT_FUNCTIONS["proportional"](config, "cpu")
     ours, _ = inv_freq(RopeParams(**{**params, "angles": "float32"}))
-    np.testing.assert_array_equal(ours.astype(np.float32), hf.numpy())
+    np.testing.assert_array_equal(ours.astype(np.float32), hf.numpy())  # exact: elementwise float32 ops
     assert (ours[32:] == 0).all() and (ours[:32] > 0).all()
 
 

@@ -192,6 +192,7 @@ def test_error_plot_of_a_verify_report(tmp_path):
         by = r.by_position
         drawn = lines[f"{r.runtime} max abs error"]
         assert list(drawn.get_xdata()) == by["positions"] and len(by["positions"]) == 64
+        # exact: the plotted values are the report's own
         np.testing.assert_array_equal(drawn.get_ydata(), np.where(np.array(by["max_abs"]) > 0, by["max_abs"], np.nan))
     np.testing.assert_array_equal(lines["bound (every runtime)"].get_ydata(), rows[0].by_position["bound"])
     assert fig.axes[0].get_yscale() == "log"

@@ -49,7 +49,7 @@ def test_float32_angles_match_transformers_bit_for_bit(head_dim, theta):
     rotary = llama_rotary(head_dim, theta)
     p = RopeParams(head_dim=head_dim, theta=theta, max_positions=131072, angles="float32")
     ours = inv_freq(p)[0].astype(np.float32)
-    assert np.array_equal(ours.view(np.int32), rotary.inv_freq.numpy().view(np.int32))
+    assert np.array_equal(ours.view(np.int32), rotary.inv_freq.numpy().view(np.int32))  # exact: elementwise ops
 
     x = torch.zeros(1, dtype=torch.float32)
     cos_hf, sin_hf = rotary(x, torch.from_numpy(POSITIONS))  # (B, S, D), float32, [c | c]

@@ -75,7 +75,7 @@ def test_rules_match_transformers(rule, head_dim, rotary_dim, theta, params):
             theta=theta, rotary_dim=rotary_dim, max_positions=8192, dtype=torch.float32, seq_len=seq_len, **params
         )
         f32 = f32.numpy()
-        # float32 mode: transformers' own float32 arithmetic, bit for bit.
+        # float32 mode: transformers' own float32 arithmetic, bit for bit (elementwise, no BLAS).
         np.testing.assert_array_equal(f32.astype(np.float32), hf_freqs)
         # float64 mode: the exact values, which transformers' float32 values round.
         np.testing.assert_allclose(exact, hf_freqs, rtol=8 * 2.0**-24, atol=0)

@@ -207,6 +207,7 @@ def test_clamp_changes_only_distances_past_it():
     wide = txl_spec(**{**SMALL, "clamp_len": p.max_positions - 1})  # no distance reaches it
     for name, inputs in probes(spec):
         K = inputs["key"].shape[2]
+        # exact: the same arithmetic on the same shapes (a clamp that no distance reaches changes no value)
         np.testing.assert_array_equal(reference(wide, inputs), reference(unclamped, inputs))
         same = np.allclose(reference(spec, inputs), reference(unclamped, inputs), rtol=0, atol=1e-12)
         assert same == (K <= p.clamp_len + 1), name  # the clamp acts exactly when some distance exceeds it

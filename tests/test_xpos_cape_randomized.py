@@ -310,7 +310,7 @@ def test_cape_training_augmentation_matches_cape1d():
         want = cape._augment_positions(base.clone())
         torch.manual_seed(7)
         got = cape_positions(torch.arange(50).repeat(3, 1), p, training=True)
-        assert torch.equal(got, want)
+        assert torch.equal(got, want)  # exact: the same elementwise draws
         ratio = got / cape_positions(torch.arange(50).repeat(3, 1), p, training=False)
         assert not torch.allclose(ratio, torch.ones_like(ratio))  # the augmentation did something
     # In eval mode there is nothing random, and the torch embedding of it is the exported reference.

@@ -24,6 +24,7 @@ import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding
 from pe_export.encodings.common import check_positions, contract, guard, table_magnitude, take
+from pe_export.encodings.size import check_size
 
 CONVENTIONS = ("relative", "bloom", "mpt")
 
@@ -49,6 +50,8 @@ class AlibiParams:
             raise ValueError(f"max_positions (--seq) must be >= 1, got {self.max_positions}")
         if self.max_positions > 2**24:
             raise ValueError(f"max_positions (--seq) must be at most 2^24 (exact in float32), got {self.max_positions}")
+        # a (P,) float32 table; verification reads every distance: (H, 2, P) float64 biases, a few at once
+        check_size(self.max_positions, stored=4, working=64 * self.heads)
 
 
 def slopes(heads: int, alibi_bias_max: float = 8.0) -> np.ndarray:

@@ -30,6 +30,7 @@ import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding
 from pe_export.encodings.common import check_positions, contract, guard, take
+from pe_export.encodings.size import check_size
 from pe_export.dtypes import torch_dtype
 
 
@@ -61,6 +62,8 @@ class CapeParams:
             raise ValueError(f"max_positions (--seq) must be >= 1, got {self.max_positions}")
         if self.max_positions > 2**26:
             raise ValueError(f"max_positions (--seq) must be at most 2^26 (S * n exact in int64 and float64), got {self.max_positions}")
+        # the (P, dim) table (normalised: a (P,) int64 table, and the probe of every position in one row)
+        check_size(self.max_positions, stored=8 if self.normalize else 4 * self.dim, working=24 * self.dim)
 
 
 def freq(p: CapeParams) -> np.ndarray:

@@ -48,6 +48,7 @@ import numpy as np
 from pe_export import weights
 from pe_export.encodings import ENCODINGS, Encoding
 from pe_export.encodings.common import attention_magnitude, attention_probes, check_positions, contract, guard, softmax_np, take
+from pe_export.encodings.size import check_size
 
 POS_ATT_TYPES = ("c2p", "p2c")
 
@@ -89,6 +90,10 @@ class DebertaParams(weights.LearnedWeights):
         types = terms(self)
         if not types or any(t not in POS_ATT_TYPES for t in types) or len(set(types)) != len(types):
             raise ValueError(f"pos_att_type must be 'c2p', 'p2c' or 'p2c|c2p' (each at most once), got {self.pos_att_type!r}")
+        # a (2P - 1,) int64 row table; verification reads every distance: keys and values (B, H, P, D) in
+        # float32 and float64, and for p2c the (B, H, P, 2 att_span) float64 products, twice (value and bound)
+        span = 2 * att_span(self) if "p2c" in types else 0
+        check_size(self.max_positions, stored=16, working=48 * self.heads * self.head_dim + 32 * self.heads * span)
         for name in ("share_att_key", "norm_rel_ebd"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -31,6 +31,7 @@ import numpy as np
 from pe_export import weights
 from pe_export.encodings import ENCODINGS, Encoding
 from pe_export.encodings.common import check_positions, contract, guard, take
+from pe_export.encodings.size import check_size
 
 SCALARS = ("c", "L_multiplier")
 
@@ -49,6 +50,9 @@ class FireParams(weights.LearnedWeights):
         for name in ("heads", "mlp_width", "max_positions"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        # two (P,) float32 tables; verification reads every distance: the MLP's (2, P, W) float64 hidden
+        # units (and their bound's), and (H, 2, P) float64 biases
+        check_size(self.max_positions, stored=8, working=64 * self.mlp_width + 64 * self.heads)
         for name in ("init_c", "init_L", "eps"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):

@@ -29,6 +29,7 @@ import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding
 from pe_export.encodings.common import check_positions, contract, guard, table_magnitude, take
+from pe_export.encodings.size import check_size
 
 VARIANTS = ("log", "power")
 CLAMP_MIN = 1e-2  # the reference's eps: p and a are clamped to >= eps in every forward
@@ -67,6 +68,8 @@ class KerpleParams:
                 raise ValueError(f"{name} of the {self.variant} kernel must be finite with {valid}, got {bad[0]!r}")
         if not isinstance(self.max_positions, int) or self.max_positions < 1:
             raise ValueError(f"max_positions (--seq) must be an integer >= 1, got {self.max_positions!r}")
+        # the (P, H) table; verification reads every distance: (H, 2, P) float64 biases, a few at once
+        check_size(self.max_positions, stored=4 * self.heads, working=88 * self.heads)
 
 
 def kernel_params(p: KerpleParams) -> tuple[np.ndarray, np.ndarray]:

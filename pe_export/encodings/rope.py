@@ -39,15 +39,15 @@ forward), the truth uses them too, and only Cos/Sin's own error remains. Dynamic
 from __future__ import annotations
 
 import inspect
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding
 from pe_export.encodings.common import CONTRACTS, position_cases
-from pe_export.scaling import SCALING_RULES, rule_params
+from pe_export.encodings.size import check_size
 from pe_export.rotation import apply_reference, apply_torch, heads_axis  # noqa: F401 (re-exported)
+from pe_export.scaling import SCALING_RULES, check_param, rule_params
 from pe_export.spec import LAYOUTS, OP_NAMES
 
 PAIRINGS = ("half", "interleaved")
@@ -69,7 +69,7 @@ class RopeParams:
     scaling: str = "default"
     scaling_params: dict = field(default_factory=dict)  # the rule's own parameters (factor, ...)
     angles: str = "float64"
-    tables: str = "constant"  # "computed": cos/sin computed in the graph in float32 (pe_export.deploy)
+    tables: str = "constant"  # "computed": cos/sin computed in the graph in float32 (pe_export.modules.ComputedTablesRotary)
 
     def __post_init__(self):
         if self.rotary_dim is None:
@@ -91,7 +91,7 @@ class RopeParams:
         if self.angles not in ANGLES:
             raise ValueError(f"angles must be one of {', '.join(ANGLES)}, got {self.angles!r}")
         check_scaling_params(self.scaling, self.scaling_params)
-        check_table_fits(self.max_positions, self.rotary_dim)
+        check_size(self.max_positions, stored=4 * self.rotary_dim, working=24 * self.rotary_dim)  # float32 cos and sin (P, R/2)
         inv_freq(self)  # the rule validates its values
         check_computed_tables(self)
         if self.angles == "float32" and computed_in_graph(self):
@@ -152,40 +152,8 @@ def check_scaling_params(name: str, params: dict) -> None:
         raise ValueError(f"scaling rule {name!r} has no parameter {unknown[0]!r}; it takes: {takes}")
     if missing:
         raise ValueError(f"scaling rule {name!r} needs {missing[0]!r}; it takes: {takes}")
-
-
-# A serialized ONNX protobuf cannot exceed 2 GiB; tables above this need external data.
-PROTOBUF_LIMIT = 2**31 - 2**20
-
-
-def available_memory() -> int:
-    """Bytes of memory available now (MemAvailable), or physical memory where /proc is missing."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def check_table_fits(max_positions: int, rotary_dim: int) -> None:
-    """Refuse tables that cannot be built in memory or stored in one ONNX file."""
-    entries = 2 * max_positions * (rotary_dim // 2)  # cos and sin
-    # float64 angles, cos and sin while building, plus the float32 copies and the serialized model.
-    build_bytes = entries * (8 + 8 + 4 + 4)
-    if build_bytes > available_memory():
-        raise ValueError(
-            f"max_positions (--seq) {max_positions} needs about {build_bytes / 2**30:.1f} GiB to build the "
-            f"tables, more than the {available_memory() / 2**30:.1f} GiB of memory available"
-        )
-    if entries * 4 > PROTOBUF_LIMIT:
-        limit = PROTOBUF_LIMIT // (4 * rotary_dim)
-        raise ValueError(
-            f"max_positions (--seq) {max_positions} makes float32 tables of {entries * 4 / 2**30:.1f} GiB, over "
-            f"the 2 GiB limit of one ONNX file; use at most {limit} for rotary_dim {rotary_dim}"
-        )
+    for key, value in params.items():
+        check_param(name, key, value, sig[key].annotation)
 
 
 def inv_freq(p: RopeParams, seq_len: int | None = None) -> tuple[np.ndarray, float]:

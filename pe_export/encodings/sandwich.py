@@ -30,6 +30,7 @@ import numpy as np
 from pe_export.encodings import ENCODINGS, Encoding
 from pe_export.encodings.common import contract, table_magnitude
 from pe_export.encodings.kerple import distance_bias_module, distance_bias_np
+from pe_export.encodings.size import check_size
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +47,8 @@ class SandwichParams:
             raise ValueError(f"hidden_size must be an even integer >= 2, got {self.hidden_size!r}")
         if not isinstance(self.max_positions, int) or self.max_positions < 1:
             raise ValueError(f"max_positions (--seq) must be an integer >= 1, got {self.max_positions!r}")
+        # the (P, H) table, built from (P, D/2) float64 cosines; verification: (H, 2, P) float64 biases
+        check_size(self.max_positions, stored=4 * self.heads, working=16 * self.hidden_size + 88 * self.heads)
 
 
 def inv_freq(p: SandwichParams) -> np.ndarray:

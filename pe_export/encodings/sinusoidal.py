@@ -22,6 +22,7 @@ import numpy as np
 
 from pe_export.encodings import ENCODINGS
 from pe_export.encodings.common import table_encoding
+from pe_export.encodings.size import check_size
 
 VARIANTS = ("interleaved", "concat", "tensor2tensor")
 
@@ -44,6 +45,7 @@ class SinusoidalParams:
             raise ValueError(f"base must be a finite number > 1, got {self.base}")
         if self.max_positions < 1:
             raise ValueError(f"max_positions (--seq) must be >= 1, got {self.max_positions}")
+        check_size(self.max_positions, stored=4 * self.dim, working=24 * self.dim)  # the (P, dim) table
 
 
 def table(p: SinusoidalParams) -> np.ndarray:

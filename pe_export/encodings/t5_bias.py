@@ -20,6 +20,7 @@ import numpy as np
 from pe_export import weights
 from pe_export.encodings import ENCODINGS, Encoding
 from pe_export.encodings.common import check_positions, contract, guard, take
+from pe_export.encodings.size import check_size
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +36,8 @@ class T5BiasParams(weights.LearnedWeights):
         for name in ("heads", "num_buckets", "max_distance", "max_positions"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        # a (2P - 1,) int64 bucket table, built from float64 distances; verification: (H, 2, P) float64 biases
+        check_size(self.max_positions, stored=16, working=64 + 64 * self.heads)
         smallest = 4 if self.bidirectional else 2
         if self.num_buckets < smallest:
             mode = "bidirectional" if self.bidirectional else "causal"

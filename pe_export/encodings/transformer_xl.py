@@ -33,6 +33,7 @@ import numpy as np
 from pe_export import weights
 from pe_export.encodings import ENCODINGS, Encoding
 from pe_export.encodings.common import attention_magnitude, attention_probes, contract, softmax_np, take
+from pe_export.encodings.size import check_size
 
 # Seeded weights: u and v like q (N(0, 1)); W_r as nn.Linear(d_model, H * D) so that W_r R ~ N(0, 1/2).
 SCALES = {"r_w_bias": 1.0, "r_r_bias": 1.0}
@@ -57,6 +58,10 @@ class TransformerXLParams(weights.LearnedWeights):
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         if self.d_model % 2:
             raise ValueError(f"d_model must be even (R is [sin | cos] of d_model / 2 frequencies), got {self.d_model}")
+        # the (rows, H, D) table (rows <= P); verification's full-memory probe (K = P keys, 8 queries): keys
+        # and values (B, H, P, D) in float32 and float64, and W_r R[d] of each pair, (8, P, H, D) float64, twice
+        HD = self.heads * self.head_dim
+        check_size(self.max_positions, stored=4 * HD * rows(self) / self.max_positions, working=176 * HD)
         if self.same_length:
             raise ValueError(
                 "same_length=True (Transformer-XL's evaluation mask that also hides keys more than mem_len back) "

@@ -37,6 +37,7 @@ import numpy as np
 from pe_export.encodings import ENCODINGS, Encoding
 from pe_export.encodings.common import check_positions, guard, position_cases, take
 from pe_export.encodings.rope import apply_reference, apply_torch, rope_locate
+from pe_export.encodings.size import check_size
 
 ROLES = ("query", "key")
 THETA = 10000.0  # torchscale's fixed_pos_embedding
@@ -60,6 +61,7 @@ class XposParams:
             raise ValueError(f"max_positions (--seq) must be >= 1, got {self.max_positions}")
         if self.max_positions > 2**24:
             raise ValueError(f"max_positions (--seq) must be at most 2^24, got {self.max_positions}")
+        check_size(self.max_positions, stored=6 * self.head_dim, working=36 * self.head_dim)  # cos, sin, F: (P, D/2) each
         check_range(self, "fp32")  # the graph computes in float32 whatever the export dtype
 
 

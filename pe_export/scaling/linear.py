@@ -8,6 +8,6 @@ from pe_export.scaling import SCALING_RULES, base_inv_freq, require
 
 
 @SCALING_RULES.register("linear")
-def linear(*, theta, rotary_dim, max_positions, dtype, seq_len=None, factor):
+def linear(*, theta, rotary_dim, max_positions, dtype, seq_len=None, factor: float):
     require("factor", factor, factor >= 1, ">= 1")
     return base_inv_freq(theta, rotary_dim, dtype) / factor, 1.0

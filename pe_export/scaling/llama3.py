@@ -10,7 +10,8 @@ from pe_export.scaling import SCALING_RULES, base_inv_freq, require
 
 
 @SCALING_RULES.register("llama3")
-def llama3(*, theta, rotary_dim, max_positions, dtype, seq_len=None, factor, low_freq_factor, high_freq_factor, original_max_positions):
+def llama3(*, theta, rotary_dim, max_positions, dtype, seq_len=None, factor: float, low_freq_factor: float,
+           high_freq_factor: float, original_max_positions: int):  # fmt: skip
     import torch
 
     require("factor", factor, factor >= 1, ">= 1")

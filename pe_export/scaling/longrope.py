@@ -28,7 +28,8 @@ def switch(*, original_max_positions, mode="runtime", **_):
 @SCALING_RULES.register("longrope")
 def longrope(
     *, theta, rotary_dim, max_positions, dtype, seq_len=None,
-    short_factor, long_factor, original_max_positions, factor, attention_factor=None, mode="runtime",
+    short_factor: list, long_factor: list, original_max_positions: int, factor: float,
+    attention_factor: float | None = None, mode: str = "runtime",
 ):  # fmt: skip
     import torch
 

@@ -10,7 +10,7 @@ from pe_export.scaling import SCALING_RULES, base_inv_freq, require
 
 
 @SCALING_RULES.register("ntk")
-def ntk(*, theta, rotary_dim, max_positions, dtype, seq_len=None, factor):
+def ntk(*, theta, rotary_dim, max_positions, dtype, seq_len=None, factor: float):
     require("factor", factor, factor >= 1, ">= 1")
     require("rotary_dim", rotary_dim, rotary_dim > 2, "> 2 for ntk scaling")
     return base_inv_freq(theta * factor ** (rotary_dim / (rotary_dim - 2)), rotary_dim, dtype), 1.0
