@@ -97,6 +97,7 @@ def test_cuda_fallback_to_cpu_is_a_failure(monkeypatch):
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(ort, "InferenceSession", FallsBack)
+    monkeypatch.setattr("pe_export.worker.IN_PROCESS", {"torch", "ort-cuda"})  # where the patched ORT is
     row = check(TINY, exported(TINY), runtimes=("ort-cuda",))[0]
     assert row.verdict == "FAIL"
     assert "asked for CUDAExecutionProvider but the session runs on CPUExecutionProvider" in row.note
@@ -151,16 +152,9 @@ def test_an_infinite_error_keeps_its_position_and_the_report_is_standard_json(mo
     both are infinite errors, the worst there are, and both must stay in the error-by-position curve."""
     from pe_export.report import render, verify_doc
 
-    reference = encoding_for(TINY).reference
+    import fake_runtimes
 
-    def broken(inputs):
-        got = reference(TINY, inputs).astype(np.float32)  # (B, S, 2)
-        ids = inputs["position_ids"]
-        got[ids == 5] = np.nan
-        got[ids == 2] = -np.inf
-        return got
-
-    monkeypatch.setitem(RUNTIMES, "broken", lambda spec, data: (broken, "broken"))
+    monkeypatch.setitem(RUNTIMES, "broken", fake_runtimes.broken)  # runs in its worker, as any runtime
     (row,) = check(TINY, b"", runtimes=("broken",), positions=parse_positions("0:8"))
     assert row.verdict == "FAIL" and row.max_abs == np.inf
     by = row.by_position
@@ -185,8 +179,9 @@ def test_an_infinite_error_keeps_its_position_and_the_report_is_standard_json(mo
 
 def test_probe_bounds_reports_a_runtime_that_returns_a_result(monkeypatch):
     spec = rope_spec(op="decomposed")
-    # A runtime that never checks its indices (as OpenVINO's Gather, which returns zeros):
-    monkeypatch.setitem(RUNTIMES, "lenient", lambda spec, data: (lambda inputs: np.zeros(1), "lenient"))
+    import fake_runtimes
+
+    monkeypatch.setitem(RUNTIMES, "lenient", fake_runtimes.lenient)  # never checks its indices
     rows = {r.runtime: r for r in probe_bounds(spec, exported(spec), runtimes=("torch", "ort-cpu", "onnx-reference", "lenient"))}
     assert rows["torch"].verdict == rows["ort-cpu"].verdict == rows["onnx-reference"].verdict == "loud"
     assert rows["lenient"].verdict == "SILENT" and "position_ids -1" in rows["lenient"].note and "256" in rows["lenient"].note
