@@ -264,11 +264,17 @@ def test_matrix_shards_split_the_cases():
         (["--presets", "llama-rop"], "unknown preset 'llama-rop'"),
         (["--dtypes", "fp8"], "--dtypes takes fp32, fp16, bf16"),
         (["--presets", "t5-bias", "--ops", "onnx"], "no case matches"),
+        (["--presets", ""], "--presets takes a comma-separated list of llama-rope"),
+        (["--presets", " , "], "--presets takes a comma-separated list of"),
+        (["--ops", ""], "--ops takes a comma-separated list of onnx, ort, decomposed"),
+        (["--dtypes", ""], "--dtypes takes a comma-separated list of fp32, fp16, bf16"),
+        (["--runtimes", ""], "--runtimes takes a comma-separated list of torch"),
     ],
 )
 def test_bad_matrix_options_exit_2(args, message):
     result = invoke("matrix", *args)
     assert result.exit_code == 2 and message in " ".join(result.output.split())
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
 
 
 def test_matrix_failure_exits_1_with_a_bundle(tmp_path, monkeypatch):
