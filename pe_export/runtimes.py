@@ -211,7 +211,9 @@ def custom_domains(model_bytes: bytes) -> list[str]:
     return sorted({n.domain for n in all_nodes(onnx.load_from_string(model_bytes).graph) if n.domain not in ("", "ai.onnx")})
 
 
-def run_tract(spec: Spec, model_bytes: bytes):
+def run_tract(spec: Spec, model_bytes: bytes, threads: int | None = None):
+    """tract from its Python package; `threads` is accepted for bench and not used (tract's Python API
+    sets no thread count: it runs the graph on its own executor)."""
     try:
         import tract
     except ImportError:
@@ -249,10 +251,10 @@ def run_tract(spec: Spec, model_bytes: bytes):
     return call, f"tract {tract.version()} CPU"
 
 
-def run_ort_web(spec: Spec, model_bytes: bytes):
+def run_ort_web(spec: Spec, model_bytes: bytes, threads: int = 1):
     from pe_export.ort_web import session
 
-    return session(spec, model_bytes)
+    return session(spec, model_bytes, threads)
 
 
 RUNTIMES = {

@@ -72,12 +72,13 @@ def _serve() -> None:
             return
         try:
             if request[0] == "load":
-                _, (module, qualname), spec_json, model_bytes = request
+                (module, qualname), spec_json, model_bytes = request[1:4]
+                options = request[4] if len(request) > 4 else {}
                 adapter = getattr(importlib.import_module(module), qualname)
                 if hasattr(call, "close"):  # the last model's own process (ort-web's Node)
                     call.close()
                 call = None
-                call, provider = adapter(Spec.from_json(spec_json), model_bytes)
+                call, provider = adapter(Spec.from_json(spec_json), model_bytes, **options)
                 reply = ("ok", provider)
             elif request[0] == "run":
                 reply = ("ok", call(request[1]))
@@ -243,19 +244,20 @@ def _answer(reply):
     raise {"skip": Skip, "unsupported": Unsupported, "crash": Crash}.get(status, RuntimeError)(value)
 
 
-def load(name: str, adapter, spec, model_bytes: bytes, timeout: float = TIMEOUT_S):
+def load(name: str, adapter, spec, model_bytes: bytes, timeout: float = TIMEOUT_S, options: dict | None = None):
     """(call, provider) like the adapter's own, with the adapter running in its worker: `call(inputs)`
     returns the output or raises the adapter's error, `Crash` or `Timeout`; `call.time(inputs, repeat)`
-    returns the runtime's own timings. `torch` (IN_PROCESS) runs here."""
+    returns the runtime's own timings. `options` go to the adapter as keywords (bench's `threads`).
+    `torch` (IN_PROCESS) runs here."""
     if name in IN_PROCESS:
-        return adapter(spec, model_bytes)
+        return adapter(spec, model_bytes, **(options or {}))
     where = (adapter.__module__, adapter.__qualname__)  # imported by the worker: a module-level function
     if "<" in where[1]:
         raise TypeError(f"runtime {name!r}: an adapter runs in a worker process, which imports it; "
                         f"{where[1]} is not a module-level function")  # fmt: skip
     w = worker(name, adapter)
     try:
-        provider = _answer(w.request(("load", where, spec.to_json(), model_bytes), timeout))
+        provider = _answer(w.request(("load", where, spec.to_json(), model_bytes, options or {}), timeout))
     except (Crash, Timeout):
         drop(name, adapter)
         raise
