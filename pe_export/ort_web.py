@@ -84,6 +84,10 @@ class NodeSession:
     def time(self, inputs: dict, repeat: int) -> list[float]:
         return self._request(inputs, op="time", repeat=repeat)["times"]
 
+    def __del__(self):
+        if getattr(self, "proc", None) is not None:
+            self.close()
+
     def close(self):
         if self.proc.poll() is None:
             self.proc.kill()
