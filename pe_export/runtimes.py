@@ -14,6 +14,7 @@ that cannot run here raises `Skip` with the reason; any other exception is a fai
     openvino         OpenVINO's ONNX frontend on CPU (the optional `openvino` extra)
     tract            tract (Sonos' Rust runtime, pip `tract`, the optional `tract` extra), CPU
     ort-web          onnxruntime-web's WASM backend under Node (`npm ci --prefix js`; see pe_export/ort_web.py)
+    iree             IREE: its ONNX importer, compiled for llvm-cpu, run by its runtime (the optional `iree` extra)
 
 Every runtime but `torch` runs in a worker process of its own with a time limit (pe_export.worker):
 a crash or a hang is a row, not the end of the report. A runtime that rejects a graph for a reason
@@ -257,6 +258,52 @@ def run_ort_web(spec: Spec, model_bytes: bytes, threads: int = 1):
     return session(spec, model_bytes, threads)
 
 
+def run_iree(spec: Spec, model_bytes: bytes, threads: int | None = None):
+    """Import with iree's ONNX importer, compile for llvm-cpu (this host's CPU), run on `local-task`."""
+    try:
+        import iree.compiler as compiler
+        import iree.runtime as rt
+    except ImportError:
+        raise Skip("iree is not installed (pip install 'pe-export[iree]')") from None
+    if spec.dtype == "bf16":
+        raise Skip("not tried: NumPy bfloat16 arrays into iree's runtime")
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="pe-export-iree-") as tmp:
+        onnx_path, mlir = Path(tmp) / "model.onnx", Path(tmp) / "model.mlir"
+        onnx_path.write_bytes(model_bytes)
+        done = subprocess.run([sys.executable, "-m", "iree.compiler.tools.import_onnx", str(onnx_path), "-o", str(mlir)],
+                              capture_output=True, text=True)  # fmt: skip
+        if done.returncode != 0:
+            raise Unsupported(f"does not import: {_first_error(done.stderr)}")
+        try:
+            vmfb = compiler.compile_file(str(mlir), target_backends=["llvm-cpu"], extra_args=["--iree-llvmcpu-target-cpu=host"])
+        except Exception as e:
+            raise Unsupported(f"does not compile: {_first_error(str(e))}") from None
+    ctx = rt.SystemContext(config=rt.Config("local-task"))
+    module = rt.VmModule.copy_buffer(ctx.instance, vmfb)
+    ctx.add_vm_module(module)
+    name = next(n for n in module.function_names if not n.startswith("__") and "$" not in n)
+    function = ctx.modules[module.name][name]
+
+    def call(inputs):
+        return np.asarray(function(*[np.ascontiguousarray(v) for v in inputs.values()])).astype(np.float64)
+
+    import iree.compiler.version as version
+
+    return call, f"IREE {getattr(version, 'VERSION', '')} llvm-cpu (local-task)".replace("  ", " ")
+
+
+def _first_error(text: str) -> str:
+    """The first line of a compiler's output that says `error:`, else its last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    found = next((line for line in lines if "error:" in line), lines[-1] if lines else "no message")
+    return found.split("error:", 1)[-1].split(": %")[0].strip()[:200]  # the message, not the IR it quotes
+
+
 RUNTIMES = {
     "torch": run_torch,
     "ort-cpu": run_ort_cpu,
@@ -266,6 +313,8 @@ RUNTIMES = {
     "openvino": run_openvino,
     "tract": run_tract,
     "ort-web": run_ort_web,
+    "iree": run_iree,
 }
-EDGE_RUNTIMES = ("tract", "ort-web")  # run when named: verify's default stays the server runtimes
+EDGE_RUNTIMES = ("tract", "ort-web", "iree")
+HEAVY_RUNTIMES = ("iree",)  # large optional installs: their tests are the `heavy_runtimes` group, not run by default  # run when named: verify's default stays the server runtimes
 DEFAULT_RUNTIMES = tuple(n for n in RUNTIMES if n not in EDGE_RUNTIMES)

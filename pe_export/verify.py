@@ -357,18 +357,12 @@ def bounds_probes(spec: Spec, seed: int = 0) -> list[tuple[str, dict]]:
     return cases
 
 
-BOUNDS_VERDICTS = {
-    "loud": "fails loudly (an error for every bad position)",
-    "ABORTS": "aborts the process (a crash or a hang: guard positions before calling it)",
-    "SILENT": "silent (returns a result for a position outside the table)",
-}
-
-
 @dataclass
 class BoundsRow:
     runtime: str
-    # "loud" (every bad position raised), "ABORTS" (some killed the runtime's process or hung it),
-    # "SILENT" (some returned a result), or "skipped"; a runtime both silent and aborting is SILENT
+    # "loud": fails loudly, an error for every bad position; "ABORTS": aborts the process (or hangs) on
+    # some, so a caller must guard positions before calling it; "SILENT": returns a result for some (the
+    # worst: a wrong answer nobody sees; a runtime both silent and aborting is SILENT); or "skipped"
     verdict: str
     note: str = ""
 
@@ -409,7 +403,7 @@ def probe_bounds(spec: Spec, model_bytes: bytes, runtimes=DEFAULT_RUNTIMES, seed
         if skipped is not None:
             rows.append(BoundsRow(name, "skipped", skipped))
             continue
-        notes = (["returned a result for " + ", ".join(silent)] if silent else []) + (["aborts on " + ", ".join(aborts)] if aborts else [])
+        notes = (["returned a result for " + ", ".join(silent)] if silent else []) + (["aborts the process on " + ", ".join(aborts)] if aborts else [])
         rows.append(BoundsRow(name, "SILENT" if silent else "ABORTS" if aborts else "loud", "; ".join(notes)))
     return rows
 

@@ -13,6 +13,7 @@ from onnx import numpy_helper
 from test_cli import invoke
 
 from pe_export.encodings import encoding_for
+from pe_export.runtimes import HEAVY_RUNTIMES
 from pe_export.spec import Spec
 from pe_export.verify import RUNTIMES, TOLERANCES, Skip, check, make_probes, parse_positions, probe_bounds, verdict
 
@@ -20,7 +21,7 @@ from pe_export.verify import RUNTIMES, TOLERANCES, Skip, check, make_probes, par
 TINY = Spec(encoding="sinusoidal", params={"dim": 2, "max_positions": 8}, op="decomposed", opset=17)
 
 
-@pytest.mark.parametrize("runtime", list(RUNTIMES))
+@pytest.mark.parametrize("runtime", [pytest.param(n, marks=[pytest.mark.heavy_runtimes] if n in HEAVY_RUNTIMES else []) for n in RUNTIMES])
 def test_each_runtime_adapter_gives_the_known_answer(runtime):
     try:
         call, provider = RUNTIMES[runtime](TINY, exported(TINY))
