@@ -212,6 +212,7 @@ def main(argv=None) -> int:
     from pe_export.bench import bench, time_by_op
     from pe_export.export import build
 
+    load_at_start = os.getloadavg()[0]
     graphs = []  # (name, dtype, spec, model bytes)
     for dtype in DTYPES:
         for op in ("onnx", "ort", "decomposed"):
@@ -252,7 +253,9 @@ def main(argv=None) -> int:
         f"`python benchmarks/run.py --threads {args.threads} --repeat {args.repeat}`: llama-rope (P = {args.table}), "
         f"prefill x of 1 x {args.heads} x {args.seq} x 128 at the last {args.seq} positions, decode 1 x {args.heads} x 1 x 128 at "
         f"position {args.table - 1}; ONNX Runtime {onnxruntime.__version__} CPU, intra_op_num_threads = {args.threads}, "
-        f"graph optimisations on; {platform.machine()}, {len(os.sched_getaffinity(0))} cores visible.",
+        f"graph optimisations on; {platform.machine()}, {len(os.sched_getaffinity(0))} cores visible, load average "
+        f"{load_at_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end (a shared machine: above the core count, "
+        "other work ran beside this one).",
         "",
         f"Bytes counted: {fp32_bytes / 1e6:.1f} MB per fp32 prefill call (x read, y written, cos/sin rows gathered). "
         f"`vs memcpy` = time of ORT copying the same bytes (a graph that copies x into y, float32 Mul by 1, with the same "
