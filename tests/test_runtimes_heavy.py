@@ -1,4 +1,4 @@
-"""The heavy optional runtimes (IREE: ~410 MB, its compiler per file), a marked group not run by
+"""The heavy optional runtimes (IREE: ~395 MB, its compiler per file), a marked group not run by
 default: `python -m pytest -m heavy_runtimes`. What they do with each op target is measured, not
 assumed: each target either passes or is "unsupported" with the compiler's reason, never a FAIL."""
 
