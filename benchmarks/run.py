@@ -11,6 +11,13 @@ process: absolute times move with the machine's load, ratios much less.
 Baselines (issue 6), built with onnx.helper from the same float64 tables rounded once to the dtype:
 - `rotate-half, Split/Concat, full tables`: x * [c, c] + Concat(-x2, x1) * [s, s]
 - `half tables, Mul/Sub/Add pairs`: Concat(x1 * c - x2 * s, x2 * c + x1 * s)
+Candidate (issue 15): `decomposed, cast once in/out` (fp16): the decomposed file with x cast to float32
+once, the tables stored in float32 (the same fp16 values, exactly), the arithmetic in float32 and one
+Cast of y back to fp16; ORT CPU otherwise wraps every fp16 Mul and Add in a Cast pair. The lowering
+keeps it only if it is faster at the same rounding bound.
+
+Edge runtimes (issue 15): the `onnx` and `decomposed` files on tract and ort-web (onnxruntime-web's
+WASM backend under Node), each timed in its worker against the same run's ORT CPU memcpy.
 """
 
 from __future__ import annotations
@@ -98,6 +105,32 @@ def baseline(spec, kind: str) -> bytes:
     return model.SerializeToString()
 
 
+def cast_once(model_bytes: bytes) -> bytes:
+    """The fp16 file computing in float32 between one Cast in and one Cast out (see the docstring)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load_from_string(model_bytes)
+    g = model.graph
+    x, y = g.input[0].name, g.output[0].name
+    wide = lambda t: numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name)  # noqa: E731
+    for node in g.node:
+        node.input[:] = [x + "_f32" if i == x else i for i in node.input]
+        node.output[:] = [y + "_f32" if o == y else o for o in node.output]
+        for a in node.attribute:
+            if a.HasField("t") and a.t.data_type == TensorProto.FLOAT16:
+                a.t.CopyFrom(wide(a.t))
+            if node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT16:
+                a.i = TensorProto.FLOAT
+    for i, t in enumerate(g.initializer):
+        if t.data_type == TensorProto.FLOAT16:
+            g.initializer[i].CopyFrom(wide(t))
+    g.node.insert(0, helper.make_node("Cast", [x], [x + "_f32"], to=TensorProto.FLOAT))
+    g.node.append(helper.make_node("Cast", [y + "_f32"], [y], to=TensorProto.FLOAT16))
+    del g.value_info[:]
+    return model.SerializeToString()
+
+
 def parity(spec, model_bytes: bytes) -> float:
     """Worst error / verify bound of a graph on the standard probes under ORT CPU (< 1 passes)."""
     from pe_export.parity import check
@@ -165,6 +198,7 @@ def main(argv=None) -> int:
     ap.add_argument("--table", type=int, default=8192, help="table length P (llama-rope's context)")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--e2e-seq", type=int, default=8192, help="--seq of the export + verify run (0: skip it)")
+    ap.add_argument("--runtimes", default="tract,ort-web", help="other runtimes to time the onnx and decomposed files on ('' for none)")
     ap.add_argument("--stages", type=int, default=None, help=argparse.SUPPRESS)  # the fresh process of end_to_end
     args = ap.parse_args(argv)
     if args.stages is not None:
@@ -178,12 +212,15 @@ def main(argv=None) -> int:
     from pe_export.bench import bench, time_by_op
     from pe_export.onnx_export import build
 
+    load_at_start = os.getloadavg()[0]
     graphs = []  # (name, dtype, spec, model bytes)
     for dtype in DTYPES:
         for op in ("onnx", "ort", "decomposed"):
             spec = llama_spec(op, dtype, args.table)
             graphs.append((f"{op}", dtype, spec, build(spec).SerializeToString()))
         spec = llama_spec("decomposed", dtype, args.table)
+        if dtype == "fp16":
+            graphs.append(("candidate: decomposed, cast once in/out", dtype, spec, cast_once(graphs[-1][3])))
         graphs.append(("baseline: rotate-half, Split/Concat, full tables", dtype, spec, baseline(spec, "split-concat")))
         graphs.append(("baseline: half tables, Mul/Sub/Add pairs", dtype, spec, baseline(spec, "half-tables")))
 
@@ -196,6 +233,17 @@ def main(argv=None) -> int:
         where = ", ".join(f"{op} {share:.0%}" for op, share in shares if share >= 0.02)
         rows.append((name, dtype, prefill, decode, parity(spec, data), where))
 
+    edge = []  # (graph, dtype, runtime, prefill, decode) on tract and ort-web
+    if args.runtimes:
+        for name, dtype, spec, data in graphs:
+            if name not in ("onnx", "decomposed"):
+                continue
+            print(f"bench {name} {dtype} on {args.runtimes}", file=sys.stderr)
+            r = bench(spec, data, providers=(), threads=args.threads, seq=args.seq, heads=args.heads, repeat=args.repeat,
+                      runtimes=tuple(args.runtimes.split(",")))  # fmt: skip
+            for i in range(0, len(r.cases), 2):
+                edge.append((name, dtype, r.cases[i].runtime, r.cases[i], r.cases[i + 1]))
+
     measured, wall = end_to_end(args.e2e_seq) if args.e2e_seq else ([], 0.0)
     fp32_bytes = rows[0][2].bytes
 
@@ -205,11 +253,14 @@ def main(argv=None) -> int:
         f"`python benchmarks/run.py --threads {args.threads} --repeat {args.repeat}`: llama-rope (P = {args.table}), "
         f"prefill x of 1 x {args.heads} x {args.seq} x 128 at the last {args.seq} positions, decode 1 x {args.heads} x 1 x 128 at "
         f"position {args.table - 1}; ONNX Runtime {onnxruntime.__version__} CPU, intra_op_num_threads = {args.threads}, "
-        f"graph optimisations on; {platform.machine()}, {len(os.sched_getaffinity(0))} cores visible.",
+        f"graph optimisations on; {platform.machine()}, {len(os.sched_getaffinity(0))} cores visible, load average "
+        f"{load_at_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end (a shared machine: above the core count, "
+        "other work ran beside this one).",
         "",
         f"Bytes counted: {fp32_bytes / 1e6:.1f} MB per fp32 prefill call (x read, y written, cos/sin rows gathered). "
-        "`vs memcpy` = time of a NumPy copy of the same bytes (one thread) / time of the graph, both timed in turn in the "
-        "same rounds: 1.0 runs at copy speed. Absolute times move with the load of the (shared) machine; compare ratios.",
+        f"`vs memcpy` = time of ORT copying the same bytes (a graph that copies x into y, float32 Mul by 1, with the same "
+        f"intra_op_num_threads = {args.threads}) / time of the graph, both timed in turn in the same rounds: 1.0 runs at the "
+        "speed of memory with those threads. Absolute times move with the load of the (shared) machine; compare ratios.",
         "",
         "| graph | dtype | prefill vs memcpy | prefill GB/s | memcpy GB/s | prefill ms | decode p50 us | decode p99 us | worst err / bound |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -219,6 +270,31 @@ def main(argv=None) -> int:
             f"| {name} | {dtype} | {pf.ratio:.2f} | {pf.gbps:.2f} | {pf.memcpy_gbps:.1f} | {pf.op_s * 1e3:.1f} | "
             f"{dc.p50_ms * 1e3:.1f} | {dc.p99_ms * 1e3:.1f} | {worst:.2f} |"
         )
+    fp16 = {name: pf for name, dtype, pf, _, _, _ in rows if dtype == "fp16"}
+    fp32 = {name: pf for name, dtype, pf, _, _, _ in rows if dtype == "fp32"}
+    if "decomposed" in fp16 and "decomposed" in fp32:
+        lines += [
+            "",
+            "fp16 against fp32 (bytes per second of the fp16 graph / of the fp32 graph, same run; 0.5 = the fp16 graph takes "
+            "as long as the fp32 one, 1.0 = it is twice as fast, as its halved bytes allow): "
+            + ", ".join(f"{n} {fp16[n].gbps / fp32[k].gbps:.2f}" for n, k in (("onnx", "onnx"), ("ort", "ort"), ("decomposed", "decomposed"),
+                        ("candidate: decomposed, cast once in/out", "decomposed")) if n in fp16 and k in fp32) + ".",  # fmt: skip
+        ]
+    if edge:
+        lines += [
+            "",
+            "## Other runtimes",
+            "",
+            "The same prefill and decode on tract and ort-web (`pe-export bench FILE --runtimes tract,ort-web`), each timed by "
+            "the runtime's own loop in its worker process; `vs memcpy` is to the same run's ORT CPU copy of the same bytes "
+            f"({args.threads} threads), timed just before and after. tract's Python API sets no thread count; ort-web runs "
+            f"{args.threads} WASM threads.",
+            "",
+            "| graph | dtype | runtime | prefill vs ORT memcpy | prefill GB/s | prefill ms | decode p50 us | decode p99 us |",
+            "|---|---|---|---|---|---|---|---|",
+            *[f"| {name} | {dtype} | {pf.provider} | {pf.ratio:.2f} | {pf.gbps:.2f} | {pf.op_s * 1e3:.1f} | {dc.p50_ms * 1e3:.1f} | "
+              f"{dc.p99_ms * 1e3:.1f} |" for name, dtype, _, pf, dc in edge],  # fmt: skip
+        ]
     lines += [
         "",
         "## Where each prefill's time goes",

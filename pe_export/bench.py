@@ -1,4 +1,4 @@
-"""`pe-export bench`: how fast an exported graph runs under ONNX Runtime, against a memcpy of the same bytes.
+"""`pe-export bench`: how fast an exported graph runs (ONNX Runtime, tract, ort-web), against a memcpy of the same bytes.
 
 The graph is applied to realistic shapes built from its own contract (the dynamic axes its example
 inputs declare): a prefill of S tokens and a single-token decode, both at the end of the table.
@@ -12,9 +12,17 @@ Byte model (what "GB/s" counts): every input read once plus every output written
 rotary graph the cos and sin rows it gathers (2 * B * S * R/2 elements of the table dtype). The memcpy
 baseline copies a buffer of half that many bytes into another (read + write = the same byte count), in
 the same process, timed in turn with the op (one copy, one call, ...), so that `ratio = memcpy time /
-op time` compares like with like on a shared machine (NumPy's copy uses one thread whatever --threads
-says; on CUDA the copy is an ORT Identity with input and output on the device). Bias and attention
-outputs grow as S^2, so their default S is capped lower (1024).
+op time` compares like with like on a shared machine. On the CPU the copy is ORT running a graph that
+really copies x into y (float32 `Mul(x, 1)`, graph optimisations off so that it is not removed) with
+the same `intra_op_num_threads` as the graph: 1.0 means "at the speed of memory" with those threads on
+any machine (a one-thread NumPy copy against a two-thread graph gave ratios above 1). On CUDA the copy
+is an ORT Identity with input and output on the device. Bias and attention outputs grow as S^2, so
+their default S is capped lower (1024).
+
+Other runtimes (`runtimes`: tract, ort-web) run the same inputs in their worker process
+(pe_export.worker), timed by the runtime's own loop (tract's run on tensors converted once; ort-web's
+`session.run` inside Node), and their ratio is to the same run's ORT CPU memcpy, timed just before and
+just after them, so every runtime is compared with one yardstick.
 
 The ORT session runs with graph optimisations fully on and `intra_op_num_threads = threads`; inputs
 are placed on the provider's device and the output preallocated there, bound once with `io_binding`,
@@ -25,6 +33,7 @@ own shapes only: a prefill, or a decode when S is 1.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -57,6 +66,7 @@ class Case:
     p99_ms: float
     repeat: int
     note: str = ""
+    runtime: str = "ort"  # "ort" (the --providers rows) or a verify runtime's name (tract, ort-web)
 
 
 @dataclass
@@ -86,26 +96,60 @@ def table_length(spec: Spec) -> int:
     return ENCODINGS.get(base.encoding).params(**base.params).max_positions
 
 
-def make_inputs(spec: Spec, case: str, seq: int, batch: int, heads: int, seed: int = 0) -> dict:
-    """Inputs of the graph's own contract at (batch, heads, seq); `case` "prefill" or "decode"."""
+def input_shapes(spec: Spec, case: str, seq: int, batch: int, heads: int) -> dict:
+    """{input name: (shape, NumPy dtype)} of the graph's own contract at (batch, heads, seq), nothing
+    allocated; `case` "prefill" or "decode"."""
     from pe_export.encodings.attention import encoding_for
 
-    enc = encoding_for(spec)
-    args, dynamic, names, _ = enc.example_inputs(spec)
-    P = table_length(spec)
+    args, dynamic, names, _ = encoding_for(spec).example_inputs(spec)
     query_len = seq if case == "prefill" else 1
     size = {"batch": batch, "heads": heads, "seq": query_len, "q": query_len, "k": seq}
-    rng = np.random.default_rng(seed)
-    inputs = {}
+    shapes = {}
     for name, example in zip(names, args):
         axes = {i: d.__name__ for i, d in (dynamic.get(name) or {}).items()}
         shape = tuple(size[axes[i]] if i in axes else int(n) for i, n in enumerate(example.shape))
-        if str(example.dtype) == "torch.int64":
+        shapes[name] = (shape, np.dtype(np.int64) if str(example.dtype) == "torch.int64" else np.dtype(numpy_dtype(spec.dtype)))
+    return shapes
+
+
+def make_inputs(spec: Spec, case: str, seq: int, batch: int, heads: int, seed: int = 0) -> dict:
+    """Inputs of the graph's own contract at (batch, heads, seq); `case` "prefill" or "decode"."""
+    P = table_length(spec)
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for name, (shape, dtype) in input_shapes(spec, case, seq, batch, heads).items():
+        if dtype == np.int64:
             # Positions at the end of the table along the last axis (queries end where the keys end).
             inputs[name] = np.broadcast_to(np.arange(P - shape[-1], P, dtype=np.int64), shape).copy()
         else:
-            inputs[name] = rng.standard_normal(shape, dtype=np.float32).astype(numpy_dtype(spec.dtype))
+            inputs[name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
     return inputs
+
+
+def memory_limit() -> int:
+    """Bytes the prefill's inputs may take: a quarter of this machine's memory (the output, the copy's
+    two buffers and the runtime's own need the rest)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def check_size(spec: Spec, seq: int, batch: int, heads: int) -> None:
+    """Refuse a --batch or --heads whose inputs would not fit (memory_limit), naming the valid range,
+    before anything is allocated."""
+    limit = memory_limit()
+
+    def nbytes(b, h):
+        return sum(int(np.prod(shape, dtype=np.float64)) * dtype.itemsize for shape, dtype in input_shapes(spec, "prefill", seq, b, h).values())
+
+    h = min(heads, 1 << 20)  # heads first bounded, so that the batch check's own sizes stay small
+    for name, value, size in (("--batch", batch, lambda n: nbytes(n, h)), ("--heads", heads, lambda n: nbytes(min(batch, 1 << 20), n))):
+        base, grows = size(1), size(2) - size(1)  # bytes at 1, and per further unit (0: no such axis)
+        top = max(1, (limit - base) // grows + 1) if grows > 0 else None
+        if top is not None and value > top:
+            raise BadInput(f"{name} must be in [1, {top}] for these shapes (the inputs must fit in {limit / 2**30:.0f} GiB, "
+                           f"a quarter of this machine's memory), got {value}")  # fmt: skip
 
 
 def gathered_bytes(spec: Spec, inputs: dict) -> int:
@@ -124,7 +168,7 @@ def gathered_bytes(spec: Spec, inputs: dict) -> int:
     return 2 * inputs["position_ids"].size * (rotary_dim // 2) * np.dtype(numpy_dtype(spec.dtype)).itemsize
 
 
-def session(model_bytes: bytes, provider: str, threads: int, profile_prefix: str | None = None):
+def session(model_bytes: bytes, provider: str, threads: int, profile_prefix: str | None = None, optimize: bool = True):
     from pe_export.runtimes import require_provider
 
     try:
@@ -135,7 +179,8 @@ def session(model_bytes: bytes, provider: str, threads: int, profile_prefix: str
     if name not in ort.get_available_providers():
         raise BadInput(f"{name} is not available in this onnxruntime build (available: {', '.join(ort.get_available_providers())})")
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    level = ort.GraphOptimizationLevel
+    opts.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 4
@@ -219,13 +264,29 @@ def copy_model(n: int) -> bytes:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10).SerializeToString()
 
 
-def memcpy_call(nbytes: int, provider: str, threads: int, ort_copy: bool | None = None):
-    """A copy of nbytes / 2 bytes between two preallocated buffers (read + write = nbytes): NumPy's on
-    the CPU, an ORT Identity with input and output on the device elsewhere (`ort_copy` forces either)."""
-    half = max(nbytes // 2, 1)
-    if not (provider != "cpu" if ort_copy is None else ort_copy):
-        src, dst = np.ones(half, np.uint8), np.zeros(half, np.uint8)
-        return lambda: np.copyto(dst, src), "NumPy copy, one thread"
+def copy_graph(n: int) -> bytes:
+    """y = x * 1 over n float32 values: a copy ORT splits over its intra-op threads, as it does the graph."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "one"], ["y"])],
+        "memcpy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])],
+        initializer=[numpy_helper.from_array(np.ones((), np.float32), "one")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10).SerializeToString()
+
+
+def memcpy_call(nbytes: int, provider: str, threads: int):
+    """A copy of nbytes / 2 bytes between two preallocated buffers (read + write = nbytes): on the CPU
+    ORT's threaded copy graph with `threads` intra-op threads, elsewhere an ORT Identity on the device."""
+    half = max(nbytes // 2, 4)
+    if provider == "cpu":
+        sess = session(copy_graph(half // 4), provider, threads, optimize=False)
+        x = np.arange(half // 4, dtype=np.float32)
+        call, _, _ = bound_call(sess, {"x": x}, provider)
+        return call, f"ORT copy graph (float32 Mul by 1) on cpu, intra_op_num_threads={threads}"
     sess = session(copy_model(half), provider, threads)
     call, _, _ = bound_call(sess, {"a": np.ones(half, np.uint8)}, provider)
     return call, f"ORT Identity, input and output on {DEVICES[provider]}"
@@ -259,13 +320,17 @@ def shapes(spec: Spec, seq: int | None, batch: int | None, heads: int | None) ->
     for name, value in (("--batch", batch), ("--heads", heads)):
         if value < 1:
             raise BadInput(f"{name} must be >= 1, got {value}")
+    check_size(spec, seq, batch, heads)
     return cases, seq, batch, heads
 
 
-def check_options(providers, threads: int, repeat: int) -> None:
+def check_options(providers, threads: int, repeat: int, runtimes=()) -> None:
     for name, value, low in (("--threads", threads, 1), ("--repeat", repeat, 3)):
         if value < low:
             raise BadInput(f"{name} must be >= {low}, got {value}")
+    for name in runtimes:
+        if name not in BENCH_RUNTIMES:
+            raise BadInput(f"--runtimes takes a comma-separated list of {', '.join(BENCH_RUNTIMES)} (ORT: --providers), got {name!r}")
     for provider in providers:
         if provider not in PROVIDERS:
             raise BadInput(f"--providers takes a comma-separated list of {', '.join(PROVIDERS)}, got {provider!r}")
@@ -280,10 +345,12 @@ def bench(
     batch: int | None = None,
     heads: int | None = None,
     repeat: int = 20,
+    runtimes=(),
 ) -> BenchResult:
-    """Measure prefill and decode of a graph on each provider (see the module docstring and `shapes`)."""
+    """Measure prefill and decode of a graph on each ORT provider and each other runtime (see the
+    module docstring and `shapes`)."""
     cases, seq, batch, heads = shapes(spec, seq, batch, heads)
-    check_options(providers, threads, repeat)
+    check_options(providers, threads, repeat, runtimes)
     result = BenchResult(spec=asdict(spec), threads=threads, batch=batch, heads=heads, seq=seq, byte_model=BYTE_MODEL)
     for provider in providers:
         sess = session(model_bytes, provider, threads)
@@ -314,7 +381,46 @@ def bench(
                     note=f"memcpy: {how}; ORT intra_op_num_threads={threads}",
                 )
             )
+    for name in runtimes:
+        result.cases += bench_runtime(name, spec, model_bytes, cases, seq, batch, heads, threads, repeat)
     return result
+
+
+BENCH_RUNTIMES = ("tract", "ort-web")  # runtimes beside ORT that time a graph in their own loop
+
+
+def bench_runtime(name, spec, model_bytes, cases, seq, batch, heads, threads, repeat) -> list[Case]:
+    """Prefill and decode on a verify runtime in its worker, each against ORT CPU's threaded copy of the
+    same bytes timed just before and just after it (the runtime's own loop cannot interleave with it)."""
+    from pe_export import worker
+    from pe_export.runtimes import RUNTIMES, Skip, Unsupported
+
+    try:
+        call, provider = worker.load(name, RUNTIMES[name], spec, model_bytes, options={"threads": threads})
+    except (Skip, Unsupported) as e:
+        raise BadInput(f"--runtimes {name}: {e}") from None
+    except (worker.Crash, worker.Timeout, RuntimeError) as e:
+        raise RuntimeError(f"{name} could not load the graph: {one_line(e)}") from None
+    out = []
+    itemsize = np.dtype(numpy_dtype(spec.dtype)).itemsize
+    for case in cases:
+        inputs = make_inputs(spec, case, seq, batch, heads)
+        output = call(inputs)  # its size, and one untimed run
+        nbytes = sum(v.nbytes for v in inputs.values()) + output.size * itemsize + gathered_bytes(spec, inputs)
+        copy, how = memcpy_call(nbytes, "cpu", threads)
+        reps = repeat if case == "prefill" else max(repeat, 200)
+        call.time(inputs, WARMUP)
+        before = timed([copy], max(reps // 2, 3))[0]
+        times = np.asarray(call.time(inputs, reps))
+        after = timed([copy], max(reps // 2, 3))[0]
+        copy_s, op_s = float(np.median(np.concatenate([before, after]))), float(np.median(times))
+        ms = np.percentile(times, [50, 90, 99]) * 1e3
+        out.append(Case(name=case, provider=provider, shapes={k: list(v.shape) for k, v in inputs.items()}, bytes=int(nbytes),
+                        op_s=op_s, memcpy_s=copy_s, gbps=nbytes / op_s / 1e9, memcpy_gbps=nbytes / copy_s / 1e9,
+                        ratio=copy_s / op_s, p50_ms=float(ms[0]), p90_ms=float(ms[1]), p99_ms=float(ms[2]), repeat=reps,
+                        note=f"memcpy: {how}, timed before and after; {name} timed in its own loop, threads={threads}",
+                        runtime=name))  # fmt: skip
+    return out
 
 
 def time_by_op(spec: Spec, model_bytes: bytes, provider="cpu", threads=2, seq=None, batch=None, heads=None, repeat=20):

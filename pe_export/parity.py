@@ -26,7 +26,7 @@ import numpy as np
 from pe_export.encodings.attention import encoding_for
 from pe_export.encodings.common import contract_of
 from pe_export.errors import BadInput, one_line
-from pe_export.runtimes import DEFAULT_RUNTIMES, RUNTIMES, Skip, to_torch  # noqa: F401 (re-exported)
+from pe_export.runtimes import DEFAULT_RUNTIMES, RUNTIMES, Skip, Unsupported, to_torch  # noqa: F401 (re-exported)
 from pe_export.dtypes import DENORM_MIN, EPS, numpy_dtype  # noqa: F401 (EPS re-exported)
 from pe_export.spec import OP_NAMES, Spec
 
@@ -72,7 +72,9 @@ class Row:
     runtime: str
     provider: str
     dtype: str
-    verdict: str  # "pass", "FAIL" or "skipped"
+    # "pass", "FAIL", "CRASH" (its process died), "TIMEOUT" (no answer in time), "unsupported" (the
+    # runtime rejects the graph: cannot load or convert) or "skipped" (the runtime is not here)
+    verdict: str
     max_abs: float | None = None  # against the float64 truth, over all probes and elements
     max_rel: float | None = None  # max abs error / max |reference|, over all probes
     vs_torch_max_abs: float | None = None  # against the torch original in the same dtype
@@ -230,6 +232,9 @@ def _errors(got: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(err), np.inf, err)
 
 
+FAILED = ("FAIL", "CRASH", "TIMEOUT")  # row verdicts that fail a check (and get a reproduction bundle)
+
+
 def check(
     spec: Spec,
     model_bytes: bytes,
@@ -237,10 +242,17 @@ def check(
     seed: int = 0,
     batch: int = 2,
     positions: Positions | np.ndarray | None = None,
+    timeout: float | None = None,
 ) -> list[Row]:
-    """Run every probe on every runtime and compare with the float64 reference (and the torch original)."""
+    """Run every probe on every runtime and compare with the float64 reference (and the torch original).
+    Each runtime but torch runs in its own worker process (pe_export.worker), one for all its probes: a
+    crash is a CRASH row, no answer within `timeout` seconds a TIMEOUT row, and the other rows complete."""
+    from pe_export import worker
+
+    timeout = worker.TIMEOUT_S if timeout is None else timeout
     enc = encoding_for(spec)
     probes = make_probes(spec, seed, batch, positions)
+    worker.start(runtimes, RUNTIMES)  # their interpreters start while the reference is computed
     truths = [enc.reference(spec, inputs) for _, inputs in probes]
     bounds = [bound(spec, inputs) for _, inputs in probes]
     P = enc.params(**spec.params).max_positions
@@ -251,7 +263,7 @@ def check(
         acc: dict = {}
         outputs = []
         try:
-            call, row.provider = RUNTIMES[name](spec, model_bytes)
+            call, row.provider = worker.load(name, RUNTIMES[name], spec, model_bytes, timeout)
             for (probe, inputs), truth, limit in zip(probes, truths, bounds):
                 got = call(inputs)
                 if got.shape != truth.shape:
@@ -276,6 +288,12 @@ def check(
                 row.note = f"error {row.worst_error:.3g} over its bound {row.worst_tolerance:.3g} at {row.where}"
         except Skip as e:
             row.verdict, row.note = "skipped", str(e)
+        except Unsupported as e:  # the runtime rejects the graph: a limit of the runtime, not of the file
+            row.verdict, row.note = "unsupported", str(e)
+        except worker.Crash as e:
+            row.verdict, row.note = "CRASH", _at_probe(str(e), row.provider, len(outputs), probes)
+        except worker.Timeout as e:
+            row.verdict, row.note = "TIMEOUT", _at_probe(str(e), row.provider, len(outputs), probes)
         except Exception as e:  # a runtime that errors on a valid input is a failed row, with its message
             row.verdict, row.note = "FAIL", one_line(e)
         row.by_position = _finish_by_position(acc)
@@ -284,9 +302,14 @@ def check(
     return sorted(rows, key=lambda r: order[r.runtime])
 
 
+def _at_probe(message: str, loaded: str, done: int, probes) -> str:
+    """Where a runtime's process died or hung: loading the model, or the probe it was running."""
+    return f"{f'probe {probes[done][0]}' if loaded else 'loading the model'}: {message}"
+
+
 def verdict(rows: list[Row]) -> str:
     """'pass' when nothing failed and some ONNX runtime passed; 'FAIL' or 'unverified' otherwise."""
-    if any(r.verdict == "FAIL" for r in rows):
+    if any(r.verdict in FAILED for r in rows):  # a crash or a hang fails like a wrong answer
         return "FAIL"
     if not any(r.verdict == "pass" and r.runtime != "torch" for r in rows):
         return "unverified"
@@ -316,34 +339,51 @@ def bounds_probes(spec: Spec, seed: int = 0) -> list[tuple[str, dict]]:
 @dataclass
 class BoundsRow:
     runtime: str
-    verdict: str  # "loud" (every bad position raised), "SILENT" (some returned a result) or "skipped"
+    # "loud": fails loudly, an error for every bad position; "ABORTS": aborts the process (or hangs) on
+    # some, so a caller must guard positions before calling it; "SILENT": returns a result for some (the
+    # worst: a wrong answer nobody sees; a runtime both silent and aborting is SILENT); or "skipped"
+    verdict: str
     note: str = ""
 
 
-def probe_bounds(spec: Spec, model_bytes: bytes, runtimes=DEFAULT_RUNTIMES, seed: int = 0) -> list[BoundsRow]:
-    """Feed each runtime positions outside [0, P) and report the ones that return a result anyway."""
+def probe_bounds(spec: Spec, model_bytes: bytes, runtimes=DEFAULT_RUNTIMES, seed: int = 0, timeout: float | None = None) -> list[BoundsRow]:
+    """Feed each runtime positions outside [0, P) and report the ones that return a result anyway, and
+    those whose process dies on them (each bad position gets a fresh process after a crash)."""
+    from pe_export import worker
+
+    timeout = worker.TIMEOUT_S if timeout is None else timeout
     cases = bounds_probes(spec, seed)
     rows = []
+    if cases:
+        worker.start(runtimes, RUNTIMES)
     for name in runtimes:
         if not cases:
             rows.append(BoundsRow(name, "skipped", f"{spec.encoding} takes no position inputs"))
             continue
-        try:
-            call, _ = RUNTIMES[name](spec, model_bytes)
-        except Skip as e:
-            rows.append(BoundsRow(name, "skipped", str(e)))
-            continue
-        except Exception as e:
-            rows.append(BoundsRow(name, "skipped", "cannot load: " + one_line(e, 200)))
-            continue
-        silent = []
+        silent, aborts, call, skipped = [], [], None, None
         for case, inputs in cases:
+            try:
+                if call is None:
+                    call, _ = worker.load(name, RUNTIMES[name], spec, model_bytes, timeout)
+            except Skip as e:
+                skipped = str(e)
+                break
+            except (worker.Crash, worker.Timeout, Unsupported, Exception) as e:
+                skipped = "cannot load: " + one_line(e, 200).removeprefix("cannot load: ")
+                break
             try:
                 call(inputs)
                 silent.append(case)
+            except (worker.Crash, worker.Timeout) as e:
+                aborts.append(f"{case} ({one_line(e, 400)})")
+                call = None  # its process is gone: the next case loads the model into a new one
             except Exception:  # any error is a loud failure, which is what we want
                 pass
-        rows.append(BoundsRow(name, "SILENT", "returned a result for " + ", ".join(silent)) if silent else BoundsRow(name, "loud"))
+        if skipped is not None:
+            rows.append(BoundsRow(name, "skipped", skipped))
+            continue
+        notes = (["returned a result for " + ", ".join(silent)] if silent else []) + (["aborts the process on " + ", ".join(aborts)] if aborts else [])
+        rows.append(BoundsRow(name, "SILENT" if silent else "ABORTS" if aborts else "loud", "; ".join(notes)))
     return rows
 
 
@@ -358,7 +398,7 @@ def write_bundle(folder: Path, spec: Spec, model_bytes: bytes, rows: list[Row], 
     The folder must not exist yet (nothing is overwritten)."""
     from pe_export.onnx_export import write_atomic
 
-    failed = [r for r in rows if r.verdict == "FAIL"]
+    failed = [r for r in rows if r.verdict in FAILED]
     if not failed:
         return []
     folder.mkdir(parents=True)
@@ -377,8 +417,10 @@ def write_bundle(folder: Path, spec: Spec, model_bytes: bytes, rows: list[Row], 
     for r in failed:
         inputs = probes.get(r.worst_probe) or next(iter(probes.values()))
         data = {f"input_{k}": v for k, v in inputs.items()} | {"truth": enc.reference(spec, inputs), "bound": bound(spec, inputs)}
-        try:
-            data["output"] = RUNTIMES[r.runtime](spec, model_bytes)[0](inputs)
+        try:  # in the runtime's worker, like the check: the failure may be a crash
+            from pe_export import worker
+
+            data["output"] = worker.load(r.runtime, RUNTIMES[r.runtime], spec, model_bytes)[0](inputs)
         except Exception as e:  # the failure may be that it does not run at all
             lines.append(f"{r.runtime}: running the probe raised: {one_line(e)}")
         path = folder / f"{r.runtime}-{r.worst_probe or 'probe'}.npz"

@@ -12,6 +12,16 @@ that cannot run here raises `Skip` with the reason; any other exception is a fai
     ort-cuda         CUDAExecutionProvider; a session that lands on CPU is a failure, not a pass
     onnx-reference   onnx's ReferenceEvaluator, an independent implementation of the standard ops
     openvino         OpenVINO's ONNX frontend on CPU (the optional `openvino` extra)
+    tract            tract (Sonos' Rust runtime, pip `tract`, the optional `tract` extra), CPU
+    ort-web          onnxruntime-web's WASM backend under Node (`npm ci --prefix js`; see pe_export/ort_web.py)
+    iree             IREE: its ONNX importer, compiled for llvm-cpu, run by its runtime (the optional `iree` extra)
+
+Every runtime but `torch` runs in a worker process of its own with a time limit (pe_export.worker):
+a crash or a hang is a row, not the end of the report. A runtime that rejects a graph for a reason
+of its own (an op or a dtype it lacks) raises `Unsupported`: "cannot load", a limit of the runtime,
+not an error of the file. The server runtimes (ORT, onnx's evaluator, OpenVINO) keep such errors as
+failures: they are the ones a file is verified on (DEFAULT_RUNTIMES); the edge runtimes (EDGE_RUNTIMES)
+run when named.
 """
 
 from __future__ import annotations
@@ -22,11 +32,17 @@ import numpy as np
 
 from pe_export.encodings.attention import encoding_for
 from pe_export.dtypes import numpy_dtype
+from pe_export.errors import one_line
 from pe_export.spec import Spec
 
 
 class Skip(Exception):
     """This runtime cannot run this file here; the message says why."""
+
+
+class Unsupported(Exception):
+    """This runtime is here but rejects this graph (an op, a dtype or a shape it does not handle): the
+    message says what it could not load or convert."""
 
 
 def to_torch(a: np.ndarray):
@@ -190,6 +206,104 @@ def computes_in_float64(model_bytes: bytes) -> bool:
     return TensorProto.DOUBLE in casts or any(t.data_type == TensorProto.DOUBLE for t in graph.initializer)
 
 
+def custom_domains(model_bytes: bytes) -> list[str]:
+    import onnx
+
+    return sorted({n.domain for n in all_nodes(onnx.load_from_string(model_bytes).graph) if n.domain not in ("", "ai.onnx")})
+
+
+def run_tract(spec: Spec, model_bytes: bytes, threads: int | None = None):
+    """tract from its Python package; `threads` is accepted for bench and not used (tract's Python API
+    sets no thread count: it runs the graph on its own executor)."""
+    try:
+        import tract
+    except ImportError:
+        raise Skip("tract is not installed (pip install 'pe-export[tract]')") from None
+    if spec.dtype == "bf16":
+        raise Skip("tract's Python API takes no NumPy bfloat16 arrays")
+    domains = custom_domains(model_bytes)
+    if domains:
+        raise Unsupported(f"cannot load: tract has no ops of domain {', '.join(domains)}")
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".onnx") as f:  # tract loads from a path only
+        f.write(model_bytes)
+        f.flush()
+        try:
+            model = tract.onnx().load(f.name).into_model().into_runnable()
+        except Exception as e:
+            raise Unsupported(f"cannot load: {one_line(e)}") from None
+
+    def call(inputs):
+        return model.run(list(inputs.values()))[0].to_numpy().astype(np.float64)
+
+    def time(inputs, repeat):  # tract's own run, on tensors converted once
+        import time as clock
+
+        tensors = [tract.Tensor.from_numpy(np.ascontiguousarray(v)) for v in inputs.values()]
+        times = []
+        for _ in range(repeat):
+            t = clock.perf_counter()
+            model.run(tensors)
+            times.append(clock.perf_counter() - t)
+        return times
+
+    call.time = time
+    return call, f"tract {tract.version()} CPU"
+
+
+def run_ort_web(spec: Spec, model_bytes: bytes, threads: int = 1):
+    from pe_export.ort_web import session
+
+    return session(spec, model_bytes, threads)
+
+
+def run_iree(spec: Spec, model_bytes: bytes, threads: int | None = None):
+    """Import with iree's ONNX importer, compile for llvm-cpu (this host's CPU), run on `local-task`."""
+    try:
+        import iree.compiler as compiler
+        import iree.runtime as rt
+    except ImportError:
+        raise Skip("iree is not installed (pip install 'pe-export[iree]')") from None
+    if spec.dtype == "bf16":
+        raise Skip("not tried: NumPy bfloat16 arrays into iree's runtime")
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="pe-export-iree-") as tmp:
+        onnx_path, mlir = Path(tmp) / "model.onnx", Path(tmp) / "model.mlir"
+        onnx_path.write_bytes(model_bytes)
+        done = subprocess.run([sys.executable, "-m", "iree.compiler.tools.import_onnx", str(onnx_path), "-o", str(mlir)],
+                              capture_output=True, text=True)  # fmt: skip
+        if done.returncode != 0:
+            raise Unsupported(f"does not import: {_first_error(done.stderr)}")
+        try:
+            vmfb = compiler.compile_file(str(mlir), target_backends=["llvm-cpu"], extra_args=["--iree-llvmcpu-target-cpu=host"])
+        except Exception as e:
+            raise Unsupported(f"does not compile: {_first_error(str(e))}") from None
+    ctx = rt.SystemContext(config=rt.Config("local-task"))
+    module = rt.VmModule.copy_buffer(ctx.instance, vmfb)
+    ctx.add_vm_module(module)
+    name = next(n for n in module.function_names if not n.startswith("__") and "$" not in n)
+    function = ctx.modules[module.name][name]
+
+    def call(inputs):
+        return np.asarray(function(*[np.ascontiguousarray(v) for v in inputs.values()])).astype(np.float64)
+
+    import iree.compiler.version as version
+
+    return call, f"IREE {getattr(version, 'VERSION', '')} llvm-cpu (local-task)".replace("  ", " ")
+
+
+def _first_error(text: str) -> str:
+    """The first line of a compiler's output that says `error:`, else its last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    found = next((line for line in lines if "error:" in line), lines[-1] if lines else "no message")
+    return found.split("error:", 1)[-1].split(": %")[0].strip()[:200]  # the message, not the IR it quotes
+
+
 RUNTIMES = {
     "torch": run_torch,
     "ort-cpu": run_ort_cpu,
@@ -197,5 +311,10 @@ RUNTIMES = {
     "ort-cuda": run_ort_cuda,
     "onnx-reference": run_onnx_reference,
     "openvino": run_openvino,
+    "tract": run_tract,
+    "ort-web": run_ort_web,
+    "iree": run_iree,
 }
-DEFAULT_RUNTIMES = tuple(RUNTIMES)
+EDGE_RUNTIMES = ("tract", "ort-web", "iree")
+HEAVY_RUNTIMES = ("iree",)  # large optional installs: their tests are the `heavy_runtimes` group, not run by default  # run when named: verify's default stays the server runtimes
+DEFAULT_RUNTIMES = tuple(n for n in RUNTIMES if n not in EDGE_RUNTIMES)

@@ -122,16 +122,30 @@ def test_inputs_placed_on_a_device_keep_their_bits():
 def test_device_copy_graph_copies():
     """The memcpy used on CUDA (an ORT Identity between bound buffers), run here on the CPU: it loads
     (IR version), binds a uint8 output, and copies every byte."""
-    from pe_export.bench import bound_call, copy_model, memcpy_call, session
+    from pe_export.bench import bound_call, copy_model, session
 
     data = (np.arange(1000) % 251).astype(np.uint8)
     call, nbytes, out = bound_call(session(copy_model(1000), "cpu", 1), {"a": data}, "cpu")
     out.update_inplace(np.zeros(1000, np.uint8))
     call()
     assert nbytes == 1000 and np.array_equal(out.numpy(), data)
-    call, how = memcpy_call(2 * 1000, "cpu", 1, ort_copy=True)
-    assert how == "ORT Identity, input and output on cpu"
+
+
+def test_cpu_memcpy_is_ort_copying_with_the_graphs_threads():
+    """The CPU yardstick is ORT running a graph that really copies x into y, with the same intra-op
+    threads as the graph (so 1.0 is the speed of memory at those threads), not a one-thread NumPy copy."""
+    from pe_export.bench import bound_call, copy_graph, memcpy_call, session
+
+    x = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    x[:3] = [np.inf, -0.0, 1e-45]  # a copy keeps every value, the signed zero and a subnormal included
+    sess = session(copy_graph(1000), "cpu", 2, optimize=False)
+    call, nbytes, out = bound_call(sess, {"x": x}, "cpu")
     call()
+    assert nbytes == 4000 and np.array_equal(out.numpy().view(np.uint32), x.view(np.uint32))
+    for threads in (1, 3):
+        call, how = memcpy_call(8000, "cpu", threads)
+        call()
+        assert f"intra_op_num_threads={threads}" in how and "NumPy" not in how
 
 
 def test_profile_splits_the_prefill_by_op(tmp_path):
@@ -202,6 +216,10 @@ def test_every_rotary_encoding(encoding, params, gathered_dim):
         (["--providers", "tpu"], "good", "--providers takes"),
         (["--seq", "65"], "good", "--seq must be in [1, 64]"),
         (["--threads", "0"], "good", "--threads must be >= 1"),
+        (["--batch", "1000000000"], "good", "--batch must be in [1, "),
+        (["--heads", "1000000000"], "good", "--heads must be in [1, "),
+        (["--runtimes", "tpu"], "good", "--runtimes takes a comma-separated list of tract, ort-web"),
+        (["--runtimes", ""], "good", "--runtimes takes a comma-separated list of tract, ort-web"),
     ],
 )
 def test_bad_input_exits_2(tmp_path, args, make, message):
@@ -213,6 +231,7 @@ def test_bad_input_exits_2(tmp_path, args, make, message):
     result = runner.invoke(app, ["bench", str(path), *args])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def test_file_without_spec_exits_2(tmp_path):
@@ -249,3 +268,26 @@ def test_cuda_runs_on_cuda(tmp_path):
     cases = json.loads(result.output)["cases"]
     assert {c["provider"] for c in cases} == {"CUDAExecutionProvider"}
     assert all(math.isfinite(c["ratio"]) and c["ratio"] > 0 for c in cases)
+
+
+@pytest.mark.parametrize("runtime", __import__("pe_export.bench", fromlist=["BENCH_RUNTIMES"]).BENCH_RUNTIMES)
+def test_other_runtimes_are_timed_against_the_same_runs_ort_memcpy(tmp_path, runtime):
+    from pe_export.runtimes import RUNTIMES, Skip
+
+    spec = rope_spec(op="decomposed", max_positions=64)
+    try:
+        RUNTIMES[runtime](spec, exported(spec))
+    except Skip as e:
+        pytest.skip(str(e))
+    path = write(tmp_path, spec)
+    result = runner.invoke(app, ["bench", str(path), "--heads", "2", "--repeat", "3", "--runtimes", runtime, "--json"])
+    assert result.exit_code == 0, result.output
+    cases = json.loads(result.output)["cases"]
+    assert [(c["runtime"], c["name"]) for c in cases] == [("ort", "prefill"), ("ort", "decode"), (runtime, "prefill"), (runtime, "decode")]
+    ort_prefill, _, prefill, decode = cases
+    assert prefill["bytes"] == ort_prefill["bytes"] and prefill["shapes"] == ort_prefill["shapes"]
+    for c in (prefill, decode):
+        assert c["provider"] != "CPUExecutionProvider" and "intra_op_num_threads=2" in c["note"]
+        for key in ("op_s", "memcpy_s", "ratio", "p50_ms"):
+            assert math.isfinite(c[key]) and c[key] > 0, (key, c[key])
+        assert c["ratio"] == pytest.approx(c["memcpy_s"] / c["op_s"])

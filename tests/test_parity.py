@@ -190,6 +190,7 @@ def test_cuda_fallback_is_a_failure(monkeypatch):
     real = ort.InferenceSession
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(ort, "InferenceSession", lambda data, opts, providers: real(data, opts, providers=["CPUExecutionProvider"]))
+    monkeypatch.setattr("pe_export.worker.IN_PROCESS", {"torch", "ort-cuda"})  # the patched ORT is in this process
     spec = preset_spec("llama-rope", "onnx", "bhsd", "fp32")
     row = check(spec, exported(spec), runtimes=("ort-cuda",))[0]
     assert row.verdict == "FAIL" and "CPUExecutionProvider" in row.note

@@ -12,7 +12,7 @@ from conftest import exported, rope_spec
 from onnx import numpy_helper
 from test_cli import invoke
 
-from pe_export.encodings.attention import encoding_for
+from pe_export.runtimes import HEAVY_RUNTIMES
 from pe_export.spec import Spec
 from pe_export.parity import RUNTIMES, TOLERANCES, Skip, check, make_probes, parse_positions, probe_bounds, verdict
 
@@ -20,7 +20,7 @@ from pe_export.parity import RUNTIMES, TOLERANCES, Skip, check, make_probes, par
 TINY = Spec(encoding="sinusoidal", params={"dim": 2, "max_positions": 8}, op="decomposed", opset=17)
 
 
-@pytest.mark.parametrize("runtime", list(RUNTIMES))
+@pytest.mark.parametrize("runtime", [pytest.param(n, marks=[pytest.mark.heavy_runtimes] if n in HEAVY_RUNTIMES else []) for n in RUNTIMES])
 def test_each_runtime_adapter_gives_the_known_answer(runtime):
     try:
         call, provider = RUNTIMES[runtime](TINY, exported(TINY))
@@ -97,6 +97,7 @@ def test_cuda_fallback_to_cpu_is_a_failure(monkeypatch):
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(ort, "InferenceSession", FallsBack)
+    monkeypatch.setattr("pe_export.worker.IN_PROCESS", {"torch", "ort-cuda"})  # where the patched ORT is
     row = check(TINY, exported(TINY), runtimes=("ort-cuda",))[0]
     assert row.verdict == "FAIL"
     assert "asked for CUDAExecutionProvider but the session runs on CPUExecutionProvider" in row.note
@@ -151,16 +152,9 @@ def test_an_infinite_error_keeps_its_position_and_the_report_is_standard_json(mo
     both are infinite errors, the worst there are, and both must stay in the error-by-position curve."""
     from pe_export.report import render, verify_doc
 
-    reference = encoding_for(TINY).reference
+    import fake_runtimes
 
-    def broken(inputs):
-        got = reference(TINY, inputs).astype(np.float32)  # (B, S, 2)
-        ids = inputs["position_ids"]
-        got[ids == 5] = np.nan
-        got[ids == 2] = -np.inf
-        return got
-
-    monkeypatch.setitem(RUNTIMES, "broken", lambda spec, data: (broken, "broken"))
+    monkeypatch.setitem(RUNTIMES, "broken", fake_runtimes.broken)  # runs in its worker, as any runtime
     (row,) = check(TINY, b"", runtimes=("broken",), positions=parse_positions("0:8"))
     assert row.verdict == "FAIL" and row.max_abs == np.inf
     by = row.by_position
@@ -185,8 +179,9 @@ def test_an_infinite_error_keeps_its_position_and_the_report_is_standard_json(mo
 
 def test_probe_bounds_reports_a_runtime_that_returns_a_result(monkeypatch):
     spec = rope_spec(op="decomposed")
-    # A runtime that never checks its indices (as OpenVINO's Gather, which returns zeros):
-    monkeypatch.setitem(RUNTIMES, "lenient", lambda spec, data: (lambda inputs: np.zeros(1), "lenient"))
+    import fake_runtimes
+
+    monkeypatch.setitem(RUNTIMES, "lenient", fake_runtimes.lenient)  # never checks its indices
     rows = {r.runtime: r for r in probe_bounds(spec, exported(spec), runtimes=("torch", "ort-cpu", "onnx-reference", "lenient"))}
     assert rows["torch"].verdict == rows["ort-cpu"].verdict == rows["onnx-reference"].verdict == "loud"
     assert rows["lenient"].verdict == "SILENT" and "position_ids -1" in rows["lenient"].note and "256" in rows["lenient"].note
@@ -269,11 +264,17 @@ def test_matrix_shards_split_the_cases():
         (["--presets", "llama-rop"], "unknown preset 'llama-rop'"),
         (["--dtypes", "fp8"], "--dtypes takes fp32, fp16, bf16"),
         (["--presets", "t5-bias", "--ops", "onnx"], "no case matches"),
+        (["--presets", ""], "--presets takes a comma-separated list of llama-rope"),
+        (["--presets", " , "], "--presets takes a comma-separated list of"),
+        (["--ops", ""], "--ops takes a comma-separated list of onnx, ort, decomposed"),
+        (["--dtypes", ""], "--dtypes takes a comma-separated list of fp32, fp16, bf16"),
+        (["--runtimes", ""], "--runtimes takes a comma-separated list of torch"),
     ],
 )
 def test_bad_matrix_options_exit_2(args, message):
     result = invoke("matrix", *args)
     assert result.exit_code == 2 and message in " ".join(result.output.split())
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
 
 
 def test_matrix_failure_exits_1_with_a_bundle(tmp_path, monkeypatch):
