@@ -1,0 +1,30 @@
+"""The replacement every cos/sin rule writes: a Gather of float64-built tables by the positions.
+
+    positions (B, S) int64 -> Where(positions < 0, P, positions) -> Gather(table (P, R/2)) -> Concat(t, t)
+    -> (B, S, R), the layout transformers' `torch.cat((freqs, freqs), dim=-1)` gives the rotations.
+
+Negative positions are mapped to row P, one past the table, so every runtime that checks Gather
+indices fails on them instead of wrapping (as pe-export's own files do).
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from pe_export.encodings.rope import RopeParams
+
+
+def safe_positions(op, positions: ir.Value, rows: int) -> ir.Value:
+    return op.Where(op.Less(positions, op.Constant(value_int=0)), op.Constant(value_int=rows), positions)
+
+
+def gather_half(op, table: ir.Value, safe: ir.Value) -> ir.Value:
+    """(B, S, R) full-width rows [t, t] of a (P, R/2) table."""
+    half = op.Gather(table, safe)  # (B, S, R/2)
+    return op.Concat(half, half, axis=-1)  # (B, S, R)
+
+
+def cos_sin(op, job, p: RopeParams, positions: ir.Value, seq_len: int | None = None, label: str = ""):
+    cos_t, sin_t = job.tables_for(op, p, seq_len, label)
+    safe = safe_positions(op, positions, job.table_params(p).max_positions)
+    return gather_half(op, cos_t, safe), gather_half(op, sin_t, safe)
