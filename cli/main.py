@@ -548,6 +548,8 @@ def finish(path, spec, data, runtimes, report, force, seed, batch=2, positions=N
 
 
 _matrix.register(app)
+from pe_export.cli import rewrite as _rewrite  # noqa: E402
+_rewrite.register(app)
 tools.register(app)
 _bench.register(app)
 

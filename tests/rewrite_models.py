@@ -48,7 +48,7 @@ FAMILIES = [
     Family("gpt-neox", "gpt_neox", dict(max_position_embeddings=16384, rope_parameters={
         "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}), last=16384,
            sizes=dict(hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)),
-    Family("phi3-longrope", "phi3", dict(max_position_embeddings=131072, original_max_position_embeddings=4096, rope_parameters={
+    Family("phi3-longrope", "phi3", dict(max_position_embeddings=131072, original_max_position_embeddings=4096, pad_token_id=0, rope_parameters={
         "rope_type": "longrope", "rope_theta": 10000.0,
         "short_factor": [1.0, 1.02, 1.05, 1.1, 1.2, 1.5, 2.0, 3.0],
         "long_factor": [1.0, 1.3, 2.0, 4.0, 8.0, 16.0, 24.0, 32.0]}), last=131072),

@@ -88,3 +88,15 @@ def rewrite(model_or_path, config, seq: int | None = None, op: str = "tables", o
     if output is not None:
         save(result.model, Path(output), force)
     return result
+
+
+def describe(model: ir.Model) -> str:
+    """What the graph alone says about its RoPE: float32 constants named like an `inv_freq`, with the
+    rotary dim and theta they imply (theta read off the second frequency, exact for unscaled RoPE)."""
+    found = []
+    for name, v in model.graph.initializers.items():
+        if "inv_freq" in name and v.const_value is not None:
+            g = v.const_value.numpy().reshape(-1).astype("float64")
+            theta = f", theta ~{g[1] ** (-g.size):.6g}" if g.size > 1 and g[1] > 0 else ""
+            found.append(f"{name!r}: rotary dim {2 * g.size}{theta}")
+    return "the graph holds " + "; ".join(found) if found else "the graph holds no constant named like an inv_freq"

@@ -22,7 +22,7 @@ class Site:
     rule: str
     inv_freq: str  # the graph's constant (or table) that was replaced
     positions: str  # the int64 positions value the new Gather reads
-    cos: str
+    cos: str  # the same name in the original and the rewritten graph
     sin: str
     params: dict
     tables: list[str]
@@ -66,4 +66,6 @@ class Job:
                 op.initializer(ir.tensor(t.astype(np.float32)), name=name.format(kind))
                 for kind, t in (("cos", cos), ("sin", sin))
             )
+        if self.sites and not self.sites[-1].tables:
+            self.sites[-1].tables = [v.name for v in self._tables[key]]
         return self._tables[key]

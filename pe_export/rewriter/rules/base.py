@@ -7,7 +7,6 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from pe_export.rewriter import emit
 from pe_export.rewriter import params as params_mod
 from pe_export.rewriter.job import Job, Site
 
@@ -74,7 +73,8 @@ class CosSinRule(pattern.RewriteRuleClassBase):
         self.job.found.add((self.name, inv_freq.name))
         return r
 
-    def record(self, inv_freq: ir.Value, position_ids: ir.Value, cos: ir.Value, sin: ir.Value, p, tables, seq_len=None):
+    def record(self, inv_freq: ir.Value, position_ids: ir.Value, cos: ir.Value, sin: ir.Value, p, seq_len=None):
+        """`cos`/`sin`: the matched outputs, whose names the replacement values take over."""
         self.job.sites.append(
             Site(
                 rule=self.name,
@@ -83,7 +83,7 @@ class CosSinRule(pattern.RewriteRuleClassBase):
                 cos=cos.name,
                 sin=sin.name,
                 params=site_params(self.job.table_params(p)),
-                tables=[t.name for t in tables],
+                tables=[],
                 seq_len=seq_len,
             )
         )

@@ -41,7 +41,7 @@ class CosSinMul(CosSinRule):
 
     def pattern(self, op, position_ids, axes, inv_freq):
         emb = angles(op, position_ids, axes, inv_freq)
-        return op.Cos(emb, _outputs=["cos"]), op.Sin(emb)
+        return op.Cos(emb, _outputs=["cos"]), op.Sin(emb, _outputs=["sin"])
 
     def check(self, context, position_ids, axes, inv_freq, cos, **_):
         r = self.check_positions(pattern.MatchResult(), position_ids, axes)
@@ -57,11 +57,9 @@ class CosSinMul(CosSinRule):
             return r
         return self.check_factor(r, inv_freq, self._p, 1.0)
 
-    def rewrite(self, op, position_ids, inv_freq, **_):
-        p = self._p
-        cos, sin = emit.cos_sin(op, self.job, p, position_ids)
-        self.record(inv_freq, position_ids, cos, sin, p, self.job.tables_for(op, p))
-        return cos, sin
+    def rewrite(self, op, position_ids, inv_freq, cos, sin, **_):
+        self.record(inv_freq, position_ids, cos, sin, self._p)
+        return emit.cos_sin(op, self.job, self._p, position_ids)
 
 
 @RULES.register("cos_sin_mul_factor")
@@ -72,7 +70,7 @@ class CosSinMulFactor(CosSinRule):
 
     def pattern(self, op, position_ids, axes, inv_freq, cos_factor, sin_factor):
         emb = angles(op, position_ids, axes, inv_freq)
-        return op.Mul(op.Cos(emb), cos_factor), op.Mul(op.Sin(emb), sin_factor)
+        return op.Mul(op.Cos(emb), cos_factor, _outputs=["cos"]), op.Mul(op.Sin(emb), sin_factor, _outputs=["sin"])
 
     def check(self, context, position_ids, axes, inv_freq, cos_factor, sin_factor, **_):
         r = self.check_positions(pattern.MatchResult(), position_ids, axes)
@@ -87,8 +85,6 @@ class CosSinMulFactor(CosSinRule):
             return r
         return self.check_factor(r, inv_freq, self._p, factor)
 
-    def rewrite(self, op, position_ids, inv_freq, **_):
-        p = self._p
-        cos, sin = emit.cos_sin(op, self.job, p, position_ids)
-        self.record(inv_freq, position_ids, cos, sin, p, self.job.tables_for(op, p))
-        return cos, sin
+    def rewrite(self, op, position_ids, inv_freq, cos, sin, **_):
+        self.record(inv_freq, position_ids, cos, sin, self._p)
+        return emit.cos_sin(op, self.job, self._p, position_ids)
