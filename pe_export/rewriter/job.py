@@ -28,6 +28,7 @@ class Site:
     tables: list[str]
     seq_len: int | None = None  # the rule's branch (LongRoPE short/long), None when it has one
     rotations: int = 0  # q/k rotations replaced by --op onnx|ort|decomposed
+    width: str = "full"  # cos/sin values (B, S, R) [t, t]; "half": (B, S, R/2)
 
     def to_dict(self) -> dict:
         return asdict(self)

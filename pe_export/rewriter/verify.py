@@ -109,6 +109,8 @@ def site_reference(site: Site, positions: np.ndarray) -> tuple[np.ndarray, np.nd
     """float64 (S, R) cos and sin of the site at `positions` (full width [t, t])."""
     p = RopeParams(**site.params)
     cos, sin = tables(p, site.seq_len)  # (P, R/2)
+    if site.width == "half":
+        return cos[positions], sin[positions]
     full = lambda t: np.concatenate([t[positions], t[positions]], axis=-1)  # noqa: E731
     return full(cos), full(sin)
 
