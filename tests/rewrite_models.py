@@ -93,7 +93,7 @@ def export(model, path: Path) -> Path:
     ids = torch.zeros(2, 8, dtype=torch.long)
     pos = torch.arange(8)[None].repeat(2, 1)
     program = torch.onnx.export(
-        Logits(model), (ids, pos), dynamo=True, input_names=["input_ids", "position_ids"], output_names=["logits"],
+        Logits(model).eval(), (ids, pos), dynamo=True, input_names=["input_ids", "position_ids"], output_names=["logits"],
         dynamic_shapes={"input_ids": {0: "B", 1: "S"}, "position_ids": {0: "B", 1: "S"}}, verbose=False,
     )
     program.save(str(path))
@@ -134,7 +134,7 @@ def float64_rope_init(rotary, cfg, seq_len=None):
     try:
         for m in modules:
             m.torch = _Float64Torch()
-        inv_freq, factor = fn(cfg, None, seq_len=seq_len) if seq_len is not None else fn(cfg, None)
+        inv_freq, factor = fn(cfg, seq_len=seq_len) if seq_len is not None else fn(cfg)
     finally:
         for m, t in zip(modules, saved):
             m.torch = t

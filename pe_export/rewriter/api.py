@@ -30,6 +30,14 @@ def tensor_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
+def prune(model: ir.Model) -> None:
+    """Drop the nodes and initializers nothing reads any more (the replaced cos/sin computations; with
+    --op onnx|ort|decomposed, the site's full-width cos/sin the old rotations read)."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    RemoveUnusedNodesPass()(model)
+
+
 def save(model: ir.Model, path: Path, force: bool) -> None:
     """Write `model` to `path` atomically (a temporary file beside it, then a rename); weights over
     EXTERNAL_ABOVE go to `path.name + ".data"` beside it, renamed first."""
@@ -37,6 +45,7 @@ def save(model: ir.Model, path: Path, force: bool) -> None:
 
     path = Path(path)
     check_output_path(path, force)
+    prune(model)
     external = tensor_bytes(model) > EXTERNAL_ABOVE
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

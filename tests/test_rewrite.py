@@ -1,0 +1,216 @@
+"""`pe-export rewrite` on whole models exported by torch.onnx.export(dynamo=True) from transformers 5.23.
+
+Generated from the family table in `rewrite_models.FAMILIES` (tiny sizes, random weights, nothing
+downloaded). Expected values come from the float64 torch oracle (`rewrite_models.oracle`), never from
+pe-export's rewriter. The default set rewrites Llama with every --op; the other families are `slow`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).parent))
+import rewrite_models as rm  # noqa: E402
+
+pytest.importorskip("transformers")
+pytest.importorskip("onnxruntime")
+
+OPS = ("tables", "onnx", "ort", "decomposed")
+DEFAULT_OPS = {"llama": OPS}  # the default (not slow) set: one family, every op
+ONNX_OPS = ("tables", "decomposed")  # ops whose graphs every runtime here runs; onnx/ort need the fused kernels
+WITHIN = 3.0  # the rewritten error at the table's end, as a multiple of its error at positions 0-63
+GROWS = 10.0  # the original's error at the end, as a multiple of its error at 0-63 (it grows with the position)
+
+
+def family_params(ops=OPS):
+    out = []
+    for f in rm.FAMILIES:
+        for op in ops:
+            slow = f.slow or op not in DEFAULT_OPS.get(f.name, ())
+            out.append(pytest.param(f.name, op, id=f"{f.name}-{op}", marks=[pytest.mark.slow] if slow else []))
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """family name -> (model.onnx, config.json, float32 torch model, config), exported once per session."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            family = rm.BY_NAME[name]
+            folder = tmp_path_factory.mktemp(name)
+            model, cfg = rm.build(family)
+            cache[name] = (rm.export(model, folder / "model.onnx"), rm.save_config(cfg, folder), model, cfg)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def oracles():
+    cache = {}
+
+    def get(name, model, cfg):
+        if name not in cache:
+            cache[name] = rm.oracle(model, cfg)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("family,op", family_params())
+def test_logits_error_is_position_independent(family, op, exported, oracles, tmp_path):
+    from pe_export.rewriter import rewrite
+
+    path, config, model, cfg = exported(family)
+    last = rm.BY_NAME[family].last
+    out = tmp_path / "rewritten.onnx"
+    result = rewrite(path, config, op=op, output=out)
+    assert result.sites, "no site rewritten"
+    e = rm.errors(path, out, oracles(family, model, cfg), last)
+    note = f"{family} --op {op}, last position {last - 1}: {json.dumps({k: f'{v:.2e}' for k, v in e.items()})}"
+    assert e["rewritten_end"] <= WITHIN * e["rewritten_start"], note
+    assert e["original_end"] >= GROWS * e["original_start"], note
+    assert e["rewritten_end"] * GROWS <= e["original_end"], note
+
+
+@pytest.mark.parametrize("family", [pytest.param(f.name, marks=[] if not f.slow else [pytest.mark.slow]) for f in rm.FAMILIES])
+def test_batch_and_one_token_decode_at_a_large_position(family, exported, oracles, tmp_path):
+    from pe_export.rewriter import rewrite
+
+    path, config, model, cfg = exported(family)
+    last = rm.BY_NAME[family].last
+    out = tmp_path / "rewritten.onnx"
+    rewrite(path, config, output=out)
+    m64 = oracles(family, model, cfg)
+    start = rm.inputs(3, np.arange(64))
+    decode = rm.inputs(3, np.array([last - 1]), seed=1)  # one token at the table's last position, batch 3
+    err = lambda feed: float(np.abs(rm.ort_logits(out, feed) - rm.oracle_logits(m64, feed)).max())  # noqa: E731
+    assert err(decode) <= WITHIN * err(start), (family, err(decode), err(start))
+
+
+def test_model_io_metadata_and_no_second_rewrite(exported, tmp_path):
+    from pe_export.errors import BadInput
+    from pe_export.rewriter import rewrite
+
+    path, config, _, _ = exported("llama")
+    out = tmp_path / "rewritten.onnx"
+    result = rewrite(path, config, output=out)
+    before, after = onnx.load(path), onnx.load(out)
+    assert [i.SerializeToString() for i in before.graph.input] == [i.SerializeToString() for i in after.graph.input]
+    assert [o.SerializeToString() for o in before.graph.output] == [o.SerializeToString() for o in after.graph.output]
+    spec = json.loads({p.key: p.value for p in after.metadata_props}["pe_export.rewrite"])
+    assert spec["sites"][0]["params"]["theta"] == 10000.0 and spec["sites"][0]["params"]["max_positions"] == 32768
+    assert not any(n.op_type in ("Cos", "Sin") for n in after.graph.node)
+    assert len(result.sites) == 1
+    # Every weight of the original is in the rewritten model, byte for byte (the float32 inv_freq is replaced).
+    weights = {t.name: t.SerializeToString() for t in after.graph.initializer}
+    for t in before.graph.initializer:
+        assert "inv_freq" in t.name or weights.get(t.name) == t.SerializeToString(), t.name
+    with pytest.raises(BadInput, match="already rewritten"):
+        rewrite(out, config)
+
+
+def test_positions_past_the_table_fail(exported, tmp_path):
+    import onnxruntime as ort
+
+    from pe_export.rewriter import rewrite
+
+    path, config, _, _ = exported("llama")
+    out = tmp_path / "short.onnx"
+    rewrite(path, config, seq=1024, output=out)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for bad in (1024, -1):
+        with pytest.raises(Exception, match="(?i)indices|out of|invalid"):
+            sess.run(None, rm.inputs(1, np.array([0, bad])))
+
+
+# --- the CLI ----------------------------------------------------------------------------------------
+
+def cli(*args):
+    from pe_export.cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_rewrites_verifies_and_reports(exported, tmp_path):
+    path, config, _, _ = exported("llama")
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    r = cli("rewrite", path, "--config", config, "-o", out, "--report", report)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(report.read_text())
+    row = doc["sites"][0]
+    assert row["verdict"] == "pass" and row["positions"][-1] == 32767
+    assert row["rewritten_error"][-1] <= row["bound"] < row["original_error"][-1]
+    assert doc["whole_model"][0]["verdict"] == "pass"
+    md = tmp_path / "report.md"
+    assert cli("rewrite", path, "--config", config, "-o", out, "--force", "--report", md).exit_code == 0
+    assert "| 0 | ort-cpu | 32767 |" in md.read_text()
+
+
+def edited_config(config: Path, tmp_path: Path, **rope) -> Path:
+    cfg = json.loads(config.read_text())
+    cfg["rope_parameters"] = {**cfg["rope_parameters"], **rope}
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def bad_inputs(exported, tmp_path):
+    path, config, _, _ = exported("llama")
+    text = tmp_path / "not.onnx"
+    text.write_text("not a model")
+    plain = tmp_path / "plain.onnx"
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x],
+                                                            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])), plain)
+    cfg = json.loads(config.read_text())
+    cfg["head_dim"] = 32
+    wide = tmp_path / "wide.json"
+    wide.write_text(json.dumps(cfg))
+    existing = tmp_path / "exists.onnx"
+    existing.write_bytes(b"keep")
+    return {
+        "no RoPE site": ([plain, "--config", config], "no RoPE site"),
+        "theta disagrees": ([path, "--config", edited_config(config, tmp_path, rope_theta=20000.0)], "theta"),
+        "rotary dim disagrees": ([path, "--config", wide], "rotary dim"),
+        "scaling disagrees": ([path, "--config", edited_config(config, tmp_path, rope_type="linear", factor=2.0)], "scaling"),
+        "unsupported rope type": ([path, "--config", edited_config(config, tmp_path, rope_type="mrope")], "unsupported rope_type"),
+        "not ONNX": ([text, "--config", config], "not an ONNX model"),
+        "output exists": ([path, "--config", config, "-o", existing], "--force"),
+        "no config": ([path], "--config"),
+    }
+
+
+BAD = ["no RoPE site", "theta disagrees", "rotary dim disagrees", "scaling disagrees", "unsupported rope type", "not ONNX", "output exists", "no config"]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(case, exported, tmp_path):
+    args, expected = bad_inputs(exported, tmp_path)[case]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = ["-o", tmp_path / "out.onnx"] if "-o" not in args else []
+    r = cli("rewrite", *args, *out)
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("pe-export: error:") and expected in lines[0], r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    if case == "output exists":
+        assert (tmp_path / "exists.onnx").read_bytes() == b"keep"
+
+
+def test_installed_entry_point_help():
+    exe = Path(sys.executable).with_name("pe-export")
+    exe = str(exe) if exe.exists() else shutil.which("pe-export")
+    r = subprocess.run([exe, "rewrite", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--config" in r.stdout
