@@ -42,7 +42,7 @@ FAMILIES = [
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192}), last=131072),
     Family("qwen2-yarn", "qwen2", dict(max_position_embeddings=131072, rope_parameters={
-        "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 32768}), last=131072, slow=False),
+        "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 32768}), last=131072),
     Family("mistral", "mistral", dict(max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
                                       sliding_window=None), last=32768),
     Family("gpt-neox", "gpt_neox", dict(max_position_embeddings=16384, rope_parameters={

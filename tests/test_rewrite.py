@@ -161,7 +161,7 @@ def test_cli_rewrites_verifies_and_reports(exported, tmp_path):
 def edited_config(config: Path, tmp_path: Path, **rope) -> Path:
     cfg = json.loads(config.read_text())
     cfg["rope_parameters"] = {**cfg["rope_parameters"], **rope}
-    path = tmp_path / "edited.json"
+    path = tmp_path / f"edited-{'-'.join(f'{k}={v}' for k, v in rope.items())}.json"
     path.write_text(json.dumps(cfg))
     return path
 
