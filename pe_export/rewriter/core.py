@@ -33,7 +33,8 @@ class Rewritten:
 
 
 def rule_set(job: Job, kinds=("cos_sin",)) -> pattern.RewriteRuleSet:
-    rules = sorted((RULES.get(n)(job) for n in RULES.names() if RULES.get(n).kind in kinds), key=lambda r: (getattr(r, "order", 1), r.name))
+    classes = [RULES.get(n) for n in RULES.names() if RULES.get(n).kind in kinds]
+    rules = sorted((cls(job, fn) for cls in classes for fn in cls.functions), key=lambda r: (r.order, r.name))
     return pattern.RewriteRuleSet([as_rule(r) for r in rules], commute=True)
 
 

@@ -18,13 +18,7 @@ def safe_positions(op, positions: ir.Value, rows: int) -> ir.Value:
     return op.Where(op.Less(positions, op.Constant(value_int=0)), op.Constant(value_int=rows), positions)
 
 
-def gather_half(op, table: ir.Value, safe: ir.Value) -> ir.Value:
-    """(B, S, R) full-width rows [t, t] of a (P, R/2) table."""
-    half = op.Gather(table, safe)  # (B, S, R/2)
+def gather(op, table: ir.Value, positions: ir.Value, rows: int) -> ir.Value:
+    """(B, S, R) full-width rows [t, t] of a (P, R/2) table at `positions`."""
+    half = op.Gather(table, safe_positions(op, positions, rows))  # (B, S, R/2)
     return op.Concat(half, half, axis=-1)  # (B, S, R)
-
-
-def cos_sin(op, job, p: RopeParams, positions: ir.Value, seq_len: int | None = None, label: str = ""):
-    cos_t, sin_t = job.tables_for(op, p, seq_len, label)
-    safe = safe_positions(op, positions, job.table_params(p).max_positions)
-    return gather_half(op, cos_t, safe), gather_half(op, sin_t, safe)

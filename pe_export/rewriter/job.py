@@ -41,6 +41,7 @@ class Job:
     op: str = "tables"
     sites: list[Site] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    site_index: dict = field(default_factory=dict)  # (inv_freq, positions, branch) -> Site
     found: set = field(default_factory=set)  # (rule, inv_freq) of every site whose check passed
     _tables: dict = field(default_factory=dict)
 
@@ -53,6 +54,7 @@ class Job:
 
     def forget_built(self) -> None:
         self.sites.clear()
+        self.site_index.clear()
         self._tables.clear()
 
     def tables_for(self, op, p: RopeParams, seq_len: int | None = None, label: str = "") -> tuple[ir.Value, ir.Value]:
@@ -67,6 +69,4 @@ class Job:
                 op.initializer(ir.tensor(t.astype(np.float32)), name=name.format(kind))
                 for kind, t in (("cos", cos), ("sin", sin))
             )
-        if self.sites and not self.sites[-1].tables:
-            self.sites[-1].tables = [v.name for v in self._tables[key]]
         return self._tables[key]

@@ -7,21 +7,31 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from pe_export.rewriter import emit
 from pe_export.rewriter import params as params_mod
 from pe_export.rewriter.job import Job, Site
 
 
 class CosSinRule(pattern.RewriteRuleClassBase):
-    """A cos/sin computation replaced by `emit.cos_sin`: subclasses give `pattern` and may extend `check`.
+    """The Cos (or the Sin) half of a cos/sin computation, replaced by a Gather of its table
+    (`emit.gather`): subclasses give `pattern` and may extend `check`. One instance per function:
+    single-output patterns keep onnxscript's matcher linear in the graph (a two-output pattern tries
+    every pair of candidate output nodes). The angles feed both Cos and Sin, so the matched nodes stay
+    until the rule set's final unused-node pass.
     `order`: rules with a smaller order are tried first (a shape that contains another's goes first)."""
 
     order = 1
     kind = "cos_sin"
+    functions = ("Cos", "Sin")
 
-    def __init__(self, job: Job, name: str):
-        super().__init__(name)
+    def __init__(self, job: Job, fn: str):
+        super().__init__(f"{self.rule_name}.{fn.lower()}", remove_nodes=False)
         self.job = job
+        self.fn = fn
         self._p = None
+
+    def trig(self, op, emb):
+        return op.Cos(emb) if self.fn == "Cos" else op.Sin(emb)
 
     def check_positions(self, r: pattern.MatchResult, position_ids: ir.Value, axes: ir.Value | None):
         if position_ids.dtype not in (None, ir.DataType.INT64):
@@ -70,23 +80,26 @@ class CosSinRule(pattern.RewriteRuleClassBase):
         if reason:
             self.job.refuse(f"{reason} (site {inv_freq.name!r})")
             return r.fail(reason, inv_freq)
-        self.job.found.add((self.name, inv_freq.name))
+        self.job.found.add((self.rule_name, inv_freq.name))
         return r
 
-    def record(self, inv_freq: ir.Value, position_ids: ir.Value, cos: ir.Value, sin: ir.Value, p, seq_len=None):
-        """`cos`/`sin`: the matched outputs, whose names the replacement values take over."""
-        self.job.sites.append(
-            Site(
-                rule=self.name,
-                inv_freq=inv_freq.name,
-                positions=position_ids.name,
-                cos=cos.name,
-                sin=sin.name,
-                params=site_params(self.job.table_params(p)),
-                tables=[],
-                seq_len=seq_len,
-            )
-        )
+    def record(self, inv_freq: ir.Value, position_ids: ir.Value, out: ir.Value, p, seq_len=None) -> Site:
+        """The site of (inv_freq, positions, branch), made by its Cos rule or its Sin rule, whichever runs
+        first; `out`: the matched output, whose name the replacement value takes over."""
+        key = (inv_freq.name, position_ids.name, seq_len)
+        site = self.job.site_index.get(key)
+        if site is None:
+            site = Site(rule=self.rule_name, inv_freq=inv_freq.name, positions=position_ids.name, cos="", sin="",
+                        params=site_params(self.job.table_params(p)), tables=[], seq_len=seq_len)
+            self.job.site_index[key] = site
+            self.job.sites.append(site)
+        setattr(site, self.fn.lower(), out.name)
+        return site
+
+    def gather(self, op, p, position_ids: ir.Value, site: Site, seq_len=None, label="") -> ir.Value:
+        tables = self.job.tables_for(op, p, seq_len, label)
+        site.tables = [t.name for t in tables]
+        return emit.gather(op, tables[0 if self.fn == "Cos" else 1], position_ids, self.job.table_params(p).max_positions)
 
 
 def site_params(p) -> dict:

@@ -15,32 +15,30 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from pe_export.rewriter import emit
 from pe_export.rewriter.rules import RULES
 from pe_export.rewriter.rules.base import CosSinRule
 
 
 @RULES.register("cos_sin_longrope")
 class CosSinLongrope(CosSinRule):
+    rule_name = "cos_sin_longrope"
     order = 0  # contains a Mul form whose inv_freq is not a constant
 
-    def __init__(self, job):
-        super().__init__(job, "cos_sin_longrope")
-
-    def pattern(self, op, position_ids, axes, cond, long_freq, short_freq, cos_factor, sin_factor):
+    def pattern(self, op, position_ids, axes, cond, long_freq, short_freq, factor):
         inv_freq = op.Where(cond, long_freq, short_freq)
         freqs = op.Mul(op.Cast(op.Unsqueeze(position_ids, axes), to=ir.DataType.FLOAT), inv_freq)  # (B, S, R/2)
         emb = op.Concat(freqs, freqs, axis=-1)  # (B, S, R)
-        return op.Mul(op.Cos(emb), cos_factor, _outputs=["cos"]), op.Mul(op.Sin(emb), sin_factor, _outputs=["sin"])
+        return op.Mul(self.trig(op, emb), factor)
 
-    def check(self, context, position_ids, axes, cond, long_freq, short_freq, cos_factor, sin_factor, **_):
+    def check(self, context, position_ids, axes, cond, long_freq, short_freq, factor, **_):
+        self._out = context.output_values[0]
         r = self.check_positions(pattern.MatchResult(), position_ids, axes)
         if not r:
             return r
         short = self.constant_freqs(r, short_freq)
         long = self.constant_freqs(r, long_freq) if short is not None else None
-        factor = self.factor_of(r, cos_factor, sin_factor) if long is not None else None
-        if factor is None:
+        value = self.factor_of(r, factor) if long is not None else None
+        if value is None:
             return r
         p = self.match_params(r, short_freq, short)
         if p is None:
@@ -58,15 +56,13 @@ class CosSinLongrope(CosSinRule):
         if self.match_params(r, long_freq, long, seq_len=original + 1) is None:
             return r
         self._p = p
-        return self.check_factor(r, short_freq, p, factor)
+        return self.check_factor(r, short_freq, p, value)
 
-    def rewrite(self, op, position_ids, cond, short_freq, long_freq, cos, sin, **_):
+    def rewrite(self, op, position_ids, cond, short_freq, long_freq, **_):
         p, original = self._p, self._p.scaling_params["original_max_positions"]
-        self.record(short_freq, position_ids, cos, sin, p, seq_len=original)
-        cos_s, sin_s = emit.cos_sin(op, self.job, p, position_ids, seq_len=original, label="_short")
-        self.record(long_freq, position_ids, cos, sin, p, seq_len=original + 1)
-        cos_l, sin_l = emit.cos_sin(op, self.job, p, position_ids, seq_len=original + 1, label="_long")
-        return op.Where(cond, cos_l, cos_s), op.Where(cond, sin_l, sin_s)
+        short = self.gather(op, p, position_ids, self.record(short_freq, position_ids, self._out, p, original), original, "_short")
+        long = self.gather(op, p, position_ids, self.record(long_freq, position_ids, self._out, p, original + 1), original + 1, "_long")
+        return op.Where(cond, long, short)
 
 
 def switch_threshold(cond: ir.Value) -> int | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from pe_export.rewriter import emit
 from pe_export.rewriter.rules import RULES
 from pe_export.rewriter.rules.base import CosSinRule
 
@@ -24,9 +23,9 @@ def angles(op, position_ids, axes, inv_freq):
 
 
 def has_factor_mul(value: ir.Value) -> bool:
-    """True when a consumer of cos multiplies it by a scalar constant (the factor rule's shape)."""
-    for node in value.uses():
-        user = node.node if hasattr(node, "node") else node[0]
+    """True when a consumer of `value` multiplies it by a scalar constant (the factor rule's shape)."""
+    for use in value.uses():
+        user = use.node
         if user.op_type == "Mul":
             other = [v for v in user.inputs if v is not value]
             if other and other[0] is not None and other[0].const_value is not None and other[0].const_value.numpy().size == 1:
@@ -36,19 +35,18 @@ def has_factor_mul(value: ir.Value) -> bool:
 
 @RULES.register("cos_sin_mul")
 class CosSinMul(CosSinRule):
-    def __init__(self, job):
-        super().__init__(job, "cos_sin_mul")
+    rule_name = "cos_sin_mul"
 
     def pattern(self, op, position_ids, axes, inv_freq):
-        emb = angles(op, position_ids, axes, inv_freq)
-        return op.Cos(emb, _outputs=["cos"]), op.Sin(emb, _outputs=["sin"])
+        return self.trig(op, angles(op, position_ids, axes, inv_freq))
 
-    def check(self, context, position_ids, axes, inv_freq, cos, **_):
+    def check(self, context, position_ids, axes, inv_freq, **_):
+        self._out = context.output_values[0]
         r = self.check_positions(pattern.MatchResult(), position_ids, axes)
         if not r:
             return r
-        if has_factor_mul(cos):
-            return r.fail("cos is multiplied by an attention factor (rule cos_sin_mul_factor)", cos)
+        if has_factor_mul(self._out):
+            return r.fail("cos/sin is multiplied by an attention factor (rule cos_sin_mul_factor)", self._out)
         g = self.constant_freqs(r, inv_freq)
         if g is None:
             return r
@@ -57,34 +55,33 @@ class CosSinMul(CosSinRule):
             return r
         return self.check_factor(r, inv_freq, self._p, 1.0)
 
-    def rewrite(self, op, position_ids, inv_freq, cos, sin, **_):
-        self.record(inv_freq, position_ids, cos, sin, self._p)
-        return emit.cos_sin(op, self.job, self._p, position_ids)
+    def rewrite(self, op, position_ids, inv_freq, **_):
+        site = self.record(inv_freq, position_ids, self._out, self._p)
+        return self.gather(op, self._p, position_ids, site)
 
 
 @RULES.register("cos_sin_mul_factor")
 class CosSinMulFactor(CosSinRule):
+    rule_name = "cos_sin_mul_factor"
     order = 0  # contains cos_sin_mul's shape
-    def __init__(self, job):
-        super().__init__(job, "cos_sin_mul_factor")
 
-    def pattern(self, op, position_ids, axes, inv_freq, cos_factor, sin_factor):
-        emb = angles(op, position_ids, axes, inv_freq)
-        return op.Mul(op.Cos(emb), cos_factor, _outputs=["cos"]), op.Mul(op.Sin(emb), sin_factor, _outputs=["sin"])
+    def pattern(self, op, position_ids, axes, inv_freq, factor):
+        return op.Mul(self.trig(op, angles(op, position_ids, axes, inv_freq)), factor)
 
-    def check(self, context, position_ids, axes, inv_freq, cos_factor, sin_factor, **_):
+    def check(self, context, position_ids, axes, inv_freq, factor, **_):
+        self._out = context.output_values[0]
         r = self.check_positions(pattern.MatchResult(), position_ids, axes)
         if not r:
             return r
         g = self.constant_freqs(r, inv_freq)
-        factor = self.factor_of(r, cos_factor, sin_factor) if g is not None else None
-        if factor is None:
+        value = self.factor_of(r, factor) if g is not None else None
+        if value is None:
             return r
         self._p = self.match_params(r, inv_freq, g)
         if self._p is None:
             return r
-        return self.check_factor(r, inv_freq, self._p, factor)
+        return self.check_factor(r, inv_freq, self._p, value)
 
-    def rewrite(self, op, position_ids, inv_freq, cos, sin, **_):
-        self.record(inv_freq, position_ids, cos, sin, self._p)
-        return emit.cos_sin(op, self.job, self._p, position_ids)
+    def rewrite(self, op, position_ids, inv_freq, **_):
+        site = self.record(inv_freq, position_ids, self._out, self._p)
+        return self.gather(op, self._p, position_ids, site)

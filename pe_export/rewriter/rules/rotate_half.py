@@ -58,8 +58,9 @@ def site_tables(cos4: ir.Value):
 class RotateHalf(pattern.RewriteRuleClassBase):
     kind = "rotation"
     order = 0
+    functions = (None,)
 
-    def __init__(self, job):
+    def __init__(self, job, fn=None):
         super().__init__("rotate_half")
         self.job = job
         self._found = None

@@ -47,8 +47,8 @@ def split_outputs(expanded: ir.Value) -> tuple[str, str] | None:
 
 @RULES.register("sincos_table")
 class SinCosTable(CosSinRule):
-    def __init__(self, job):
-        super().__init__(job, "sincos_table")
+    rule_name = "sincos_table"
+    functions = ("SinCos",)
 
     def pattern(self, op, table, shape):
         return op.Expand(table, shape, _outputs=["expanded"])
@@ -76,7 +76,7 @@ class SinCosTable(CosSinRule):
                 reasons.append(f"theta: the graph's sin/cos table differs from the config's (theta {p.theta:g}, rotary dim {p.rotary_dim}) by {err:.2e}")
                 continue
             self._p = p
-            self.job.found.add((self.name, table.name))
+            self.job.found.add((self.rule_name, table.name))
             return r
         reason = "; ".join(dict.fromkeys(reasons))
         self.job.refuse(f"{reason} (site {table.name!r})")
@@ -90,6 +90,6 @@ class SinCosTable(CosSinRule):
             self.job._tables[key] = (op.initializer(ir.tensor(t), name=f"pe_export.rope.sincos_table_{len(self.job._tables)}"),)
         new = self.job._tables[key][0]
         sin, cos = split_outputs(expanded)
-        self.job.sites.append(Site(rule=self.name, inv_freq=table.name, positions="", cos=cos, sin=sin,
+        self.job.sites.append(Site(rule=self.rule_name, inv_freq=table.name, positions="", cos=cos, sin=sin,
                                    params=site_params(p), tables=[new.name], width="half"))
         return op.Expand(new, shape)
