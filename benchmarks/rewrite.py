@@ -1,0 +1,151 @@
+"""`pe-export rewrite` on ORT CPU: the original torch.onnx export of a Llama-3.1-shaped model against the
+rewritten model for each --op, in one run: a 2048-token prefill and a one-token decode at position 100000.
+
+    python benchmarks/rewrite.py [--hidden 2048] [--heads 16] [--layers 2] [--prefill 2048] [--repeat 3]
+        [--threads 2] [--output FILE.md]
+
+The model: transformers 5.23 Llama (random weights, llama3 scaling x8, theta 5e5, 131072 positions),
+exported with torch.onnx.export(dynamo=True), inputs (input_ids, position_ids) -> logits, no KV cache
+(the decode is one token at position 100000). Each variant is timed in the same rounds of the same
+process (interleaved, median of --repeat), and profiled once (ORT's profiler) for where the time goes:
+per op type, and the share of the nodes only RoPE has (Cos/Sin; RotaryEmbedding for the fused targets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+OPS = ("tables", "onnx", "ort", "decomposed")
+ROPE_OPS = {"Cos", "Sin", "RotaryEmbedding"}
+
+
+def build(args, folder: Path) -> tuple[Path, Path]:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import rewrite_models as rm
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=args.hidden * 2, num_hidden_layers=args.layers,
+                      num_attention_heads=args.heads, num_key_value_heads=args.heads // 2, max_position_embeddings=131072,
+                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    rm.export(model, folder / "original.onnx")
+    cfg.save_pretrained(folder)
+    return folder / "original.onnx", folder / "config.json"
+
+
+def session(path: Path, threads: int, profile: str | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    if profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    assert sess.get_providers()[0] == "CPUExecutionProvider"
+    return sess
+
+
+def where_time_goes(path: Path, feed: dict, threads: int, prefix: str) -> dict:
+    """Per op type, the share of the node time of the last of three runs (ORT profiler; the first runs
+    plan memory), and the share of the nodes only RoPE has (Cos, Sin, RotaryEmbedding)."""
+    sess = session(path, threads, prefix)
+    for _ in range(3):
+        sess.run(None, feed)
+    trace = json.loads(Path(sess.end_profiling()).read_text())
+    last = [ev for ev in trace if ev.get("name") == "model_run"][-1]
+    by_type, rope = Counter(), 0.0
+    for ev in trace:
+        if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time") and last["ts"] <= ev["ts"] <= last["ts"] + last["dur"]:
+            op = ev["args"].get("op_name", "?")
+            by_type[op] += ev["dur"]
+            if op in ROPE_OPS:
+                rope += ev["dur"]
+    total = sum(by_type.values()) or 1
+    return {"top": [(k, v / total) for k, v in by_type.most_common(4)], "rope_share": rope / total, "rope_us": rope}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--decode-at", type=int, default=100000)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--output", type=Path, default=None)
+    args = ap.parse_args()
+
+    from pe_export.rewriter import rewrite
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="pe-export-rewrite-bench-") as tmp:
+        folder = Path(tmp)
+        t = time.perf_counter()
+        original, config = build(args, folder)
+        export_s = time.perf_counter() - t
+        paths = {"original": original}
+        rewrite_s = {}
+        for op in OPS:
+            t = time.perf_counter()
+            rewrite(original, config, op=op, output=folder / f"{op}.onnx")
+            rewrite_s[op] = time.perf_counter() - t
+            paths[op] = folder / f"{op}.onnx"
+        feeds = {
+            f"prefill {args.prefill}": {"input_ids": rng.integers(0, 256, (1, args.prefill)), "position_ids": np.arange(args.prefill)[None]},
+            f"decode at {args.decode_at}": {"input_ids": rng.integers(0, 256, (1, 1)), "position_ids": np.array([[args.decode_at]])},
+        }
+        sessions = {name: session(p, args.threads) for name, p in paths.items()}
+        times = {(case, name): [] for case in feeds for name in paths}
+        for case, feed in feeds.items():
+            for s in sessions.values():
+                s.run(None, feed)  # warm-up
+            for _ in range(args.repeat):
+                for name, s in sessions.items():  # interleaved: every variant sees the same load
+                    t = time.perf_counter()
+                    s.run(None, feed)
+                    times[(case, name)].append(time.perf_counter() - t)
+        profiles = {(case, name): where_time_goes(paths[name], feed, args.threads, str(folder / f"prof-{name}"))
+                    for case, feed in feeds.items() for name in paths}
+
+    lines = [
+        "# pe-export rewrite on ORT CPU",
+        "",
+        f"Llama, hidden {args.hidden}, {args.heads} heads, {args.layers} layers, llama3 scaling, 131072 positions; "
+        f"{platform.processor() or platform.machine()}, {args.threads} threads, median of {args.repeat}; "
+        f"export {export_s:.0f} s, rewrite " + ", ".join(f"{op} {s:.1f} s" for op, s in rewrite_s.items()) + ".",
+        "",
+        "| case | model | median ms | ratio to original | Cos/Sin/RotaryEmbedding share | top op types (last profiled run) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for case in feeds:
+        base = statistics.median(times[(case, "original")])
+        for name in paths:
+            med = statistics.median(times[(case, name)])
+            prof = profiles[(case, name)]
+            top = ", ".join(f"{k} {v:.0%}" for k, v in prof["top"])
+            lines.append(f"| {case} | {name} | {med * 1e3:.1f} | {med / base:.3f} | {prof['rope_share']:.2%} ({prof['rope_us'] / 1e3:.2f} ms) | {top} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.output:
+        args.output.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
