@@ -214,3 +214,19 @@ def test_installed_entry_point_help():
     exe = str(exe) if exe.exists() else shutil.which("pe-export")
     r = subprocess.run([exe, "rewrite", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--config" in r.stdout
+
+
+def test_external_data_in_external_data_out(exported, tmp_path):
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from pe_export.rewriter import rewrite
+
+    path, config, _, _ = exported("llama")
+    ir.save(ir.load(path), tmp_path / "in.onnx", external_data="in.onnx.data")
+    rewrite(tmp_path / "in.onnx", config, output=tmp_path / "out.onnx")
+    assert (tmp_path / "out.onnx.data").is_file()
+    feed = rm.inputs(1, np.arange(4))
+    got = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)

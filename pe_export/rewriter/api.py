@@ -40,13 +40,15 @@ def prune(model: ir.Model) -> None:
 
 def save(model: ir.Model, path: Path, force: bool) -> None:
     """Write `model` to `path` atomically (a temporary file beside it, then a rename); weights over
-    EXTERNAL_ABOVE go to `path.name + ".data"` beside it, renamed first."""
+    EXTERNAL_ABOVE, or read from external data, go to `path.name + ".data"` beside it, renamed first."""
     from pe_export.export import check_output_path
 
     path = Path(path)
     check_output_path(path, force)
     prune(model)
-    external = tensor_bytes(model) > EXTERNAL_ABOVE
+    external = tensor_bytes(model) > EXTERNAL_ABOVE or any(
+        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
+    )  # external data in, external data out
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     data = f"{path.name}.data"
