@@ -171,8 +171,13 @@ def gptj_table64(num_pos: int, dim: int) -> torch.Tensor:
 
 
 def oracle(model, cfg):
-    """The same model in float64 with float64 RoPE."""
-    m64 = copy.deepcopy(model).double().eval()
+    """The same model in float64 with float64 RoPE (rebuilt from the config and the weights: an exported
+    model may hold the exporter's fake tensors, e.g. LongRoPE's cached `long_inv_freq`)."""
+    from transformers import AutoModelForCausalLM
+
+    m64 = AutoModelForCausalLM.from_config(cfg)
+    m64.load_state_dict(model.state_dict())
+    m64 = m64.double().eval()
     for name, module in list(m64.named_modules()):
         if type(module).__name__.endswith("RotaryEmbedding"):
             parent = m64.get_submodule(name.rsplit(".", 1)[0]) if "." in name else m64
