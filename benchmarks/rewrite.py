@@ -3,6 +3,7 @@ rewritten model for each --op, in one run: a 2048-token prefill and a one-token 
 
     python benchmarks/rewrite.py [--hidden 2048] [--heads 16] [--layers 2] [--prefill 2048] [--repeat 3]
         [--threads 2] [--output FILE.md]
+    python benchmarks/rewrite.py --accuracy [FAMILY ...]   # the logits error table of docs/rewrite.md
 
 The model: transformers 5.23 Llama (random weights, llama3 scaling x8, theta 5e5, 131072 positions),
 exported with torch.onnx.export(dynamo=True), inputs (input_ids, position_ids) -> logits, no KV cache
@@ -80,6 +81,34 @@ def where_time_goes(path: Path, feed: dict, threads: int, prefix: str) -> dict:
     return {"top": [(k, v / total) for k, v in by_type.most_common(4)], "rope_share": rope / total, "rope_us": rope}
 
 
+def accuracy(families: list[str], ops=OPS) -> str:
+    """The measured table of the README: per family and --op, the logits' max abs error against the float64
+    oracle (tests/rewrite_models.py) at positions 0-63 and at the last 64 positions of the table."""
+    import rewrite_models as rm
+
+    from pe_export.rewriter import rewrite
+
+    lines = ["| family | --op | last position | original 0-63 | original last 64 | rewritten 0-63 | rewritten last 64 | end / start |",
+             "|---|---|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory(prefix="pe-export-rewrite-acc-") as tmp:
+        for name in families:
+            family = rm.BY_NAME[name]
+            folder = Path(tmp) / name
+            folder.mkdir()
+            model, cfg = rm.build(family)
+            original = rm.export(model, folder / "model.onnx")
+            config = rm.save_config(cfg, folder)
+            m64 = rm.oracle(model, cfg)
+            for op in ops:
+                out = folder / f"{op}.onnx"
+                rewrite(original, config, op=op, output=out)
+                e = rm.errors(original, out, m64, family.last)
+                lines.append(f"| {name} | {op} | {family.last - 1} | {e['original_start']:.1e} | {e['original_end']:.1e} | "
+                             f"{e['rewritten_start']:.1e} | {e['rewritten_end']:.1e} | {e['rewritten_end'] / e['rewritten_start']:.2f} |")
+                print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=2048)
@@ -90,7 +119,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--output", type=Path, default=None)
+    ap.add_argument("--accuracy", nargs="*", metavar="FAMILY", help="Instead: the logits error table of these families (tests/rewrite_models.py; none: all).")
     args = ap.parse_args()
+    if args.accuracy is not None:
+        import rewrite_models as rm
+
+        text = accuracy(args.accuracy or [f.name for f in rm.FAMILIES])
+        if args.output:
+            args.output.write_text(text)
+        return
 
     from pe_export.rewriter import rewrite
 
