@@ -230,3 +230,21 @@ def test_external_data_in_external_data_out(exported, tmp_path):
     got = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)[0]
     want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_config_keyed_by_layer_type_gives_one_parameter_set_per_type(tmp_path):
+    from pe_export.rewriter.params import disagreement, match, params_from_config
+
+    cfg = {"model_type": "gemma3_text", "head_dim": 16, "hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 4096,
+           "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                               "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    local, full = params_from_config(path)
+    assert (local.theta, local.scaling) == (10000.0, "default") and (full.theta, full.scaling) == (1e6, "linear")
+    # Independent oracle: the frequencies written out from the formula, rounded to float32 as a graph holds them.
+    i = np.arange(0, 16, 2) / 16
+    graph_full = (1.0 / (1e6**i) / 8.0).astype(np.float32)
+    graph_local = (1.0 / (1e4**i)).astype(np.float32)
+    assert match(graph_full, [local, full])[0] is full and match(graph_local, [local, full])[0] is local
+    assert "theta" in disagreement((1.0 / (2e4**i)).astype(np.float32), local)
