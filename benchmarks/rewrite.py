@@ -32,10 +32,9 @@ ROPE_OPS = {"Cos", "Sin", "RotaryEmbedding"}
 
 
 def build(args, folder: Path) -> tuple[Path, Path]:
+    import rewrite_models as rm
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    import rewrite_models as rm
 
     cfg = LlamaConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=args.hidden * 2, num_hidden_layers=args.layers,
                       num_attention_heads=args.heads, num_key_value_heads=args.heads // 2, max_position_embeddings=131072,

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-
 from pe_export.cli.common import choices, fail, out
 
 OPS = ("tables", "onnx", "ort", "decomposed")  # pe_export.rewriter.core.OPS, import-free

@@ -12,7 +12,6 @@ arithmetic, not pe-export's, defines the frequencies), LongRoPE's short/long swi
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import types
 from dataclasses import dataclass, field

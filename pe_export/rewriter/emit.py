@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from pe_export.encodings.rope import RopeParams
-
 
 def safe_positions(op, positions: ir.Value, rows: int) -> ir.Value:
     return op.Where(op.Less(positions, op.Constant(value_int=0)), op.Constant(value_int=rows), positions)

@@ -27,12 +27,7 @@ def params_from_config(config: Path | str | dict, seq: int | None = None) -> lis
     is keyed by layer type (Gemma 3: `sliding_attention`, `full_attention`)."""
     from pe_export.hf_config import rope_params_by_layer_type
 
-    try:
-        found = rope_params_by_layer_type(Path(config), seq)
-    except BadInput:
-        raise
-    except ValueError as e:
-        raise BadInput(f"config: {e}") from None
+    found = rope_params_by_layer_type(Path(config), seq)  # raises BadInput itself
     out = []
     for name, params in found.items():
         try:

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx_ir as ir
 
-from pe_export.encodings.rope import RopeParams, tables
+from pe_export.encodings.rope import RopeParams, inv_freq, tables
+from pe_export.verify import tolerance
 from pe_export.rewriter.job import Site
 
 EPS32 = 2.0**-24  # float32 unit roundoff
@@ -94,7 +95,7 @@ def feeds(model: ir.Model, positions: np.ndarray, batch: int = 1, seed: int = 0)
             out[v.name] = np.repeat(positions[None], batch, 0).astype(dtype)
         elif "mask" in name:
             out[v.name] = np.ones((batch, S), dtype=dtype)
-        elif "past" in name or "cache" in name and np.issubdtype(dtype, np.floating):
+        elif ("past" in name or "cache" in name) and np.issubdtype(dtype, np.floating):
             shape = [batch if i == 0 else (d if d is not None else 0) for i, d in enumerate(dims)]
             out[v.name] = np.zeros(shape, dtype=dtype)
         elif np.issubdtype(dtype, np.integer):
@@ -132,18 +133,15 @@ def check_sites(original: ir.Model, rewritten: ir.Model, sites: list[Site], runt
                 got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
                 c, s = got[site.cos].reshape(-1, positions.size, ref_cos.shape[-1])[0], got[site.sin].reshape(-1, positions.size, ref_sin.shape[-1])[0]
                 errs[kind] = np.maximum(np.abs(c - ref_cos).max(-1), np.abs(s - ref_sin).max(-1))
-            from pe_export.verify import tolerance
-
-            bound = tolerance("fp32", "decomposed").factor * EPS32 * max(1.0, site.params.get("attention_factor", 1.0) * _factor(site))
+            bound = tolerance("fp32", "decomposed").factor * EPS32 * max(1.0, _factor(site))
             verdict = "pass" if float(errs["rewritten"].max()) <= bound else "FAIL"
             rows.append(SiteRow(i, runtime, positions.tolist(), errs["original"].tolist(), errs["rewritten"].tolist(), bound, verdict))
     return rows
 
 
 def _factor(site: Site) -> float:
-    from pe_export.encodings.rope import inv_freq
-
-    return inv_freq(RopeParams(**site.params), site.seq_len)[1] / site.params.get("attention_factor", 1.0)
+    """The largest |cos| or |sin| of the site: its attention factor (the rule's times the params')."""
+    return inv_freq(RopeParams(**site.params), site.seq_len)[1]
 
 
 def check_whole(original: ir.Model, rewritten: ir.Model, runtimes=("ort-cpu",), batch: int = 2) -> list[WholeRow]:

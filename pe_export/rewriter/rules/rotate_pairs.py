@@ -11,7 +11,6 @@ tables built in float64 (the same values as the rewritten [sin | cos] table).
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
