@@ -248,3 +248,50 @@ def test_config_keyed_by_layer_type_gives_one_parameter_set_per_type(tmp_path):
     graph_local = (1.0 / (1e4**i)).astype(np.float32)
     assert match(graph_full, [local, full])[0] is full and match(graph_local, [local, full])[0] is local
     assert "theta" in disagreement((1.0 / (2e4**i)).astype(np.float32), local)
+
+
+def matmul_form_graph(inv_freq: np.ndarray, factor: float | None) -> onnx.ModelProto:
+    """transformers 4.x's cos/sin as optimum exports it (MatMul + Transpose), written with onnx.helper."""
+    h, T = onnx.helper, onnx.TensorProto
+    inits = [onnx.numpy_helper.from_array(inv_freq.reshape(1, -1, 1), "inv_freq"),
+             onnx.numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+             onnx.numpy_helper.from_array(np.float32(factor or 1.0), "factor")]
+    nodes = [h.make_node("Unsqueeze", ["position_ids", "axis1"], ["p1"]), h.make_node("Cast", ["p1"], ["pf"], to=T.FLOAT),
+             h.make_node("MatMul", ["inv_freq", "pf"], ["f"]), h.make_node("Transpose", ["f"], ["ft"], perm=[0, 2, 1]),
+             h.make_node("Concat", ["ft", "ft"], ["emb"], axis=-1),
+             h.make_node("Cos", ["emb"], ["cos" if factor is None else "c"]), h.make_node("Sin", ["emb"], ["sin" if factor is None else "s"])]
+    if factor is not None:
+        nodes += [h.make_node("Mul", ["c", "factor"], ["cos"]), h.make_node("Mul", ["s", "factor"], ["sin"])]
+    graph = h.make_graph(nodes, "rope", [h.make_tensor_value_info("position_ids", T.INT64, ["B", "S"])],
+                         [h.make_tensor_value_info(n, T.FLOAT, ["B", "S", 2 * inv_freq.size]) for n in ("cos", "sin")], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 20)])
+
+
+@pytest.mark.parametrize("scaling", ["default", "yarn"])
+def test_matmul_form_of_transformers_4(scaling, tmp_path):
+    import onnxruntime as ort
+
+    from pe_export.rewriter import rewrite
+
+    R, theta, P = 16, 10000.0, 65536
+    rope = {"rope_type": "default", "rope_theta": theta}
+    inv64 = 1.0 / theta ** (np.arange(0, R, 2) / R)
+    factor = None
+    if scaling == "yarn":  # transformers' YaRN written out in float64: ramp between beta_fast 32 and beta_slow 1
+        s, orig = 4.0, 16384
+        rope = {"rope_type": "yarn", "rope_theta": theta, "factor": s, "original_max_position_embeddings": orig}
+        low = np.floor(R * np.log(orig / (32 * 2 * np.pi)) / (2 * np.log(theta)))
+        high = np.ceil(R * np.log(orig / (1 * 2 * np.pi)) / (2 * np.log(theta)))
+        ramp = np.clip((np.arange(R // 2) - low) / (high - low), 0, 1)
+        inv64 = inv64 / s * ramp + inv64 * (1 - ramp)
+        factor = 0.1 * np.log(s) + 1.0
+    cfg = {"model_type": "llama", "head_dim": R, "hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": P, "rope_parameters": rope}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = matmul_form_graph(inv64.astype(np.float32), None if factor is None else float(factor))
+    result = rewrite(model, tmp_path / "config.json", output=tmp_path / "out.onnx")
+    assert {s.rule for s in result.sites} == {"cos_sin_matmul" + ("_factor" if factor else "")}
+    pos = np.array([[0, 1, 1000, P - 2, P - 1]])
+    cos, sin = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"]).run(None, {"position_ids": pos})
+    angle = pos[0, :, None] * np.concatenate([inv64, inv64])
+    F = factor or 1.0
+    assert np.abs(cos[0] - np.cos(angle) * F).max() <= 2 * 2.0**-24 * F and np.abs(sin[0] - np.sin(angle) * F).max() <= 2 * 2.0**-24 * F
