@@ -16,8 +16,8 @@ import numpy as np
 import onnx_ir as ir
 
 from pe_export.encodings.rope import RopeParams, inv_freq, tables
-from pe_export.verify import tolerance
 from pe_export.rewriter.job import Site
+from pe_export.verify import tolerance
 
 EPS32 = 2.0**-24  # float32 unit roundoff
 RUNTIMES = ("ort-cpu", "ort-cpu-noopt")
