@@ -295,3 +295,22 @@ def test_matmul_form_of_transformers_4(scaling, tmp_path):
     angle = pos[0, :, None] * np.concatenate([inv64, inv64])
     F = factor or 1.0
     assert np.abs(cos[0] - np.cos(angle) * F).max() <= 2 * 2.0**-24 * F and np.abs(sin[0] - np.sin(angle) * F).max() <= 2 * 2.0**-24 * F
+
+
+def test_float32_inv_freq_as_transformers_computes_it_agrees_and_a_wrong_theta_is_named():
+    import torch
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from pe_export.encodings.rope import RopeParams
+    from pe_export.rewriter.params import disagreement
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+    cfg = LlamaConfig(hidden_size=2048, num_attention_heads=16, max_position_embeddings=131072, rope_parameters=rope)
+    graph, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, torch.device("cpu"))  # float32, transformers' own arithmetic
+    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_positions": 8192}
+    p = RopeParams(head_dim=128, theta=500000.0, max_positions=131072, scaling="llama3", scaling_params=scaling)
+    assert disagreement(graph.numpy(), p) is None
+    assert disagreement(graph.numpy(), RopeParams(head_dim=128, theta=500050.0, max_positions=131072, scaling="llama3",
+                                                  scaling_params=scaling)).startswith("theta")
