@@ -5,6 +5,7 @@ The public API (each name documented where it is defined; README section "Python
     preset, rope_tables, translation_table    pe_export.api
     RotaryEmbedding                           pe_export.modules (an nn.Module)
     export, verify                            pe_export.pipeline
+    rewrite                                   pe_export.rewriter (the RoPE inside a whole ONNX model)
     BadInput                                  pe_export.errors
 
 Names are imported on first use, so `import pe_export` (and `pe-export --help`) loads no torch.
@@ -23,6 +24,7 @@ _WHERE = {
     "RotaryEmbedding": "pe_export.modules",
     "export": "pe_export.pipeline",
     "verify": "pe_export.pipeline",
+    "rewrite": "pe_export.rewriter",
     "BadInput": "pe_export.errors",
 }
 __all__ = [*_WHERE, "__version__"]

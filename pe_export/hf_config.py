@@ -66,7 +66,20 @@ def _either(*values):
 
 def rope_params_from_config(path: Path, max_positions: int | None = None) -> dict:
     """The RoPE parameter dict (as `RopeParams` takes it) that `path` describes."""
+    return _params(read_config(path), path, max_positions)
+
+
+def rope_params_by_layer_type(path: Path, max_positions: int | None = None) -> dict[str, dict]:
+    """{layer type: RoPE parameter dict}: one entry per key where `rope_parameters` is keyed by layer
+    type (Gemma 3: `sliding_attention`, `full_attention`), else the one set under the key ""."""
     cfg = read_config(path)
+    block = cfg.get("rope_parameters")
+    if isinstance(block, dict) and block and all(isinstance(v, dict) for v in block.values()):
+        return {name: _params({**cfg, "rope_parameters": sub}, path, max_positions) for name, sub in block.items()}
+    return {"": _params(cfg, path, max_positions)}
+
+
+def _params(cfg: dict, path: Path, max_positions: int | None) -> dict:
     model_type = cfg.get("model_type", "")
     block = cfg.get("rope_parameters") if cfg.get("rope_parameters") is not None else cfg.get("rope_scaling")
     if block is None:

@@ -1,0 +1,75 @@
+"""`rewrite`: data in, data out on an `onnx_ir.Model` (the file handling is in `pe_export.rewriter.files`).
+
+Two passes of the same rule set: a dry pass (onnxscript's matching tracer: checks run, nothing changes)
+that collects every site and every refusal, so that a config that disagrees with any site fails before
+anything is touched; then the pass that rewrites.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+from onnxscript.rewriter import _basics, pattern
+
+from pe_export.errors import BadInput
+from pe_export.rewriter.job import Job, Site
+from pe_export.rewriter.params import params_from_config
+from pe_export.rewriter.rules import RULES
+from pe_export.rewriter.rules.base import as_rule
+
+OPS = ("tables", "onnx", "ort", "decomposed")
+METADATA_KEY = "pe_export.rewrite"
+
+
+@dataclass
+class Rewritten:
+    """The rewritten model, its sites, and the spec written into its metadata."""
+
+    model: ir.Model
+    sites: list[Site]
+    spec: dict = field(default_factory=dict)
+
+
+def rule_set(job: Job, kinds=("cos_sin",)) -> pattern.RewriteRuleSet:
+    classes = [RULES.get(n) for n in RULES.names() if RULES.get(n).kind in kinds]
+    rules = sorted((cls(job, fn) for cls in classes for fn in cls.functions), key=lambda r: (r.order, r.name))
+    return pattern.RewriteRuleSet([as_rule(r) for r in rules], commute=True)
+
+
+def rewrite_model(model: ir.Model, config, seq: int | None = None, op: str = "tables") -> Rewritten:
+    """Replace every recognised cos/sin computation of `model` (in place) by a Gather from float64-built
+    tables of `seq` positions (default: the config's max_position_embeddings); with op onnx|ort|decomposed
+    also each q/k rotation by pe-export's lowering. Raises BadInput, before changing anything, for a model
+    with no site, a config that disagrees with a site, or a model this command already rewrote."""
+    if op not in OPS:
+        raise BadInput(f"--op must be one of {', '.join(OPS)}, got {op!r}")
+    if METADATA_KEY in model.metadata_props:
+        raise BadInput("this model was already rewritten by pe-export rewrite (metadata 'pe_export.rewrite'); rewrite the original")
+    job = Job(params_from_config(config, seq), seq, op)
+    rules = rule_set(job)
+    # Dry: onnxscript builds each replacement but applies none; forget what it built.
+    rules.apply_to_model(model, tracer=_basics.MatchingTracer())
+    job.forget_built()
+    if job.refused:
+        raise BadInput(f"the config disagrees with the graph: {'; '.join(dict.fromkeys(job.refused))}")
+    if not job.found:
+        raise BadInput(f"no RoPE site found (recognised shapes: {', '.join(RULES.names())})")
+    rules.apply_to_model(model)
+    for site in job.sites:  # the float32 constants the tables replace
+        old = model.graph.initializers.get(site.inv_freq)
+        if old is not None and not old.uses() and old not in model.graph.outputs:
+            del model.graph.initializers[site.inv_freq]
+    if op != "tables":
+        from pe_export.rewriter.rotations import replace_rotations
+
+        replace_rotations(model, job)
+    spec = {
+        "version": 1,
+        "op": op,
+        "seq": seq,
+        "sites": [s.to_dict() for s in job.sites],
+    }
+    model.metadata_props[METADATA_KEY] = json.dumps(spec)
+    return Rewritten(model, job.sites, spec)

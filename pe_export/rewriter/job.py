@@ -1,0 +1,72 @@
+"""The state of one rewrite: the config's parameter sets, what was found, and the tables built.
+
+Rules record every site they rewrite (`Site`) and every site they recognise but must refuse (a config
+that disagrees with the graph), so that the caller can fail with the reason before returning anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from pe_export.encodings.rope import RopeParams, tables
+from pe_export.rewriter import params as params_mod
+
+
+@dataclass
+class Site:
+    """One rewritten cos/sin computation. `cos`/`sin` name the (..., R) values the model's rotations read."""
+
+    rule: str
+    inv_freq: str  # the graph's constant (or table) that was replaced
+    positions: str  # the int64 positions value the new Gather reads
+    cos: str  # the same name in the original and the rewritten graph
+    sin: str
+    params: dict
+    tables: list[str]
+    seq_len: int | None = None  # the rule's branch (LongRoPE short/long), None when it has one
+    rotations: int = 0  # q/k rotations replaced by --op onnx|ort|decomposed
+    width: str = "full"  # cos/sin values (B, S, R) [t, t]; "half": (B, S, R/2)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Job:
+    candidates: list[RopeParams]
+    seq: int | None
+    op: str = "tables"
+    sites: list[Site] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    site_index: dict = field(default_factory=dict)  # (inv_freq, positions, branch) -> Site
+    found: set = field(default_factory=set)  # (rule, inv_freq) of every site whose check passed
+    _tables: dict = field(default_factory=dict)
+
+    def table_params(self, p: RopeParams) -> RopeParams:
+        return params_mod.with_seq(p, self.seq)
+
+    def refuse(self, reason: str) -> str:
+        self.refused.append(reason)
+        return reason
+
+    def forget_built(self) -> None:
+        self.sites.clear()
+        self.site_index.clear()
+        self._tables.clear()
+
+    def tables_for(self, op, p: RopeParams, seq_len: int | None = None, label: str = "") -> tuple[ir.Value, ir.Value]:
+        """The float32 (P, R/2) cos and sin initializers of `p` (attention factor included), built once in
+        float64 and cast once, shared by every site with the same parameters and branch."""
+        p = self.table_params(p)
+        key = (repr(p), seq_len)
+        if key not in self._tables:
+            cos, sin = tables(p, seq_len)  # (P, R/2) float64
+            name = f"pe_export.rope.{{}}_table_{len(self._tables)}{label}"
+            self._tables[key] = tuple(
+                op.initializer(ir.tensor(t.astype(np.float32)), name=name.format(kind))
+                for kind, t in (("cos", cos), ("sin", sin))
+            )
+        return self._tables[key]

@@ -1,0 +1,36 @@
+"""The rewrite report: JSON, or Markdown for a `.md` path (per site and position, the original's and the
+rewritten's cos/sin error against float64, and the whole-model comparison)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def document(spec: dict, site_rows, whole_rows) -> dict:
+    return {"rewrite": spec, "sites": [r.to_dict() for r in site_rows], "whole_model": [r.to_dict() for r in whole_rows]}
+
+
+def markdown(doc: dict) -> str:
+    spec = doc["rewrite"]
+    lines = [f"# pe-export rewrite (op {spec['op']})", "", "## Sites", "",
+             "| site | rule | inv_freq | rotary dim | theta | scaling | table rows | rotations |", "|---|---|---|---|---|---|---|---|"]
+    for i, s in enumerate(spec["sites"]):
+        p = s["params"]
+        scaling = p["scaling"] + (f" {p['scaling_params']}" if p["scaling_params"] else "")
+        lines.append(f"| {i} | {s['rule']} | `{s['inv_freq']}` | {p['rotary_dim']} | {p['theta']:g} | {scaling} | {p['max_positions']} | {s['rotations']} |")
+    lines += ["", "## cos/sin against float64, per site and position", "",
+              "| site | runtime | position | original error | rewritten error | bound | verdict |", "|---|---|---|---|---|---|---|"]
+    for r in doc["sites"]:
+        for pos, eo, en in zip(r["positions"], r["original_error"], r["rewritten_error"]):
+            ok = "pass" if en <= r["bound"] else "FAIL"
+            lines.append(f"| {r['site']} | {r['runtime']} | {pos} | {eo:.2e} | {en:.2e} | {r['bound']:.2e} | {ok} |")
+    lines += ["", "## Whole model, original against rewritten at short positions", "",
+              "| runtime | positions | max abs diff | bound | verdict |", "|---|---|---|---|---|"]
+    for r in doc["whole_model"]:
+        lines.append(f"| {r['runtime']} | 0-{r['positions'] - 1} | {r['max_abs_diff']:.2e} | {r['bound']:.2e} | {r['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def render(doc: dict, path: Path) -> bytes:
+    return (markdown(doc) if path.suffix.lower() == ".md" else json.dumps(doc, indent=2)).encode()

@@ -1,0 +1,29 @@
+"""--op onnx|ort|decomposed: the second pass, replacing each q/k rotation that reads a rewritten site's
+cos/sin by pe-export's lowering (rules of kind "rotation")."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from pe_export.errors import BadInput
+from pe_export.rewriter.job import Job
+
+ONNX_OPSET = 23  # the standard RotaryEmbedding
+
+
+def replace_rotations(model: ir.Model, job: Job) -> int:
+    from pe_export.rewriter.core import rule_set
+
+    if job.op == "onnx" and model.opset_imports.get("", 1) < ONNX_OPSET:
+        from onnxscript import version_converter
+
+        version_converter.convert_version(model, ONNX_OPSET)
+    if job.op == "ort":
+        from pe_export.custom_ops.lowerings import register_contrib_schema
+
+        register_contrib_schema()
+        model.opset_imports.setdefault("com.microsoft", 1)
+    count = rule_set(job, kinds=("rotation",)).apply_to_model(model)
+    if not count:
+        raise BadInput(f"--op {job.op}: no q/k rotation reads the rewritten cos/sin in a shape recognised here (rotate_half); use --op tables")
+    return count

@@ -1,0 +1,129 @@
+"""What the cos/sin rules share: reading a constant `inv_freq`, naming the parameter that disagrees,
+and recording the site."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+from pe_export.rewriter import emit
+from pe_export.rewriter import params as params_mod
+from pe_export.rewriter.job import Job, Site
+
+
+class CosSinRule(pattern.RewriteRuleClassBase):
+    """The Cos (or the Sin) half of a cos/sin computation, replaced by a Gather of its table
+    (`emit.gather`): subclasses give `pattern` and may extend `check`. One instance per function:
+    single-output patterns keep onnxscript's matcher linear in the graph (a two-output pattern tries
+    every pair of candidate output nodes). The angles feed both Cos and Sin, so the matched nodes stay
+    until the rule set's final unused-node pass.
+    `order`: rules with a smaller order are tried first (a shape that contains another's goes first)."""
+
+    order = 1
+    kind = "cos_sin"
+    functions = ("Cos", "Sin")
+
+    def __init__(self, job: Job, fn: str):
+        super().__init__(f"{self.rule_name}.{fn.lower()}", remove_nodes=False)
+        self.job = job
+        self.fn = fn
+        self._p = None
+
+    def trig(self, op, emb):
+        return op.Cos(emb) if self.fn == "Cos" else op.Sin(emb)
+
+    def check_positions(self, r: pattern.MatchResult, position_ids: ir.Value, axes: ir.Value | None):
+        if position_ids.dtype not in (None, ir.DataType.INT64):
+            return r.fail(f"positions are {position_ids.dtype}, not int64", position_ids)
+        if axes is not None:
+            a = axes.const_value
+            rank = position_ids.shape.rank() if position_ids.shape is not None else None
+            if a is None or [int(v) for v in a.numpy().reshape(-1)] not in ([-1], [rank]):
+                return r.fail("the positions are not unsqueezed on a new last axis", axes)
+        return r
+
+    def constant_freqs(self, r: pattern.MatchResult, inv_freq: ir.Value) -> np.ndarray | None:
+        value = inv_freq.const_value
+        if value is None:
+            r.fail("inv_freq is not a constant", inv_freq)
+            return None
+        g = value.numpy()
+        if g.dtype != np.float32 or sum(d > 1 for d in g.shape) > 1:
+            r.fail(f"inv_freq is {g.dtype} of shape {g.shape}, not float32 (R/2,)", inv_freq)
+            return None
+        return g.reshape(-1)
+
+    def match_params(self, r: pattern.MatchResult, inv_freq: ir.Value, g: np.ndarray, seq_len: int | None = None):
+        p, reason = params_mod.match(g, self.job.candidates, seq_len)
+        if p is None:
+            self.job.refuse(f"{reason} (site {inv_freq.name!r})")
+            r.fail(reason, inv_freq)
+        return p
+
+    def factor_of(self, r: pattern.MatchResult, *factors: ir.Value) -> float | None:
+        values = []
+        for f in factors:
+            v = f.const_value
+            if v is None or v.numpy().size != 1:
+                r.fail("the attention factor is not a scalar constant", f)
+                return None
+            values.append(float(v.numpy().reshape(())))
+        if len(set(values)) != 1:
+            r.fail(f"cos and sin are multiplied by different factors {values}")
+            return None
+        return values[0]
+
+    def check_factor(self, r: pattern.MatchResult, inv_freq: ir.Value, p, graph_factor: float, seq_len: int | None = None):
+        """The last step of every check: the factor agrees, and the site counts as found."""
+        reason = params_mod.factor_disagreement(graph_factor, p, seq_len)
+        if reason:
+            self.job.refuse(f"{reason} (site {inv_freq.name!r})")
+            return r.fail(reason, inv_freq)
+        self.job.found.add((self.rule_name, inv_freq.name))
+        return r
+
+    def record(self, inv_freq: ir.Value, position_ids: ir.Value, out: ir.Value, p, seq_len=None) -> Site:
+        """The site of (inv_freq, positions, branch), made by its Cos rule or its Sin rule, whichever runs
+        first; `out`: the matched output, whose name the replacement value takes over."""
+        key = (inv_freq.name, position_ids.name, seq_len)
+        site = self.job.site_index.get(key)
+        if site is None:
+            site = Site(rule=self.rule_name, inv_freq=inv_freq.name, positions=position_ids.name, cos="", sin="",
+                        params=site_params(self.job.table_params(p)), tables=[], seq_len=seq_len)
+            self.job.site_index[key] = site
+            self.job.sites.append(site)
+        setattr(site, self.fn.lower(), out.name)
+        return site
+
+    def gather(self, op, p, position_ids: ir.Value, site: Site, seq_len=None, label="") -> ir.Value:
+        tables = self.job.tables_for(op, p, seq_len, label)
+        site.tables = [t.name for t in tables]
+        return emit.gather(op, tables[0 if self.fn == "Cos" else 1], position_ids, self.job.table_params(p).max_positions)
+
+
+def site_params(p) -> dict:
+    return {
+        "head_dim": p.head_dim,
+        "rotary_dim": p.rotary_dim,
+        "theta": p.theta,
+        "pairing": p.pairing,
+        "max_positions": p.max_positions,
+        "scaling": p.scaling,
+        "scaling_params": dict(p.scaling_params),
+        "attention_factor": p.attention_factor,
+    }
+
+
+def as_rule(rule: pattern.RewriteRuleClassBase) -> pattern.RewriteRule:
+    """The onnxscript RewriteRule of a rule instance (what `RewriteRuleClassBase.rule()` builds from a class)."""
+    return pattern.RewriteRule(
+        rule.pattern,
+        rule.rewrite,
+        rule.check,
+        name=rule.name,
+        remove_nodes=rule.remove_nodes,
+        graph_pre_visitor=rule.setup,
+        graph_post_visitor=rule.cleanup,
+        as_function=rule.as_function,
+    )

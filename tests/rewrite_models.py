@@ -1,0 +1,223 @@
+"""Tiny transformers models for `pe-export rewrite` tests and benchmarks, and their float64 oracle.
+
+Every family is built from a transformers 5.23 config with tiny sizes and random weights (nothing is
+downloaded), q/k projections scaled up (QK_SCALE) so that RoPE phase reaches the logits, and exported
+with torch.onnx.export(dynamo=True) with inputs (input_ids, position_ids) -> logits.
+
+The oracle is the same torch model in float64 whose rotary module computes cos/sin in float64 from a
+float64 `inv_freq`: transformers' own rope-init function run with `torch.float` meaning float64 (so its
+arithmetic, not pe-export's, defines the frequencies), LongRoPE's short/long switch kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+QK_SCALE = 8.0
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_type: str  # transformers' config class key
+    config: dict  # beyond the tiny sizes
+    last: int  # the last position the tests probe (the table's end)
+    slow: bool = True
+    sizes: dict = field(default_factory=lambda: dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=2))
+
+
+FAMILIES = [
+    Family("llama", "llama", dict(max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+           last=32768, slow=False),
+    Family("llama3", "llama", dict(max_position_embeddings=131072, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}), last=131072),
+    Family("qwen2-yarn", "qwen2", dict(max_position_embeddings=131072, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 32768}), last=131072),
+    Family("mistral", "mistral", dict(max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                                      sliding_window=None), last=32768),
+    Family("gpt-neox", "gpt_neox", dict(max_position_embeddings=16384, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}), last=16384,
+           sizes=dict(hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)),
+    Family("phi3-longrope", "phi3", dict(max_position_embeddings=131072, original_max_position_embeddings=4096, pad_token_id=0, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0,
+        "short_factor": [1.0, 1.02, 1.05, 1.1, 1.2, 1.5, 2.0, 3.0],
+        "long_factor": [1.0, 1.3, 2.0, 4.0, 8.0, 16.0, 24.0, 32.0]}), last=131072),
+    Family("gemma", "gemma", dict(max_position_embeddings=8192, head_dim=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+           last=8192, sizes=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)),
+    Family("gpt-j", "gptj", dict(n_positions=16384, rotary_dim=8), last=16384,
+           sizes=dict(n_embd=64, n_inner=128, n_layer=2, n_head=4)),
+]
+BY_NAME = {f.name: f for f in FAMILIES}
+VOCAB = 128
+
+
+def build(family: Family, seed: int = 0):
+    """(model float32 eval, config) with random weights and q/k scaled by QK_SCALE."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(family.model_type, vocab_size=VOCAB, **family.sizes, **copy.deepcopy(family.config))
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(k in name for k in ("q_proj.weight", "k_proj.weight")):
+                param.mul_(QK_SCALE)
+            elif "query_key_value.weight" in name:  # GPT-NeoX: q, k, v interleaved per head
+                heads = cfg.num_attention_heads
+                w = param.view(heads, 3, -1, param.shape[-1])
+                w[:, :2] *= QK_SCALE
+    return model, cfg
+
+
+class Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids):
+        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+
+def export(model, path: Path) -> Path:
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    pos = torch.arange(8)[None].repeat(2, 1)
+    program = torch.onnx.export(
+        Logits(model).eval(), (ids, pos), dynamo=True, input_names=["input_ids", "position_ids"], output_names=["logits"],
+        dynamic_shapes={"input_ids": {0: "B", 1: "S"}, "position_ids": {0: "B", 1: "S"}}, verbose=False,
+    )
+    program.save(str(path))
+    return path
+
+
+def save_config(cfg, folder: Path) -> Path:
+    cfg.save_pretrained(folder)
+    return folder / "config.json"
+
+
+# --- the float64 oracle -----------------------------------------------------------------------------
+
+class _Float64Torch(types.ModuleType):
+    """`torch` with `float` and `float32` meaning float64, for running transformers' rope-init functions."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        if name in ("float", "float32"):
+            return torch.float64
+        return getattr(torch, name)
+
+
+def float64_rope_init(rotary, cfg, seq_len=None):
+    """(inv_freq float64 (R/2,), attention_factor) from transformers' own init function, in float64."""
+    from transformers import modeling_rope_utils
+
+    rope_type = rotary.rope_type
+    if rope_type == "default":
+        fn = type(rotary).compute_default_rope_parameters
+        modules = [sys.modules[type(rotary).__module__]]
+    else:
+        fn = modeling_rope_utils.ROPE_INIT_FUNCTIONS[rope_type]
+        modules = [modeling_rope_utils]
+    saved = [m.torch for m in modules]
+    try:
+        for m in modules:
+            m.torch = _Float64Torch()
+        inv_freq, factor = fn(cfg, seq_len=seq_len) if seq_len is not None else fn(cfg)
+    finally:
+        for m, t in zip(modules, saved):
+            m.torch = t
+    assert inv_freq.dtype == torch.float64, inv_freq.dtype
+    return inv_freq, float(factor)
+
+
+class Float64Rotary(torch.nn.Module):
+    """transformers' rotary forward in float64 (LongRoPE: long factors when max(position) + 1 exceeds the
+    original length, as transformers' `longrope_frequency_update`)."""
+
+    def __init__(self, rotary, cfg):
+        super().__init__()
+        self.short, self.factor = float64_rope_init(rotary, cfg)
+        self.long = None
+        if rotary.rope_type == "longrope":
+            self.original = cfg.rope_parameters.get("original_max_position_embeddings") or cfg.original_max_position_embeddings
+            self.long, _ = float64_rope_init(rotary, cfg, seq_len=self.original + 1)
+
+    def forward(self, x, position_ids):
+        inv_freq = self.short
+        if self.long is not None and int(position_ids.max()) + 1 > self.original:
+            inv_freq = self.long
+        freqs = position_ids[..., None].double() * inv_freq  # (B, S, R/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, S, R)
+        return (emb.cos() * self.factor).to(x.dtype), (emb.sin() * self.factor).to(x.dtype)
+
+
+def gptj_table64(num_pos: int, dim: int) -> torch.Tensor:
+    """GPT-J's `create_sinusoidal_positions` in float64: (P, R) = [sin | cos]."""
+    inv_freq = 1.0 / (10000.0 ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    angles = np.arange(num_pos, dtype=np.float64)[:, None] * inv_freq
+    return torch.from_numpy(np.concatenate([np.sin(angles), np.cos(angles)], axis=1))
+
+
+def oracle(model, cfg):
+    """The same model in float64 with float64 RoPE (rebuilt from the config and the weights: an exported
+    model may hold the exporter's fake tensors, e.g. LongRoPE's cached `long_inv_freq`)."""
+    from transformers import AutoModelForCausalLM
+
+    m64 = AutoModelForCausalLM.from_config(cfg)
+    m64.load_state_dict(model.state_dict())
+    m64 = m64.double().eval()
+    for name, module in list(m64.named_modules()):
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            parent = m64.get_submodule(name.rsplit(".", 1)[0]) if "." in name else m64
+            setattr(parent, name.rsplit(".", 1)[-1], Float64Rotary(module, cfg))
+        if hasattr(module, "embed_positions"):  # GPT-J attention
+            module.embed_positions = gptj_table64(module.embed_positions.shape[0], module.embed_positions.shape[1])
+    return m64
+
+
+def inputs(batch: int, positions: np.ndarray, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    positions = np.asarray(positions, dtype=np.int64)
+    return {
+        "input_ids": rng.integers(0, VOCAB, (batch, positions.size), dtype=np.int64),
+        "position_ids": np.repeat(positions[None], batch, axis=0),
+    }
+
+
+def oracle_logits(m64, feed: dict) -> np.ndarray:
+    with torch.no_grad():
+        out = m64(input_ids=torch.from_numpy(feed["input_ids"]), position_ids=torch.from_numpy(feed["position_ids"]), use_cache=False)
+    return out.logits.numpy()
+
+
+def ort_logits(path_or_bytes, feed: dict) -> np.ndarray:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path_or_bytes) if isinstance(path_or_bytes, Path) else path_or_bytes, so, providers=["CPUExecutionProvider"])
+    assert sess.get_providers()[0] == "CPUExecutionProvider"
+    return sess.run(None, feed)[0]
+
+
+def errors(original: Path, rewritten: Path, m64, last: int, window: int = 64, batch: int = 1) -> dict:
+    """Max abs logits error of both files against the float64 oracle at positions [0, window) and the
+    last `window` positions before `last`."""
+    out = {}
+    for where, positions in (("start", np.arange(window)), ("end", np.arange(last - window, last))):
+        feed = inputs(batch, positions)
+        truth = oracle_logits(m64, feed)
+        for kind, path in (("original", original), ("rewritten", rewritten)):
+            out[f"{kind}_{where}"] = float(np.abs(ort_logits(path, feed) - truth).max())
+    return out
