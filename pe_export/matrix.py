@@ -189,7 +189,7 @@ def compat(results: list[dict], runtimes) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _short_reason(note: str, limit: int = 60) -> str:
+def _short_reason(note: str, limit: int = 90) -> str:
     note = note.removeprefix("cannot load: ")
     return note if len(note) <= limit else note[: limit - 3] + "..."
 
