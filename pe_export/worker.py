@@ -46,8 +46,8 @@ class Timeout(Exception):
 
 def _serve() -> None:
     """The worker's loop (`python -m pe_export.worker`; stderr is the parent's log file): the parent's
-    sys.path, then ("load", (module, name), spec json, model bytes), ("run", inputs) and ("time",
-    inputs, repeat) requests, each answered with (status, value)."""
+    sys.path, then ("load", (module, name), spec json, model bytes, adapter keywords), ("run", inputs)
+    and ("time", inputs, repeat) requests, each answered with (status, value)."""
     import importlib
     import sys
     from multiprocessing.connection import Connection
@@ -59,21 +59,15 @@ def _serve() -> None:
     from pe_export.runtimes import Skip, Unsupported
     from pe_export.spec import Spec
 
-    class Conn:  # one object for the loop below: recv from stdin, send to stdout
-        recv, send = conn_in.recv, conn_out.send
-
-    conn = Conn
-
     call = None
     while True:
         try:
-            request = conn.recv()
+            request = conn_in.recv()
         except EOFError:
             return
         try:
             if request[0] == "load":
-                (module, qualname), spec_json, model_bytes = request[1:4]
-                options = request[4] if len(request) > 4 else {}
+                _, (module, qualname), spec_json, model_bytes, options = request
                 adapter = getattr(importlib.import_module(module), qualname)
                 if hasattr(call, "close"):  # the last model's own process (ort-web's Node)
                     call.close()
@@ -95,7 +89,7 @@ def _serve() -> None:
         except BaseException as e:  # noqa: BLE001 - every error goes back as the row's message
             reply = ("error", f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
             traceback.print_exc()
-        conn.send(reply)
+        conn_out.send(reply)
 
 
 def timer(call):

@@ -144,7 +144,10 @@ def xpos_module(spec):
                 self.register_buffer(name, torch.from_numpy(t).to(torch.float32))  # (P, D/2)
 
         def forward(self, x, position_ids):  # x (B, H, S, D), position_ids (B, S) -> (B, H, S, D)
-            c = (position_ids.max() + 2) // 2  # ceil(L / 2), L = max + 1: torchscale's centre
+            # ceil(L / 2), L = max + 1: torchscale's centre. Truncating division: the same as // for the
+            # max >= -2 of any valid input (all-negative ids are guarded to row P below and fail), and
+            # exported as one integer Div, where // brings a sign fix-up whose Equal of two bools tract rejects.
+            c = torch.div(position_ids.max() + 2, 2, rounding_mode="trunc")
             ids = guard(position_ids, P)  # out of range -> row P: the Gathers fail
             rows = torch.where(ids == P, P, ids - c + half)  # (B, S) rows of the scale table
             f = take(self.scale_table, rows)  # (B, S, D/2)
