@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from pe_export.cli.common import fail, out, parse_runtimes
+from pe_export.runtimes import DEFAULT_RUNTIMES, RUNTIMES
 
 app = typer.Typer()
 PROVIDERS = {"cpu": "ort-cpu", "cuda": "ort-cuda"}  # the old --providers names
@@ -18,7 +19,7 @@ PROVIDERS = {"cpu": "ort-cpu", "cuda": "ort-cuda"}  # the old --providers names
 def verify_command(
     file: Annotated[Path, typer.Argument(help="An ONNX file written by pe-export.")],
     runtimes: Annotated[
-        Optional[str], typer.Option(help="Runtimes to check, comma separated: torch, ort-cpu, ort-cpu-noopt, ort-cuda, onnx-reference, openvino (default: all; absent ones are reported as skipped).")
+        Optional[str], typer.Option(help=f"Runtimes to check, comma separated: {', '.join(RUNTIMES)} (default: {', '.join(DEFAULT_RUNTIMES)}; absent ones are reported as skipped).")
     ] = None,  # fmt: skip
     providers: Annotated[Optional[str], typer.Option(help="Old form of --runtimes: ONNX Runtime providers cpu, cuda (torch and onnx-reference run too).")] = None,
     positions: Annotated[Optional[str], typer.Option(help="Also probe exactly these positions: integers and ranges a:b, comma separated (e.g. 0,131000:131072).")] = None,
@@ -79,6 +80,8 @@ def finish(path, runtimes, report, force, seed, **options):
     exit_on(result)
     if result.silent:
         out.print(f"[yellow]warning[/yellow]: {', '.join(result.silent)} returned results for positions outside the table: guard positions before calling it")
+    if result.aborts:
+        out.print(f"[yellow]warning[/yellow]: {', '.join(result.aborts)} aborted the process (or hung) on positions outside the table: guard positions before calling it")
     out.print(f"[green]verified[/green]: {path} matches the float64 reference on every runtime that ran")
 
 

@@ -29,7 +29,7 @@ class NodeSession:
     """A Node process holding one onnxruntime-web session."""
 
     def __init__(self, model_bytes: bytes, threads: int):
-        from pe_export.runtimes import Skip, Unsupported
+        from pe_export.outcomes import Skip, Unsupported
 
         node = shutil.which("node")
         if node is None:
@@ -48,7 +48,7 @@ class NodeSession:
         self.provider = first["provider"]
 
     def _reply(self) -> dict:
-        from pe_export.worker import Crash
+        from pe_export.outcomes import Crash
 
         line = self.proc.stdout.readline()
         if not line:
@@ -97,7 +97,7 @@ class NodeSession:
 
 def session(spec: Spec, model_bytes: bytes, threads: int = THREADS):
     """(call, provider) of the ort-web adapter; `call.time(inputs, repeat)` times the runs inside Node."""
-    from pe_export.runtimes import Skip
+    from pe_export.outcomes import Skip
 
     if spec.dtype == "bf16":
         raise Skip("onnxruntime-web's WASM backend has no bfloat16 tensors")

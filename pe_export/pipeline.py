@@ -74,6 +74,11 @@ class VerifyResult:
         """Runtimes that returned results for positions outside the table."""
         return [b.runtime for b in self.bounds or [] if b.verdict == "SILENT"]
 
+    @property
+    def aborts(self) -> list[str]:
+        """Runtimes whose process died or hung on positions outside the table."""
+        return [b.runtime for b in self.bounds or [] if b.verdict == "ABORTS"]
+
 
 @dataclass(frozen=True)
 class ExportResult:

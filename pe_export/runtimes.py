@@ -33,16 +33,8 @@ import numpy as np
 from pe_export.encodings.attention import encoding_for
 from pe_export.dtypes import numpy_dtype
 from pe_export.errors import one_line
+from pe_export.outcomes import Skip, Unsupported  # noqa: F401 (re-exported)
 from pe_export.spec import Spec
-
-
-class Skip(Exception):
-    """This runtime cannot run this file here; the message says why."""
-
-
-class Unsupported(Exception):
-    """This runtime is here but rejects this graph (an op, a dtype or a shape it does not handle): the
-    message says what it could not load or convert."""
 
 
 def to_torch(a: np.ndarray):

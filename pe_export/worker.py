@@ -27,17 +27,10 @@ import signal
 import tempfile
 import traceback
 
+from pe_export.outcomes import Crash, Skip, Timeout, Unsupported  # noqa: F401 (Crash, Timeout re-exported)
+
 IN_PROCESS = frozenset({"torch"})
 TIMEOUT_S = 120.0  # per request (start + load, or one probe): a hang becomes a TIMEOUT row after this
-
-
-class Crash(Exception):
-    """The runtime's process died (a signal, an abort, a panic); the message has the signal and the
-    last line of its stderr."""
-
-
-class Timeout(Exception):
-    """The runtime did not answer within the time limit; its process was killed."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -56,7 +49,6 @@ def _serve() -> None:
     os.dup2(2, 1)  # nothing a runtime prints reaches the protocol's pipe: it goes to the log with stderr
     os.environ["RUST_BACKTRACE"] = "0"  # a panic's message, not pages of backtrace
     sys.path[:] = conn_in.recv()  # the caller's: a test's own adapters import from its folder
-    from pe_export.runtimes import Skip, Unsupported
     from pe_export.spec import Spec
 
     call = None
@@ -230,7 +222,6 @@ def shutdown() -> None:
 
 
 def _answer(reply):
-    from pe_export.runtimes import Skip, Unsupported
 
     status, value = reply
     if status == "ok":
