@@ -11,13 +11,13 @@ import json
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
-from onnxscript.rewriter import _basics, pattern
+from onnxscript.rewriter import _basics
 
 from pe_export.errors import BadInput
 from pe_export.rewriter.job import Job, Site
 from pe_export.rewriter.params import params_from_config
+from pe_export.rewriter.rule_set import rule_set
 from pe_export.rewriter.rules import RULES
-from pe_export.rewriter.rules.base import as_rule
 
 OPS = ("tables", "onnx", "ort", "decomposed")
 METADATA_KEY = "pe_export.rewrite"
@@ -30,12 +30,6 @@ class Rewritten:
     model: ir.Model
     sites: list[Site]
     spec: dict = field(default_factory=dict)
-
-
-def rule_set(job: Job, kinds=("cos_sin",)) -> pattern.RewriteRuleSet:
-    classes = [RULES.get(n) for n in RULES.names() if RULES.get(n).kind in kinds]
-    rules = sorted((cls(job, fn) for cls in classes for fn in cls.functions), key=lambda r: (r.order, r.name))
-    return pattern.RewriteRuleSet([as_rule(r) for r in rules], commute=True)
 
 
 def rewrite_model(model: ir.Model, config, seq: int | None = None, op: str = "tables") -> Rewritten:

@@ -7,13 +7,12 @@ import onnx_ir as ir
 
 from pe_export.errors import BadInput
 from pe_export.rewriter.job import Job
+from pe_export.rewriter.rule_set import rule_set
 
 ONNX_OPSET = 23  # the standard RotaryEmbedding
 
 
 def replace_rotations(model: ir.Model, job: Job) -> int:
-    from pe_export.rewriter.core import rule_set
-
     if job.op == "onnx" and model.opset_imports.get("", 1) < ONNX_OPSET:
         from onnxscript import version_converter
 
