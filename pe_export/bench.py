@@ -93,7 +93,7 @@ def table_length(spec: Spec) -> int:
     from pe_export.encodings.attention import split
 
     base, _ = split(spec)
-    return ENCODINGS.get(base.encoding).params(**base.params).max_positions
+    return ENCODINGS.get(base.encoding).parse(base).max_positions
 
 
 def input_shapes(spec: Spec, case: str, seq: int, batch: int, heads: int) -> dict:
@@ -161,7 +161,7 @@ def gathered_bytes(spec: Spec, inputs: dict) -> int:
     enc = encoding_for(spec)
     if enc.kind != "rotary":
         return 0
-    p = enc.params(**spec.params)  # RoPE's, randomized RoPE's (a subclass) or xPos's
+    p = enc.parse(spec)  # RoPE's, randomized RoPE's (a subclass) or xPos's
     if isinstance(p, RopeParams) and (p.tables == "computed" or computed_in_graph(p)):
         return 0
     rotary_dim = getattr(p, "rotary_dim", p.head_dim)

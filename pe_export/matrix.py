@@ -51,7 +51,7 @@ class Case:
 
 def table_length(preset: str) -> int:
     p = PRESETS[preset]
-    return ENCODINGS.get(p.encoding).params(**p.params).max_positions
+    return ENCODINGS.get(p.encoding).parse(p).max_positions
 
 
 def _short(preset: str, seq: int) -> int:

@@ -39,7 +39,7 @@ def check_spec(spec: Spec) -> None:
     if spec.layout not in encoding.layouts:
         raise BadInput(f"{encoding.name} takes --layout {' or '.join(encoding.layouts)}, got {spec.layout!r}")
     try:
-        encoding.params(**spec.params)  # validates
+        encoding.parse(spec)  # validates
     except TypeError as e:  # an unknown or missing parameter name
         raise BadInput(f"bad {spec.encoding} parameters: {e}") from None
     packaging.check_deploy(spec)

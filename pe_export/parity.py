@@ -151,7 +151,7 @@ def parse_positions(text: str) -> Positions:
 def user_probe(spec: Spec, template: dict, positions: Positions | np.ndarray, rng, batch: int) -> dict:
     """The encoding's own probe re-shaped to the given positions (each batch row gets all of them)."""
     enc = encoding_for(spec)
-    P = enc.params(**spec.params).max_positions
+    P = enc.parse(spec).max_positions
     if isinstance(positions, Positions):
         positions = positions.expand(P)
     if positions.min() < 0 or positions.max() >= P:
@@ -255,7 +255,7 @@ def check(
     worker.start(runtimes, RUNTIMES)  # their interpreters start while the reference is computed
     truths = [enc.reference(spec, inputs) for _, inputs in probes]
     bounds = [bound(spec, inputs) for _, inputs in probes]
-    P = enc.params(**spec.params).max_positions
+    P = enc.parse(spec).max_positions
     originals = None  # the torch module's outputs, once it has run
     rows = []
     for name in sorted(runtimes, key=lambda n: n != "torch"):  # torch first: the others compare with it
@@ -323,7 +323,7 @@ def verdict(rows: list[Row]) -> str:
 def bounds_probes(spec: Spec, seed: int = 0) -> list[tuple[str, dict]]:
     """A valid probe with one position moved to -1, and one moved to the table length."""
     enc = encoding_for(spec)
-    P = enc.params(**spec.params).max_positions
+    P = enc.parse(spec).max_positions
     name, template = make_probes(spec, seed, 1)[0]
     keys = [k for k in template if k.endswith("position_ids") or k.endswith("positions")]
     if not keys:

@@ -19,7 +19,7 @@ from pathlib import Path
 from pe_export import onnx_export, packaging, parity
 from pe_export.custom_ops.lowerings import OP_TARGETS
 from pe_export.encodings import ENCODINGS
-from pe_export.encodings.rope import RopeParams, switch_note
+from pe_export.encodings.rope import switch_note
 from pe_export.errors import BadInput
 from pe_export.files import check_output_path, write_atomic
 from pe_export.op_choice import pick_op
@@ -158,7 +158,7 @@ def prepare(spec_or_preset, path=None, *, force: bool = False, report=None, **op
     except ValueError as e:  # parameter validation and BadInput alike
         raise BadInput(str(e)) from None
     notes = [picked] if picked else []
-    if spec.encoding == "rope" and (note := switch_note(RopeParams(**spec.params))):
+    if spec.encoding == "rope" and (note := switch_note(ENCODINGS.get("rope").parse(spec))):
         notes.append(note)
     return Job(spec=spec, output=output, force=force, external_data=external, notes=tuple(notes))
 

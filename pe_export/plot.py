@@ -212,11 +212,11 @@ def panels(src: Source, kind: str) -> list:
         return [lambda fig, ax, t=t, n=n: heatmap(fig, ax, t[:rows], f"{src.name}: {n} ({where})", "frequency index m", "position", -limit, limit)
                 for n, t in (("cos", cos), ("sin", sin))]  # fmt: skip
     if kind == "heatmap" and enc_kind == "absolute":
-        rows = min(ENCODINGS.get(spec.encoding).params(**spec.params).max_positions, TABLE_ROWS)
+        rows = min(ENCODINGS.get(spec.encoding).parse(spec).max_positions, TABLE_ROWS)
         table = ENCODINGS.get(spec.encoding).reference(spec, {"position_ids": np.arange(rows, dtype=np.int64)[None]})[0]  # (S, dim)
         return [lambda fig, ax: heatmap(fig, ax, table, f"{src.name}: embeddings (positions 0..{rows - 1})", "dim", "position")]
     if kind == "heatmap" and enc_kind == "bias":
-        n = min(ENCODINGS.get(spec.encoding).params(**spec.params).max_positions, BIAS_POSITIONS)
+        n = min(ENCODINGS.get(spec.encoding).parse(spec).max_positions, BIAS_POSITIONS)
         pos = np.arange(n, dtype=np.int64)
         bias = ENCODINGS.get(spec.encoding).reference(spec, {"query_positions": pos, "key_positions": pos})[0]  # (H, Q, K)
         return [lambda fig, ax, h=h: heatmap(fig, ax, bias[h], f"{src.name}: bias, head {h} of {bias.shape[0]}", "key position", "query position")

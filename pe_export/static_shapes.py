@@ -28,7 +28,7 @@ def parse_static_shapes(text: str) -> list[int]:
 def static_sizes(spec) -> dict:
     """{dim name of the contract: size} for a spec with static shapes, after checking them."""
     enc = encoding_for(spec)
-    return contract_of(enc).static_sizes(spec.static_shapes, enc.params(**spec.params).max_positions)
+    return contract_of(enc).static_sizes(spec.static_shapes, enc.parse(spec).max_positions)
 
 
 def static_args(spec, args, dynamic, names):

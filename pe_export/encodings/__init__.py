@@ -4,12 +4,26 @@ An encoding is an `Encoding`: its parameter dataclass, the float64 NumPy referen
 that is exported, and the probe inputs verification feeds both. Each callable takes a `Spec`.
 """
 
+import functools
+import json
 from dataclasses import dataclass
 from typing import Callable
 
 from pe_export.registry import Registry
 
 KINDS = ("absolute", "bias", "attention", "rotary")  # the graph contracts of pe_export.encodings.common
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed(cls, params_json: str):
+    return cls(**json.loads(params_json))
+
+
+def parse(cls, spec):
+    """`cls(**spec.params)`, built and validated once per distinct parameters: every callable of an
+    encoding asks for its parameters through here, so a spec is parsed once however many ask. The
+    parameter dataclasses are frozen, so the one instance is shared safely."""
+    return _parsed(cls, json.dumps(spec.params, sort_keys=True))
 
 
 def nothing(spec) -> dict:
@@ -34,6 +48,10 @@ class Encoding:
     layouts: tuple = ("bhsd",)  # of its 4D inputs
     reference_impl: str = ""  # the published implementation it is checked against (README, `pe-export list`)
     attention_scale: bool = True  # bias encodings: whether the attention layer scales q.k by 1/sqrt(D)
+
+    def parse(self, spec):
+        """This encoding's parameters of `spec` (see `parse`)."""
+        return parse(self.params, spec)
 
 
 ENCODINGS = Registry("encoding", __name__)

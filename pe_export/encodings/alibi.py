@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pe_export.encodings import ENCODINGS, Encoding
+from pe_export.encodings import ENCODINGS, Encoding, parse
 from pe_export.encodings.common import check_positions, contract, guard, table_magnitude, take
 from pe_export.encodings.size import check_size
 
@@ -76,7 +76,7 @@ def module(spec):
 
     from pe_export.dtypes import torch_dtype
 
-    p = AlibiParams(**spec.params)
+    p = parse(AlibiParams, spec)
     P = p.max_positions
 
     class Alibi(torch.nn.Module):
@@ -102,7 +102,7 @@ def module(spec):
 
 
 def reference(spec, inputs):
-    p = AlibiParams(**spec.params)
+    p = parse(AlibiParams, spec)
     q, k = inputs["query_positions"], inputs["key_positions"]
     check_positions(q, p.max_positions, "query position")
     check_positions(k, p.max_positions, "key position")
@@ -110,7 +110,7 @@ def reference(spec, inputs):
 
 
 def derived(spec) -> dict:
-    p = AlibiParams(**spec.params)
+    p = parse(AlibiParams, spec)
     return {"slopes": slopes(p.heads, p.alibi_bias_max).tolist()}
 
 

@@ -44,7 +44,7 @@ def as_attention(enc: Encoding) -> Encoding:
 
     def check(spec):
         base, layer = split(spec)
-        p = enc.params(**base.params)
+        p = enc.parse(base)
         if hasattr(p, "role"):  # xPos: one module here would give queries and keys the same scale
             raise ValueError(f"{enc.name} treats queries and keys differently (role); export a query and a key graph instead of --attention")
         c.layer_check(enc.name, layer)

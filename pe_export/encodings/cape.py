@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pe_export.encodings import ENCODINGS, Encoding
+from pe_export.encodings import ENCODINGS, Encoding, parse
 from pe_export.encodings.common import check_positions, contract, guard, take
 from pe_export.encodings.size import check_size
 from pe_export.dtypes import torch_dtype
@@ -92,7 +92,7 @@ def angles(p: CapeParams, ids: np.ndarray) -> np.ndarray:
 
 
 def cape_reference(spec, inputs: dict) -> np.ndarray:
-    p = CapeParams(**spec.params)
+    p = parse(CapeParams, spec)
     ids = inputs["position_ids"]
     check_positions(ids, p.max_positions)
     return table(p)[ids] if not p.normalize else interleave(angles(p, ids))
@@ -111,7 +111,7 @@ def embed_torch(positions, p: CapeParams):
 def cape_module(spec):
     import torch
 
-    p = CapeParams(**spec.params)
+    p = parse(CapeParams, spec)
     P, dtype = p.max_positions, torch_dtype(spec.dtype)
 
     class Cape(torch.nn.Module):

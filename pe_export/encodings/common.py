@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from pe_export.encodings import Encoding
+from pe_export.encodings import Encoding, parse
 from pe_export.errors import BadInput
 from pe_export.dtypes import numpy_dtype, torch_dtype
 
@@ -465,7 +465,7 @@ def contract(kind: str, params: type, positions: bool = True) -> dict:
     c = CONTRACTS[kind]
 
     def sizes(spec):
-        p = params(**spec.params)
+        p = parse(params, spec)
         return (p.max_positions,) if kind != "attention" else (p.max_positions, p.heads, p.head_dim)
 
     extra = {} if kind != "attention" else {"positions": positions}
@@ -484,7 +484,7 @@ def table_encoding(name: str, params: type, table, reference_impl: str) -> Encod
     def module(spec):
         import torch
 
-        p = params(**spec.params)
+        p = parse(params, spec)
 
         class Table(torch.nn.Module):
             def __init__(self):
@@ -497,7 +497,7 @@ def table_encoding(name: str, params: type, table, reference_impl: str) -> Encod
         return Table().eval()
 
     def reference(spec, inputs):
-        p = params(**spec.params)
+        p = parse(params, spec)
         ids = inputs["position_ids"]
         check_positions(ids, p.max_positions)
         return table(p)[ids]

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pe_export import weights
-from pe_export.encodings import ENCODINGS, Encoding
+from pe_export.encodings import ENCODINGS, Encoding, parse
 from pe_export.encodings.common import attention_magnitude, attention_probes, check_positions, contract, guard, softmax_np, take
 from pe_export.encodings.size import check_size
 
@@ -203,7 +203,7 @@ def logits_np(p: DebertaParams, inputs) -> tuple[np.ndarray, np.ndarray]:
 
 
 def reference(spec, inputs):
-    p = DebertaParams(**spec.params)
+    p = parse(DebertaParams, spec)
     logits, _ = logits_np(p, inputs)
     return softmax_np(logits) @ np.asarray(inputs["value"]).astype(np.float64)  # (B, H, Q, D)
 
@@ -211,7 +211,7 @@ def reference(spec, inputs):
 def magnitude(spec, inputs):
     """Each logit sums D products q.k, D products q.pos_key and D products k.pos_query (terms 3D + 2,
     the scaling and the tables' rounding included); logit_abs sums their absolute values, / scale."""
-    p = DebertaParams(**spec.params)
+    p = parse(DebertaParams, spec)
     logits, logit_abs = logits_np(p, inputs)
     value_abs = np.abs(np.asarray(inputs["value"]).astype(np.float64))
     return attention_magnitude(softmax_np(logits), value_abs, logit_abs, terms=3 * p.head_dim + 2)
@@ -237,7 +237,7 @@ def module(spec):
 
     from pe_export.dtypes import torch_dtype
 
-    p = DebertaParams(**spec.params)
+    p = parse(DebertaParams, spec)
     P, span, dtype, inv_scale = p.max_positions, att_span(p), torch_dtype(spec.dtype), 1.0 / scale(p)
     c2p, p2c = "c2p" in terms(p), "p2c" in terms(p)
     pos_key, pos_query = position_projections(p)
@@ -277,7 +277,7 @@ def module(spec):
 def probes(spec, rng, batch=2):
     from pe_export.dtypes import numpy_dtype
 
-    p = DebertaParams(**spec.params)
+    p = parse(DebertaParams, spec)
     P, H, D = p.max_positions, p.heads, p.head_dim
     cases = attention_probes(spec, rng, batch, P, H, D)
     qp, kp = np.array(sorted({0, P - 1}), dtype=np.int64), np.arange(P, dtype=np.int64)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pe_export import weights
-from pe_export.encodings import ENCODINGS, Encoding
+from pe_export.encodings import ENCODINGS, Encoding, parse
 from pe_export.encodings.common import check_positions, contract, guard, take
 from pe_export.encodings.size import check_size
 
@@ -103,7 +103,7 @@ def inputs_np(p: FireParams, t: dict, q: np.ndarray, k: np.ndarray) -> np.ndarra
 def forward_np(spec, inputs) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """float64 MLP input x (Q, K, 1), hidden units h (Q, K, W), output (Q, K, H) before masking, and
     the learned tensors."""
-    p = FireParams(**spec.params)
+    p = parse(FireParams, spec)
     q, k = inputs["query_positions"], inputs["key_positions"]
     check_positions(q, p.max_positions, "query position")
     check_positions(k, p.max_positions, "key position")
@@ -160,7 +160,7 @@ def module(spec):
 
     from pe_export.dtypes import torch_dtype
 
-    p = FireParams(**spec.params)
+    p = parse(FireParams, spec)
     P, t = p.max_positions, learned(p)
     num, den = psi_tables(p, t)
     f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float()  # noqa: E731
@@ -189,7 +189,7 @@ def module(spec):
 
 
 def derived(spec) -> dict:
-    p = FireParams(**spec.params)
+    p = parse(FireParams, spec)
     t = learned(p)
     return {"c": float(t["c"]), "L": abs(float(t["L_multiplier"]) * p.init_L)}
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pe_export.encodings import ENCODINGS, Encoding
+from pe_export.encodings import ENCODINGS, Encoding, parse
 from pe_export.encodings.common import check_positions, contract, guard, table_magnitude, take
 from pe_export.encodings.size import check_size
 
@@ -146,17 +146,17 @@ def distance_bias_module(table_pH: np.ndarray, causal: bool, dtype: str):
 
 
 def module(spec):
-    p = KerpleParams(**spec.params)
+    p = parse(KerpleParams, spec)
     return distance_bias_module(table(p), p.causal, spec.dtype)
 
 
 def reference(spec, inputs):
-    p = KerpleParams(**spec.params)
+    p = parse(KerpleParams, spec)
     return distance_bias_np(table(p), p.causal, inputs["query_positions"], inputs["key_positions"], spec.dtype)
 
 
 def derived(spec) -> dict:
-    kp, ka = kernel_params(KerpleParams(**spec.params))
+    kp, ka = kernel_params(parse(KerpleParams, spec))
     return {"p": kp.tolist(), "a": ka.tolist()}
 
 

@@ -21,7 +21,7 @@ import dataclasses
 
 import numpy as np
 
-from pe_export.encodings import ENCODINGS, Encoding
+from pe_export.encodings import ENCODINGS, Encoding, parse
 from pe_export.encodings.rope import ROPE
 
 
@@ -55,13 +55,13 @@ def randomized(enc: Encoding) -> Encoding:
 
     def inner(spec):
         """The wrapped encoding's spec: the same, less `train_length` (validated first)."""
-        params(**spec.params)
+        parse(params, spec)
         return dataclasses.replace(spec, encoding=enc.name, params={k: v for k, v in spec.params.items() if k != "train_length"})
 
     def probes(spec, rng, batch=2):
         from pe_export.parity import user_probe
 
-        p = params(**spec.params)
+        p = parse(params, spec)
         cases = enc.probes(inner(spec), rng, batch)
         sampled = np.sort(rng.choice(p.max_positions, size=p.train_length, replace=False))  # as training feeds
         return cases + [("sampled", user_probe(spec, cases[0][1], sampled, rng, batch))]

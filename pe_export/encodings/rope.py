@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pe_export.encodings import ENCODINGS, Encoding
+from pe_export.encodings import ENCODINGS, Encoding, parse
 from pe_export.encodings.common import CONTRACTS, position_cases
 from pe_export.encodings.size import check_size
 from pe_export.rotation import apply_reference, apply_torch, heads_axis  # noqa: F401 (re-exported)
@@ -226,7 +226,7 @@ def rope_module(spec):
     """The PyTorch original of a RoPE spec: one of pe_export.modules' RoPE modules, in eval mode."""
     from pe_export.modules import ComputedTablesRotary, RotaryEmbedding, RuntimeRotary
 
-    p = RopeParams(**spec.params)
+    p = parse(RopeParams, spec)
     cls = RuntimeRotary if computed_in_graph(p) else ComputedTablesRotary if p.tables == "computed" else RotaryEmbedding
     return cls(p, layout=spec.layout, dtype=spec.dtype).eval()
 
@@ -237,7 +237,7 @@ def rope_example_inputs(spec):
 
     from pe_export.dtypes import torch_dtype
 
-    p = RopeParams(**spec.params)
+    p = parse(RopeParams, spec)
     B, H, S = 2, 3, min(5, p.max_positions)
     shape = (B, H, S, p.head_dim) if spec.layout == "bhsd" else (B, S, H, p.head_dim)
     x = torch.zeros(shape, dtype=torch_dtype(spec.dtype))
@@ -254,7 +254,7 @@ def rope_probes(spec, rng: np.random.Generator, batch: int = 2) -> list[tuple[st
     count) and `batch` rows; and every row of the table once."""
     from pe_export.dtypes import numpy_dtype
 
-    p = RopeParams(**spec.params)
+    p = parse(RopeParams, spec)
     P, H = p.max_positions, 3
     S = min(P, 64)
 
@@ -277,7 +277,7 @@ def rope_probes(spec, rng: np.random.Generator, batch: int = 2) -> list[tuple[st
 
 def rope_reference(spec, inputs: dict) -> np.ndarray:
     """float64 truth from the spec alone: exact tables, NumPy arithmetic."""
-    p = RopeParams(**spec.params)
+    p = parse(RopeParams, spec)
     ids = inputs["position_ids"]
     cos, sin = tables(p, seq_len=int(ids.max()) + 1 if ids.size else None)  # the regime, as transformers picks it
     x = np.asarray(inputs["x"]).astype(np.float64)
@@ -322,7 +322,7 @@ def check_computed_tables(p) -> None:
 
 def rope_magnitude(spec, inputs: dict) -> np.ndarray:
     """Per output element: attention_factor * (|a| + |b|) of its pair (a, b); |x| on the pass-through tail."""
-    p = RopeParams(**spec.params)
+    p = parse(RopeParams, spec)
     x = np.abs(np.asarray(inputs["x"]).astype(np.float64))
     R = p.rotary_dim
     if p.pairing == "half":
@@ -339,7 +339,7 @@ rope_locate = CONTRACTS["rotary"].locate
 def rope_derived(spec) -> dict:
     """The attention factor already in cos/sin, and the softmax-scale multiplier a rule asks of attention
     (DeepSeek-style YaRN), which no RoPE graph can apply."""
-    p = RopeParams(**spec.params)
+    p = parse(RopeParams, spec)
     derived = {"attention_factor": inv_freq(p)[1]}
     softmax = getattr(SCALING_RULES.get(p.scaling), "softmax_scale_factor", None)
     if softmax is not None:

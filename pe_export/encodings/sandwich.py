@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pe_export.encodings import ENCODINGS, Encoding
+from pe_export.encodings import ENCODINGS, Encoding, parse
 from pe_export.encodings.common import contract, table_magnitude
 from pe_export.encodings.kerple import distance_bias_module, distance_bias_np
 from pe_export.encodings.size import check_size
@@ -70,12 +70,12 @@ def table(p: SandwichParams) -> np.ndarray:
 
 
 def module(spec):
-    p = SandwichParams(**spec.params)
+    p = parse(SandwichParams, spec)
     return distance_bias_module(table(p), p.causal, spec.dtype)
 
 
 def reference(spec, inputs):
-    p = SandwichParams(**spec.params)
+    p = parse(SandwichParams, spec)
     return distance_bias_np(table(p), p.causal, inputs["query_positions"], inputs["key_positions"], spec.dtype)
 
 

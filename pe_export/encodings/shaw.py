@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pe_export import weights
-from pe_export.encodings import ENCODINGS, Encoding
+from pe_export.encodings import ENCODINGS, Encoding, parse
 from pe_export.encodings.common import attention_magnitude, check_positions, contract, guard, softmax_np, take
 
 
@@ -85,7 +85,7 @@ def logits_np(p: ShawParams, inputs) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def reference(spec, inputs):
-    p = ShawParams(**spec.params)
+    p = parse(ShawParams, spec)
     logits, _, v, rel_v = logits_np(p, inputs)
     alpha = softmax_np(logits)  # (B, H, Q, K)
     return np.einsum("bhqk,bhkd->bhqd", alpha, v) + np.einsum("bhqk,qkd->bhqd", alpha, rel_v)
@@ -94,7 +94,7 @@ def reference(spec, inputs):
 def magnitude(spec, inputs):
     """Each logit sums D products q.k and D products q.a^K (terms 2D + 2); each output sums
     alpha_ij (v_jd + a^V[r_ij]_d), so the value side is |v_j| + |a^V[r_ij]| per (i, j, d)."""
-    p = ShawParams(**spec.params)
+    p = parse(ShawParams, spec)
     logits, logit_abs, v, rel_v = logits_np(p, inputs)
     value_abs = np.abs(v)[:, :, None, :, :] + np.abs(rel_v)[None, None]  # (B, H, Q, K, D)
     return attention_magnitude(softmax_np(logits), value_abs, logit_abs, terms=2 * p.head_dim + 2)
@@ -126,7 +126,7 @@ def module(spec):
 
     from pe_export.dtypes import torch_dtype
 
-    p = ShawParams(**spec.params)
+    p = parse(ShawParams, spec)
     P, k = p.max_positions, p.max_relative_position
     a_k, a_v = tables(p)
 

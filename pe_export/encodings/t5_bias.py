@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pe_export import weights
-from pe_export.encodings import ENCODINGS, Encoding
+from pe_export.encodings import ENCODINGS, Encoding, parse
 from pe_export.encodings.common import check_positions, contract, guard, take
 from pe_export.encodings.size import check_size
 
@@ -82,7 +82,7 @@ def module(spec):
 
     from pe_export.dtypes import torch_dtype
 
-    p = T5BiasParams(**spec.params)
+    p = parse(T5BiasParams, spec)
     P = p.max_positions
 
     class T5Bias(torch.nn.Module):
@@ -102,7 +102,7 @@ def module(spec):
 
 
 def reference(spec, inputs):
-    p = T5BiasParams(**spec.params)
+    p = parse(T5BiasParams, spec)
     q, k = inputs["query_positions"], inputs["key_positions"]
     check_positions(q, p.max_positions, "query position")
     check_positions(k, p.max_positions, "key position")

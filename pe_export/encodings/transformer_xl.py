@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pe_export import weights
-from pe_export.encodings import ENCODINGS, Encoding
+from pe_export.encodings import ENCODINGS, Encoding, parse
 from pe_export.encodings.common import attention_magnitude, attention_probes, contract, softmax_np, take
 from pe_export.encodings.size import check_size
 
@@ -98,7 +98,7 @@ def module(spec):
 
     from pe_export.dtypes import torch_dtype
 
-    p = TransformerXLParams(**spec.params)
+    p = parse(TransformerXLParams, spec)
     P, N = p.max_positions, rows(p)
     dtype = torch_dtype(spec.dtype)
     w = learned(p)
@@ -169,13 +169,13 @@ def logits_np(p: TransformerXLParams, query: np.ndarray, key: np.ndarray):
 
 
 def reference(spec, inputs):
-    p = TransformerXLParams(**spec.params)
+    p = parse(TransformerXLParams, spec)
     logits, _ = logits_np(p, inputs["query"], inputs["key"])
     return softmax_np(logits) @ inputs["value"].astype(np.float64)  # (B, H, Q, D)
 
 
 def magnitude(spec, inputs):
-    p = TransformerXLParams(**spec.params)
+    p = parse(TransformerXLParams, spec)
     logits, logit_abs = logits_np(p, inputs["query"], inputs["key"])
     value_abs = np.abs(inputs["value"].astype(np.float64))
     return attention_magnitude(softmax_np(logits), value_abs, logit_abs, terms=2 * p.head_dim + 2)  # AC and BD
@@ -186,7 +186,7 @@ def probes(spec, rng, batch=2):
     that fills the table (K = max_positions): every distance, and the clamp where clamp_len < K - 1."""
     from pe_export.dtypes import numpy_dtype
 
-    p = TransformerXLParams(**spec.params)
+    p = parse(TransformerXLParams, spec)
     P, H, D = p.max_positions, p.heads, p.head_dim
     cases = attention_probes(spec, rng, batch, P, H, D, positions=False)
     Q = min(P, 8)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pe_export.encodings import ENCODINGS, Encoding
+from pe_export.encodings import ENCODINGS, Encoding, parse
 from pe_export.encodings.common import check_positions, guard, position_cases, take
 from pe_export.encodings.rope import apply_reference, apply_torch, rope_locate
 from pe_export.encodings.size import check_size
@@ -112,7 +112,7 @@ def check_range(p, dtype: str) -> None:
 
 def xpos_reference(spec, inputs: dict) -> np.ndarray:
     """float64 truth: RoPE (interleaved, theta 10000) times F, with c from the call's largest position."""
-    p = XposParams(**spec.params)
+    p = parse(XposParams, spec)
     ids = inputs["position_ids"]
     check_positions(ids, p.max_positions)
     cos, sin, scale = tables(p)
@@ -131,7 +131,7 @@ def xpos_module(spec):
 
     from pe_export.dtypes import torch_dtype
 
-    p = XposParams(**spec.params)
+    p = parse(XposParams, spec)
     check_range(p, spec.dtype)
     P, half = p.max_positions, offset(p)
     cos, sin, scale = tables(p)
@@ -165,7 +165,7 @@ def xpos_example_inputs(spec):
     from pe_export.encodings.common import dims
     from pe_export.dtypes import torch_dtype
 
-    p = XposParams(**spec.params)
+    p = parse(XposParams, spec)
     S = min(5, p.max_positions)
     x = torch.zeros((2, 3, S, p.head_dim), dtype=torch_dtype(spec.dtype))
     ids = torch.zeros((2, S), dtype=torch.int64)
@@ -177,7 +177,7 @@ def xpos_probes(spec, rng: np.random.Generator, batch: int = 2) -> list[tuple[st
     once) with three heads of standard normal x; plus a short prefill from 0 (a small centre)."""
     from pe_export.dtypes import numpy_dtype
 
-    p = XposParams(**spec.params)
+    p = parse(XposParams, spec)
     cases = position_cases(p.max_positions, rng, batch)
     cases.insert(3, ("start", np.broadcast_to(np.arange(min(p.max_positions, 16)), (batch, min(p.max_positions, 16))).copy()))
     out = []
@@ -207,7 +207,7 @@ def xpos_magnitude(spec, inputs: dict) -> np.ndarray:
     the same way (x.to(float32), one cast of y), so the bound covers it too."""
     from pe_export.dtypes import EPS
 
-    p = XposParams(**spec.params)
+    p = parse(XposParams, spec)
     ids = inputs["position_ids"]
     cos, sin, scale = tables(p)
     f = scale[ids - centre(int(ids.max())) + offset(p)]  # (B, S, D/2), F > 0
@@ -233,7 +233,7 @@ ENCODINGS.register("xpos")(
         reference=xpos_reference,
         magnitude=xpos_magnitude,
         locate=rope_locate,
-        derived=lambda spec: {"largest_scale": largest_scale(XposParams(**spec.params))},
+        derived=lambda spec: {"largest_scale": largest_scale(parse(XposParams, spec))},
         kind="rotary",
         ops=("decomposed",),
         layouts=("bhsd",),
