@@ -1,6 +1,11 @@
 """Shared test helpers: a cached exporter (exports are the slow part) and ONNX Runtime sessions."""
 
 import functools
+import os
+
+# The CLI sizes its tables to the terminal; the tests read their cells, so give them one width wherever
+# they run (a narrow terminal, CI's pipe, or a pytest-xdist worker whose stdout is no terminal).
+os.environ["COLUMNS"] = "200"
 
 import pytest
 
