@@ -100,3 +100,11 @@ def test_no_import_circles():
     assert not found, "import circles (each line one circle; imports inside functions count):\n" + "\n".join(
         " <-> ".join(c) for c in found
     )
+
+
+def test_the_rewrite_clis_import_free_copies_match_the_library():
+    """cli/rewrite.py keeps copies of the rewriter's choices so that `--help` imports no onnxscript."""
+    from pe_export.cli import rewrite
+    from pe_export.rewriter import core, verify
+
+    assert rewrite.OPS == core.OPS and rewrite.RUNTIMES == verify.RUNTIMES
