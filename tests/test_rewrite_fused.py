@@ -156,3 +156,115 @@ def test_cli_rewrites_a_fused_graph_and_verifies_the_tables(tmp_path):
     assert row["rewritten_error"][-1] <= row["bound"] < row["original_error"][-1]
     assert doc["whole_model"][0]["verdict"] == "pass"
     assert doc["rewrite"]["sites"][0]["fused"] == "com.microsoft::RotaryEmbedding"
+
+
+# --- whole models (slow) ----------------------------------------------------------------------------
+
+import rewrite_models as rm  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def fused_llama(tmp_path_factory):
+    """onnxscript's ORT fusions of the tiny Llama with transformers 4.x's rotary forward, exported once:
+    {"rotary": com.microsoft::RotaryEmbedding, "gqa": GroupQueryAttention(do_rotary)} model paths, the
+    config, the float64 oracle."""
+    pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("fused-llama")
+    model, cfg = rm.build(rm.BY_NAME["llama"])
+    rm.matmul_form_rotary(model)
+    path = rm.export(model, folder / "model.onnx")
+    paths = {kind: rm.ort_fused(path, folder / f"{kind}.onnx", gqa=kind == "gqa") for kind in ("rotary", "gqa")}
+    return paths, rm.save_config(cfg, folder), rm.oracle(model, cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", OPS)
+def test_onnxscript_fused_rotary_embedding_logits_error_is_position_independent(op, fused_llama, tmp_path):
+    from pe_export.rewriter import rewrite
+
+    paths, config, m64 = fused_llama
+    out = tmp_path / "rewritten.onnx"
+    result = rewrite(paths["rotary"], config, op=op, output=out)
+    [site] = result.sites
+    assert site.rule == "rotary_embedding_node" and site.fused == "com.microsoft::RotaryEmbedding" and site.rotations == (0 if op == "tables" else 4)
+    e = rm.errors(paths["rotary"], out, m64, rm.BY_NAME["llama"].last)
+    note = f"onnxscript-fused llama --op {op}: {json.dumps({k: f'{v:.2e}' for k, v in e.items()})}"
+    assert e["rewritten_end"] <= rm.WITHIN * e["rewritten_start"], note
+    assert e["original_end"] >= rm.GROWS * e["original_start"], note
+    assert e["rewritten_end"] * rm.GROWS <= e["original_end"], note
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", ["tables", "ort"])
+def test_onnxscript_gqa_caches_become_exact_and_the_model_is_unchanged_at_short_positions(op, fused_llama, tmp_path):
+    import onnx_ir as ir
+
+    from pe_export.rewriter import rewrite, verify, verify_caches
+
+    paths, config, _ = fused_llama
+    out = tmp_path / "rewritten.onnx"
+    result = rewrite(paths["gqa"], config, op=op, output=out)
+    [site] = result.sites
+    assert site.rule == "gqa_rotary" and site.fused == "com.microsoft::GroupQueryAttention" and site.rotations == 0
+    original, rewritten = ir.load(paths["gqa"]), ir.load(out)
+    assert sum(n.op_type == "GroupQueryAttention" and n.attributes["do_rotary"].value == 1 for n in rewritten.graph) == 2
+    [row] = verify_caches.check_caches(original, rewritten, result.sites)
+    note = f"--op {op}: position {row.positions[-1]}: original {row.original_error[-1]:.2e}, rewritten {row.rewritten_error[-1]:.2e}"
+    assert row.verdict == "pass" and row.original_error[-1] >= GAIN * row.rewritten_error[-1], note
+    [whole] = verify.check_whole(original, rewritten)  # GQA here runs from position 0 (no past inputs)
+    assert whole.verdict == "pass", whole
+
+
+def genai_key_error(path: Path, positions: np.ndarray, theta: float, qkv: str) -> tuple[float, np.ndarray]:
+    """(max abs error, in units of max|k|, of layer 0's rotated keys (present.0.key at `positions`, a past of zeros before them)
+    against the float64 rotation of the same keys (the packed QKV projection `qkv`, exposed as an output),
+    the logits)."""
+    import onnxruntime as ort
+
+    model = onnx.load(path)
+    model.graph.output.add().name = qkv
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    tmp = path.with_name("probe.onnx")
+    onnx.save(model, tmp, save_as_external_data=True, location="probe.onnx.data")
+    sess = ort.InferenceSession(str(tmp), so, providers=["CPUExecutionProvider"])
+    assert sess.get_providers()[0] == "CPUExecutionProvider"
+    past, S, kv, D = int(positions[0]), positions.size, 2, 16
+    feed = {"input_ids": np.random.default_rng(0).integers(0, rm.VOCAB, (1, S)), "attention_mask": np.ones((1, past + S), np.int64)}
+    for i in (0, 1):
+        for name in ("key", "value"):
+            feed[f"past_key_values.{i}.{name}"] = np.zeros((1, kv, past, D), np.float32)
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+    hidden = 4 * D
+    k = out[qkv][..., hidden:hidden + kv * D].reshape(1, S, kv, D).transpose(0, 2, 1, 3)  # (B, Hkv, S, D) before RoPE
+    err = np.abs(out["present.0.key"][:, :, past:] - fm.rotate64(k, positions, theta)).max() / np.abs(k).max()
+    return float(err), out["logits"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("onnxruntime_genai") is None,
+                    reason="onnxruntime-genai is not installed (pip install -e '.[genai]')")
+def test_onnxruntime_genai_model_builder_caches_become_exact(tmp_path):
+    from pe_export.rewriter import rewrite
+
+    family = rm.BY_NAME["llama"]
+    model, cfg = rm.build(family)
+    path = rm.genai_build(model, tmp_path)
+    out = tmp_path / "rewritten" / "model.onnx"
+    out.parent.mkdir()
+    result = rewrite(path, tmp_path / "checkpoint" / "config.json", output=out)
+    [site] = result.sites
+    assert site.rule == "gqa_rotary" and site.inv_freq == "cos_cache" and site.replaced == ["sin_cache"]
+    assert (out.parent / "model.onnx.data").is_file()  # external data in, external data out
+    qkv = "/model/layers.0/attn/qkv_proj/MatMul/output_0"
+    theta = cfg.rope_parameters["rope_theta"]
+    end = np.arange(family.last - 64, family.last)
+    errs = {kind: genai_key_error(p, end, theta, qkv)[0] for kind, p in (("original", path), ("rewritten", out))}
+    note = f"genai llama, rotated keys at positions {end[0]}-{end[-1]}: {errs}"
+    assert errs["rewritten"] <= ROTATED_ULPS * EPS32 and errs["original"] >= GAIN * errs["rewritten"], note
+    short = np.arange(16)
+    (_, a), (_, b) = genai_key_error(path, short, theta, qkv), genai_key_error(out, short, theta, qkv)
+    assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max()), "logits at positions 0-15 moved"
+    # --op ort: GQA keeps its own rotation on the new tables, and says so.
+    result = rewrite(path, tmp_path / "checkpoint" / "config.json", op="ort")
+    assert result.sites[0].fused == "com.microsoft::GroupQueryAttention" and result.sites[0].rotations == 0
