@@ -119,6 +119,7 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
         super().__init__(self.rule_name if fn is None else f"{self.rule_name}.{fn}")
         self.job = job
         self._p = None
+        self._matched = {}  # (cos name, sin name) -> match_pair's answer
 
     def check_caches(self, r: pattern.MatchResult, cos_cache: ir.Value, sin_cache: ir.Value, interleaved: int = 0,
                      rotary_dim: int = 0) -> pattern.MatchResult:
@@ -127,23 +128,12 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
         width) with it (else the refusal naming the parameter); sets `self._p`."""
         if (cos_cache.name or "").startswith(TABLE_PREFIX):
             return r.fail("the caches are already pe-export's tables (this rule's own replacement)", cos_cache)
-        computed = computed_inv_freq(cos_cache), computed_inv_freq(sin_cache)
-        if computed[0] is not None and computed[0] is computed[1]:
-            g = computed[0].const_value.numpy()
-            if g.dtype != np.float32 or sum(d > 1 for d in g.shape) > 1:
-                return r.fail(f"inv_freq is {g.dtype} of shape {g.shape}, not float32 (R/2,)", computed[0])
-            p, reason = params_mod.match(g.reshape(-1), self.job.candidates)
-            reason = reason or (params_mod.factor_disagreement(1.0, p) if p is not None else "")
-            where = computed[0].name
-        else:
-            values = [c.const_value for c in (cos_cache, sin_cache)]
-            if any(v is None or v.dtype != ir.DataType.FLOAT or len(v.shape) != 2 for v in values) or values[0].shape != values[1].shape:
-                return r.fail("the cos/sin caches are neither float32 (P, R/2) constants nor computed from a Range of positions", cos_cache)
-            cos, sin = (v.numpy().astype(np.float64) for v in values)
-            reasons = [table_disagreement(cos, sin, p) for p in self.job.candidates]
-            p = next((c for c, why in zip(self.job.candidates, reasons) if why is None), None)
-            reason = "" if p is not None else "; ".join(dict.fromkeys(reasons))
-            where = cos_cache.name
+        key = (cos_cache.name, sin_cache.name)
+        if key not in self._matched:  # one check per cache pair: every layer's node reads the same caches
+            self._matched[key] = self.match_pair(cos_cache, sin_cache)
+        p, reason, where, unrecognised = self._matched[key]
+        if unrecognised:
+            return r.fail(unrecognised, cos_cache)
         if not reason and (p.pairing == "interleaved") != bool(interleaved):
             reason = (f"pairing: the graph's {self.fused} rotates {'interleaved pairs' if interleaved else 'halves'} "
                       f"(interleaved={interleaved}), the config's pairing is {p.pairing!r}")
@@ -155,6 +145,25 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
         self._p = p
         self.job.found.add((self.rule_name, where))
         return r
+
+    def match_pair(self, cos_cache: ir.Value, sin_cache: ir.Value):
+        """(parameter set or None, refusal reason, the site's name, why the pair is no cache form recognised
+        here ("" when it is one))."""
+        computed = computed_inv_freq(cos_cache), computed_inv_freq(sin_cache)
+        if computed[0] is not None and computed[0] is computed[1]:
+            g = computed[0].const_value.numpy()
+            if g.dtype != np.float32 or sum(d > 1 for d in g.shape) > 1:
+                return None, "", "", f"inv_freq is {g.dtype} of shape {g.shape}, not float32 (R/2,)"
+            p, reason = params_mod.match(g.reshape(-1), self.job.candidates)
+            reason = reason or (params_mod.factor_disagreement(1.0, p) if p is not None else "")
+            return p, reason, computed[0].name, ""
+        values = [c.const_value for c in (cos_cache, sin_cache)]
+        if any(v is None or v.dtype != ir.DataType.FLOAT or len(v.shape) != 2 for v in values) or values[0].shape != values[1].shape:
+            return None, "", "", "the cos/sin caches are neither float32 (P, R/2) constants nor computed from a Range of positions"
+        cos, sin = (v.numpy().astype(np.float64) for v in values)
+        reasons = [table_disagreement(cos, sin, p) for p in self.job.candidates]
+        p = next((c for c, why in zip(self.job.candidates, reasons) if why is None), None)
+        return p, "" if p is not None else "; ".join(dict.fromkeys(reasons)), cos_cache.name, ""
 
     def new_caches(self, op, cos_cache: ir.Value, sin_cache: ir.Value, positions: str = "") -> tuple[ir.Value, ir.Value, Site]:
         """The float64-built (P, R/2) tables of --seq rows for this cache pair, and its site (one per pair)."""

@@ -56,7 +56,7 @@ def conversion_refusal(node: ir.Node, x: ir.Value, position_ids: ir.Value, op: s
         if attr(node, "interleaved"):
             return f"{what} rotates interleaved pairs (the decomposed lowering here rotates halves); use --op tables or ort"
         rotary, head = attr(node, "rotary_embedding_dim"), x.shape[-1]
-        if rotary and rotary != head:
+        if rotary and isinstance(head, int) and rotary != head:
             return f"{what} rotates {rotary} of {head} dims (partial rotary); use --op tables or ort"
     return None
 
