@@ -31,16 +31,11 @@ from pe_export.encodings.rope import tables
 from pe_export.rewriter import params as params_mod
 from pe_export.rewriter.job import Site
 from pe_export.rewriter.rules.base import site_params
+from pe_export.rewriter.rules.rotate_half import _ints
 
 TABLE_ULPS = 4  # float32 cos/sin of a float32 angle (torch, NumPy, ORT) against the same angle's cos/sin in float64, rounded
 EPS32 = 2.0**-24
 TABLE_PREFIX = "pe_export.rope."  # the names `Job.tables_for` gives
-
-
-def _ints(value: ir.Value | None) -> list[int] | None:
-    if value is None or value.const_value is None:
-        return None
-    return [int(v) for v in np.asarray(value.const_value.numpy()).reshape(-1)]
 
 
 def computed_inv_freq(cache: ir.Value) -> ir.Value | None:
