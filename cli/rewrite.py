@@ -42,7 +42,7 @@ def rewrite_command(
         check_output_path(output, force)
         if report is not None:
             check_output_path(report, force)
-        from pe_export.rewriter import api, verify
+        from pe_export.rewriter import api, verify, verify_caches
         from pe_export.rewriter.report import document, render
 
         original = api.load(model)
@@ -53,6 +53,7 @@ def rewrite_command(
     except BadInput as e:
         fail(str(e))
     site_rows = verify.check_sites(original, result.model, result.sites, chosen)
+    site_rows = sorted(site_rows + verify_caches.check_caches(original, result.model, result.sites, chosen), key=lambda r: r.site)
     whole_rows = verify.check_whole(original, result.model, chosen)
     try:
         api.save(result.model, output, force)

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 QK_SCALE = 8.0
+WITHIN = 3.0  # the rewritten error at the table's end, as a multiple of its error at positions 0-63
+GROWS = 10.0  # the original's error at the end, as a multiple of its error at 0-63 (it grows with the position)
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,63 @@ def export(model, path: Path) -> Path:
     )
     program.save(str(path))
     return path
+
+
+def matmul_form_rotary(model) -> None:
+    """Give the model's rotary module transformers 4.x's forward (`inv_freq_expanded @ position_ids_expanded`,
+    the shape onnxscript's CosSinCacheFusion matches), in place."""
+    rotary = model.model.rotary_emb
+
+    def forward(x, position_ids):
+        inv_freq = rotary.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1)  # (B, R/2, 1)
+        freqs = (inv_freq @ position_ids[:, None, :].float()).transpose(1, 2)  # (B, S, R/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, S, R)
+        return (emb.cos() * rotary.attention_scaling).to(x.dtype), (emb.sin() * rotary.attention_scaling).to(x.dtype)
+
+    rotary.forward = forward
+
+
+def ort_fused(path: Path, out: Path, gqa: bool) -> Path:
+    """onnxscript 0.7's ORT fusions of an exported model: `optimize_for_ort` (GroupQueryAttention with
+    do_rotary where it fuses attention), or only its rotary and cos/sin-cache fusions (com.microsoft::RotaryEmbedding)."""
+    import onnx_ir as ir
+    from onnxscript.optimizer import optimize
+    from onnxscript.rewriter.ort_fusions import _core, optimize_for_ort
+    from onnxscript.rewriter.ort_fusions.cos_sin_cache import fuse_cos_sin_cache
+    from onnxscript.rewriter.ort_fusions.rotary_embedding import fuse_rotary_embedding
+
+    model = ir.load(path)
+    if gqa:
+        model, counts = optimize_for_ort(model)
+        assert counts["gqa"] and counts["cos_sin_cache"], counts
+    else:
+        model = _core._pre_optimize(model)  # what optimize_for_ort runs first
+        assert fuse_rotary_embedding(model) and fuse_cos_sin_cache(model)
+        optimize(model)
+    ir.save(model, out)
+    return out
+
+
+def genai_build(model, folder: Path) -> Path:
+    """onnxruntime-genai's model builder (fp32, cpu) run offline on `model` saved to a local folder with a
+    tiny word-level tokenizer (the builder loads one); returns the built model.onnx (external data beside it)."""
+    import os
+    import subprocess
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    checkpoint, out = folder / "checkpoint", folder / "genai"
+    model.save_pretrained(checkpoint)
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(checkpoint)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out), "-p", "fp32", "-e", "cpu",
+           "-c", str(folder / "cache")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and (out / "model.onnx").is_file(), r.stdout[-2000:] + r.stderr[-2000:]
+    return out / "model.onnx"
 
 
 def save_config(cfg, folder: Path) -> Path:

@@ -27,8 +27,7 @@ pytest.importorskip("onnxruntime")
 OPS = ("tables", "onnx", "ort", "decomposed")
 DEFAULT_OPS = {"llama": OPS}  # the default (not slow) set: one family, every op
 ONNX_OPS = ("tables", "decomposed")  # ops whose graphs every runtime here runs; onnx/ort need the fused kernels
-WITHIN = 3.0  # the rewritten error at the table's end, as a multiple of its error at positions 0-63
-GROWS = 10.0  # the original's error at the end, as a multiple of its error at 0-63 (it grows with the position)
+WITHIN, GROWS = rm.WITHIN, rm.GROWS
 
 
 def family_params(ops=OPS):

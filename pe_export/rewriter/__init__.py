@@ -3,6 +3,18 @@
     rewrite(model_or_path, config, seq=None, op="tables", output=None, force=False) -> Rewritten
 
 Recognised graph shapes: one rule per file in `pe_export.rewriter.rules` (see each module's docstring).
+
+    in-graph cos/sin (kind "cos_sin"): cos_sin_mul[_factor], cos_sin_matmul[_factor], cos_sin_longrope,
+        sincos_table; their rotations for --op onnx|ort|decomposed (kind "rotation"): rotate_half, rotate_pairs
+    fused nodes reading (P, R/2) caches, constant or onnxscript's in-graph Range -> MatMul -> Cos/Sin
+        (`rules.fused_cache`): rotary_embedding_node (com.microsoft and opset-23 RotaryEmbedding),
+        gqa_rotary (com.microsoft::GroupQueryAttention with do_rotary=1)
+
+Fused nodes under --op: tables keeps the node and swaps its caches; a RotaryEmbedding already of the
+requested target (ort: contrib, onnx: standard) keeps its node too and counts as rotated; another is
+converted by `fused_rotary` (onnx <-> ort, or decomposed for halves pairing on (B, H, S, D)), or refused
+when the conversion would change its arithmetic. GroupQueryAttention keeps do_rotary on the new tables
+under every --op: its rotation is ORT's attention kernel, which pe-export does not unfuse.
 """
 
 from pe_export.rewriter.api import rewrite

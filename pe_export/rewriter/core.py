@@ -51,10 +51,10 @@ def rewrite_model(model: ir.Model, config, seq: int | None = None, op: str = "ta
     if not job.found:
         raise BadInput(f"no RoPE site found (recognised shapes: {', '.join(RULES.names())})")
     rules.apply_to_model(model)
-    for site in job.sites:  # the float32 constants the tables replace
-        old = model.graph.initializers.get(site.inv_freq)
+    for name in (n for site in job.sites for n in (site.inv_freq, *site.replaced)):  # the float32 constants the tables replace
+        old = model.graph.initializers.get(name)
         if old is not None and not old.uses() and old not in model.graph.outputs:
-            del model.graph.initializers[site.inv_freq]
+            del model.graph.initializers[name]
     if op != "tables":
         from pe_export.rewriter.rotations import replace_rotations
 

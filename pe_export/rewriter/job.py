@@ -28,7 +28,9 @@ class Site:
     tables: list[str]
     seq_len: int | None = None  # the rule's branch (LongRoPE short/long), None when it has one
     rotations: int = 0  # q/k rotations replaced by --op onnx|ort|decomposed
-    width: str = "full"  # cos/sin values (B, S, R) [t, t]; "half": (B, S, R/2)
+    width: str = "full"  # cos/sin values (B, S, R) [t, t]; "half": (B, S, R/2); "table": the (P, R/2) caches a fused node reads
+    fused: str = ""  # the fused node that reads the tables ("com.microsoft::GroupQueryAttention", ...); "": the graph's own ops
+    replaced: list[str] = field(default_factory=list)  # further graph constants the tables replace (a fused node's sin cache)
 
     def to_dict(self) -> dict:
         return asdict(self)

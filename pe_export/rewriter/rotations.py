@@ -1,5 +1,6 @@
 """--op onnx|ort|decomposed: the second pass, replacing each q/k rotation that reads a rewritten site's
-cos/sin by pe-export's lowering (rules of kind "rotation")."""
+cos/sin by pe-export's lowering (rules of kind "rotation"); a fused node's sites need none (see
+`rules.fused_rotary`, `rules.gqa_rotary`)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def replace_rotations(model: ir.Model, job: Job) -> int:
         register_contrib_schema()
         model.opset_imports.setdefault("com.microsoft", 1)
     count = rule_set(job, kinds=("rotation",)).apply_to_model(model)
-    if not count:
+    # A fused node's rotation: already the target (counted when its caches were rewritten), or GQA's own, kept.
+    if not count and not any(s.fused for s in job.sites):
         raise BadInput(f"--op {job.op}: no q/k rotation reads the rewritten cos/sin in a shape recognised here (rotate_half); use --op tables")
     return count

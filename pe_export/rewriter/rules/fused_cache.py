@@ -1,0 +1,176 @@
+"""What the rules for fused RoPE nodes share: the (P, R/2) cos/sin caches such a node reads, their
+agreement with the config, and the site that replaces them by float64-built tables.
+
+A fused node (`RotaryEmbedding` of either domain, `com.microsoft::GroupQueryAttention` with do_rotary)
+reads its cos and sin caches in one of two forms:
+
+    a float32 constant (P, R/2) (onnxruntime-genai's model builder, ORT's transformers optimizer):
+        cos[p, m] = F * cos(fl(p * inv_freq[m])), angles in float32 as torch computed them
+    onnxscript's `CosSinCacheFusion` with a run-time length (no max_pos_id given):
+        Range(0, ReduceMax(position_ids) + 1, 1) -> Reshape(-1, 1) -> Cast(FLOAT)
+        -> MatMul(., inv_freq (1, R/2)) -> Cos, Sin                                    (P, R/2)
+
+A constant cache agrees with the config when it is the config's table with float32 angles (pe-export's
+`angles="float32"`, transformers' arithmetic) to within `TABLE_ULPS` of cos/sin rounding plus, on each
+angle, the `params.ULPS` a float32 inv_freq may be off (other float32 arithmetic for the same
+frequencies): a wrong theta moves the angles at the table's end by far more. A disagreement is named by
+the parameter that explains it, read off the table (rotary dim from its width, the attention factor
+from row 0, inv_freq from the rows' angles). A computed cache's inv_freq constant is checked as the
+cos/sin rules check theirs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+from pe_export.encodings.rope import tables
+from pe_export.rewriter import params as params_mod
+from pe_export.rewriter.job import Site
+from pe_export.rewriter.rules.base import site_params
+from pe_export.rewriter.rules.rotate_half import _ints
+
+TABLE_ULPS = 4  # float32 cos/sin of a float32 angle (torch, NumPy, ORT) against the same angle's cos/sin in float64, rounded
+EPS32 = 2.0**-24
+TABLE_PREFIX = "pe_export.rope."  # the names `Job.tables_for` gives
+
+
+def computed_inv_freq(cache: ir.Value) -> ir.Value | None:
+    """The inv_freq constant behind onnxscript's in-graph cache Cos|Sin(MatMul(Cast(Reshape(Range(0, n, 1))), inv_freq)), or None."""
+    trig = cache.producer()
+    if trig is None or trig.op_type not in ("Cos", "Sin"):
+        return None
+    matmul = trig.inputs[0].producer()
+    if matmul is None or matmul.op_type != "MatMul":
+        return None
+    positions, freqs = matmul.inputs
+    if freqs.const_value is None and freqs.producer() is not None and freqs.producer().op_type == "Reshape":
+        freqs = freqs.producer().inputs[0]  # Reshape(inv_freq, (1, -1)) before constant folding
+    v = positions
+    for op_type in ("Cast", "Reshape", "Range"):
+        node = v.producer()
+        if node is None or node.op_type != op_type:
+            return None
+        if op_type == "Range" and (_ints(node.inputs[0]) != [0] or _ints(node.inputs[2]) != [1]):
+            return None
+        v = node.inputs[0]
+    return freqs if freqs.const_value is not None else None
+
+
+def table_inv_freq(cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """The (R/2,) frequencies behind a (P, R/2) cos/sin table, read off the angles of rows 1, 1000, 10^6
+    .. and the last row (each row's estimate unwraps the next one's angle; the last row's is the most
+    precise: atan2's error over the row)."""
+    angle = lambda r: np.arctan2(sin[r].astype(np.float64), cos[r].astype(np.float64))  # noqa: E731  in (-pi, pi]
+    rows = cos.shape[0]
+    g = angle(1) if rows > 1 else np.zeros(cos.shape[1])
+    r = 1
+    while r < rows - 1:
+        r = min(r * 1000, rows - 1)
+        turns = np.round((r * g - angle(r)) / (2 * np.pi))
+        g = (angle(r) + 2 * np.pi * turns) / r
+    return g
+
+
+def table_disagreement(cos: np.ndarray, sin: np.ndarray, p) -> str | None:
+    """None when the (P, R/2) float32 tables are the config's (see the module docstring), else the
+    parameter that disagrees."""
+    rows, half = cos.shape
+    if 2 * half != p.rotary_dim:
+        return f"rotary dim: the graph's cos/sin cache is {half} wide (rotary dim {2 * half}), the config gives rotary dim {p.rotary_dim}"
+    reason = params_mod.factor_disagreement(float(np.hypot(cos[0, 0], sin[0, 0])), p)
+    if reason:
+        return reason
+    p32 = replace(p, max_positions=rows, angles="float32")
+    want_cos, want_sin = tables(p32)  # (P, R/2) float64 of float32 angles, attention factor included
+    freqs, factor = params_mod.float32_inv_freq(p32).astype(np.float64), params_mod.attention_factor(p32)
+    bound = factor * (TABLE_ULPS * EPS32 + params_mod.REL * np.arange(rows)[:, None] * freqs)  # (P, R/2)
+    err = np.maximum(np.abs(cos - want_cos), np.abs(sin - want_sin))
+    if np.all(err <= bound):
+        return None
+    # Name the parameter: the frequencies the table's angles give, as the cos/sin rules name theirs.
+    reason = params_mod.disagreement(table_inv_freq(cos, sin), p)
+    if reason is None:  # the frequencies agree, the table does not (rows that are not cos/sin of them)
+        r, m = np.unravel_index(np.argmax(err - bound), err.shape)
+        reason = (f"theta: the graph's cos/sin cache differs from the config's (theta {p.theta:g}, rotary dim {p.rotary_dim}, "
+                  f"rope_type {p.scaling!r}) by {err[r, m]:.2e} at row {r}")
+    return reason
+
+
+class FusedCacheRule(pattern.RewriteRuleClassBase):
+    """A fused node reading (cos_cache, sin_cache): subclasses give `pattern` (binding `cos_cache` and
+    `sin_cache`) and `rebuild(op, new_cos, new_sin, **bindings)`, the same node on the new tables; the
+    site records the node type (`fused`)."""
+
+    order = 1
+    kind = "cos_sin"
+    functions = (None,)
+    fused = ""
+
+    def __init__(self, job, fn=None):
+        super().__init__(self.rule_name if fn is None else f"{self.rule_name}.{fn}")
+        self.job = job
+        self._p = None
+        self._matched = {}  # (cos name, sin name) -> match_pair's answer
+
+    def check_caches(self, r: pattern.MatchResult, cos_cache: ir.Value, sin_cache: ir.Value, interleaved: int = 0,
+                     rotary_dim: int = 0) -> pattern.MatchResult:
+        """The caches are a constant or computed pair that agrees with one of the config's parameter sets,
+        and the node's own rotation attributes (`interleaved`, `rotary_embedding_dim`, 0: the cache's
+        width) with it (else the refusal naming the parameter); sets `self._p`."""
+        if (cos_cache.name or "").startswith(TABLE_PREFIX):
+            return r.fail("the caches are already pe-export's tables (this rule's own replacement)", cos_cache)
+        key = (cos_cache.name, sin_cache.name)
+        if key not in self._matched:  # one check per cache pair: every layer's node reads the same caches
+            self._matched[key] = self.match_pair(cos_cache, sin_cache)
+        p, reason, where, unrecognised = self._matched[key]
+        if unrecognised:
+            return r.fail(unrecognised, cos_cache)
+        if not reason and (p.pairing == "interleaved") != bool(interleaved):
+            reason = (f"pairing: the graph's {self.fused} rotates {'interleaved pairs' if interleaved else 'halves'} "
+                      f"(interleaved={interleaved}), the config's pairing is {p.pairing!r}")
+        if not reason and rotary_dim and rotary_dim != p.rotary_dim:
+            reason = f"rotary dim: the graph's {self.fused} has rotary_embedding_dim {rotary_dim}, the config gives rotary dim {p.rotary_dim}"
+        if reason:
+            self.job.refuse(f"{reason} (site {where!r}, read by {self.fused})")
+            return r.fail(reason, cos_cache)
+        self._p = p
+        self.job.found.add((self.rule_name, where))
+        return r
+
+    def match_pair(self, cos_cache: ir.Value, sin_cache: ir.Value):
+        """(parameter set or None, refusal reason, the site's name, why the pair is no cache form recognised
+        here ("" when it is one))."""
+        computed = computed_inv_freq(cos_cache), computed_inv_freq(sin_cache)
+        if computed[0] is not None and computed[0] is computed[1]:
+            g = computed[0].const_value.numpy()
+            if g.dtype != np.float32 or sum(d > 1 for d in g.shape) > 1:
+                return None, "", "", f"inv_freq is {g.dtype} of shape {g.shape}, not float32 (R/2,)"
+            p, reason = params_mod.match(g.reshape(-1), self.job.candidates)
+            reason = reason or (params_mod.factor_disagreement(1.0, p) if p is not None else "")
+            return p, reason, computed[0].name, ""
+        values = [c.const_value for c in (cos_cache, sin_cache)]
+        if any(v is None or v.dtype != ir.DataType.FLOAT or len(v.shape) != 2 for v in values) or values[0].shape != values[1].shape:
+            return None, "", "", "the cos/sin caches are neither float32 (P, R/2) constants nor computed from a Range of positions"
+        cos, sin = (v.numpy().astype(np.float64) for v in values)
+        reasons = [table_disagreement(cos, sin, p) for p in self.job.candidates]
+        p = next((c for c, why in zip(self.job.candidates, reasons) if why is None), None)
+        return p, "" if p is not None else "; ".join(dict.fromkeys(reasons)), cos_cache.name, ""
+
+    def new_caches(self, op, cos_cache: ir.Value, sin_cache: ir.Value, positions: str = "") -> tuple[ir.Value, ir.Value, Site]:
+        """The float64-built (P, R/2) tables of --seq rows for this cache pair, and its site (one per pair)."""
+        p = self._p
+        tables_ = self.job.tables_for(op, p)
+        key = (cos_cache.name, sin_cache.name, None)
+        site = self.job.site_index.get(key)
+        if site is None:
+            replaced = computed_inv_freq(cos_cache)
+            site = Site(rule=self.rule_name, inv_freq=(replaced or cos_cache).name, positions=positions, cos=cos_cache.name,
+                        sin=sin_cache.name, params=site_params(self.job.table_params(p)), tables=[t.name for t in tables_],
+                        width="table", fused=self.fused, replaced=[] if replaced is not None else [sin_cache.name])
+            self.job.site_index[key] = site
+            self.job.sites.append(site)
+        return (*tables_, site)
