@@ -65,3 +65,8 @@ def aborts_out_of_range(spec, model_bytes):
         return real(inputs)
 
     return call, provider
+
+
+def aborts_graph(model_bytes):
+    """A graph adapter (pe_export.runtimes.GRAPH_RUNTIMES) that loads, then aborts its process on the first call."""
+    return aborts(None, model_bytes)

@@ -314,3 +314,67 @@ def test_float32_inv_freq_as_transformers_computes_it_agrees_and_a_wrong_theta_i
     assert disagreement(graph.numpy(), p) is None
     assert disagreement(graph.numpy(), RopeParams(head_dim=128, theta=500050.0, max_positions=131072, scaling="llama3",
                                                   scaling_params=scaling)).startswith("theta")
+
+
+# --- verification on every runtime ------------------------------------------------------------------
+
+def rewritten_in_memory(exported, family="llama", op="tables"):
+    from pe_export.rewriter import api
+
+    path, config, _, _ = exported(family)
+    original = api.load(path)
+    return original, api.rewrite(api.load(path), config, op=op)
+
+
+def test_rewrite_verified_on_other_runtimes_in_workers(exported):
+    """onnx's reference evaluator and OpenVINO run the torch.onnx graph and verify it; tract loads it but
+    fails to run it, original and rewritten alike (its CumSum: "TDim is not a number"): a row with the
+    reason, "unsupported" (the runtime's limit, not the rewrite's), not the end of the report."""
+    from pe_export.rewriter import verify
+
+    original, result = rewritten_in_memory(exported)
+    names = ("onnx-reference", "openvino", "tract")
+    rows = {r.runtime: r for r in verify.check_sites(original, result.model, result.sites, names)}
+    whole = {r.runtime: r for r in verify.check_whole(original, result.model, names)}
+    assert rows["onnx-reference"].verdict == "pass" and whole["onnx-reference"].verdict == "pass", (rows, whole)
+    r = rows["onnx-reference"]
+    assert r.positions[-1] == 32767 and r.rewritten_error[-1] <= r.bound < r.original_error[-1]
+    if rows["openvino"].verdict != "skipped":  # the optional openvino extra
+        assert rows["openvino"].verdict == "pass" and whole["openvino"].verdict == "pass", (rows["openvino"], whole["openvino"])
+        assert rows["openvino"].rewritten_error[-1] <= rows["openvino"].bound
+    if rows["tract"].verdict != "skipped":
+        assert rows["tract"].verdict == "unsupported" and "the original too" in rows["tract"].note, rows["tract"]
+        assert whole["tract"].verdict == "unsupported" and whole["tract"].max_abs_diff is None
+    assert not verify.failed([rows["onnx-reference"], whole["onnx-reference"], rows["tract"]])
+
+
+def test_a_crashing_runtime_is_a_row_and_the_others_complete(exported, monkeypatch):
+    import fake_runtimes
+
+    from pe_export.rewriter import verify
+    from pe_export.runtimes import GRAPH_RUNTIMES
+
+    monkeypatch.setitem(GRAPH_RUNTIMES, "aborts", fake_runtimes.aborts_graph)
+    original, result = rewritten_in_memory(exported)
+    rows = verify.check_sites(original, result.model, result.sites, ("aborts", "ort-cpu"))
+    whole = verify.check_whole(original, result.model, ("aborts", "ort-cpu"))
+    assert [r.verdict for r in rows] == ["CRASH", "pass"], rows
+    assert "SIGABRT" in rows[0].note and rows[0].note.startswith("rewritten:"), rows[0].note
+    assert [r.verdict for r in whole] == ["CRASH", "pass"] and "SIGABRT" in whole[0].note, whole
+    assert verify.failed(rows) and not verify.failed(rows[1:])
+
+
+def test_cli_runtimes_choices_and_a_cannot_load_row(exported, tmp_path):
+    """--op ort writes com.microsoft ops: tract cannot load them, a row with the reason (exit 0: nothing
+    failed, ORT verified it); an unknown runtime is bad input."""
+    path, config, _, _ = exported("llama")
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    r = cli("rewrite", path, "--config", config, "--op", "ort", "-o", out, "--report", report, "--runtimes", "ort-cpu,tract")
+    assert r.exit_code == 0, r.output
+    rows = {row["runtime"]: row for row in json.loads(report.read_text())["sites"]}
+    assert rows["ort-cpu"]["verdict"] == "pass"
+    if rows["tract"]["verdict"] != "skipped":  # the optional tract extra
+        assert rows["tract"]["verdict"] == "unsupported" and "cannot load" in rows["tract"]["note"], rows["tract"]
+        assert "com.microsoft" in rows["tract"]["note"]
+    bad = cli("rewrite", path, "--config", config, "-o", tmp_path / "x.onnx", "--runtimes", "torch")
+    assert bad.exit_code == 2 and "--runtimes" in bad.output and not (tmp_path / "x.onnx").exists()

@@ -1,4 +1,7 @@
-"""Verification of a rewrite, on ONNX Runtime CPU (a whole model is too large for the reference evaluator).
+"""Verification of a rewrite, on the runtimes `pe-export verify` has (pe_export.runtimes.GRAPH_RUNTIMES:
+every one but `torch`, which has no meaning for a foreign model), each in its worker process with a time
+limit (pe_export.worker): a crash, a hang, or a runtime that cannot load a model is a row with its reason,
+and the other rows complete.
 
 - Per site: the site's cos and sin (B, S, R), exposed as extra outputs of copies of the original and the
   rewritten graph (the replacement keeps the matched values' names), against pe-export's float64
@@ -16,11 +19,15 @@ import numpy as np
 import onnx_ir as ir
 
 from pe_export.encodings.rope import RopeParams, inv_freq, tables
+from pe_export.errors import one_line
+from pe_export.outcomes import verdict_of
+from pe_export.parity import FAILED, tolerance
 from pe_export.rewriter.job import Site
-from pe_export.parity import tolerance
+from pe_export.runtimes import GRAPH_RUNTIMES
 
 EPS32 = 2.0**-24  # float32 unit roundoff
-RUNTIMES = ("ort-cpu", "ort-cpu-noopt")
+RUNTIMES = tuple(GRAPH_RUNTIMES)
+DEFAULT_RUNTIMES = ("ort-cpu", "ort-cpu-noopt")
 SHORT = 16  # positions 0..SHORT-1 for the whole-model comparison
 WHOLE_REL = 1e-4  # relative to the largest output: float32 rounding of cos/sin carried through the layers
 
@@ -30,10 +37,12 @@ class SiteRow:
     site: int
     runtime: str
     positions: list[int]
-    original_error: list[float]  # max abs cos/sin error against float64, per position
-    rewritten_error: list[float]
+    original_error: list  # max abs cos/sin error against float64, per position (None: the original did not run)
+    rewritten_error: list
     bound: float
-    verdict: str
+    verdict: str  # pass, FAIL, CRASH, TIMEOUT, unsupported (cannot load), skipped (not here)
+    provider: str = ""
+    note: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,10 +52,11 @@ class SiteRow:
 class WholeRow:
     runtime: str
     positions: int
-    max_abs_diff: float
-    bound: float
+    max_abs_diff: float | None
+    bound: float | None
     verdict: str
     note: str = ""
+    provider: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,27 +68,16 @@ def spread_positions(rows: int, n: int = 12) -> np.ndarray:
     return pos[pos >= 0]
 
 
-def session(model_bytes: bytes, runtime: str):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if runtime == "ort-cpu-noopt":
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
-    if sess.get_providers()[0] != "CPUExecutionProvider":
-        raise RuntimeError(f"ran on {sess.get_providers()[0]}, not CPUExecutionProvider")
-    return sess
-
-
-def with_outputs(model: ir.Model, names: list[str]) -> bytes:
-    """The model's bytes with the named values as extra outputs (a copy; `model` is unchanged)."""
+def with_outputs(model: ir.Model, names: list[str]) -> tuple[bytes, list[str]]:
+    """The model's bytes with the named values as extra outputs (a copy; `model` is unchanged), and the
+    names of all its outputs in order."""
     proto = ir.to_proto(model)
-    have = {o.name for o in proto.graph.output}
+    have = [o.name for o in proto.graph.output]
     for name in names:
         if name not in have:
             proto.graph.output.add().name = name
-    return proto.SerializeToString()
+            have.append(name)
+    return proto.SerializeToString(), have
 
 
 def feeds(model: ir.Model, positions: np.ndarray, batch: int = 1, seed: int = 0) -> dict:
@@ -106,6 +105,37 @@ def feeds(model: ir.Model, positions: np.ndarray, batch: int = 1, seed: int = 0)
     return out
 
 
+def run_all(runtime: str, model_bytes: bytes, names: list[str], inputs: list[dict], timeout: float | None = None):
+    """(provider, [{output name: array}] per input dict) from `runtime` in its worker process; raises the
+    runtime's Skip / Unsupported / Crash / Timeout or its error."""
+    from pe_export import worker
+
+    call, provider = worker.load(runtime, GRAPH_RUNTIMES[runtime], None, model_bytes, worker.TIMEOUT_S if timeout is None else timeout)
+    return provider, [dict(zip(names, call(feed))) for feed in inputs]
+
+
+def attempt(runtime: str, model_bytes: bytes, names: list[str], inputs: list[dict], timeout: float | None = None):
+    """(provider, outputs, verdict, note): outputs None and the failure's verdict and reason when the
+    runtime could not run the model."""
+    try:
+        provider, got = run_all(runtime, model_bytes, names, inputs, timeout)
+        return provider, got, "pass", ""
+    except Exception as e:  # every failure of a runtime is a row
+        return "", None, verdict_of(e), one_line(e)
+
+
+def site_positions(site: Site) -> np.ndarray:
+    """Positions spread over the site's table; a LongRoPE branch: over the positions it serves."""
+    P = site.params["max_positions"]
+    if site.seq_len is None:
+        lo, hi = 0, P
+    elif site.seq_len <= site.params["scaling_params"].get("original_max_positions", P):
+        lo, hi = 0, site.seq_len
+    else:
+        lo, hi = site.seq_len - 1, P
+    return lo + spread_positions(hi - lo)
+
+
 def site_reference(site: Site, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float64 (S, R) cos and sin of the site at `positions` (full width [t, t])."""
     p = RopeParams(**site.params)
@@ -116,26 +146,52 @@ def site_reference(site: Site, positions: np.ndarray) -> tuple[np.ndarray, np.nd
     return full(cos), full(sin)
 
 
-def check_sites(original: ir.Model, rewritten: ir.Model, sites: list[Site], runtimes=("ort-cpu",)) -> list[SiteRow]:
+def _cos_sin_error(got: dict, site: Site, positions: np.ndarray, ref_cos, ref_sin) -> np.ndarray:
+    """Max abs cos/sin error per position (S,) of one run's outputs."""
+    c = got[site.cos].reshape(-1, positions.size, ref_cos.shape[-1])[0]
+    s = got[site.sin].reshape(-1, positions.size, ref_sin.shape[-1])[0]
+    return np.maximum(np.abs(c - ref_cos).max(-1), np.abs(s - ref_sin).max(-1))
+
+
+def failure(original: tuple[str, str], rewritten: tuple[str, str]) -> tuple[str, str]:
+    """(verdict, note) of a runtime from its (verdict, note) on the original and on the rewritten model.
+    An error on both is the runtime's limit, not the rewrite's ("unsupported", as one that cannot load)."""
+    (v_o, note_o), (v_n, note_n) = original, rewritten
+    if original == rewritten:
+        return v_n, note_n  # both ran, or both failed alike (a runtime that is not here)
+    if v_n == "FAIL" and v_o != "pass":
+        return "unsupported", f"fails on the original too: {note_o}"
+    if v_n != "pass":
+        return v_n, f"rewritten: {note_n}"
+    return ("pass", "") if v_o == "pass" else (v_o, f"original: {note_o}")
+
+
+def check_sites(original: ir.Model, rewritten: ir.Model, sites: list[Site], runtimes=DEFAULT_RUNTIMES,
+                timeout: float | None = None) -> list[SiteRow]:  # fmt: skip
+    from pe_export import worker
+
+    worker.start(runtimes, GRAPH_RUNTIMES)
+    wanted = [n for s in sites for n in (s.cos, s.sin)]
+    (orig_bytes, orig_names), (new_bytes, new_names) = with_outputs(original, wanted), with_outputs(rewritten, wanted)
+    positions = [site_positions(site) for site in sites]
+    inputs = [feeds(rewritten, pos) for pos in positions]
+    refs = [site_reference(site, pos) for site, pos in zip(sites, positions)]
     rows = []
-    names = [n for s in sites for n in (s.cos, s.sin)]
-    orig_bytes, new_bytes = with_outputs(original, names), with_outputs(rewritten, names)
     for runtime in runtimes:
-        sess_o, sess_n = session(orig_bytes, runtime), session(new_bytes, runtime)
+        _, got_o, v_o, note_o = attempt(runtime, orig_bytes, orig_names, inputs, timeout)
+        provider, got_n, v_n, note_n = attempt(runtime, new_bytes, new_names, inputs, timeout)
         for i, site in enumerate(sites):
-            P = site.params["max_positions"]
-            lo, hi = (0, P) if site.seq_len is None else ((0, site.seq_len) if site.seq_len <= site.params["scaling_params"].get("original_max_positions", P) else (site.seq_len - 1, P))
-            positions = lo + spread_positions(hi - lo)
-            feed = feeds(rewritten, positions)
-            ref_cos, ref_sin = site_reference(site, positions)
-            errs = {}
-            for kind, sess in (("original", sess_o), ("rewritten", sess_n)):
-                got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
-                c, s = got[site.cos].reshape(-1, positions.size, ref_cos.shape[-1])[0], got[site.sin].reshape(-1, positions.size, ref_sin.shape[-1])[0]
-                errs[kind] = np.maximum(np.abs(c - ref_cos).max(-1), np.abs(s - ref_sin).max(-1))
             bound = tolerance("fp32", "decomposed").factor * EPS32 * max(1.0, _factor(site))
-            verdict = "pass" if float(errs["rewritten"].max()) <= bound else "FAIL"
-            rows.append(SiteRow(i, runtime, positions.tolist(), errs["original"].tolist(), errs["rewritten"].tolist(), bound, verdict))
+            pos = positions[i]
+            verdict, note = failure((v_o, note_o), (v_n, note_n))
+            if got_n is None:
+                rows.append(SiteRow(i, runtime, pos.tolist(), [], [], bound, verdict, provider, note))
+                continue
+            # The rewritten model ran: its error decides; an original that did not run is only a note.
+            err_n = _cos_sin_error(got_n[i], site, pos, *refs[i])
+            err_o = _cos_sin_error(got_o[i], site, pos, *refs[i]).tolist() if got_o is not None else [None] * pos.size
+            verdict = "pass" if float(err_n.max()) <= bound else "FAIL"
+            rows.append(SiteRow(i, runtime, pos.tolist(), err_o, err_n.tolist(), bound, verdict, provider, note))
     return rows
 
 
@@ -144,16 +200,30 @@ def _factor(site: Site) -> float:
     return inv_freq(RopeParams(**site.params), site.seq_len)[1]
 
 
-def check_whole(original: ir.Model, rewritten: ir.Model, runtimes=("ort-cpu",), batch: int = 2) -> list[WholeRow]:
+def check_whole(original: ir.Model, rewritten: ir.Model, runtimes=DEFAULT_RUNTIMES, batch: int = 2,
+                timeout: float | None = None) -> list[WholeRow]:  # fmt: skip
+    from pe_export import worker
+
+    worker.start(runtimes, GRAPH_RUNTIMES)
     positions = np.arange(SHORT, dtype=np.int64)
-    orig_bytes, new_bytes = ir.to_proto(original).SerializeToString(), ir.to_proto(rewritten).SerializeToString()
+    (orig_bytes, names), (new_bytes, _) = with_outputs(original, []), with_outputs(rewritten, [])
+    feed = [feeds(rewritten, positions, batch)]
     rows = []
     for runtime in runtimes:
-        feed = feeds(rewritten, positions, batch)
-        a = session(orig_bytes, runtime).run(None, feed)
-        b = session(new_bytes, runtime).run(None, feed)
-        diff = max(float(np.abs(x.astype(np.float64) - y).max()) for x, y in zip(a, b))
-        scale = max(float(np.abs(x).max()) for x in a)
+        _, a, v_o, note_o = attempt(runtime, orig_bytes, names, feed, timeout)
+        provider, b, v_n, note_n = attempt(runtime, new_bytes, names, feed, timeout)
+        verdict, note = failure((v_o, note_o), (v_n, note_n))
+        if verdict != "pass":
+            rows.append(WholeRow(runtime, SHORT, None, None, verdict, note, provider))
+            continue
+        a, b = a[0], b[0]
+        diff = max(float(np.abs(a[n].astype(np.float64) - b[n]).max()) for n in names)
+        scale = max(float(np.abs(a[n]).max()) for n in names)
         bound = WHOLE_REL * max(1.0, scale)
-        rows.append(WholeRow(runtime, SHORT, diff, bound, "pass" if diff <= bound else "FAIL"))
+        rows.append(WholeRow(runtime, SHORT, diff, bound, "pass" if diff <= bound else "FAIL", "", provider))
     return rows
+
+
+def failed(rows) -> bool:
+    """A report fails when a row failed, crashed or hung, or when no runtime checked a site."""
+    return any(r.verdict in FAILED for r in rows) or not any(r.verdict == "pass" for r in rows if isinstance(r, SiteRow))
