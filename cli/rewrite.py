@@ -61,12 +61,12 @@ def rewrite_command(
             write_atomic(render(document(result.spec, site_rows, whole_rows), report), report, force)
     except BadInput as e:
         fail(str(e))
-    table = Table("site", "rule", "rotary dim", "scaling", "runtime", "last position", "original error", "rewritten error", "bound", "verdict")
+    table = Table("site", "rule", "rotary dim", "scaling", "checked", "runtime", "last position", "original error", "rewritten error", "bound", "verdict")
     for r in site_rows:
         s = result.sites[r.site]
-        last = [str(r.positions[-1]), _num(r.original_error[-1]), _num(r.rewritten_error[-1])] if r.rewritten_error else ["", "", ""]
-        table.add_row(str(r.site), s.rule, str(s.params["rotary_dim"]), s.params["scaling"], r.runtime, *last,
-                      f"{r.bound:.1e}", r.verdict + (f": {r.note}" if r.note else ""))
+        last = [str(r.positions[-1]), _num(r.original_error[-1]), _num(r.rewritten_error[-1]), f"{r.bound:.1e}"] if r.rewritten_error else [""] * 4
+        table.add_row(str(r.site), s.rule, str(s.params["rotary_dim"]), s.params["scaling"], r.what, r.runtime, *last,
+                      r.verdict + (f": {r.note}" if r.note else ""))
     out.print(table)
     for r in whole_rows:
         result_text = f"original vs rewritten max abs diff {r.max_abs_diff:.2e} (bound {r.bound:.1e})" if r.max_abs_diff is not None else r.note

@@ -378,3 +378,26 @@ def test_cli_runtimes_choices_and_a_cannot_load_row(exported, tmp_path):
         assert "com.microsoft" in rows["tract"]["note"]
     bad = cli("rewrite", path, "--config", config, "-o", tmp_path / "x.onnx", "--runtimes", "torch")
     assert bad.exit_code == 2 and "--runtimes" in bad.output and not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("op", ["onnx", "ort", "decomposed"])
+def test_rotated_q_and_k_against_a_float64_rotation_of_the_same_runs_inputs(op, exported):
+    """Each replaced rotation's output against pe_export.rotation.apply_reference (float64) of its own
+    un-rotated q/k read from the same run, at positions up to the table's end; the original's rotations
+    drift (float32 angles), the rewritten's stay within the tolerance table's bound. A wrong pairing
+    (the check reading the rotation as interleaved) must fail: the check can fail."""
+    import copy
+
+    from pe_export.rewriter import verify
+
+    original, result = rewritten_in_memory(exported, op=op)
+    site = result.sites[0]
+    assert site.rotations == 4 and len(site.rotated) == 4  # q and k of 2 layers
+    rows = [r for r in verify.check_sites(original, result.model, result.sites, ("ort-cpu",)) if r.what == "rotated q/k"]
+    assert len(rows) == 1 and rows[0].verdict == "pass", rows
+    r = rows[0]
+    assert r.positions[-1] == 32767 and max(r.rewritten_error) <= r.bound and max(r.original_error[-3:]) > 100 * max(r.rewritten_error[-3:]), r
+    wrong = copy.deepcopy(site)
+    wrong.rotated = [{**rot, "pairing": "interleaved"} for rot in wrong.rotated]
+    bad = [r for r in verify.check_sites(original, result.model, [wrong], ("ort-cpu",)) if r.what == "rotated q/k"]
+    assert bad[0].verdict == "FAIL", bad

@@ -29,6 +29,13 @@ class Site:
     seq_len: int | None = None  # the rule's branch (LongRoPE short/long), None when it has one
     rotations: int = 0  # q/k rotations replaced by --op onnx|ort|decomposed
     width: str = "full"  # cos/sin values (B, S, R) [t, t]; "half": (B, S, R/2)
+    # Each replaced rotation: the un-rotated q or k `x` and the rotated `y` (the same names in the original
+    # and the rewritten graph), its pairing and layout: what verification reads back from both.
+    rotated: list = field(default_factory=list)
+
+    def add_rotation(self, x: str, y: str, pairing: str, layout: str) -> None:
+        self.rotations += 1
+        self.rotated.append({"x": x, "y": y, "pairing": pairing, "layout": layout})
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -7,22 +7,31 @@ and the other rows complete.
   rewritten graph (the replacement keeps the matched values' names), against pe-export's float64
   reference (`pe_export.encodings.rope.tables`) at positions spread over the table, the last ones always
   included; bound: pe-export's fp32 tolerance factor times float32 rounding of one table read.
+- Per site, with --op onnx|ort|decomposed: each replaced rotation's rotated q or k, exposed the same way,
+  against pe-export's float64 rotation (`pe_export.rotation.apply_reference`) of the same run's
+  un-rotated q or k (each model's own: later layers' inputs differ by the earlier layers' RoPE), at the
+  same positions; bound: the tolerance table's factor * (eps * F * (|a| + |b|) + denorm) per element,
+  as `pe-export verify` bounds a RoPE file.
 - Whole model: the original and the rewritten model's outputs at short positions (where the float32
   angles are still exact), inputs generated from the model's own input signature.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx_ir as ir
 
-from pe_export.encodings.rope import RopeParams, inv_freq, tables
+from pe_export.dtypes import DENORM_MIN, EPS
+from pe_export.encodings.rope import RopeParams, inv_freq, pair_sums, tables
 from pe_export.errors import one_line
 from pe_export.outcomes import verdict_of
 from pe_export.parity import FAILED, tolerance
+from pe_export.rewriter.core import METADATA_KEY
 from pe_export.rewriter.job import Site
+from pe_export.rotation import apply_reference, heads_axis
 from pe_export.runtimes import GRAPH_RUNTIMES
 
 EPS32 = 2.0**-24  # float32 unit roundoff
@@ -43,6 +52,7 @@ class SiteRow:
     verdict: str  # pass, FAIL, CRASH, TIMEOUT, unsupported (cannot load), skipped (not here)
     provider: str = ""
     note: str = ""
+    what: str = "cos/sin"  # or "rotated q/k": every rotation of the site, the error the worst of them
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -166,12 +176,34 @@ def failure(original: tuple[str, str], rewritten: tuple[str, str]) -> tuple[str,
     return ("pass", "") if v_o == "pass" else (v_o, f"original: {note_o}")
 
 
+def rotation_error(got: dict, site: Site, positions: np.ndarray, op: str) -> tuple[np.ndarray, float, float]:
+    """(max abs error per position (S,), largest bound, worst error/bound) of every rotated q/k of the
+    site in one run, against the float64 rotation of the same run's un-rotated q/k."""
+    p = RopeParams(**site.params)
+    cos, sin = tables(p, site.seq_len)  # (P, R/2) float64
+    factor = tolerance("fp32", op).factor
+    err, top, ratio = np.zeros(positions.size), 0.0, 0.0
+    for rot in site.rotated:
+        x, y = got[rot["x"]], got[rot["y"]]  # (B, H, S, R) or (B, S, H, R)
+        s_axis = 3 - heads_axis(rot["layout"])  # bhsd: 2, bshd: 1
+        ids = np.broadcast_to(positions, (x.shape[0], positions.size))
+        ref = apply_reference(x, cos, sin, ids, pairing=rot["pairing"], rotary_dim=p.rotary_dim, layout=rot["layout"])
+        e = np.abs(y.astype(np.float64) - ref)
+        limit = factor * (EPS["fp32"] * _factor(site) * pair_sums(x, rot["pairing"], p.rotary_dim) + DENORM_MIN["fp32"])
+        other = tuple(a for a in range(e.ndim) if a != s_axis)
+        err = np.maximum(err, e[..., : p.rotary_dim].max(axis=other))
+        top, ratio = max(top, float(limit.max())), max(ratio, float((e[..., : p.rotary_dim] / limit).max()))
+    return err, top, ratio
+
+
 def check_sites(original: ir.Model, rewritten: ir.Model, sites: list[Site], runtimes=DEFAULT_RUNTIMES,
                 timeout: float | None = None) -> list[SiteRow]:  # fmt: skip
+    """A cos/sin row per site and runtime, and with --op onnx|ort|decomposed a rotated q/k row."""
     from pe_export import worker
 
+    op = json.loads(rewritten.metadata_props.get(METADATA_KEY, "{}")).get("op", "decomposed")
     worker.start(runtimes, GRAPH_RUNTIMES)
-    wanted = [n for s in sites for n in (s.cos, s.sin)]
+    wanted = [n for s in sites for n in (s.cos, s.sin, *(v for r in s.rotated for v in (r["x"], r["y"])))]
     (orig_bytes, orig_names), (new_bytes, new_names) = with_outputs(original, wanted), with_outputs(rewritten, wanted)
     positions = [site_positions(site) for site in sites]
     inputs = [feeds(rewritten, pos) for pos in positions]
@@ -186,12 +218,20 @@ def check_sites(original: ir.Model, rewritten: ir.Model, sites: list[Site], runt
             verdict, note = failure((v_o, note_o), (v_n, note_n))
             if got_n is None:
                 rows.append(SiteRow(i, runtime, pos.tolist(), [], [], bound, verdict, provider, note))
+                if site.rotated:
+                    rows.append(SiteRow(i, runtime, pos.tolist(), [], [], 0.0, verdict, provider, note, "rotated q/k"))
                 continue
             # The rewritten model ran: its error decides; an original that did not run is only a note.
             err_n = _cos_sin_error(got_n[i], site, pos, *refs[i])
             err_o = _cos_sin_error(got_o[i], site, pos, *refs[i]).tolist() if got_o is not None else [None] * pos.size
             verdict = "pass" if float(err_n.max()) <= bound else "FAIL"
             rows.append(SiteRow(i, runtime, pos.tolist(), err_o, err_n.tolist(), bound, verdict, provider, note))
+            if site.rotated:
+                rot_n, top, ratio = rotation_error(got_n[i], site, pos, op)
+                rot_o = rotation_error(got_o[i], site, pos, op)[0].tolist() if got_o is not None else [None] * pos.size
+                worst = f"worst error/bound {ratio:.2f} over {len(site.rotated)} rotations"
+                rows.append(SiteRow(i, runtime, pos.tolist(), rot_o, rot_n.tolist(), top, "pass" if ratio <= 1.0 else "FAIL", provider,
+                                    "; ".join(filter(None, [note, worst])), "rotated q/k"))  # fmt: skip
     return rows
 
 
