@@ -53,6 +53,7 @@ def rewrite_command(
         result = api.rewrite(rewritten, config, seq, op.value)
     except BadInput as e:
         fail(str(e))
+    api.prune(result.model)  # verify what is written
     site_rows = verify.check_sites(original, result.model, result.sites, chosen)
     whole_rows = verify.check_whole(original, result.model, chosen)
     try:

@@ -401,3 +401,37 @@ def test_rotated_q_and_k_against_a_float64_rotation_of_the_same_runs_inputs(op, 
     wrong.rotated = [{**rot, "pairing": "interleaved"} for rot in wrong.rotated]
     bad = [r for r in verify.check_sites(original, result.model, [wrong], ("ort-cpu",)) if r.what == "rotated q/k"]
     assert bad[0].verdict == "FAIL", bad
+
+
+def test_kv_cache_decode_one_token_at_a_large_position(tmp_path):
+    """A layer with past_key/past_value inputs (transformers' Llama rotary and apply_rotary_pos_emb,
+    exported with dynamo): verification's own inputs (an empty cache, from the signature) pass, and one
+    token decoded at the table's last position on a cache of 64 tokens, batch 2, matches the float64 oracle
+    as well as one decoded at position 64; the original's error there is far larger. The cache itself is
+    the oracle's prefill (float64, rounded to float32): logits and present key/values are compared."""
+    from pe_export.rewriter import api, verify
+
+    model, cfg = rm.build_cached()
+    path = rm.export_cached(model, tmp_path / "kv.onnx")
+    config = rm.save_config(cfg, tmp_path)
+    out = tmp_path / "kv.pe.onnx"
+    result = api.rewrite(path, config, op="decomposed", output=out)
+    assert [r.verdict for r in verify.check_whole(api.load(path), result.model, ("ort-cpu",))] == ["pass"]
+    m64 = rm.cached_oracle(model, cfg)
+    H, D = model.heads, model.dim
+
+    def decode_error(file, last):
+        rng = np.random.default_rng(0)
+        prefill = {"input_ids": rng.integers(0, rm.VOCAB, (2, 64)), "position_ids": np.repeat(np.arange(last - 65, last - 1)[None], 2, 0),
+                   "past_key": np.zeros((2, H, 0, D)), "past_value": np.zeros((2, H, 0, D))}
+        _, k, v = rm.run_cached(m64, prefill)
+        feed = {"input_ids": rng.integers(0, rm.VOCAB, (2, 1)), "position_ids": np.full((2, 1), last - 1),
+                "past_key": k.astype(np.float32), "past_value": v.astype(np.float32)}
+        truth = rm.run_cached(m64, feed)
+        got = rm.ort_outputs(file, feed)
+        assert got[1].shape == (2, H, 65, D)
+        return max(float(np.abs(g - t).max()) for g, t in zip(got, truth))
+
+    start, end = decode_error(out, 65), decode_error(out, rm.CACHED.last)
+    original_end = decode_error(path, rm.CACHED.last)
+    assert end <= WITHIN * start and original_end >= GROWS * end, (start, end, original_end)
