@@ -435,3 +435,26 @@ def test_kv_cache_decode_one_token_at_a_large_position(tmp_path):
     start, end = decode_error(out, 65), decode_error(out, rm.CACHED.last)
     original_end = decode_error(path, rm.CACHED.last)
     assert end <= WITHIN * start and original_end >= GROWS * end, (start, end, original_end)
+
+
+@pytest.mark.parametrize("op", ["onnx", "ort", "decomposed"])
+def test_a_failed_step_leaves_the_in_memory_model_unchanged(op, tmp_path):
+    """The cos/sin pass succeeds on this graph (cos/sin are its outputs, no rotation reads them), then
+    the rotation pass (after --op onnx's opset conversion) finds nothing and fails: the onnx_ir.Model
+    passed in serializes byte for byte as before, and a successful rewrite leaves it unchanged too."""
+    import onnx_ir as ir
+
+    from pe_export.errors import BadInput
+    from pe_export.rewriter import rewrite
+
+    R, theta = 16, 10000.0
+    cfg = {"model_type": "llama", "head_dim": R, "hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 4096,
+           "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = ir.from_proto(matmul_form_graph((1.0 / theta ** (np.arange(0, R, 2) / R)).astype(np.float32), None))
+    before = ir.to_proto(model).SerializeToString()
+    with pytest.raises(BadInput, match="no q/k rotation"):
+        rewrite(model, tmp_path / "config.json", op=op)
+    assert ir.to_proto(model).SerializeToString() == before
+    result = rewrite(model, tmp_path / "config.json")
+    assert result.model is not model and result.sites and ir.to_proto(model).SerializeToString() == before
