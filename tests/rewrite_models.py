@@ -99,6 +99,25 @@ def export(model, path: Path) -> Path:
     return path
 
 
+DYNAMIC = Family("llama-dynamic", "llama", dict(max_position_embeddings=4096, rope_parameters={
+    "rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}), last=16384, slow=False)
+
+
+def export_frozen(model, path: Path) -> Path:
+    """A dynamic-NTK model exported as an exporter that traces it freezes it: transformers' run-time
+    update (`if seq_len > max_seq_len_cached`, data-dependent: torch.export refuses it) skipped, so the
+    graph holds the example's branch, the unscaled float32 inv_freq."""
+    rotary = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+    saved = [m.rope_type for m in rotary]
+    try:
+        for m in rotary:
+            m.rope_type = "default"  # the decorator's switch: "dynamic" in rope_type
+        return export(model, path)
+    finally:
+        for m, t in zip(rotary, saved):
+            m.rope_type = t
+
+
 def save_config(cfg, folder: Path) -> Path:
     cfg.save_pretrained(folder)
     return folder / "config.json"
@@ -143,7 +162,8 @@ def float64_rope_init(rotary, cfg, seq_len=None):
 
 class Float64Rotary(torch.nn.Module):
     """transformers' rotary forward in float64 (LongRoPE: long factors when max(position) + 1 exceeds the
-    original length, as transformers' `longrope_frequency_update`)."""
+    original length, as transformers' `longrope_frequency_update`; dynamic NTK: the frequencies for
+    max(position) + 1 above max_position_embeddings, as `dynamic_frequency_update` on a fresh module)."""
 
     def __init__(self, rotary, cfg):
         super().__init__()
@@ -153,10 +173,15 @@ class Float64Rotary(torch.nn.Module):
             self.original = cfg.rope_parameters.get("original_max_position_embeddings") or cfg.original_max_position_embeddings
             self.long, _ = float64_rope_init(rotary, cfg, seq_len=self.original + 1)
 
+        self.dynamic = (rotary, cfg) if rotary.rope_type == "dynamic" else None
+
     def forward(self, x, position_ids):
         inv_freq = self.short
         if self.long is not None and int(position_ids.max()) + 1 > self.original:
             inv_freq = self.long
+        seq_len = int(position_ids.max()) + 1
+        if self.dynamic is not None and seq_len > self.dynamic[1].max_position_embeddings:  # a fresh module's growth
+            inv_freq, _ = float64_rope_init(*self.dynamic, seq_len=seq_len)
         freqs = position_ids[..., None].double() * inv_freq  # (B, S, R/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, S, R)
         return (emb.cos() * self.factor).to(x.dtype), (emb.sin() * self.factor).to(x.dtype)

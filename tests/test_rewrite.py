@@ -458,3 +458,29 @@ def test_a_failed_step_leaves_the_in_memory_model_unchanged(op, tmp_path):
     assert ir.to_proto(model).SerializeToString() == before
     result = rewrite(model, tmp_path / "config.json")
     assert result.model is not model and result.sites and ir.to_proto(model).SerializeToString() == before
+
+
+def test_dynamic_ntk_keeps_its_run_time_rescaling(tmp_path):
+    """rope_type "dynamic": the traced graph froze the example's branch (unscaled inv_freq); the rewrite
+    computes cos/sin in the graph in float64 from max(position) + 1 again. Logits against the float64
+    oracle (transformers' own dynamic init function in float64, a fresh module's growth) below the
+    original length, across it and at the end of factor x its table; --op onnx|ort|decomposed refused."""
+    from pe_export.errors import BadInput
+    from pe_export.rewriter import api, verify
+
+    model, cfg = rm.build(rm.DYNAMIC)
+    path, config, out = rm.export_frozen(model, tmp_path / "dyn.onnx"), rm.save_config(cfg, tmp_path), tmp_path / "dyn.pe.onnx"
+    result = api.rewrite(path, config, output=out)
+    assert [s.tables for s in result.sites] == [[]] and not any(n.op_type == "Gather" and "pe_export.rope" in n.input[0] for n in onnx.load(out).graph.node)
+    m64 = rm.oracle(model, cfg)
+    err = {}
+    for where, pos in (("start", np.arange(64)), ("across", np.arange(4096 - 32, 4096 + 32)), ("end", np.arange(rm.DYNAMIC.last - 64, rm.DYNAMIC.last))):
+        feed = rm.inputs(1, pos)
+        truth = rm.oracle_logits(m64, feed)
+        err[where] = {k: float(np.abs(rm.ort_logits(f, feed) - truth).max()) for k, f in (("rewritten", out), ("original", path))}
+    assert err["across"]["rewritten"] <= WITHIN * err["start"]["rewritten"] and err["end"]["rewritten"] <= WITHIN * err["start"]["rewritten"], err
+    assert err["end"]["original"] >= GROWS * err["end"]["rewritten"] and err["across"]["original"] >= GROWS * err["across"]["rewritten"], err
+    rows = verify.check_sites(api.load(path), result.model, result.sites, ("ort-cpu",))
+    assert rows[0].verdict == "pass" and rows[0].positions[-1] == rm.DYNAMIC.last - 1, rows
+    with pytest.raises(BadInput, match="dynamic NTK"):
+        api.rewrite(path, config, op="decomposed")

@@ -59,6 +59,10 @@ def rewrite_model(model: ir.Model, config, seq: int | None = None, op: str = "ta
         old = model.graph.initializers.get(site.inv_freq)
         if old is not None and not old.uses() and old not in model.graph.outputs:
             del model.graph.initializers[site.inv_freq]
+    computed = [s.inv_freq for s in job.sites if not s.tables]
+    if op != "tables" and computed:
+        raise BadInput(f"--op {op}: site {computed[0]!r} is dynamic NTK: its cos/sin are computed at run time from "
+                       "max(position) + 1 (no table for pe-export's rotation lowerings to read); use --op tables")  # fmt: skip
     if op != "tables":
         from pe_export.rewriter.rotations import replace_rotations
 

@@ -147,10 +147,16 @@ def site_positions(site: Site) -> np.ndarray:
     return lo + spread_positions(hi - lo)
 
 
+def seq_len(site: Site, positions: np.ndarray) -> int | None:
+    """The seq_len the site's frequencies are for: its branch's, or for a dynamic-NTK site (no tables:
+    computed in the graph) that of the call, max(position) + 1."""
+    return int(positions.max()) + 1 if not site.tables else site.seq_len
+
+
 def site_reference(site: Site, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float64 (S, R) cos and sin of the site at `positions` (full width [t, t])."""
     p = RopeParams(**site.params)
-    cos, sin = tables(p, site.seq_len)  # (P, R/2)
+    cos, sin = tables(p, seq_len(site, positions))  # (P, R/2)
     if site.width == "half":
         return cos[positions], sin[positions]
     full = lambda t: np.concatenate([t[positions], t[positions]], axis=-1)  # noqa: E731
@@ -181,7 +187,7 @@ def rotation_error(got: dict, site: Site, positions: np.ndarray, op: str) -> tup
     """(max abs error per position (S,), largest bound, worst error/bound) of every rotated q/k of the
     site in one run, against the float64 rotation of the same run's un-rotated q/k."""
     p = RopeParams(**site.params)
-    cos, sin = tables(p, site.seq_len)  # (P, R/2) float64
+    cos, sin = tables(p, seq_len(site, positions))  # (P, R/2) float64
     factor = tolerance("fp32", op).factor
     err, top, ratio = np.zeros(positions.size), 0.0, 0.0
     for rot in site.rotated:
@@ -244,7 +250,7 @@ def check_sites(original: ir.Model, rewritten: ir.Model, sites: list[Site], runt
 
 def _factor(site: Site) -> float:
     """The largest |cos| or |sin| of the site: its attention factor (the rule's times the params')."""
-    return inv_freq(RopeParams(**site.params), site.seq_len)[1]
+    return inv_freq(RopeParams(**site.params), site.seq_len)[1]  # dynamic NTK: 1 at every length
 
 
 def check_whole(original: ir.Model, rewritten: ir.Model, runtimes=DEFAULT_RUNTIMES, batch: int = 2,

@@ -7,7 +7,8 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from pe_export.rewriter import emit
+from pe_export.encodings.rope import computed_in_graph
+from pe_export.rewriter import dynamic_ntk, emit
 from pe_export.rewriter import params as params_mod
 from pe_export.rewriter.job import Job, Site
 
@@ -97,6 +98,11 @@ class CosSinRule(pattern.RewriteRuleClassBase):
         return site
 
     def gather(self, op, p, position_ids: ir.Value, site: Site, seq_len=None, label="") -> ir.Value:
+        """The site's (B, S, R) cos or sin: a Gather of its tables, or for a rule whose frequencies
+        follow max(position) + 1 (dynamic NTK) the float64 computation in the graph (no tables)."""
+        if computed_in_graph(p):
+            site.tables = []
+            return dynamic_ntk.cos_or_sin(op, self.fn, position_ids, self.job.table_params(p))
         tables = self.job.tables_for(op, p, seq_len, label)
         site.tables = [t.name for t in tables]
         return emit.gather(op, tables[0 if self.fn == "Cos" else 1], position_ids, self.job.table_params(p).max_positions)
