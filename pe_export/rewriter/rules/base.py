@@ -108,6 +108,48 @@ class CosSinRule(pattern.RewriteRuleClassBase):
         return emit.gather(op, tables[0 if self.fn == "Cos" else 1], position_ids, self.job.table_params(p).max_positions)
 
 
+class ConstantFreqRule(CosSinRule):
+    """A cos/sin rule of a constant float32 `inv_freq`, with the attention factor's Mul (a `factor` in the
+    pattern) or without it; its pattern binds position_ids, axes, inv_freq [, factor]. Subclasses give
+    `pattern`, and may override `check_positions` and `freqs_input` (the constant behind an Expand)."""
+
+    @staticmethod
+    def freqs_input(inv_freq: ir.Value) -> ir.Value:
+        return inv_freq
+
+    def check(self, context, position_ids, axes, inv_freq, factor=None, **_):
+        inv_freq = self.freqs_input(inv_freq)
+        self._out = context.output_values[0]
+        r = self.check_positions(pattern.MatchResult(), position_ids, axes)
+        if not r:
+            return r
+        if factor is None and has_factor_mul(self._out):
+            return r.fail(f"cos/sin is multiplied by an attention factor (rule {self.rule_name}_factor)", self._out)
+        g = self.constant_freqs(r, inv_freq)
+        if g is None:
+            return r
+        value = 1.0 if factor is None else self.factor_of(r, factor)
+        if value is None:
+            return r
+        self._p = self.match_params(r, inv_freq, g)
+        return r if self._p is None else self.check_factor(r, inv_freq, self._p, value)
+
+    def rewrite(self, op, position_ids, inv_freq, **_):
+        inv_freq = self.freqs_input(inv_freq)
+        return self.gather(op, self._p, position_ids, self.record(inv_freq, position_ids, self._out, self._p))
+
+
+def has_factor_mul(value: ir.Value) -> bool:
+    """True when a consumer of `value` multiplies it by a scalar constant (the factor rule's shape)."""
+    for use in value.uses():
+        user = use.node
+        if user.op_type == "Mul":
+            other = [v for v in user.inputs if v is not value]
+            if other and other[0] is not None and other[0].const_value is not None and other[0].const_value.numpy().size == 1:
+                return True
+    return False
+
+
 def site_params(p) -> dict:
     return {
         "head_dim": p.head_dim,
