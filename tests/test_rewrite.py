@@ -484,3 +484,18 @@ def test_dynamic_ntk_keeps_its_run_time_rescaling(tmp_path):
     assert rows[0].verdict == "pass" and rows[0].positions[-1] == rm.DYNAMIC.last - 1, rows
     with pytest.raises(BadInput, match="dynamic NTK"):
         api.rewrite(path, config, op="decomposed")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [f.name for f in rm.FAMILIES])
+def test_every_family_verifies_its_rotated_q_and_k_as_written(family, exported):
+    """--op decomposed, pruned as written: every site has a rotated q/k row that passes up to the end of
+    its table (LongRoPE: each branch over the positions it serves; GPT-J: interleaved pairs, bshd)."""
+    from pe_export.rewriter import api, verify
+
+    path, config, _, _ = exported(family)
+    result = api.rewrite(api.load(path), config, op="decomposed")
+    api.prune(result.model)
+    rows = [r for r in verify.check_sites(api.load(path), result.model, result.sites, ("ort-cpu",)) if r.what == "rotated q/k"]
+    assert len(rows) == len(result.sites) and all(r.verdict == "pass" for r in rows), rows
+    assert max(r.positions[-1] for r in rows) == rm.BY_NAME[family].last - 1
