@@ -70,3 +70,8 @@ def aborts_out_of_range(spec, model_bytes):
 def aborts_graph(model_bytes):
     """A graph adapter (pe_export.runtimes.GRAPH_RUNTIMES) that loads, then aborts its process on the first call."""
     return aborts(None, model_bytes)
+
+
+def hangs_graph(model_bytes):
+    """A graph adapter that loads, then never answers."""
+    return hangs(None, model_bytes)

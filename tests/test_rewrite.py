@@ -499,3 +499,15 @@ def test_every_family_verifies_its_rotated_q_and_k_as_written(family, exported):
     rows = [r for r in verify.check_sites(api.load(path), result.model, result.sites, ("ort-cpu",)) if r.what == "rotated q/k"]
     assert len(rows) == len(result.sites) and all(r.verdict == "pass" for r in rows), rows
     assert max(r.positions[-1] for r in rows) == rm.BY_NAME[family].last - 1
+
+
+def test_a_hanging_runtime_is_a_timeout_row(exported, monkeypatch):
+    import fake_runtimes
+
+    from pe_export.rewriter import verify
+    from pe_export.runtimes import GRAPH_RUNTIMES
+
+    monkeypatch.setitem(GRAPH_RUNTIMES, "hangs", fake_runtimes.hangs_graph)
+    original, result = rewritten_in_memory(exported)
+    rows = verify.check_whole(original, result.model, ("hangs", "ort-cpu"), timeout=3)
+    assert [r.verdict for r in rows] == ["TIMEOUT", "pass"] and "no answer within 3 s" in rows[0].note, rows
