@@ -74,6 +74,8 @@ def rewrite_command(
         out.print(f"whole model ({r.runtime}), positions 0-{r.positions - 1}: {result_text}: {r.verdict}")
     out.print(f"wrote {output}" + (f" and {report}" if report is not None else ""))
     if verify.failed([*site_rows, *whole_rows]):
+        if not any(r.verdict == "pass" for r in site_rows):
+            fail(f"no runtime of {', '.join(chosen)} checked a site; {output} is written but unverified", 1)
         raise typer.Exit(1)
 
 

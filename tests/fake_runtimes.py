@@ -75,3 +75,10 @@ def aborts_graph(model_bytes):
 def hangs_graph(model_bytes):
     """A graph adapter that loads, then never answers."""
     return hangs(None, model_bytes)
+
+
+def skips_graph(model_bytes):
+    """A graph adapter whose runtime is not here."""
+    from pe_export.outcomes import Skip
+
+    raise Skip("not here (fake)")

@@ -511,3 +511,14 @@ def test_a_hanging_runtime_is_a_timeout_row(exported, monkeypatch):
     original, result = rewritten_in_memory(exported)
     rows = verify.check_whole(original, result.model, ("hangs", "ort-cpu"), timeout=3)
     assert [r.verdict for r in rows] == ["TIMEOUT", "pass"] and "no answer within 3 s" in rows[0].note, rows
+
+
+def test_cli_unverified_when_no_runtime_ran_it(exported, tmp_path, monkeypatch):
+    import fake_runtimes
+
+    from pe_export.runtimes import GRAPH_RUNTIMES
+
+    monkeypatch.setitem(GRAPH_RUNTIMES, "ort-cuda", fake_runtimes.skips_graph)  # a runtime that is not here
+    path, config, _, _ = exported("llama")
+    r = cli("rewrite", path, "--config", config, "-o", tmp_path / "out.onnx", "--runtimes", "ort-cuda")
+    assert r.exit_code == 1 and "unverified" in r.output and (tmp_path / "out.onnx").is_file(), r.output
