@@ -14,7 +14,8 @@ import typer
 from pe_export.cli.common import choices, fail, out
 
 OPS = ("tables", "onnx", "ort", "decomposed")  # pe_export.rewriter.core.OPS, import-free
-RUNTIMES = ("ort-cpu", "ort-cpu-noopt")  # pe_export.rewriter.verify.RUNTIMES
+RUNTIMES = ("ort-cpu", "ort-cpu-noopt", "ort-cuda", "onnx-reference", "openvino", "tract", "ort-web", "iree")  # pe_export.rewriter.verify.RUNTIMES
+DEFAULT_RUNTIMES = ("ort-cpu", "ort-cpu-noopt")  # pe_export.rewriter.verify.DEFAULT_RUNTIMES
 RewriteOp = choices("RewriteOp", OPS)
 
 
@@ -25,7 +26,7 @@ def rewrite_command(
     op: Annotated[RewriteOp, typer.Option(help="tables: only cos/sin become a Gather of float64-built tables; onnx|ort|decomposed: each q/k rotation also becomes pe-export's lowering.")] = RewriteOp("tables"),
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: MODEL.pe.onnx beside the model).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output or report.")] = False,
-    runtimes: Annotated[str, typer.Option(help=f"Runtimes that verify the rewrite, comma separated: {', '.join(RUNTIMES)}.")] = "ort-cpu",
+    runtimes: Annotated[str, typer.Option(help=f"Runtimes that verify the rewrite, comma separated, each in a worker process with a time limit: {', '.join(RUNTIMES)}.")] = ",".join(DEFAULT_RUNTIMES),
     report: Annotated[Optional[Path], typer.Option(help="Write the report: FILE.md (Markdown) or FILE.json.")] = None,
 ):
     """Replace the float32 cos/sin of every RoPE site by float64-built tables, check it against the config first, and verify the result."""
@@ -52,6 +53,7 @@ def rewrite_command(
         result = api.rewrite(rewritten, config, seq, op.value)
     except BadInput as e:
         fail(str(e))
+    api.prune(result.model)  # verify what is written
     site_rows = verify.check_sites(original, result.model, result.sites, chosen)
     site_rows = sorted(site_rows + verify_caches.check_caches(original, result.model, result.sites, chosen), key=lambda r: r.site)
     whole_rows = verify.check_whole(original, result.model, chosen)
@@ -61,17 +63,25 @@ def rewrite_command(
             write_atomic(render(document(result.spec, site_rows, whole_rows), report), report, force)
     except BadInput as e:
         fail(str(e))
-    table = Table("site", "rule", "rotary dim", "scaling", "runtime", "last position", "original error", "rewritten error", "bound", "verdict")
+    table = Table("site", "rule", "rotary dim", "scaling", "checked", "runtime", "last position", "original error", "rewritten error", "bound", "verdict")
     for r in site_rows:
         s = result.sites[r.site]
-        table.add_row(str(r.site), s.rule, str(s.params["rotary_dim"]), s.params["scaling"], r.runtime, str(r.positions[-1]),
-                      f"{r.original_error[-1]:.2e}", f"{r.rewritten_error[-1]:.2e}", f"{r.bound:.1e}", r.verdict)
+        last = [str(r.positions[-1]), _num(r.original_error[-1]), _num(r.rewritten_error[-1]), f"{r.bound:.1e}"] if r.rewritten_error else [""] * 4
+        table.add_row(str(r.site), s.rule, str(s.params["rotary_dim"]), s.params["scaling"], r.what, r.runtime, *last,
+                      r.verdict + (f": {r.note}" if r.note else ""))
     out.print(table)
     for r in whole_rows:
-        out.print(f"whole model ({r.runtime}), positions 0-{r.positions - 1}: original vs rewritten max abs diff {r.max_abs_diff:.2e} (bound {r.bound:.1e}): {r.verdict}")
+        result_text = f"original vs rewritten max abs diff {r.max_abs_diff:.2e} (bound {r.bound:.1e})" if r.max_abs_diff is not None else r.note
+        out.print(f"whole model ({r.runtime}), positions 0-{r.positions - 1}: {result_text}: {r.verdict}")
     out.print(f"wrote {output}" + (f" and {report}" if report is not None else ""))
-    if any(r.verdict != "pass" for r in [*site_rows, *whole_rows]):
+    if verify.failed([*site_rows, *whole_rows]):
+        if not any(r.verdict == "pass" for r in site_rows):
+            fail(f"no runtime of {', '.join(chosen)} checked a site; {output} is written but unverified", 1)
         raise typer.Exit(1)
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.2e}"
 
 
 app = typer.Typer()

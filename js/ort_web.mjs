@@ -5,7 +5,7 @@
 // Loads the model, answers one JSON line: {"ok": true, "provider": ...} or {"error": ...}. Then one
 // request per stdin line, one JSON answer per stdout line:
 //   {"op": "run",  "inputs": [{"name", "dtype", "shape", "path"}], "out": PATH}
-//        -> the first output's raw bytes written to PATH; {"ok": true, "dtype", "shape"}
+//        -> output i's raw bytes written to PATH.i; {"ok": true, "outputs": [{"dtype", "shape"}]}
 //   {"op": "time", "inputs": [...], "repeat": N}   -> {"ok": true, "times": [seconds of each run]}
 // Inputs are raw little-endian files; int64 goes in as BigInt64Array, float16 as its bits (Uint16Array).
 import { readFileSync, writeFileSync } from "node:fs";
@@ -57,10 +57,13 @@ for await (const line of createInterface({ input: process.stdin })) {
       answer({ ok: true, times });
     } else {
       const results = await session.run(inputs);
-      const out = results[session.outputNames[0]];
-      const data = out.data;
-      writeFileSync(req.out, Buffer.from(data.buffer, data.byteOffset, data.byteLength));
-      answer({ ok: true, dtype: out.type, shape: out.dims });
+      const outputs = session.outputNames.map((name, i) => {
+        const out = results[name];
+        const data = out.data;
+        writeFileSync(`${req.out}.${i}`, Buffer.from(data.buffer, data.byteOffset, data.byteLength));
+        return { dtype: out.type, shape: out.dims };
+      });
+      answer({ ok: true, outputs });
     }
   } catch (e) {
     answer({ error: String(e.message || e) });

@@ -75,11 +75,15 @@ class NodeSession:
             raise RuntimeError(" ".join(reply["error"].split())[:300])
         return reply
 
-    def __call__(self, inputs: dict) -> np.ndarray:
-        out = Path(self.tmp.name) / "out.bin"
+    def run_all(self, inputs: dict) -> list[np.ndarray]:
+        """Every output, in the graph's order and dtype."""
+        out = Path(self.tmp.name) / "out"
         reply = self._request(inputs, op="run", out=str(out))
-        data = np.frombuffer(out.read_bytes(), dtype=DTYPES[reply["dtype"]])
-        return data.reshape(reply["shape"]).astype(np.float64)
+        return [np.frombuffer(Path(f"{out}.{i}").read_bytes(), dtype=DTYPES[o["dtype"]]).reshape(o["shape"])
+                for i, o in enumerate(reply["outputs"])]  # fmt: skip
+
+    def __call__(self, inputs: dict) -> np.ndarray:
+        return self.run_all(inputs)[0].astype(np.float64)
 
     def time(self, inputs: dict, repeat: int) -> list[float]:
         return self._request(inputs, op="time", repeat=repeat)["times"]

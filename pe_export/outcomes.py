@@ -20,3 +20,8 @@ class Crash(Exception):
 
 class Timeout(Exception):
     """The runtime did not answer within the time limit; its process was killed."""
+
+
+def verdict_of(e: BaseException) -> str:
+    """The row verdict of a runtime's failure: "skipped", "unsupported", "CRASH", "TIMEOUT", else "FAIL"."""
+    return {Skip: "skipped", Unsupported: "unsupported", Crash: "CRASH", Timeout: "TIMEOUT"}.get(type(e), "FAIL")

@@ -1,10 +1,14 @@
 """The runtimes an exported graph is checked on, each a small adapter behind one interface:
 
     RUNTIMES[name](spec, model_bytes) -> (call, provider)
+    GRAPH_RUNTIMES[name](model_bytes) -> (run, provider)
 
 `call(inputs: {name: ndarray}) -> float64 ndarray` runs the graph (or, for `torch`, the PyTorch module
 the graph was exported from, in the export dtype) and `provider` names what actually ran it. An adapter
 that cannot run here raises `Skip` with the reason; any other exception is a failure of that runtime.
+`GRAPH_RUNTIMES` are the same runtimes for any ONNX graph, without a Spec (`pe-export rewrite` verifies
+foreign models with them): `run(inputs) -> [ndarray]`, every output in the graph's order and dtype. The
+Spec adapters are thin layers over them (the first output, float64; bf16 handled per runtime).
 
     torch            the torch module in the export dtype, eager on CPU
     ort-cpu          ONNX Runtime, CPUExecutionProvider, graph optimisations fully on (ORT's default)
@@ -117,22 +121,60 @@ def _ort_call(sess, spec: Spec):
     return call
 
 
-def run_ort_cpu(spec: Spec, model_bytes: bytes):
-    sess = ort_session(model_bytes, "CPUExecutionProvider")
-    return _ort_call(sess, spec), sess.get_providers()[0]
+def _ort(model_bytes: bytes, provider: str, options: dict | None = None, optimize: bool = True, label: str = ""):
+    """(run, provider) of an ORT session; `run.session` is the session (the Spec adapters' bf16 path)."""
+    sess = ort_session(model_bytes, provider, options, optimize)
+    ran = require_provider(sess, provider) if provider != "CPUExecutionProvider" else sess.get_providers()[0]
+
+    def run(inputs):
+        return sess.run(None, inputs)
+
+    run.session = sess
+    return run, ran + label
 
 
-def run_ort_cpu_noopt(spec: Spec, model_bytes: bytes):
-    sess = ort_session(model_bytes, "CPUExecutionProvider", optimize=False)
-    return _ort_call(sess, spec), sess.get_providers()[0] + " (no graph optimisation)"
+def graph_ort_cpu(model_bytes: bytes):
+    return _ort(model_bytes, "CPUExecutionProvider")
 
 
-def run_ort_cuda(spec: Spec, model_bytes: bytes):
+def graph_ort_cpu_noopt(model_bytes: bytes):
+    return _ort(model_bytes, "CPUExecutionProvider", optimize=False, label=" (no graph optimisation)")
+
+
+def graph_ort_cuda(model_bytes: bytes):
     # ORT's CUDA EP runs float32 MatMuls in TF32 by default on Ampere and later (10-bit mantissa: errors
     # of ~1e-3 in an attention layer, measured on an H100). Verification checks the file in the precision
     # it declares, so TF32 is switched off here (README: "CUDA and TF32").
-    sess = ort_session(model_bytes, "CUDAExecutionProvider", {"use_tf32": "0"})
-    return _ort_call(sess, spec), require_provider(sess, "CUDAExecutionProvider")
+    return _ort(model_bytes, "CUDAExecutionProvider", {"use_tf32": "0"})
+
+
+# The Spec adapters: the first output, float64 (bf16 through an io_binding). Module-level functions: a
+# worker process imports its adapter by name.
+def run_ort_cpu(spec: Spec, model_bytes: bytes):
+    run, provider = graph_ort_cpu(model_bytes)
+    return _ort_call(run.session, spec), provider
+
+
+def run_ort_cpu_noopt(spec: Spec, model_bytes: bytes):
+    run, provider = graph_ort_cpu_noopt(model_bytes)
+    return _ort_call(run.session, spec), provider
+
+
+def run_ort_cuda(spec: Spec, model_bytes: bytes):
+    run, provider = graph_ort_cuda(model_bytes)
+    return _ort_call(run.session, spec), provider
+
+
+def first_output(run):
+    """A Spec adapter's `call` over a graph adapter's `run`: the first output as float64 (`run.time`,
+    an adapter's own timing, kept)."""
+
+    def call(inputs):
+        return np.asarray(run(inputs)[0]).astype(np.float64)
+
+    if hasattr(run, "time"):
+        call.time = run.time
+    return call
 
 
 def require_provider(sess, provider: str) -> str:
@@ -164,20 +206,23 @@ def reference_evaluator(model):
     return ReferenceEvaluator(model)
 
 
-def run_onnx_reference(spec: Spec, model_bytes: bytes):
+def graph_onnx_reference(model_bytes: bytes):
     import onnx
 
     ev = reference_evaluator(onnx.load_from_string(model_bytes))
-    return (lambda inputs: np.asarray(ev.run(None, inputs)[0]).astype(np.float64)), "ReferenceEvaluator"
+    return (lambda inputs: [np.asarray(v) for v in ev.run(None, inputs)]), "ReferenceEvaluator"
 
 
-def run_openvino(spec: Spec, model_bytes: bytes):
+def run_onnx_reference(spec: Spec, model_bytes: bytes):
+    run, provider = graph_onnx_reference(model_bytes)
+    return first_output(run), provider
+
+
+def graph_openvino(model_bytes: bytes):
     try:
         import openvino as ov
     except ImportError:
         raise Skip("openvino is not installed (pip install 'pe-export[openvino]')") from None
-    if spec.dtype == "bf16":
-        raise Skip("OpenVINO's Python API takes no NumPy bfloat16 arrays")
     core = ov.Core()
     model = core.read_model(io.BytesIO(model_bytes))
     # f32: on CPUs with AMX or AVX512-BF16 OpenVINO would otherwise run float32 graphs in bf16.
@@ -185,7 +230,19 @@ def run_openvino(spec: Spec, model_bytes: bytes):
     name = f"OpenVINO {ov.__version__.split('-')[0]} CPU"
     if computes_in_float64(model_bytes):  # its CPU plugin has no float64 kernels (dynamic NTK's in-graph angles)
         name += ", float64 math run in float32"
-    return (lambda inputs: np.asarray(compiled(inputs)[0]).astype(np.float64)), name
+
+    def run(inputs):
+        got = compiled(inputs)
+        return [np.asarray(got[out]) for out in compiled.outputs]
+
+    return run, name
+
+
+def run_openvino(spec: Spec, model_bytes: bytes):
+    if spec.dtype == "bf16":
+        raise Skip("OpenVINO's Python API takes no NumPy bfloat16 arrays")
+    run, provider = graph_openvino(model_bytes)
+    return first_output(run), provider
 
 
 def computes_in_float64(model_bytes: bytes) -> bool:
@@ -204,15 +261,13 @@ def custom_domains(model_bytes: bytes) -> list[str]:
     return sorted({n.domain for n in all_nodes(onnx.load_from_string(model_bytes).graph) if n.domain not in ("", "ai.onnx")})
 
 
-def run_tract(spec: Spec, model_bytes: bytes, threads: int | None = None):
+def graph_tract(model_bytes: bytes, threads: int | None = None):
     """tract from its Python package; `threads` is accepted for bench and not used (tract's Python API
-    sets no thread count: it runs the graph on its own executor)."""
+    sets no thread count: it runs the graph on its own executor). The inputs go in the graph's order."""
     try:
         import tract
     except ImportError:
         raise Skip("tract is not installed (pip install 'pe-export[tract]')") from None
-    if spec.dtype == "bf16":
-        raise Skip("tract's Python API takes no NumPy bfloat16 arrays")
     domains = custom_domains(model_bytes)
     if domains:
         raise Unsupported(f"cannot load: tract has no ops of domain {', '.join(domains)}")
@@ -226,8 +281,8 @@ def run_tract(spec: Spec, model_bytes: bytes, threads: int | None = None):
         except Exception as e:
             raise Unsupported(f"cannot load: {one_line(e)}") from None
 
-    def call(inputs):
-        return model.run(list(inputs.values()))[0].to_numpy().astype(np.float64)
+    def run(inputs):
+        return [t.to_numpy() for t in model.run(list(inputs.values()))]
 
     def time(inputs, repeat):  # tract's own run, on tensors converted once
         import time as clock
@@ -240,8 +295,22 @@ def run_tract(spec: Spec, model_bytes: bytes, threads: int | None = None):
             times.append(clock.perf_counter() - t)
         return times
 
-    call.time = time
-    return call, f"tract {tract.version()} CPU"
+    run.time = time
+    return run, f"tract {tract.version()} CPU"
+
+
+def run_tract(spec: Spec, model_bytes: bytes, threads: int | None = None):
+    if spec.dtype == "bf16":
+        raise Skip("tract's Python API takes no NumPy bfloat16 arrays")
+    run, provider = graph_tract(model_bytes, threads)
+    return first_output(run), provider
+
+
+def graph_ort_web(model_bytes: bytes, threads: int = 1):
+    from pe_export.ort_web import NodeSession
+
+    s = NodeSession(model_bytes, threads)
+    return s.run_all, s.provider
 
 
 def run_ort_web(spec: Spec, model_bytes: bytes, threads: int = 1):
@@ -250,15 +319,13 @@ def run_ort_web(spec: Spec, model_bytes: bytes, threads: int = 1):
     return session(spec, model_bytes, threads)
 
 
-def run_iree(spec: Spec, model_bytes: bytes, threads: int | None = None):
+def graph_iree(model_bytes: bytes, threads: int | None = None):
     """Import with iree's ONNX importer, compile for llvm-cpu (this host's CPU), run on `local-task`."""
     try:
         import iree.compiler as compiler
         import iree.runtime as rt
     except ImportError:
         raise Skip("iree is not installed (pip install 'pe-export[iree]')") from None
-    if spec.dtype == "bf16":
-        raise Skip("not tried: NumPy bfloat16 arrays into iree's runtime")
     import subprocess
     import sys
     import tempfile
@@ -281,12 +348,20 @@ def run_iree(spec: Spec, model_bytes: bytes, threads: int | None = None):
     name = next(n for n in module.function_names if not n.startswith("__") and "$" not in n)
     function = ctx.modules[module.name][name]
 
-    def call(inputs):
-        return np.asarray(function(*[np.ascontiguousarray(v) for v in inputs.values()])).astype(np.float64)
+    def run(inputs):
+        got = function(*[np.ascontiguousarray(v) for v in inputs.values()])
+        return [np.asarray(v) for v in (got if isinstance(got, (tuple, list)) else [got])]
 
     import iree.compiler.version as version
 
-    return call, f"IREE {getattr(version, 'VERSION', '')} llvm-cpu (local-task)".replace("  ", " ")
+    return run, f"IREE {getattr(version, 'VERSION', '')} llvm-cpu (local-task)".replace("  ", " ")
+
+
+def run_iree(spec: Spec, model_bytes: bytes, threads: int | None = None):
+    if spec.dtype == "bf16":
+        raise Skip("not tried: NumPy bfloat16 arrays into iree's runtime")
+    run, provider = graph_iree(model_bytes, threads)
+    return first_output(run), provider
 
 
 def _first_error(text: str) -> str:
@@ -306,6 +381,16 @@ RUNTIMES = {
     "tract": run_tract,
     "ort-web": run_ort_web,
     "iree": run_iree,
+}
+GRAPH_RUNTIMES = {  # the same runtimes for any ONNX graph (no Spec; torch has no meaning there)
+    "ort-cpu": graph_ort_cpu,
+    "ort-cpu-noopt": graph_ort_cpu_noopt,
+    "ort-cuda": graph_ort_cuda,
+    "onnx-reference": graph_onnx_reference,
+    "openvino": graph_openvino,
+    "tract": graph_tract,
+    "ort-web": graph_ort_web,
+    "iree": graph_iree,
 }
 EDGE_RUNTIMES = ("tract", "ort-web", "iree")
 HEAVY_RUNTIMES = ("iree",)  # large optional installs: their tests are the `heavy_runtimes` group, not run by default  # run when named: verify's default stays the server runtimes

@@ -39,7 +39,7 @@ TIMEOUT_S = 120.0  # per request (start + load, or one probe): a hang becomes a 
 
 def _serve() -> None:
     """The worker's loop (`python -m pe_export.worker`; stderr is the parent's log file): the parent's
-    sys.path, then ("load", (module, name), spec json, model bytes, adapter keywords), ("run", inputs)
+    sys.path, then ("load", (module, name), spec json (None for a graph adapter), model bytes, adapter keywords), ("run", inputs)
     and ("time", inputs, repeat) requests, each answered with (status, value)."""
     import importlib
     import sys
@@ -64,7 +64,8 @@ def _serve() -> None:
                 if hasattr(call, "close"):  # the last model's own process (ort-web's Node)
                     call.close()
                 call = None
-                call, provider = adapter(Spec.from_json(spec_json), model_bytes, **options)
+                spec = () if spec_json is None else (Spec.from_json(spec_json),)  # None: a graph adapter
+                call, provider = adapter(*spec, model_bytes, **options)
                 reply = ("ok", provider)
             elif request[0] == "run":
                 reply = ("ok", call(request[1]))
@@ -233,6 +234,7 @@ def load(name: str, adapter, spec, model_bytes: bytes, timeout: float = TIMEOUT_
     """(call, provider) like the adapter's own, with the adapter running in its worker: `call(inputs)`
     returns the output or raises the adapter's error, `Crash` or `Timeout`; `call.time(inputs, repeat)`
     returns the runtime's own timings. `options` go to the adapter as keywords (bench's `threads`).
+    `spec` None loads a graph adapter (pe_export.runtimes.GRAPH_RUNTIMES: model bytes only).
     `torch` (IN_PROCESS) runs here."""
     if name in IN_PROCESS:
         return adapter(spec, model_bytes, **(options or {}))
@@ -242,7 +244,8 @@ def load(name: str, adapter, spec, model_bytes: bytes, timeout: float = TIMEOUT_
                         f"{where[1]} is not a module-level function")  # fmt: skip
     w = worker(name, adapter)
     try:
-        provider = _answer(w.request(("load", where, spec.to_json(), model_bytes, options or {}), timeout))
+        spec_json = None if spec is None else spec.to_json()
+        provider = _answer(w.request(("load", where, spec_json, model_bytes, options or {}), timeout))
     except (Crash, Timeout):
         drop(name, adapter)
         raise

@@ -65,3 +65,20 @@ def aborts_out_of_range(spec, model_bytes):
         return real(inputs)
 
     return call, provider
+
+
+def aborts_graph(model_bytes):
+    """A graph adapter (pe_export.runtimes.GRAPH_RUNTIMES) that loads, then aborts its process on the first call."""
+    return aborts(None, model_bytes)
+
+
+def hangs_graph(model_bytes):
+    """A graph adapter that loads, then never answers."""
+    return hangs(None, model_bytes)
+
+
+def skips_graph(model_bytes):
+    """A graph adapter whose runtime is not here."""
+    from pe_export.outcomes import Skip
+
+    raise Skip("not here (fake)")

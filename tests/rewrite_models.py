@@ -158,6 +158,25 @@ def genai_build(model, folder: Path) -> Path:
     return out / "model.onnx"
 
 
+DYNAMIC = Family("llama-dynamic", "llama", dict(max_position_embeddings=4096, rope_parameters={
+    "rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}), last=16384, slow=False)
+
+
+def export_frozen(model, path: Path) -> Path:
+    """A dynamic-NTK model exported as an exporter that traces it freezes it: transformers' run-time
+    update (`if seq_len > max_seq_len_cached`, data-dependent: torch.export refuses it) skipped, so the
+    graph holds the example's branch, the unscaled float32 inv_freq."""
+    rotary = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+    saved = [m.rope_type for m in rotary]
+    try:
+        for m in rotary:
+            m.rope_type = "default"  # the decorator's switch: "dynamic" in rope_type
+        return export(model, path)
+    finally:
+        for m, t in zip(rotary, saved):
+            m.rope_type = t
+
+
 def save_config(cfg, folder: Path) -> Path:
     cfg.save_pretrained(folder)
     return folder / "config.json"
@@ -202,7 +221,8 @@ def float64_rope_init(rotary, cfg, seq_len=None):
 
 class Float64Rotary(torch.nn.Module):
     """transformers' rotary forward in float64 (LongRoPE: long factors when max(position) + 1 exceeds the
-    original length, as transformers' `longrope_frequency_update`)."""
+    original length, as transformers' `longrope_frequency_update`; dynamic NTK: the frequencies for
+    max(position) + 1 above max_position_embeddings, as `dynamic_frequency_update` on a fresh module)."""
 
     def __init__(self, rotary, cfg):
         super().__init__()
@@ -212,10 +232,15 @@ class Float64Rotary(torch.nn.Module):
             self.original = cfg.rope_parameters.get("original_max_position_embeddings") or cfg.original_max_position_embeddings
             self.long, _ = float64_rope_init(rotary, cfg, seq_len=self.original + 1)
 
+        self.dynamic = (rotary, cfg) if rotary.rope_type == "dynamic" else None
+
     def forward(self, x, position_ids):
         inv_freq = self.short
         if self.long is not None and int(position_ids.max()) + 1 > self.original:
             inv_freq = self.long
+        seq_len = int(position_ids.max()) + 1
+        if self.dynamic is not None and seq_len > self.dynamic[1].max_position_embeddings:  # a fresh module's growth
+            inv_freq, _ = float64_rope_init(*self.dynamic, seq_len=seq_len)
         freqs = position_ids[..., None].double() * inv_freq  # (B, S, R/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, S, R)
         return (emb.cos() * self.factor).to(x.dtype), (emb.sin() * self.factor).to(x.dtype)
@@ -260,14 +285,18 @@ def oracle_logits(m64, feed: dict) -> np.ndarray:
     return out.logits.numpy()
 
 
-def ort_logits(path_or_bytes, feed: dict) -> np.ndarray:
+def ort_outputs(path_or_bytes, feed: dict) -> list[np.ndarray]:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(path_or_bytes) if isinstance(path_or_bytes, Path) else path_or_bytes, so, providers=["CPUExecutionProvider"])
     assert sess.get_providers()[0] == "CPUExecutionProvider"
-    return sess.run(None, feed)[0]
+    return sess.run(None, feed)
+
+
+def ort_logits(path_or_bytes, feed: dict) -> np.ndarray:
+    return ort_outputs(path_or_bytes, feed)[0]
 
 
 def errors(original: Path, rewritten: Path, m64, last: int, window: int = 64, batch: int = 1) -> dict:
@@ -280,3 +309,88 @@ def errors(original: Path, rewritten: Path, m64, last: int, window: int = 64, ba
         for kind, path in (("original", original), ("rewritten", rewritten)):
             out[f"{kind}_{where}"] = float(np.abs(ort_logits(path, feed) - truth).max())
     return out
+
+
+# --- a decoder layer with a KV cache --------------------------------------------------------------
+
+CACHED = Family("llama-kv", "llama", dict(max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+                last=32768, slow=False, sizes=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                                   num_attention_heads=4, num_key_value_heads=4))
+
+
+class CachedAttention(torch.nn.Module):
+    """One attention layer with a KV cache, written like transformers' Llama attention (its rotary module
+    and `apply_rotary_pos_emb`): (input_ids (B, S), position_ids (B, S), past_key, past_value (B, H, T, D))
+    -> (logits (B, S, V), present_key, present_value (B, H, T + S, D)). The new tokens attend to the whole
+    cache and causally to each other."""
+
+    def __init__(self, cfg):
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        super().__init__()
+        self.heads, self.dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+        width = self.heads * self.dim
+        self.embed = torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.q, self.k, self.v = (torch.nn.Linear(cfg.hidden_size, width, bias=False) for _ in range(3))
+        self.o = torch.nn.Linear(width, cfg.hidden_size, bias=False)
+        self.head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary_emb = LlamaRotaryEmbedding(cfg)
+
+    def forward(self, input_ids, position_ids, past_key, past_value):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        h = self.embed(input_ids)  # (B, S, E)
+        B, S = input_ids.shape
+        cos, sin = self.rotary_emb(h, position_ids)  # (B, S, R)
+        split = lambda t: t.view(B, S, self.heads, self.dim).transpose(1, 2)  # noqa: E731  (B, H, S, D)
+        q, k = apply_rotary_pos_emb(split(self.q(h)), split(self.k(h)), cos, sin)
+        k = torch.cat([past_key, k], dim=2)  # (B, H, T + S, D)
+        v = torch.cat([past_value, split(self.v(h))], dim=2)
+        T = k.shape[2] - S
+        scores = q @ k.transpose(-1, -2) / self.dim**0.5  # (B, H, S, T + S)
+        future = torch.arange(T + S)[None, :] > (T + torch.arange(S))[:, None]  # (S, T + S)
+        scores = scores.masked_fill(future, float("-inf"))
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, S, -1)  # (B, S, H*D)
+        return self.head(h + self.o(y)), k, v
+
+
+def build_cached(seed: int = 0):
+    """(CachedAttention float32 eval, config) with random weights, q/k scaled by QK_SCALE."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(CACHED.model_type, vocab_size=VOCAB, **CACHED.sizes, **copy.deepcopy(CACHED.config))
+    torch.manual_seed(seed)
+    model = CachedAttention(cfg).eval()
+    with torch.no_grad():
+        model.q.weight.mul_(QK_SCALE)
+        model.k.weight.mul_(QK_SCALE)
+    return model, cfg
+
+
+def export_cached(model, path: Path) -> Path:
+    B, S, T = 2, 3, 5
+    H, D = model.heads, model.dim
+    args = (torch.zeros(B, S, dtype=torch.long), torch.arange(T, T + S)[None].repeat(B, 1), torch.zeros(B, H, T, D), torch.zeros(B, H, T, D))
+    dyn = torch.export.Dim.DYNAMIC
+    program = torch.onnx.export(
+        model, args, dynamo=True, input_names=["input_ids", "position_ids", "past_key", "past_value"],
+        output_names=["logits", "present_key", "present_value"],
+        dynamic_shapes=({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 2: dyn}, {0: dyn, 2: dyn}), verbose=False,
+    )
+    program.save(str(path))
+    return path
+
+
+def cached_oracle(model, cfg):
+    """The same layer in float64 with float64 RoPE (Float64Rotary)."""
+    m64 = copy.deepcopy(model).double()
+    m64.rotary_emb = Float64Rotary(model.rotary_emb, cfg)
+    return m64
+
+
+def run_cached(m, feed: dict) -> list[np.ndarray]:
+    dtype = next(m.parameters()).dtype
+    with torch.no_grad():
+        out = m(torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["position_ids"]),
+                torch.from_numpy(feed["past_key"]).to(dtype), torch.from_numpy(feed["past_value"]).to(dtype))
+    return [o.numpy() for o in out]

@@ -313,3 +313,211 @@ def test_float32_inv_freq_as_transformers_computes_it_agrees_and_a_wrong_theta_i
     assert disagreement(graph.numpy(), p) is None
     assert disagreement(graph.numpy(), RopeParams(head_dim=128, theta=500050.0, max_positions=131072, scaling="llama3",
                                                   scaling_params=scaling)).startswith("theta")
+
+
+# --- verification on every runtime ------------------------------------------------------------------
+
+def rewritten_in_memory(exported, family="llama", op="tables"):
+    from pe_export.rewriter import api
+
+    path, config, _, _ = exported(family)
+    original = api.load(path)
+    return original, api.rewrite(api.load(path), config, op=op)
+
+
+def test_rewrite_verified_on_other_runtimes_in_workers(exported):
+    """onnx's reference evaluator and OpenVINO run the torch.onnx graph and verify it; tract loads it but
+    fails to run it, original and rewritten alike (its CumSum: "TDim is not a number"): a row with the
+    reason, "unsupported" (the runtime's limit, not the rewrite's), not the end of the report."""
+    from pe_export.rewriter import verify
+
+    original, result = rewritten_in_memory(exported)
+    names = ("onnx-reference", "openvino", "tract")
+    rows = {r.runtime: r for r in verify.check_sites(original, result.model, result.sites, names)}
+    whole = {r.runtime: r for r in verify.check_whole(original, result.model, names)}
+    assert rows["onnx-reference"].verdict == "pass" and whole["onnx-reference"].verdict == "pass", (rows, whole)
+    r = rows["onnx-reference"]
+    assert r.positions[-1] == 32767 and r.rewritten_error[-1] <= r.bound < r.original_error[-1]
+    if rows["openvino"].verdict != "skipped":  # the optional openvino extra
+        assert rows["openvino"].verdict == "pass" and whole["openvino"].verdict == "pass", (rows["openvino"], whole["openvino"])
+        assert rows["openvino"].rewritten_error[-1] <= rows["openvino"].bound
+    if rows["tract"].verdict != "skipped":
+        assert rows["tract"].verdict == "unsupported" and "the original too" in rows["tract"].note, rows["tract"]
+        assert whole["tract"].verdict == "unsupported" and whole["tract"].max_abs_diff is None
+    assert not verify.failed([rows["onnx-reference"], whole["onnx-reference"], rows["tract"]])
+
+
+def test_a_crashing_runtime_is_a_row_and_the_others_complete(exported, monkeypatch):
+    import fake_runtimes
+
+    from pe_export.rewriter import verify
+    from pe_export.runtimes import GRAPH_RUNTIMES
+
+    monkeypatch.setitem(GRAPH_RUNTIMES, "aborts", fake_runtimes.aborts_graph)
+    original, result = rewritten_in_memory(exported)
+    rows = verify.check_sites(original, result.model, result.sites, ("aborts", "ort-cpu"))
+    whole = verify.check_whole(original, result.model, ("aborts", "ort-cpu"))
+    assert [r.verdict for r in rows] == ["CRASH", "pass"], rows
+    assert "SIGABRT" in rows[0].note and rows[0].rewritten_error == [], rows[0]
+    assert [r.verdict for r in whole] == ["CRASH", "pass"] and "SIGABRT" in whole[0].note, whole
+    assert verify.failed(rows) and not verify.failed(rows[1:])
+
+
+def test_cli_runtimes_choices_and_a_cannot_load_row(exported, tmp_path):
+    """--op ort writes com.microsoft ops: tract cannot load them, a row with the reason (exit 0: nothing
+    failed, ORT verified it); an unknown runtime is bad input."""
+    path, config, _, _ = exported("llama")
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    r = cli("rewrite", path, "--config", config, "--op", "ort", "-o", out, "--report", report, "--runtimes", "ort-cpu,tract")
+    assert r.exit_code == 0, r.output
+    rows = {row["runtime"]: row for row in json.loads(report.read_text())["sites"]}
+    assert rows["ort-cpu"]["verdict"] == "pass"
+    if rows["tract"]["verdict"] != "skipped":  # the optional tract extra
+        assert rows["tract"]["verdict"] == "unsupported" and "cannot load" in rows["tract"]["note"], rows["tract"]
+        assert "com.microsoft" in rows["tract"]["note"]
+    bad = cli("rewrite", path, "--config", config, "-o", tmp_path / "x.onnx", "--runtimes", "torch")
+    assert bad.exit_code == 2 and "--runtimes" in bad.output and not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("op", ["onnx", "ort", "decomposed"])
+def test_rotated_q_and_k_against_a_float64_rotation_of_the_same_runs_inputs(op, exported):
+    """Each replaced rotation's output against pe_export.rotation.apply_reference (float64) of its own
+    un-rotated q/k read from the same run, at positions up to the table's end; the original's rotations
+    drift (float32 angles), the rewritten's stay within the tolerance table's bound. A wrong pairing
+    (the check reading the rotation as interleaved) must fail: the check can fail."""
+    import copy
+
+    from pe_export.rewriter import verify
+
+    original, result = rewritten_in_memory(exported, op=op)
+    site = result.sites[0]
+    assert site.rotations == 4 and len(site.rotated) == 4  # q and k of 2 layers
+    rows = [r for r in verify.check_sites(original, result.model, result.sites, ("ort-cpu",)) if r.what == "rotated q/k"]
+    assert len(rows) == 1 and rows[0].verdict == "pass", rows
+    r = rows[0]
+    assert r.positions[-1] == 32767 and max(r.rewritten_error) <= r.bound and max(r.original_error[-3:]) > 100 * max(r.rewritten_error[-3:]), r
+    wrong = copy.deepcopy(site)
+    wrong.rotated = [{**rot, "pairing": "interleaved"} for rot in wrong.rotated]
+    bad = [r for r in verify.check_sites(original, result.model, [wrong], ("ort-cpu",)) if r.what == "rotated q/k"]
+    assert bad[0].verdict == "FAIL", bad
+
+
+def test_kv_cache_decode_one_token_at_a_large_position(tmp_path):
+    """A layer with past_key/past_value inputs (transformers' Llama rotary and apply_rotary_pos_emb,
+    exported with dynamo): verification's own inputs (an empty cache, from the signature) pass, and one
+    token decoded at the table's last position on a cache of 64 tokens, batch 2, matches the float64 oracle
+    as well as one decoded at position 64; the original's error there is far larger. The cache itself is
+    the oracle's prefill (float64, rounded to float32): logits and present key/values are compared."""
+    from pe_export.rewriter import api, verify
+
+    model, cfg = rm.build_cached()
+    path = rm.export_cached(model, tmp_path / "kv.onnx")
+    config = rm.save_config(cfg, tmp_path)
+    out = tmp_path / "kv.pe.onnx"
+    result = api.rewrite(path, config, op="decomposed", output=out)
+    assert [r.verdict for r in verify.check_whole(api.load(path), result.model, ("ort-cpu",))] == ["pass"]
+    m64 = rm.cached_oracle(model, cfg)
+    H, D = model.heads, model.dim
+
+    def decode_error(file, last):
+        rng = np.random.default_rng(0)
+        prefill = {"input_ids": rng.integers(0, rm.VOCAB, (2, 64)), "position_ids": np.repeat(np.arange(last - 65, last - 1)[None], 2, 0),
+                   "past_key": np.zeros((2, H, 0, D)), "past_value": np.zeros((2, H, 0, D))}
+        _, k, v = rm.run_cached(m64, prefill)
+        feed = {"input_ids": rng.integers(0, rm.VOCAB, (2, 1)), "position_ids": np.full((2, 1), last - 1),
+                "past_key": k.astype(np.float32), "past_value": v.astype(np.float32)}
+        truth = rm.run_cached(m64, feed)
+        got = rm.ort_outputs(file, feed)
+        assert got[1].shape == (2, H, 65, D)
+        return max(float(np.abs(g - t).max()) for g, t in zip(got, truth))
+
+    start, end = decode_error(out, 65), decode_error(out, rm.CACHED.last)
+    original_end = decode_error(path, rm.CACHED.last)
+    assert end <= WITHIN * start and original_end >= GROWS * end, (start, end, original_end)
+
+
+@pytest.mark.parametrize("op", ["onnx", "ort", "decomposed"])
+def test_a_failed_step_leaves_the_in_memory_model_unchanged(op, tmp_path):
+    """The cos/sin pass succeeds on this graph (cos/sin are its outputs, no rotation reads them), then
+    the rotation pass (after --op onnx's opset conversion) finds nothing and fails: the onnx_ir.Model
+    passed in serializes byte for byte as before, and a successful rewrite leaves it unchanged too."""
+    import onnx_ir as ir
+
+    from pe_export.errors import BadInput
+    from pe_export.rewriter import rewrite
+
+    R, theta = 16, 10000.0
+    cfg = {"model_type": "llama", "head_dim": R, "hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 4096,
+           "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = ir.from_proto(matmul_form_graph((1.0 / theta ** (np.arange(0, R, 2) / R)).astype(np.float32), None))
+    before = ir.to_proto(model).SerializeToString()
+    with pytest.raises(BadInput, match="no q/k rotation"):
+        rewrite(model, tmp_path / "config.json", op=op)
+    assert ir.to_proto(model).SerializeToString() == before
+    result = rewrite(model, tmp_path / "config.json")
+    assert result.model is not model and result.sites and ir.to_proto(model).SerializeToString() == before
+
+
+def test_dynamic_ntk_keeps_its_run_time_rescaling(tmp_path):
+    """rope_type "dynamic": the traced graph froze the example's branch (unscaled inv_freq); the rewrite
+    computes cos/sin in the graph in float64 from max(position) + 1 again. Logits against the float64
+    oracle (transformers' own dynamic init function in float64, a fresh module's growth) below the
+    original length, across it and at the end of factor x its table; --op onnx|ort|decomposed refused."""
+    from pe_export.errors import BadInput
+    from pe_export.rewriter import api, verify
+
+    model, cfg = rm.build(rm.DYNAMIC)
+    path, config, out = rm.export_frozen(model, tmp_path / "dyn.onnx"), rm.save_config(cfg, tmp_path), tmp_path / "dyn.pe.onnx"
+    result = api.rewrite(path, config, output=out)
+    assert [s.tables for s in result.sites] == [[]] and not any(n.op_type == "Gather" and "pe_export.rope" in n.input[0] for n in onnx.load(out).graph.node)
+    m64 = rm.oracle(model, cfg)
+    err = {}
+    for where, pos in (("start", np.arange(64)), ("across", np.arange(4096 - 32, 4096 + 32)), ("end", np.arange(rm.DYNAMIC.last - 64, rm.DYNAMIC.last))):
+        feed = rm.inputs(1, pos)
+        truth = rm.oracle_logits(m64, feed)
+        err[where] = {k: float(np.abs(rm.ort_logits(f, feed) - truth).max()) for k, f in (("rewritten", out), ("original", path))}
+    assert err["across"]["rewritten"] <= WITHIN * err["start"]["rewritten"] and err["end"]["rewritten"] <= WITHIN * err["start"]["rewritten"], err
+    assert err["end"]["original"] >= GROWS * err["end"]["rewritten"] and err["across"]["original"] >= GROWS * err["across"]["rewritten"], err
+    rows = verify.check_sites(api.load(path), result.model, result.sites, ("ort-cpu",))
+    assert rows[0].verdict == "pass" and rows[0].positions[-1] == rm.DYNAMIC.last - 1, rows
+    with pytest.raises(BadInput, match="dynamic NTK"):
+        api.rewrite(path, config, op="decomposed")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [f.name for f in rm.FAMILIES])
+def test_every_family_verifies_its_rotated_q_and_k_as_written(family, exported):
+    """--op decomposed, pruned as written: every site has a rotated q/k row that passes up to the end of
+    its table (LongRoPE: each branch over the positions it serves; GPT-J: interleaved pairs, bshd)."""
+    from pe_export.rewriter import api, verify
+
+    path, config, _, _ = exported(family)
+    result = api.rewrite(api.load(path), config, op="decomposed")
+    api.prune(result.model)
+    rows = [r for r in verify.check_sites(api.load(path), result.model, result.sites, ("ort-cpu",)) if r.what == "rotated q/k"]
+    assert len(rows) == len(result.sites) and all(r.verdict == "pass" for r in rows), rows
+    assert max(r.positions[-1] for r in rows) == rm.BY_NAME[family].last - 1
+
+
+def test_a_hanging_runtime_is_a_timeout_row(exported, monkeypatch):
+    import fake_runtimes
+
+    from pe_export.rewriter import verify
+    from pe_export.runtimes import GRAPH_RUNTIMES
+
+    monkeypatch.setitem(GRAPH_RUNTIMES, "hangs", fake_runtimes.hangs_graph)
+    original, result = rewritten_in_memory(exported)
+    rows = verify.check_whole(original, result.model, ("hangs", "ort-cpu"), timeout=3)
+    assert [r.verdict for r in rows] == ["TIMEOUT", "pass"] and "no answer within 3 s" in rows[0].note, rows
+
+
+def test_cli_unverified_when_no_runtime_ran_it(exported, tmp_path, monkeypatch):
+    import fake_runtimes
+
+    from pe_export.runtimes import GRAPH_RUNTIMES
+
+    monkeypatch.setitem(GRAPH_RUNTIMES, "ort-cuda", fake_runtimes.skips_graph)  # a runtime that is not here
+    path, config, _, _ = exported("llama")
+    r = cli("rewrite", path, "--config", config, "-o", tmp_path / "out.onnx", "--runtimes", "ort-cuda")
+    assert r.exit_code == 1 and "unverified" in r.output and (tmp_path / "out.onnx").is_file(), r.output

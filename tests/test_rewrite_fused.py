@@ -151,9 +151,10 @@ def test_cli_rewrites_a_fused_graph_and_verifies_the_tables(tmp_path):
                                  "--report", str(report)])
     assert r.exit_code == 0, r.output
     doc = json.loads(report.read_text())
-    [row] = doc["sites"]
-    assert row["verdict"] == "pass" and row["positions"][-1] == rope.rows - 1
-    assert row["rewritten_error"][-1] <= row["bound"] < row["original_error"][-1]
+    assert {row["runtime"] for row in doc["sites"]} == {"ort-cpu", "ort-cpu-noopt"}  # the default runtimes, one row each
+    for row in doc["sites"]:
+        assert row["verdict"] == "pass" and row["positions"][-1] == rope.rows - 1 and row["what"] == "caches"
+        assert row["rewritten_error"][-1] <= row["bound"] < row["original_error"][-1]
     assert doc["whole_model"][0]["verdict"] == "pass"
     assert doc["rewrite"]["sites"][0]["fused"] == "com.microsoft::RotaryEmbedding"
 
@@ -208,7 +209,7 @@ def test_onnxscript_gqa_caches_become_exact_and_the_model_is_unchanged_at_short_
     assert site.rule == "gqa_rotary" and site.fused == "com.microsoft::GroupQueryAttention" and site.rotations == 0
     original, rewritten = ir.load(paths["gqa"]), ir.load(out)
     assert sum(n.op_type == "GroupQueryAttention" and n.attributes["do_rotary"].value == 1 for n in rewritten.graph) == 2
-    [row] = verify_caches.check_caches(original, rewritten, result.sites)
+    [row] = verify_caches.check_caches(original, rewritten, result.sites, ("ort-cpu",))
     note = f"--op {op}: position {row.positions[-1]}: original {row.original_error[-1]:.2e}, rewritten {row.rewritten_error[-1]:.2e}"
     assert row.verdict == "pass" and row.original_error[-1] >= GAIN * row.rewritten_error[-1], note
     [whole] = verify.check_whole(original, rewritten)  # GQA here runs from position 0 (no past inputs)

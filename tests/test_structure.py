@@ -108,3 +108,4 @@ def test_the_rewrite_clis_import_free_copies_match_the_library():
     from pe_export.rewriter import core, verify
 
     assert rewrite.OPS == core.OPS and rewrite.RUNTIMES == verify.RUNTIMES
+    assert rewrite.DEFAULT_RUNTIMES == verify.DEFAULT_RUNTIMES

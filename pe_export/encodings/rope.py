@@ -320,17 +320,23 @@ def check_computed_tables(p) -> None:
         )
 
 
+def pair_sums(x: np.ndarray, pairing: str, rotary_dim: int) -> np.ndarray:
+    """(..., R) |a| + |b| of the pair (a, b) each rotated element of x (..., D) belongs to."""
+    x = np.abs(np.asarray(x).astype(np.float64))
+    R = rotary_dim
+    if pairing == "half":
+        m = x[..., : R // 2] + x[..., R // 2 : R]
+        return np.concatenate([m, m], axis=-1)
+    return np.repeat(x[..., 0:R:2] + x[..., 1:R:2], 2, axis=-1)
+
+
 def rope_magnitude(spec, inputs: dict) -> np.ndarray:
     """Per output element: attention_factor * (|a| + |b|) of its pair (a, b); |x| on the pass-through tail."""
     p = parse(RopeParams, spec)
-    x = np.abs(np.asarray(inputs["x"]).astype(np.float64))
-    R = p.rotary_dim
-    if p.pairing == "half":
-        m = x[..., : R // 2] + x[..., R // 2 : R]
-        pair = np.concatenate([m, m], axis=-1)
-    else:
-        pair = np.repeat(x[..., 0:R:2] + x[..., 1:R:2], 2, axis=-1)
-    return np.concatenate([pair * inv_freq(p)[1] * computed_tables_slack(spec, p, inputs), x[..., R:]], axis=-1)
+    x = np.asarray(inputs["x"])
+    pair = pair_sums(x, p.pairing, p.rotary_dim)
+    tail = np.abs(x[..., p.rotary_dim :].astype(np.float64))
+    return np.concatenate([pair * inv_freq(p)[1] * computed_tables_slack(spec, p, inputs), tail], axis=-1)
 
 
 rope_locate = CONTRACTS["rotary"].locate

@@ -82,7 +82,8 @@ def save(model: ir.Model, path: Path, force: bool) -> None:
 def rewrite(model_or_path, config, seq: int | None = None, op: str = "tables", output=None, force: bool = False) -> Rewritten:
     """Rewrite the RoPE of `model_or_path` (an `onnx_ir.Model`, an `onnx.ModelProto`, or a path) with the
     RoPE parameters of the local `config` (a config.json path), and write it to `output` if given.
-    An `onnx_ir.Model` passed in is rewritten in place; see `rewrite_model`."""
+    An `onnx_ir.Model` passed in is left unchanged, whether the rewrite succeeds or fails: the result's
+    `model` is a rewritten clone (see `rewrite_model`)."""
     import onnx
 
     if isinstance(model_or_path, ir.Model):

@@ -33,15 +33,19 @@ class Rewritten:
 
 
 def rewrite_model(model: ir.Model, config, seq: int | None = None, op: str = "tables") -> Rewritten:
-    """Replace every recognised cos/sin computation of `model` (in place) by a Gather from float64-built
-    tables of `seq` positions (default: the config's max_position_embeddings); with op onnx|ort|decomposed
-    also each q/k rotation by pe-export's lowering. Raises BadInput, before changing anything, for a model
-    with no site, a config that disagrees with a site, or a model this command already rewrote."""
+    """Replace every recognised cos/sin computation of `model` by a Gather from float64-built tables of
+    `seq` positions (default: the config's max_position_embeddings); with op onnx|ort|decomposed also each
+    q/k rotation by pe-export's lowering. `model` itself is never modified: the passes run on a clone
+    (nodes and values copied, weight tensors shared, so no weight bytes are copied), returned as
+    `Rewritten.model`; a step that fails (the rotation pass after the cos/sin pass) leaves `model` as it
+    was. Raises BadInput for a model with no site, a config that disagrees with a site, or a model this
+    command already rewrote."""
     if op not in OPS:
         raise BadInput(f"--op must be one of {', '.join(OPS)}, got {op!r}")
     if METADATA_KEY in model.metadata_props:
         raise BadInput("this model was already rewritten by pe-export rewrite (metadata 'pe_export.rewrite'); rewrite the original")
     job = Job(params_from_config(config, seq), seq, op)
+    model = model.clone()
     rules = rule_set(job)
     # Dry: onnxscript builds each replacement but applies none; forget what it built.
     rules.apply_to_model(model, tracer=_basics.MatchingTracer())
@@ -55,6 +59,10 @@ def rewrite_model(model: ir.Model, config, seq: int | None = None, op: str = "ta
         old = model.graph.initializers.get(name)
         if old is not None and not old.uses() and old not in model.graph.outputs:
             del model.graph.initializers[name]
+    computed = [s.inv_freq for s in job.sites if not s.tables]
+    if op != "tables" and computed:
+        raise BadInput(f"--op {op}: site {computed[0]!r} is dynamic NTK: its cos/sin are computed at run time from "
+                       "max(position) + 1 (no table for pe-export's rotation lowerings to read); use --op tables")  # fmt: skip
     if op != "tables":
         from pe_export.rewriter.rotations import replace_rotations
 

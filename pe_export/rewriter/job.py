@@ -31,6 +31,13 @@ class Site:
     width: str = "full"  # cos/sin values (B, S, R) [t, t]; "half": (B, S, R/2); "table": the (P, R/2) caches a fused node reads
     fused: str = ""  # the fused node that reads the tables ("com.microsoft::GroupQueryAttention", ...); "": the graph's own ops
     replaced: list[str] = field(default_factory=list)  # further graph constants the tables replace (a fused node's sin cache)
+    # Each replaced rotation: the un-rotated q or k `x` and the rotated `y` (the same names in the original
+    # and the rewritten graph), its pairing and layout: what verification reads back from both.
+    rotated: list = field(default_factory=list)
+
+    def add_rotation(self, x: str, y: str, pairing: str, layout: str) -> None:
+        self.rotations += 1
+        self.rotated.append({"x": x, "y": y, "pairing": pairing, "layout": layout})
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -15,16 +15,20 @@ import onnx_ir as ir
 from pe_export.encodings.rope import RopeParams, inv_freq, tables
 from pe_export.parity import tolerance
 from pe_export.rewriter.job import Site
-from pe_export.rewriter.verify import EPS32, SiteRow, feeds, session, spread_positions
+from pe_export.errors import one_line
+from pe_export.outcomes import verdict_of
+from pe_export.rewriter.verify import DEFAULT_RUNTIMES, EPS32, SiteRow, feeds, run_all, spread_positions
 
 
-def cache_values(model: ir.Model, names: list[str], positions: np.ndarray, runtime: str) -> list[np.ndarray]:
-    """The named (P, R/2) values of `model`: constants read back, computed ones run by `runtime` on a copy
-    pruned to them (its remaining inputs fed from `positions`)."""
+def cache_values(model: ir.Model, names: list[str], positions: np.ndarray, runtime: str,
+                 timeout: float | None = None) -> tuple[str, list[np.ndarray]]:  # fmt: skip
+    """(provider, the named (P, R/2) values of `model`): constants read back ("constant"), computed ones
+    run by `runtime` in its worker on a copy pruned to them (its remaining inputs fed from `positions`)."""
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
     consts = {n: v.const_value.numpy() for n, v in model.graph.initializers.items() if n in names and v.const_value is not None}
     computed = [n for n in names if n not in consts]
+    provider = "constant"
     if computed:
         copy = ir.from_proto(ir.to_proto(model))
         values = {v.name: v for node in copy.graph for v in node.outputs}
@@ -33,9 +37,9 @@ def cache_values(model: ir.Model, names: list[str], positions: np.ndarray, runti
         RemoveUnusedNodesPass()(copy)
         for v in [v for v in copy.graph.inputs if not v.uses()]:
             copy.graph.inputs.remove(v)
-        sess = session(ir.to_proto(copy).SerializeToString(), runtime)
-        consts.update(zip(computed, sess.run(None, feeds(copy, positions))))
-    return [consts[n] for n in names]
+        provider, (got,) = run_all(runtime, ir.to_proto(copy).SerializeToString(), computed, [feeds(copy, positions)], timeout)
+        consts.update(got)
+    return provider, [consts[n] for n in names]
 
 
 def rows_at(table: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -46,7 +50,10 @@ def rows_at(table: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return out
 
 
-def check_caches(original: ir.Model, rewritten: ir.Model, sites: list[Site], runtimes=("ort-cpu",)) -> list[SiteRow]:
+def check_caches(original: ir.Model, rewritten: ir.Model, sites: list[Site], runtimes=DEFAULT_RUNTIMES,
+                 timeout: float | None = None) -> list[SiteRow]:  # fmt: skip
+    """A cache row per fused site and runtime; a runtime that cannot compute the original's cache is a
+    row with its verdict and reason."""
     rows = []
     for runtime in runtimes:
         for i, site in enumerate(sites):
@@ -55,11 +62,18 @@ def check_caches(original: ir.Model, rewritten: ir.Model, sites: list[Site], run
             p = RopeParams(**site.params)
             positions = spread_positions(p.max_positions)
             ref_cos, ref_sin = (t[positions] for t in tables(p))  # (S, R/2) float64
-            errs = {}
-            for kind, model, names in (("original", original, [site.cos, site.sin]), ("rewritten", rewritten, site.tables)):
-                cos, sin = (rows_at(t, positions) for t in cache_values(model, names, positions, runtime))
-                errs[kind] = np.maximum(np.abs(cos - ref_cos).max(-1), np.abs(sin - ref_sin).max(-1))
             bound = tolerance("fp32", "decomposed").factor * EPS32 * max(1.0, inv_freq(p)[1])
+            errs, providers = {}, []
+            try:
+                for kind, model, names in (("original", original, [site.cos, site.sin]), ("rewritten", rewritten, site.tables)):
+                    provider, values = cache_values(model, names, positions, runtime, timeout)
+                    cos, sin = (rows_at(t, positions) for t in values)
+                    errs[kind] = np.maximum(np.abs(cos - ref_cos).max(-1), np.abs(sin - ref_sin).max(-1))
+                    providers.append(provider)
+            except Exception as e:  # every failure of a runtime is a row
+                rows.append(SiteRow(i, runtime, positions.tolist(), [], [], bound, verdict_of(e), "", one_line(e), "caches"))
+                continue
             verdict = "pass" if float(errs["rewritten"].max()) <= bound else "FAIL"
-            rows.append(SiteRow(i, runtime, positions.tolist(), errs["original"].tolist(), errs["rewritten"].tolist(), bound, verdict))
+            rows.append(SiteRow(i, runtime, positions.tolist(), errs["original"].tolist(), errs["rewritten"].tolist(), bound, verdict,
+                                " / ".join(dict.fromkeys(providers)), "", "caches"))  # fmt: skip
     return rows

@@ -7,7 +7,8 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from pe_export.rewriter import emit
+from pe_export.encodings.rope import computed_in_graph
+from pe_export.rewriter import dynamic_ntk, emit
 from pe_export.rewriter import params as params_mod
 from pe_export.rewriter.job import Job, Site
 
@@ -97,9 +98,56 @@ class CosSinRule(pattern.RewriteRuleClassBase):
         return site
 
     def gather(self, op, p, position_ids: ir.Value, site: Site, seq_len=None, label="") -> ir.Value:
+        """The site's (B, S, R) cos or sin: a Gather of its tables, or for a rule whose frequencies
+        follow max(position) + 1 (dynamic NTK) the float64 computation in the graph (no tables)."""
+        if computed_in_graph(p):
+            site.tables = []
+            return dynamic_ntk.cos_or_sin(op, self.fn, position_ids, self.job.table_params(p))
         tables = self.job.tables_for(op, p, seq_len, label)
         site.tables = [t.name for t in tables]
         return emit.gather(op, tables[0 if self.fn == "Cos" else 1], position_ids, self.job.table_params(p).max_positions)
+
+
+class ConstantFreqRule(CosSinRule):
+    """A cos/sin rule of a constant float32 `inv_freq`, with the attention factor's Mul (a `factor` in the
+    pattern) or without it; its pattern binds position_ids, axes, inv_freq [, factor]. Subclasses give
+    `pattern`, and may override `check_positions` and `freqs_input` (the constant behind an Expand)."""
+
+    @staticmethod
+    def freqs_input(inv_freq: ir.Value) -> ir.Value:
+        return inv_freq
+
+    def check(self, context, position_ids, axes, inv_freq, factor=None, **_):
+        inv_freq = self.freqs_input(inv_freq)
+        self._out = context.output_values[0]
+        r = self.check_positions(pattern.MatchResult(), position_ids, axes)
+        if not r:
+            return r
+        if factor is None and has_factor_mul(self._out):
+            return r.fail(f"cos/sin is multiplied by an attention factor (rule {self.rule_name}_factor)", self._out)
+        g = self.constant_freqs(r, inv_freq)
+        if g is None:
+            return r
+        value = 1.0 if factor is None else self.factor_of(r, factor)
+        if value is None:
+            return r
+        self._p = self.match_params(r, inv_freq, g)
+        return r if self._p is None else self.check_factor(r, inv_freq, self._p, value)
+
+    def rewrite(self, op, position_ids, inv_freq, **_):
+        inv_freq = self.freqs_input(inv_freq)
+        return self.gather(op, self._p, position_ids, self.record(inv_freq, position_ids, self._out, self._p))
+
+
+def has_factor_mul(value: ir.Value) -> bool:
+    """True when a consumer of `value` multiplies it by a scalar constant (the factor rule's shape)."""
+    for use in value.uses():
+        user = use.node
+        if user.op_type == "Mul":
+            other = [v for v in user.inputs if v is not value]
+            if other and other[0] is not None and other[0].const_value is not None and other[0].const_value.numpy().size == 1:
+                return True
+    return False
 
 
 def site_params(p) -> dict:

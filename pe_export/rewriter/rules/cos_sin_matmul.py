@@ -9,11 +9,9 @@
 from __future__ import annotations
 
 import onnx_ir as ir
-from onnxscript.rewriter import pattern
 
 from pe_export.rewriter.rules import RULES
-from pe_export.rewriter.rules.base import CosSinRule
-from pe_export.rewriter.rules.cos_sin_mul import has_factor_mul
+from pe_export.rewriter.rules.base import ConstantFreqRule
 
 
 def angles(op, position_ids, axes, inv_freq):
@@ -28,8 +26,10 @@ def through_expand(value: ir.Value) -> ir.Value:
     return node.inputs[0] if node is not None and node.op_type == "Expand" else value
 
 
-class MatMulRule(CosSinRule):
-    def check_axes(self, r, position_ids, axes):
+class MatMulRule(ConstantFreqRule):
+    freqs_input = staticmethod(through_expand)
+
+    def check_positions(self, r, position_ids, axes):
         if position_ids.dtype not in (None, ir.DataType.INT64):
             return r.fail(f"positions are {position_ids.dtype}, not int64", position_ids)
         a = axes.const_value
@@ -45,24 +45,6 @@ class CosSinMatMul(MatMulRule):
     def pattern(self, op, position_ids, axes, inv_freq):
         return self.trig(op, angles(op, position_ids, axes, inv_freq))
 
-    def check(self, context, position_ids, axes, inv_freq, **_):
-        inv_freq = through_expand(inv_freq)
-        self._out = context.output_values[0]
-        r = self.check_axes(pattern.MatchResult(), position_ids, axes)
-        if not r:
-            return r
-        if has_factor_mul(self._out):
-            return r.fail("cos/sin is multiplied by an attention factor (rule cos_sin_matmul_factor)", self._out)
-        g = self.constant_freqs(r, inv_freq)
-        if g is None:
-            return r
-        self._p = self.match_params(r, inv_freq, g)
-        return r if self._p is None else self.check_factor(r, inv_freq, self._p, 1.0)
-
-    def rewrite(self, op, position_ids, inv_freq, **_):
-        inv_freq = through_expand(inv_freq)
-        return self.gather(op, self._p, position_ids, self.record(inv_freq, position_ids, self._out, self._p))
-
 
 @RULES.register("cos_sin_matmul_factor")
 class CosSinMatMulFactor(MatMulRule):
@@ -71,20 +53,3 @@ class CosSinMatMulFactor(MatMulRule):
 
     def pattern(self, op, position_ids, axes, inv_freq, factor):
         return op.Mul(self.trig(op, angles(op, position_ids, axes, inv_freq)), factor)
-
-    def check(self, context, position_ids, axes, inv_freq, factor, **_):
-        inv_freq = through_expand(inv_freq)
-        self._out = context.output_values[0]
-        r = self.check_axes(pattern.MatchResult(), position_ids, axes)
-        if not r:
-            return r
-        g = self.constant_freqs(r, inv_freq)
-        value = self.factor_of(r, factor) if g is not None else None
-        if value is None:
-            return r
-        self._p = self.match_params(r, inv_freq, g)
-        return r if self._p is None else self.check_factor(r, inv_freq, self._p, value)
-
-    def rewrite(self, op, position_ids, inv_freq, **_):
-        inv_freq = through_expand(inv_freq)
-        return self.gather(op, self._p, position_ids, self.record(inv_freq, position_ids, self._out, self._p))

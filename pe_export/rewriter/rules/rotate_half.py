@@ -69,9 +69,9 @@ class RotateHalf(pattern.RewriteRuleClassBase):
         x1 = op.Slice(x, _allow_other_inputs=True, _outputs=["x1"])
         x2 = op.Slice(x, _allow_other_inputs=True, _outputs=["x2"])
         rotated = op.Concat(op.Neg(x2), x1, axis=-1)
-        return op.Add(op.Mul(x, cos4), op.Mul(rotated, sin4))
+        return op.Add(op.Mul(x, cos4), op.Mul(rotated, sin4), _outputs=["y"])
 
-    def check(self, context, x, cos4, sin4, x1, x2, **_):
+    def check(self, context, x, cos4, sin4, x1, x2, y, **_):
         r = pattern.MatchResult()
         cos, sin = site_tables(cos4), site_tables(sin4)
         if cos is None or sin is None:
@@ -87,17 +87,17 @@ class RotateHalf(pattern.RewriteRuleClassBase):
             return r.fail("x is not (B, H, S, R)", x)
         if x.shape is not None and isinstance(x.shape[-1], int) and x.shape[-1] != 2 * half:
             return r.fail(f"x is {x.shape[-1]} wide, the tables {2 * half}", x)
-        self._found = (cos, sin, half)
+        self._found = (cos, sin, half, y.name)
         return r
 
     def rewrite(self, op, x, **_):
-        cos, sin, half = self._found
+        cos, sin, half, y = self._found
         cos_t = cos["table"][0] if cos["cond"] is None else op.Where(cos["cond"], *cos["table"])  # (P, R/2)
         sin_t = sin["table"][0] if sin["cond"] is None else op.Where(sin["cond"], *sin["table"])
         positions = cos["positions"]  # already mapped: negative -> P
         for site in self.job.sites:
             if cos["table"][0].name in site.tables or (len(cos["table"]) > 1 and cos["table"][1].name in site.tables):
-                site.rotations += 1
+                site.add_rotation(x.name, y, "half", "bhsd")
         return LOWERINGS[self.job.op](op, x, cos_t, sin_t, positions, 2 * half)
 
 

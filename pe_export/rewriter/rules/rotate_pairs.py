@@ -64,9 +64,9 @@ class RotatePairs(pattern.RewriteRuleClassBase):
         even = op.Slice(x, _allow_other_inputs=True, _outputs=["even"])
         stacked = op.Concat(op.Unsqueeze(op.Neg(odd), _allow_other_inputs=True), op.Unsqueeze(even, _allow_other_inputs=True), axis=-1)
         rotated = op.Reshape(stacked, _allow_other_inputs=True)
-        return op.Add(op.Mul(x, cos_rep), op.Mul(rotated, sin_rep))
+        return op.Add(op.Mul(x, cos_rep), op.Mul(rotated, sin_rep), _outputs=["y"])
 
-    def check(self, context, x, cos_rep, sin_rep, odd, even, **_):
+    def check(self, context, x, cos_rep, sin_rep, odd, even, y, **_):
         r = pattern.MatchResult()
         c, s = split_source(cos_rep), split_source(sin_rep)
         site = next((st for st in self.job.sites if c is not None and st.cos == c.name and s is not None and st.sin == s.name), None)
@@ -80,12 +80,12 @@ class RotatePairs(pattern.RewriteRuleClassBase):
             return r.fail("no int64 positions behind the table's GatherElements", c)
         if x.shape is not None and x.shape.rank() not in (None, 4):
             return r.fail("x is not (B, S, H, R)", x)
-        self._found = (site, positions)
+        self._found = (site, positions, y.name)
         return r
 
     def rewrite(self, op, x, **_):
-        site, positions = self._found
-        site.rotations += 1
+        site, positions, y = self._found
+        site.add_rotation(x.name, y, "interleaved", "bshd")
         p = RopeParams(**site.params)
         cos_t, sin_t = self.job.tables_for(op, p)  # (P, R/2), float64-built, the rewritten table's values
         safe = emit.safe_positions(op, positions, p.max_positions)
