@@ -64,7 +64,8 @@ def _serve() -> None:
                 if hasattr(call, "close"):  # the last model's own process (ort-web's Node)
                     call.close()
                 call = None
-                call, provider = adapter(Spec.from_json(spec_json), model_bytes, **options)
+                spec = None if spec_json is None else Spec.from_json(spec_json)  # inspect: a file without a spec
+                call, provider = adapter(spec, model_bytes, **options)
                 reply = ("ok", provider)
             elif request[0] == "run":
                 reply = ("ok", call(request[1]))
@@ -242,7 +243,8 @@ def load(name: str, adapter, spec, model_bytes: bytes, timeout: float = TIMEOUT_
                         f"{where[1]} is not a module-level function")  # fmt: skip
     w = worker(name, adapter)
     try:
-        provider = _answer(w.request(("load", where, spec.to_json(), model_bytes, options or {}), timeout))
+        spec_json = None if spec is None else spec.to_json()
+        provider = _answer(w.request(("load", where, spec_json, model_bytes, options or {}), timeout))
     except (Crash, Timeout):
         drop(name, adapter)
         raise

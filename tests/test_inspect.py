@@ -129,6 +129,30 @@ def test_a_file_no_runtime_loads(tmp_path):
     assert runtimes["onnx-reference"]["result"] == "skipped"
 
 
+@pytest.mark.parametrize("written_by_pe_export", [True, False])
+def test_a_runtime_that_aborts_is_a_crash_row_and_the_others_are_reported(tmp_path, monkeypatch, written_by_pe_export):
+    """Each runtime loads in its worker process (issue 15): one that aborts takes only its own row down."""
+    import fake_runtimes
+
+    from pe_export import inspection
+    from pe_export.runtimes import RUNTIMES
+
+    table = RUNTIMES if written_by_pe_export else inspection.WITHOUT_SPEC
+    monkeypatch.setitem(table, "aborts-on-load", fake_runtimes.aborts_on_load)
+    path = tmp_path / "m.onnx"
+    if written_by_pe_export:
+        path.write_bytes(exported(rope_spec(max_positions=64)))
+    else:
+        onnx.save(gather_model(), str(path))
+    doc = inspect_json(path)
+    runtimes = {r["runtime"]: r for r in doc["runtimes"]}
+    assert list(runtimes) == list(table)
+    crash = runtimes["aborts-on-load"]
+    assert crash["result"] == "CRASH" and "killed by SIGABRT" in crash["note"], crash
+    assert runtimes["ort-cpu"]["result"] == runtimes["onnx-reference"]["result"] == "loads"
+    assert runtimes["ort-cpu"]["provider"] == "CPUExecutionProvider"
+
+
 def test_missing_external_data_is_an_error(tmp_path):
     onnx.save(gather_model(), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
     (tmp_path / "m.data").unlink()
