@@ -17,11 +17,13 @@ provider names the adapter: without a GPU, Chromium offers SwiftShader, its own 
 partitioning), as in any browser.
 
 One browser per worker process, one page (tab) per loaded model. The browser exits with the worker:
-its debugging pipe closes, and the kernel sends it SIGKILL when the worker dies (PR_SET_PDEATHSIG).
+its debugging pipe closes, and the kernel sends it SIGKILL when the worker dies (PR_SET_PDEATHSIG);
+its profile and the pages' files live in TMPDIR/pe-export-browser-PID, removed by a later process.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -46,9 +48,11 @@ TYPES = {".html": "text/html", ".mjs": "text/javascript", ".js": "text/javascrip
 
 
 def chromium() -> str:
-    found = os.environ.get("PE_EXPORT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    named = os.environ.get("PE_EXPORT_CHROMIUM")
+    found = shutil.which(named) if named else shutil.which("chromium") or shutil.which("chromium-browser")
     if not found:
-        raise Skip("chromium is not installed (apt-get install chromium: Debian's package, ~400 MB)")
+        where = f"PE_EXPORT_CHROMIUM={named} is not an executable" if named else "chromium is not installed"
+        raise Skip(f"{where} (apt-get install chromium: Debian's package, ~400 MB)")
     if not (DIST_DIR / "ort.wasm.min.mjs").is_file():
         raise Skip(f"onnxruntime-web is not installed: run `npm ci --prefix {JS_DIR}`")
     return found
@@ -125,11 +129,39 @@ def _die_with_parent():  # in the child before exec: SIGKILL when the process th
     os.dup2(high[1], 4)
 
 
+SCRATCH_PREFIX = "pe-export-browser-"
+
+
+@functools.cache
+def scratch() -> Path:
+    """This process's folder for the browser profile and the pages' files (TMPDIR/pe-export-browser-PID).
+    A worker is killed (SIGKILL) when its pool shuts down, so nothing of it runs at exit: the first
+    browser of a process removes the folders of processes that are gone."""
+    base = Path(tempfile.gettempdir())
+    for old in base.glob(SCRATCH_PREFIX + "*"):
+        pid = old.name.removeprefix(SCRATCH_PREFIX)
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    root = base / f"{SCRATCH_PREFIX}{os.getpid()}"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 class Browser:
     """A headless Chromium whose DevTools protocol runs over fds 3 (commands in) and 4 (replies out)."""
 
     def __init__(self, binary: str):
-        self.profile = tempfile.TemporaryDirectory(prefix="pe-export-chromium-")
+        self.profile = tempfile.TemporaryDirectory(prefix="chromium-", dir=scratch())
         cmd_r, self.cmd_w = os.pipe()
         self.reply_r, reply_w = os.pipe()
         _die_with_parent.fds = (cmd_r, reply_w)
@@ -197,7 +229,7 @@ class PageSession:
 
     def __init__(self, model_bytes: bytes, threads: int, backend: str, float16: bool):
         self.browser = browser()
-        self.tmp = tempfile.TemporaryDirectory(prefix="pe-export-ort-web-browser-")
+        self.tmp = tempfile.TemporaryDirectory(prefix="page-", dir=scratch())
         Path(self.tmp.name, "model.onnx").write_bytes(model_bytes)
         self.server = serve({"page": PAGE_DIR, "ort": DIST_DIR, "data": Path(self.tmp.name)}, writable="data")
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}"

@@ -4,6 +4,7 @@ ran, and record what they do out of range; the local server serves only its fold
 browser that dies is a Crash. Skipped with the reason when chromium (Debian's package) is absent."""
 
 import http.client
+import os
 
 import pytest
 from conftest import exported
@@ -71,6 +72,16 @@ def test_out_of_range_positions_are_recorded():
         assert "position_ids -1" in webgpu.note and "position_ids 8192" in webgpu.note, webgpu
 
 
+@pytest.mark.parametrize("runtime", BROWSER)
+def test_without_chromium_the_runtimes_skip_with_the_install_command(monkeypatch, runtime):
+    from pe_export.runtimes import RUNTIMES
+
+    monkeypatch.setenv("PE_EXPORT_CHROMIUM", "/nonexistent/chromium")
+    spec = llama("decomposed")
+    with pytest.raises(Skip, match=r"PE_EXPORT_CHROMIUM=/nonexistent/chromium is not an executable \(apt-get install chromium"):
+        RUNTIMES[runtime](spec, exported(spec))
+
+
 def test_the_server_serves_its_folders_only_on_localhost(tmp_path):
     from pe_export.ort_web_browser import serve
 
@@ -112,3 +123,26 @@ def test_a_browser_that_dies_is_a_crash():
             b.send("Browser.getVersion")
     finally:
         b.close()
+
+
+def test_the_folders_of_processes_that_are_gone_are_removed(tmp_path, monkeypatch):
+    """A worker is killed with SIGKILL: its browser profile and page files are removed by the next process."""
+    import subprocess
+    import sys
+
+    from pe_export import ort_web_browser
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(ort_web_browser.tempfile, "tempdir", None)  # tempfile reads TMPDIR again
+    ort_web_browser.scratch.cache_clear()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"pe-export-browser-{int(gone.stdout)}"
+    (dead / "chromium-x").mkdir(parents=True)
+    live = tmp_path / f"pe-export-browser-{os.getppid()}"  # our parent is alive
+    live.mkdir()
+    try:
+        mine = ort_web_browser.scratch()
+        assert mine == tmp_path / f"pe-export-browser-{os.getpid()}" and mine.is_dir()
+        assert not dead.exists() and live.exists()
+    finally:
+        ort_web_browser.scratch.cache_clear()
