@@ -39,7 +39,8 @@ TIMEOUT_S = 120.0  # per request (start + load, or one probe): a hang becomes a 
 
 def _serve() -> None:
     """The worker's loop (`python -m pe_export.worker`; stderr is the parent's log file): the parent's
-    sys.path, then ("load", (module, name), spec json, model bytes, adapter keywords), ("run", inputs)
+    sys.path, then ("load", (module, name), spec json (None: inspect on a file without one), model bytes,
+    adapter keywords), ("run", inputs)
     and ("time", inputs, repeat) requests, each answered with (status, value)."""
     import importlib
     import sys
