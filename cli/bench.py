@@ -13,8 +13,8 @@ import typer
 def bench_command(
     file: Annotated[Path, typer.Argument(help="An ONNX file written by pe-export.")],
     providers: Annotated[str, typer.Option(help="ONNX Runtime providers, comma separated: cpu, cuda.")] = "cpu",
-    runtimes: Annotated[Optional[str], typer.Option(help="Also time these runtimes, comma separated: tract, ort-web (each against the same run's ORT CPU memcpy).")] = None,
-    threads: Annotated[int, typer.Option(help="ORT intra_op_num_threads (and the memcpy's; ort-web's WASM threads).")] = 2,
+    runtimes: Annotated[Optional[str], typer.Option(help="Also time these runtimes, comma separated: tract, ort-web, ort-web-browser, ort-web-browser-webgpu (each against the same run's ORT CPU memcpy).")] = None,
+    threads: Annotated[int, typer.Option(help="ORT intra_op_num_threads (and the memcpy's; the ort-web runtimes' WASM threads).")] = 2,
     seq: Annotated[Optional[int], typer.Option(help="Prefill length S (default: min(4096, table length); 1024 for bias and attention; a static-shapes file's own S).")] = None,
     batch: Annotated[Optional[int], typer.Option(help="Batch size B (default 1; a static-shapes file's own B).")] = None,
     heads: Annotated[Optional[int], typer.Option(help="Heads H of a rotary graph's x (default 32; other graphs keep their own).")] = None,

@@ -386,7 +386,7 @@ def bench(
     return result
 
 
-BENCH_RUNTIMES = ("tract", "ort-web")  # runtimes beside ORT that time a graph in their own loop
+BENCH_RUNTIMES = ("tract", "ort-web", "ort-web-browser", "ort-web-browser-webgpu")  # runtimes beside ORT that time a graph in their own loop
 
 
 def bench_runtime(name, spec, model_bytes, cases, seq, batch, heads, threads, repeat) -> list[Case]:

@@ -3,7 +3,9 @@
 Works on any ONNX file; a file pe-export wrote also shows its `pe_export.spec` and `pe_export.derived`
 metadata, and its runtimes are tried through the same adapters `verify` uses
 (`pe_export.runtimes.RUNTIMES`). A file without a spec is tried on ONNX Runtime sessions and onnx's
-`ReferenceEvaluator` directly. The result is one JSON-ready dict (`inspect_file`).
+`ReferenceEvaluator` directly. Every runtime but torch loads in its worker process (pe_export.worker),
+as in verify: one that aborts or hangs is a CRASH or TIMEOUT row and the others are still reported.
+The result is one JSON-ready dict (`inspect_file`).
 """
 
 from __future__ import annotations
@@ -105,50 +107,49 @@ def _spec(props: dict) -> Spec | None:
         return None  # the raw text is still shown; the runtimes are tried without it
 
 
-def runtimes_with_spec(spec: Spec, model_bytes: bytes) -> list[dict]:
-    """Each of verify's runtimes: loads (and the provider it got), skipped (and why) or cannot load."""
-    from pe_export.runtimes import RUNTIMES, Skip
+def try_load(name: str, adapter, spec: Spec | None, model_bytes: bytes, timeout: float | None = None) -> dict:
+    """One runtime row: the adapter loads the model in its worker process (pe_export.worker, as in
+    verify), so a runtime that aborts or hangs is a CRASH or TIMEOUT row, not the end of inspect."""
+    from pe_export import worker
+    from pe_export.outcomes import Skip
 
-    rows = []
-    for name, adapter in RUNTIMES.items():
-        try:
-            _, provider = adapter(spec, model_bytes)
-            rows.append({"runtime": name, "result": "loads", "provider": provider, "note": ""})
-        except Skip as e:
-            rows.append({"runtime": name, "result": "skipped", "provider": "", "note": one_line(e)})
-        except Exception as e:  # any other error: this runtime cannot load the file
-            rows.append({"runtime": name, "result": "cannot load", "provider": "", "note": one_line(e)})
-    return rows
+    timeout = worker.TIMEOUT_S if timeout is None else timeout
+    row = {"runtime": name, "result": "loads", "provider": "", "note": ""}
+    try:
+        _, row["provider"] = worker.load(name, adapter, spec, model_bytes, timeout)
+    except Skip as e:
+        row.update(result="skipped", note=one_line(e))
+    except worker.Crash as e:
+        row.update(result="CRASH", note=one_line(e))
+    except worker.Timeout as e:
+        row.update(result="TIMEOUT", note=one_line(e))
+    except Exception as e:  # any other error: this runtime cannot load the file
+        row.update(result="cannot load", note=one_line(e))
+    return row
+
+
+def runtimes_with_spec(spec: Spec, model_bytes: bytes) -> list[dict]:
+    """Each of verify's runtimes: loads (and the provider it got), skipped (and why), cannot load, or
+    CRASH / TIMEOUT (its process died or hung while loading)."""
+    from pe_export import worker
+    from pe_export.runtimes import RUNTIMES
+
+    worker.start(RUNTIMES, RUNTIMES)  # their interpreters start side by side
+    return [try_load(name, adapter, spec, model_bytes) for name, adapter in RUNTIMES.items()]
+
+
+# Without a spec there is no torch module and no dtype to go by: ONNX Runtime sessions and onnx's
+# evaluator load the graph as it is (pe_export.runtimes.GRAPH_RUNTIMES), each still in a worker of its own.
+WITHOUT_SPEC = ("ort-cpu", "ort-cpu-noopt", "ort-cuda", "onnx-reference")
 
 
 def runtimes_without_spec(model: onnx.ModelProto, model_bytes: bytes) -> list[dict]:
-    """ONNX Runtime sessions (CPU with and without graph optimisation, CUDA) and onnx's evaluator,
-    created directly: without a spec there is no torch module and no dtype to go by."""
-    from pe_export.runtimes import Skip, ort_session, reference_evaluator, require_provider
+    """ONNX Runtime sessions (CPU with and without graph optimisation, CUDA) and onnx's evaluator."""
+    from pe_export import worker
+    from pe_export.runtimes import GRAPH_RUNTIMES
 
-    def ort(provider, optimize=True, options=None):
-        ran = require_provider(ort_session(model_bytes, provider, options, optimize=optimize), provider)
-        return ran if optimize else ran + " (no graph optimisation)"
-
-    def reference():
-        reference_evaluator(model)
-        return "ReferenceEvaluator"
-
-    tries = {
-        "ort-cpu": lambda: ort("CPUExecutionProvider"),
-        "ort-cpu-noopt": lambda: ort("CPUExecutionProvider", optimize=False),
-        "ort-cuda": lambda: ort("CUDAExecutionProvider", options={"use_tf32": "0"}),
-        "onnx-reference": reference,
-    }
-    rows = []
-    for name, attempt in tries.items():
-        try:
-            rows.append({"runtime": name, "result": "loads", "provider": attempt(), "note": ""})
-        except Skip as e:
-            rows.append({"runtime": name, "result": "skipped", "provider": "", "note": one_line(e)})
-        except Exception as e:
-            rows.append({"runtime": name, "result": "cannot load", "provider": "", "note": one_line(e)})
-    return rows
+    worker.start(WITHOUT_SPEC, GRAPH_RUNTIMES)
+    return [try_load(name, GRAPH_RUNTIMES[name], None, model_bytes) for name in WITHOUT_SPEC]
 
 
 def inspect_file(path: Path, try_runtimes: bool = True) -> dict:

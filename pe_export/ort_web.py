@@ -25,6 +25,27 @@ DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int3
 THREADS = 1  # verify: one WASM thread (bench passes its own)
 
 
+def write_inputs(folder: Path, inputs: dict) -> list[dict]:
+    """Each input as a raw file in `folder` (in0.bin, ...): [{name, dtype, shape, path}], dtype as
+    onnxruntime-web names it."""
+    files = []
+    for i, (name, a) in enumerate(inputs.items()):
+        a = np.ascontiguousarray(a)
+        dtype = next((k for k, v in DTYPES.items() if np.dtype(v) == a.dtype), None)
+        if dtype is None:
+            raise TypeError(f"onnxruntime-web takes no {a.dtype} input here ({name})")
+        path = folder / f"in{i}.bin"
+        path.write_bytes(a.tobytes())
+        files.append({"name": name, "dtype": dtype, "shape": list(a.shape), "path": str(path)})
+    return files
+
+
+def read_output(path: Path, reply: dict) -> np.ndarray:
+    """The output the JavaScript side wrote to `path` as raw bytes, its dtype and shape in `reply`, as float64."""
+    data = np.frombuffer(path.read_bytes(), dtype=DTYPES[reply["dtype"]])
+    return data.reshape(reply["shape"]).astype(np.float64)
+
+
 class NodeSession:
     """A Node process holding one onnxruntime-web session."""
 
@@ -59,15 +80,7 @@ class NodeSession:
         return json.loads(line)
 
     def _request(self, inputs: dict, **request) -> dict:
-        files = []
-        for i, (name, a) in enumerate(inputs.items()):
-            a = np.ascontiguousarray(a)
-            dtype = next((k for k, v in DTYPES.items() if np.dtype(v) == a.dtype), None)
-            if dtype is None:
-                raise TypeError(f"onnxruntime-web takes no {a.dtype} input here ({name})")
-            path = Path(self.tmp.name) / f"in{i}.bin"
-            path.write_bytes(a.tobytes())
-            files.append({"name": name, "dtype": dtype, "shape": list(a.shape), "path": str(path)})
+        files = write_inputs(Path(self.tmp.name), inputs)
         self.proc.stdin.write(json.dumps({**request, "inputs": files}) + "\n")
         self.proc.stdin.flush()
         reply = self._reply()

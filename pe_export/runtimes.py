@@ -18,6 +18,9 @@ Spec adapters are thin layers over them (the first output, float64; bf16 handled
     openvino         OpenVINO's ONNX frontend on CPU (the optional `openvino` extra)
     tract            tract (Sonos' Rust runtime, pip `tract`, the optional `tract` extra), CPU
     ort-web          onnxruntime-web's WASM backend under Node (`npm ci --prefix js`; see pe_export/ort_web.py)
+    ort-web-browser  onnxruntime-web's WASM backend in a headless Chromium page (`apt-get install chromium`;
+                     see pe_export/ort_web_browser.py)
+    ort-web-browser-webgpu  the same page on its WebGPU backend, when the browser offers an adapter
     iree             IREE: its ONNX importer, compiled for llvm-cpu, run by its runtime (the optional `iree` extra)
 
 Every runtime but `torch` runs in a worker process of its own with a time limit (pe_export.worker):
@@ -319,6 +322,18 @@ def run_ort_web(spec: Spec, model_bytes: bytes, threads: int = 1):
     return session(spec, model_bytes, threads)
 
 
+def run_ort_web_browser(spec: Spec, model_bytes: bytes, threads: int = 1):
+    from pe_export.ort_web_browser import session
+
+    return session(spec, model_bytes, threads, "wasm")
+
+
+def run_ort_web_browser_webgpu(spec: Spec, model_bytes: bytes, threads: int = 1):
+    from pe_export.ort_web_browser import session
+
+    return session(spec, model_bytes, threads, "webgpu")
+
+
 def graph_iree(model_bytes: bytes, threads: int | None = None):
     """Import with iree's ONNX importer, compile for llvm-cpu (this host's CPU), run on `local-task`."""
     try:
@@ -380,6 +395,8 @@ RUNTIMES = {
     "openvino": run_openvino,
     "tract": run_tract,
     "ort-web": run_ort_web,
+    "ort-web-browser": run_ort_web_browser,
+    "ort-web-browser-webgpu": run_ort_web_browser_webgpu,
     "iree": run_iree,
 }
 GRAPH_RUNTIMES = {  # the same runtimes for any ONNX graph (no Spec; torch has no meaning there)
@@ -392,6 +409,6 @@ GRAPH_RUNTIMES = {  # the same runtimes for any ONNX graph (no Spec; torch has n
     "ort-web": graph_ort_web,
     "iree": graph_iree,
 }
-EDGE_RUNTIMES = ("tract", "ort-web", "iree")
+EDGE_RUNTIMES = ("tract", "ort-web", "ort-web-browser", "ort-web-browser-webgpu", "iree")
 HEAVY_RUNTIMES = ("iree",)  # large optional installs: their tests are the `heavy_runtimes` group, not run by default  # run when named: verify's default stays the server runtimes
 DEFAULT_RUNTIMES = tuple(n for n in RUNTIMES if n not in EDGE_RUNTIMES)

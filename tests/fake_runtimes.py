@@ -72,6 +72,11 @@ def aborts_graph(model_bytes):
     return aborts(None, model_bytes)
 
 
+def aborts_on_load_graph(model_bytes):
+    """A graph adapter that aborts its process while loading."""
+    os.abort()
+
+
 def hangs_graph(model_bytes):
     """A graph adapter that loads, then never answers."""
     return hangs(None, model_bytes)

@@ -129,6 +129,35 @@ def test_a_file_no_runtime_loads(tmp_path):
     assert runtimes["onnx-reference"]["result"] == "skipped"
 
 
+@pytest.mark.parametrize("written_by_pe_export", [True, False])
+def test_a_runtime_that_aborts_is_a_crash_row_and_the_others_are_reported(tmp_path, monkeypatch, written_by_pe_export):
+    """Each runtime loads in its worker process (issue 15): one that aborts takes only its own row down."""
+    import fake_runtimes
+
+    from pe_export import inspection
+    from pe_export.runtimes import GRAPH_RUNTIMES, RUNTIMES
+
+    if written_by_pe_export:
+        monkeypatch.setitem(RUNTIMES, "aborts-on-load", fake_runtimes.aborts_on_load)
+        table = list(RUNTIMES)
+    else:  # a file without a spec: its runtimes are graph adapters
+        monkeypatch.setitem(GRAPH_RUNTIMES, "aborts-on-load", fake_runtimes.aborts_on_load_graph)
+        monkeypatch.setattr(inspection, "WITHOUT_SPEC", (*inspection.WITHOUT_SPEC, "aborts-on-load"))
+        table = list(inspection.WITHOUT_SPEC)
+    path = tmp_path / "m.onnx"
+    if written_by_pe_export:
+        path.write_bytes(exported(rope_spec(max_positions=64)))
+    else:
+        onnx.save(gather_model(), str(path))
+    doc = inspect_json(path)
+    runtimes = {r["runtime"]: r for r in doc["runtimes"]}
+    assert list(runtimes) == list(table)
+    crash = runtimes["aborts-on-load"]
+    assert crash["result"] == "CRASH" and "killed by SIGABRT" in crash["note"], crash
+    assert runtimes["ort-cpu"]["result"] == runtimes["onnx-reference"]["result"] == "loads"
+    assert runtimes["ort-cpu"]["provider"] == "CPUExecutionProvider"
+
+
 def test_missing_external_data_is_an_error(tmp_path):
     onnx.save(gather_model(), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
     (tmp_path / "m.data").unlink()
