@@ -15,6 +15,7 @@ that cannot run here raises `Skip` with the reason; any other exception is a fai
     tract            tract (Sonos' Rust runtime, pip `tract`, the optional `tract` extra), CPU
     ort-web          onnxruntime-web's WASM backend under Node (`npm ci --prefix js`; see pe_export/ort_web.py)
     iree             IREE: its ONNX importer, compiled for llvm-cpu, run by its runtime (the optional `iree` extra)
+    litert           LiteRT's interpreter on a .tflite from onnx2tf (the optional `litert` extra; pe_export/litert.py)
 
 Every runtime but `torch` runs in a worker process of its own with a time limit (pe_export.worker):
 a crash or a hang is a row, not the end of the report. A runtime that rejects a graph for a reason
@@ -296,6 +297,12 @@ def _first_error(text: str) -> str:
     return found.split("error:", 1)[-1].split(": %")[0].strip()[:200]  # the message, not the IR it quotes
 
 
+def run_litert(spec: Spec, model_bytes: bytes, threads: int | None = None):
+    from pe_export.litert import run_litert
+
+    return run_litert(spec, model_bytes, threads)
+
+
 RUNTIMES = {
     "torch": run_torch,
     "ort-cpu": run_ort_cpu,
@@ -306,7 +313,8 @@ RUNTIMES = {
     "tract": run_tract,
     "ort-web": run_ort_web,
     "iree": run_iree,
+    "litert": run_litert,
 }
-EDGE_RUNTIMES = ("tract", "ort-web", "iree")
-HEAVY_RUNTIMES = ("iree",)  # large optional installs: their tests are the `heavy_runtimes` group, not run by default  # run when named: verify's default stays the server runtimes
+EDGE_RUNTIMES = ("tract", "ort-web", "iree", "litert")
+HEAVY_RUNTIMES = ("iree", "litert")  # large optional installs: their tests are the `heavy_runtimes` group, not run by default  # run when named: verify's default stays the server runtimes
 DEFAULT_RUNTIMES = tuple(n for n in RUNTIMES if n not in EDGE_RUNTIMES)
