@@ -17,6 +17,7 @@ with custom ops when the builtin lowering fails), a dtype it lacks (bfloat16) or
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -90,6 +91,25 @@ def convert(model_bytes: bytes, folder: Path) -> tuple[dict, str]:
     return result, result["version"]
 
 
+_LAST: dict = {}  # the last conversion and its outcome: verify and --probe-bounds load one file twice in a worker
+
+
+def converted(model_bytes: bytes, kind: str) -> tuple[bytes, str]:
+    """(the `_float32` or `_float16` .tflite, onnx2tf's version) for the file, or its `Unsupported`."""
+    key = hashlib.sha256(model_bytes).hexdigest() + kind
+    if key not in _LAST:
+        _LAST.clear()
+        with tempfile.TemporaryDirectory(prefix="pe-export-litert-") as tmp:
+            try:
+                _, version = convert(model_bytes, Path(tmp))
+                _LAST[key] = ((Path(tmp) / f"model_{kind}.tflite").read_bytes(), version)
+            except Unsupported as e:
+                _LAST[key] = e
+    if isinstance(_LAST[key], Unsupported):
+        raise _LAST[key]
+    return _LAST[key]
+
+
 def run_litert(spec: Spec, model_bytes: bytes, threads: int | None = None):
     try:
         from ai_edge_litert import __version__ as litert_version
@@ -99,10 +119,8 @@ def run_litert(spec: Spec, model_bytes: bytes, threads: int | None = None):
     import onnx
 
     graph = onnx.load_from_string(model_bytes).graph
-    with tempfile.TemporaryDirectory(prefix="pe-export-litert-") as tmp:
-        _, version = convert(model_bytes, Path(tmp))
-        kind = "float16" if spec.dtype == "fp16" else "float32"
-        tflite = (Path(tmp) / f"model_{kind}.tflite").read_bytes()
+    kind = "float16" if spec.dtype == "fp16" else "float32"
+    tflite, version = converted(model_bytes, kind)
     interpreter = Interpreter(model_content=tflite, num_threads=threads)
     try:
         interpreter.allocate_tensors()  # an op without a kernel here is found now, not at the first call
