@@ -137,13 +137,21 @@ def run_litert(spec: Spec, model_bytes: bytes, threads: int | None = None):
     def call(values):
         for name, a in values.items():
             interpreter.resize_tensor_input(inputs[name]["index"], a.shape, strict=True)  # dynamic axes
-        interpreter.allocate_tensors()
+        try:
+            interpreter.allocate_tensors()
+        except RuntimeError as e:  # a kernel that takes the graph only at some shapes (onnx2tf's SELECT for a broadcasting Where)
+            raise Unsupported(f"does not run at these shapes: {one_line(e, 200)}") from None
         for name, a in values.items():
             detail = inputs[name]
             if a.dtype != detail["dtype"]:
                 raise TypeError(f"input {name} is {a.dtype}, the .tflite takes {np.dtype(detail['dtype'])}")
             interpreter.set_tensor(detail["index"], np.ascontiguousarray(a))
-        interpreter.invoke()
+        try:
+            interpreter.invoke()
+        except RuntimeError as e:  # a kernel without this dtype says so only now (SIGN in float16)
+            if "Unsupported datatype" in str(e):
+                raise Unsupported(f"does not run: {one_line(e, 200)}") from None
+            raise
         return interpreter.get_tensor(output).astype(np.float64)
 
     return call, f"LiteRT {litert_version} CPU, from onnx2tf {version} ({kind} .tflite)"

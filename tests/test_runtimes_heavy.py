@@ -63,3 +63,13 @@ def test_litert_runs_llama_rope_decomposed_within_the_tolerance_and_fails_loudly
 def test_litert_a_target_that_does_not_convert_is_a_row_not_a_crash(op, dtype, reason):
     row = litert_row(*llama_rope(op, dtype))
     assert row.verdict == "unsupported" and row.note.startswith(f"does not convert: {reason}"), row
+
+
+@pytest.mark.parametrize("preset, dtype, reason", [
+    ("t5-bias", "fp32", "does not run at these shapes: tflite/kernels/select.cc"),  # SELECT for a rank-1 Where with a scalar
+    ("xpos", "fp16", "does not run: Unsupported datatype for sign output: FLOAT16"),  # LiteRT's SIGN has no float16
+])  # fmt: skip
+def test_litert_a_graph_that_converts_but_does_not_run_is_a_row_not_a_failure(preset, dtype, reason):
+    spec = Case(preset, "decomposed", dtype, 256).spec()
+    row = litert_row(spec, exported(spec))
+    assert row.verdict == "unsupported" and row.note.startswith(reason), row
