@@ -22,6 +22,7 @@ Spec adapters are thin layers over them (the first output, float64; bf16 handled
                      see pe_export/ort_web_browser.py)
     ort-web-browser-webgpu  the same page on its WebGPU backend, when the browser offers an adapter
     iree             IREE: its ONNX importer, compiled for llvm-cpu, run by its runtime (the optional `iree` extra)
+    litert           LiteRT's interpreter on a .tflite from onnx2tf (the optional `litert` extra; pe_export/litert.py)
 
 Every runtime but `torch` runs in a worker process of its own with a time limit (pe_export.worker):
 a crash or a hang is a row, not the end of the report. A runtime that rejects a graph for a reason
@@ -386,6 +387,12 @@ def _first_error(text: str) -> str:
     return found.split("error:", 1)[-1].split(": %")[0].strip()[:200]  # the message, not the IR it quotes
 
 
+def run_litert(spec: Spec, model_bytes: bytes, threads: int | None = None):
+    from pe_export.litert import run_litert
+
+    return run_litert(spec, model_bytes, threads)
+
+
 RUNTIMES = {
     "torch": run_torch,
     "ort-cpu": run_ort_cpu,
@@ -398,6 +405,7 @@ RUNTIMES = {
     "ort-web-browser": run_ort_web_browser,
     "ort-web-browser-webgpu": run_ort_web_browser_webgpu,
     "iree": run_iree,
+    "litert": run_litert,
 }
 GRAPH_RUNTIMES = {  # the same runtimes for any ONNX graph (no Spec; torch has no meaning there)
     "ort-cpu": graph_ort_cpu,
@@ -409,6 +417,6 @@ GRAPH_RUNTIMES = {  # the same runtimes for any ONNX graph (no Spec; torch has n
     "ort-web": graph_ort_web,
     "iree": graph_iree,
 }
-EDGE_RUNTIMES = ("tract", "ort-web", "ort-web-browser", "ort-web-browser-webgpu", "iree")
-HEAVY_RUNTIMES = ("iree",)  # large optional installs: their tests are the `heavy_runtimes` group, not run by default  # run when named: verify's default stays the server runtimes
+EDGE_RUNTIMES = ("tract", "ort-web", "ort-web-browser", "ort-web-browser-webgpu", "iree", "litert")
+HEAVY_RUNTIMES = ("iree", "litert")  # large optional installs: their tests are the `heavy_runtimes` group, not run by default  # run when named: verify's default stays the server runtimes
 DEFAULT_RUNTIMES = tuple(n for n in RUNTIMES if n not in EDGE_RUNTIMES)

@@ -1,9 +1,12 @@
-"""The heavy optional runtimes (IREE: ~395 MB, its compiler per file), a marked group not run by
-default: `python -m pytest -m heavy_runtimes`. What they do with each op target is measured, not
-assumed: each target either passes or is "unsupported" with the compiler's reason, never a FAIL."""
+"""The heavy optional runtimes (IREE: ~395 MB, its compiler per file; LiteRT: onnx2tf's conversion per
+file, from an environment of its own), a marked group not run by default: `python -m pytest -m
+heavy_runtimes`. What they do with each op target is measured, not assumed: each target either passes or
+is "unsupported" with the compiler's or converter's reason, never a FAIL."""
 
 import pytest
 from conftest import exported, rope_spec
+
+from pe_export.matrix import Case, table_length
 
 from pe_export.runtimes import RUNTIMES, Skip
 from pe_export.spec import OP_NAMES
@@ -27,3 +30,57 @@ def test_iree_passes_or_says_why_it_cannot_compile(op):
     if row.verdict == "pass":
         (bounds,) = probe_bounds(spec, exported(spec), runtimes=("iree",))
         assert bounds.verdict in ("loud", "SILENT", "ABORTS") and (bounds.verdict == "loud" or bounds.note)
+
+
+def llama_rope(op: str, dtype: str):
+    """The llama-rope preset at its full 8192 positions."""
+    spec = Case("llama-rope", op, dtype, table_length("llama-rope")).spec()
+    return spec, exported(spec)
+
+
+def litert_row(spec, data):
+    (row,) = check(spec, data, runtimes=("litert",))
+    if row.verdict == "skipped":
+        pytest.skip(row.note)
+    return row
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_litert_runs_llama_rope_decomposed_within_the_tolerance_and_fails_loudly_out_of_range(dtype):
+    spec, data = llama_rope("decomposed", dtype)
+    row = litert_row(spec, data)
+    assert row.verdict == "pass" and row.worst_ratio < 1, row.note
+    assert row.provider.startswith("LiteRT") and f"({'float16' if dtype == 'fp16' else 'float32'} .tflite)" in row.provider
+    (bounds,) = probe_bounds(spec, data, runtimes=("litert",))
+    assert bounds.verdict == "loud", bounds
+
+
+@pytest.mark.parametrize("preset", ["t5-bias", "shaw"])
+def test_litert_runs_graphs_with_rank_1_position_guards(preset):
+    """common.guard's Where replaces bad positions by a tensor, not a scalar: onnx2tf writes a rank-1 Where
+    with a scalar as TFLite's SELECT, which does not broadcast, and LiteRT could not prepare it."""
+    spec = Case(preset, "decomposed", "fp32", 256).spec()
+    row = litert_row(spec, exported(spec))
+    assert row.verdict == "pass" and row.worst_ratio < 1, row.note
+    (bounds,) = probe_bounds(spec, exported(spec), runtimes=("litert",))
+    assert bounds.verdict == "loud", bounds
+
+
+@pytest.mark.parametrize("op, dtype, reason", [
+    ("onnx", "fp32", "RotaryEmbedding (onnx2tf leaves it a TFLite custom op"),  # its builtin path takes no position_ids
+    ("ort", "fp32", "RotaryEmbedding (onnx2tf leaves it a TFLite custom op"),  # com.microsoft's: onnx2tf reads the name only
+    ("decomposed", "bf16", "NotImplementedError: Unsupported ONNX dtype in flatbuffer_direct: elem_type=16"),
+])  # fmt: skip
+def test_litert_a_target_that_does_not_convert_is_a_row_not_a_crash(op, dtype, reason):
+    row = litert_row(*llama_rope(op, dtype))
+    assert row.verdict == "unsupported" and row.note.startswith(f"does not convert: {reason}"), row
+
+
+@pytest.mark.parametrize("preset, dtype, reason", [
+    ("transformer-xl", "fp32", "does not run: XNNPack delegate failed to reshape runtime"),  # the converted shift's shapes
+    ("xpos", "fp16", "does not run: Unsupported datatype for sign output: FLOAT16"),  # LiteRT's SIGN has no float16
+])  # fmt: skip
+def test_litert_a_graph_that_converts_but_does_not_run_is_a_row_not_a_failure(preset, dtype, reason):
+    spec = Case(preset, "decomposed", dtype, 256).spec()
+    row = litert_row(spec, exported(spec))
+    assert row.verdict == "unsupported" and row.note.startswith(reason), row

@@ -26,10 +26,12 @@ from pe_export.dtypes import numpy_dtype, torch_dtype
 
 
 def guard(ids, size: int):
-    """Positions outside [0, size) -> size, one past the table, so the Gather that reads them fails."""
+    """Positions outside [0, size) -> size, one past the table, so the Gather that reads them fails.
+    The replacement is a tensor of ids' shape, not a scalar: onnx2tf writes a Where of rank-1 ids and a
+    scalar as TFLite's SELECT, which does not broadcast, and LiteRT then cannot run it (README: LiteRT)."""
     import torch
 
-    return torch.where((ids < 0) | (ids >= size), size, ids)
+    return torch.where((ids < 0) | (ids >= size), torch.full_like(ids, size), ids)
 
 
 def take(table, ids):

@@ -120,7 +120,7 @@ def module(spec):
             # K > max_positions (a distance past the table) or K < Q (a query before position 0, where the
             # shift below would read the wrong rows): read past the table, so every runtime fails.
             bad = (pos_seq >= P) | (query_pos[:1] < 0)  # (K,)
-            r_head_k = take(self.r_head_k, torch.where(bad, N, row))  # (K, H, D)
+            r_head_k = take(self.r_head_k, torch.where(bad, torch.full_like(row, N), row))  # (K, H, D); full: see guard
 
             ac = (query + self.r_w_bias) @ key.transpose(-1, -2)  # (B, H, Q, K)
             bd = (query + self.r_r_bias) @ r_head_k.permute(1, 2, 0)  # (B, H, Q, K), column r: distance K-1-r
