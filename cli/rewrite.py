@@ -56,7 +56,7 @@ def rewrite_command(
     api.prune(result.model)  # verify what is written
     site_rows = verify.check_sites(original, result.model, result.sites, chosen)
     site_rows = sorted(site_rows + verify_caches.check_caches(original, result.model, result.sites, chosen), key=lambda r: r.site)
-    whole_rows = verify.check_whole(original, result.model, chosen)
+    whole_rows = verify.check_whole(original, result.model, chosen, cache_dims=verify.cache_dims_of(config))
     try:
         api.save(result.model, output, force)
         if report is not None:

@@ -159,6 +159,43 @@ def test_cli_rewrites_a_fused_graph_and_verifies_the_tables(tmp_path):
     assert doc["rewrite"]["sites"][0]["fused"] == "com.microsoft::RotaryEmbedding"
 
 
+
+def test_cli_verifies_a_model_whose_weights_are_external_data(tmp_path):
+    """The verification copies are handed to the runtimes as bytes: weights kept in a .data file beside the
+    model are read into them (ORT given bytes has no folder to look in: "escapes working directory")."""
+    from typer.testing import CliRunner
+
+    from pe_export.cli.main import app
+
+    rope = fm.Rope()
+    src = tmp_path / "fused.onnx"
+    onnx.save(fm.FUSED["com.microsoft::RotaryEmbedding"](rope), src, save_as_external_data=True, location="fused.onnx.data", size_threshold=0)
+    out, report = tmp_path / "out" / "out.onnx", tmp_path / "out" / "report.json"
+    out.parent.mkdir()
+    r = CliRunner().invoke(app, ["rewrite", str(src), "--config", str(fm.config(tmp_path, rope)), "-o", str(out), "--report", str(report)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(report.read_text())
+    assert [w["verdict"] for w in doc["whole_model"]] == ["pass", "pass"], doc["whole_model"]
+
+
+def test_past_key_values_take_their_symbolic_head_axes_from_the_config():
+    """onnxruntime-genai's builder names a past key/value (batch_size, 2, past_sequence_length, kv_cache_dim):
+    the head size must come from the config (a size of 0 there is refused by GroupQueryAttention)."""
+    import onnx_ir as ir
+
+    from pe_export.rewriter.verify import cache_dims_of, feeds
+
+    past = ir.Value(name="past_key_values.0.key", type=ir.TensorType(ir.DataType.FLOAT),
+                    shape=ir.Shape(["batch_size", 2, "past_sequence_length", "kv_cache_dim"]))  # fmt: skip
+    ids = ir.Value(name="input_ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch_size", "sequence_length"]))
+    model = ir.Model(ir.Graph([ids, past], [], nodes=[]), ir_version=10)
+    config = {"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64}
+    assert cache_dims_of(config) == {1: 2, 3: 16}
+    got = feeds(model, np.arange(5), batch=3, cache_dims=cache_dims_of(config))
+    assert got["past_key_values.0.key"].shape == (3, 2, 0, 16) and got["input_ids"].shape == (3, 5)
+    assert cache_dims_of({"num_attention_heads": 4, "head_dim": 32}) == {1: 4, 3: 32}
+
+
 # --- whole models (slow) ----------------------------------------------------------------------------
 
 import rewrite_models as rm  # noqa: E402
@@ -266,6 +303,18 @@ def test_onnxruntime_genai_model_builder_caches_become_exact(tmp_path):
     short = np.arange(16)
     (_, a), (_, b) = genai_key_error(path, short, theta, qkv), genai_key_error(out, short, theta, qkv)
     assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max()), "logits at positions 0-15 moved"
+    # The CLI on the built model: caches checked, the whole model (no position_ids; past key/values whose
+    # head axis is symbolic) compared at positions 0-15.
+    from typer.testing import CliRunner
+
+    from pe_export.cli.main import app
+
+    report = tmp_path / "rewritten" / "report.json"
+    r = CliRunner().invoke(app, ["rewrite", str(path), "--config", str(tmp_path / "checkpoint" / "config.json"), "-o",
+                                 str(out.parent / "cli.onnx"), "--report", str(report)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    doc = json.loads(report.read_text())
+    assert {row["verdict"] for row in doc["sites"]} == {"pass"} and [w["verdict"] for w in doc["whole_model"]] == ["pass", "pass"], doc
     # --op ort: GQA keeps its own rotation on the new tables, and says so.
     result = rewrite(path, tmp_path / "checkpoint" / "config.json", op="ort")
     assert result.sites[0].fused == "com.microsoft::GroupQueryAttention" and result.sites[0].rotations == 0

@@ -19,6 +19,7 @@ and the other rows complete.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -27,7 +28,7 @@ import onnx_ir as ir
 from pe_export.dtypes import DENORM_MIN, EPS
 from pe_export.encodings.rope import RopeParams, inv_freq, pair_sums, tables
 from pe_export.errors import one_line
-from pe_export.outcomes import verdict_of
+from pe_export.outcomes import Unsupported, verdict_of
 from pe_export.parity import FAILED, tolerance
 from pe_export.rewriter.core import METADATA_KEY
 from pe_export.rewriter.job import Site
@@ -38,6 +39,7 @@ EPS32 = 2.0**-24  # float32 unit roundoff
 RUNTIMES = tuple(GRAPH_RUNTIMES)
 DEFAULT_RUNTIMES = ("ort-cpu", "ort-cpu-noopt")
 SHORT = 16  # positions 0..SHORT-1 for the whole-model comparison
+MAX_PROTO = 2**31 - 2**20  # what one protobuf holds, less room for the graph
 WHOLE_REL = 1e-4  # relative to the largest output: float32 rounding of cos/sin carried through the layers
 
 
@@ -80,8 +82,17 @@ def spread_positions(rows: int, n: int = 12) -> np.ndarray:
 
 def with_outputs(model: ir.Model, names: list[str]) -> tuple[bytes, list[str]]:
     """The model's bytes with the named values as extra outputs (a copy; `model` is unchanged; names the
-    graph does not compute are left out), and the names of all its outputs in order."""
+    graph does not compute are left out), and the names of all its outputs in order. Weights kept as
+    external data are read into the copy: a runtime given bytes has no folder to find them in (models of
+    over 2 GiB cannot be held so: `Unsupported`)."""
     proto = ir.to_proto(model)
+    external = [v.const_value for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
+    if external:
+        if sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None) > MAX_PROTO:
+            raise Unsupported("not run: its weights exceed the 2 GiB a model held in memory can have")
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(proto, external[0].base_dir)
     have = [o.name for o in proto.graph.output]
     computed = {v for node in proto.graph.node for v in node.output} | {i.name for i in proto.graph.input}
     for name in names:
@@ -91,9 +102,10 @@ def with_outputs(model: ir.Model, names: list[str]) -> tuple[bytes, list[str]]:
     return proto.SerializeToString(), have
 
 
-def feeds(model: ir.Model, positions: np.ndarray, batch: int = 1, seed: int = 0) -> dict:
+def feeds(model: ir.Model, positions: np.ndarray, batch: int = 1, seed: int = 0, cache_dims: dict | None = None) -> dict:
     """Inputs for `model` from its own signature: ids (random in a small range), positions, masks of ones,
-    past key/values of length 0."""
+    past key/values of length 0. A past key/value's symbolic axes other than the batch take their size
+    from `cache_dims` ({axis: size}, e.g. `cache_dims_of(config)`), else 0 (its past length)."""
     rng = np.random.default_rng(seed)
     S = positions.size
     out = {}
@@ -106,7 +118,8 @@ def feeds(model: ir.Model, positions: np.ndarray, batch: int = 1, seed: int = 0)
         elif "mask" in name:
             out[v.name] = np.ones((batch, S), dtype=dtype)
         elif ("past" in name or "cache" in name) and np.issubdtype(dtype, np.floating):
-            shape = [batch if i == 0 else (d if d is not None else 0) for i, d in enumerate(dims)]
+            given = cache_dims or {}
+            shape = [batch if i == 0 else (d if d is not None else given.get(i, 0)) for i, d in enumerate(dims)]
             out[v.name] = np.zeros(shape, dtype=dtype)
         elif np.issubdtype(dtype, np.integer):
             out[v.name] = rng.integers(0, 8, (batch, S)).astype(dtype)
@@ -114,6 +127,20 @@ def feeds(model: ir.Model, positions: np.ndarray, batch: int = 1, seed: int = 0)
             shape = [batch if i == 0 else (d if d is not None else S) for i, d in enumerate(dims)]
             out[v.name] = rng.standard_normal(shape).astype(dtype)
     return out
+
+
+def cache_dims_of(config) -> dict:
+    """{1: key/value heads, 3: head size} of a past key/value (B, H_kv, S_past, D), from a config.json
+    path or dict (onnxruntime-genai's builder leaves both axes symbolic); {} when the config lacks them."""
+    from pe_export.hf_config import read_config
+
+    cfg = config if isinstance(config, dict) else read_config(Path(config))
+    cfg = cfg.get("text_config", cfg)
+    heads = cfg.get("num_attention_heads")
+    if not isinstance(heads, int) or heads <= 0:
+        return {}
+    head_dim = cfg.get("head_dim") or (cfg.get("hidden_size", 0) // heads)
+    return {1: int(cfg.get("num_key_value_heads") or heads), 3: int(head_dim)} if head_dim else {}
 
 
 def run_all(runtime: str, model_bytes: bytes, names: list[str], inputs: list[dict], timeout: float | None = None):
@@ -217,7 +244,10 @@ def check_sites(original: ir.Model, rewritten: ir.Model, sites: list[Site], runt
     if not checked:
         return []
     wanted = [n for s in checked.values() for n in (s.cos, s.sin, *(v for r in s.rotated for v in (r["x"], r["y"])))]
-    (orig_bytes, orig_names), (new_bytes, new_names) = with_outputs(original, wanted), with_outputs(rewritten, wanted)
+    try:
+        (orig_bytes, orig_names), (new_bytes, new_names) = with_outputs(original, wanted), with_outputs(rewritten, wanted)
+    except Unsupported as e:
+        return [SiteRow(i, runtime, [], [], [], 0.0, "unsupported", "", one_line(e)) for runtime in runtimes for i in checked]
     positions = {i: site_positions(site) for i, site in checked.items()}
     inputs = [feeds(rewritten, pos) for pos in positions.values()]
     refs = {i: site_reference(site, positions[i]) for i, site in checked.items()}
@@ -257,13 +287,17 @@ def _factor(site: Site) -> float:
 
 
 def check_whole(original: ir.Model, rewritten: ir.Model, runtimes=DEFAULT_RUNTIMES, batch: int = 2,
-                timeout: float | None = None) -> list[WholeRow]:  # fmt: skip
+                timeout: float | None = None, cache_dims: dict | None = None) -> list[WholeRow]:  # fmt: skip
+    """The original and the rewritten model's outputs at positions 0..SHORT-1, a row per runtime."""
     from pe_export import worker
 
+    try:
+        (orig_bytes, names), (new_bytes, _) = with_outputs(original, []), with_outputs(rewritten, [])
+    except Unsupported as e:
+        return [WholeRow(runtime, SHORT, None, None, "unsupported", one_line(e)) for runtime in runtimes]
     worker.start(runtimes, GRAPH_RUNTIMES)
     positions = np.arange(SHORT, dtype=np.int64)
-    (orig_bytes, names), (new_bytes, _) = with_outputs(original, []), with_outputs(rewritten, [])
-    feed = [feeds(rewritten, positions, batch)]
+    feed = [feeds(rewritten, positions, batch, cache_dims=cache_dims)]
     rows = []
     for runtime in runtimes:
         _, a, v_o, note_o = attempt(runtime, orig_bytes, names, feed, timeout)
