@@ -29,7 +29,6 @@ import numpy as np
 
 from pe_export.errors import one_line
 from pe_export.outcomes import Skip, Unsupported
-from pe_export.spec import Spec
 
 CONVERTER = "PE_EXPORT_ONNX2TF_PYTHON"
 INSTALL = (f"pip install 'pe-export[litert]' for the interpreter; onnx2tf in a Python >= 3.12 environment of its own, "
@@ -110,7 +109,15 @@ def converted(model_bytes: bytes, kind: str) -> tuple[bytes, str]:
     return _LAST[key]
 
 
-def run_litert(spec: Spec, model_bytes: bytes, threads: int | None = None):
+def float_kind(graph) -> str:
+    """The .tflite of the graph's float type: "float16" when it takes or gives float16 values, else "float32"."""
+    types = {v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)}
+    return "float16" if 10 in types else "float32"  # 10: TensorProto.FLOAT16
+
+
+def graph_litert(model_bytes: bytes, threads: int | None = None, kind: str | None = None):
+    """(run, provider): `run(inputs)` returns every output of the graph, in its order, as LiteRT computed
+    them from the `kind` .tflite (default: the graph's float type)."""
     try:
         from ai_edge_litert import __version__ as litert_version
         from ai_edge_litert.interpreter import Interpreter
@@ -119,7 +126,7 @@ def run_litert(spec: Spec, model_bytes: bytes, threads: int | None = None):
     import onnx
 
     graph = onnx.load_from_string(model_bytes).graph
-    kind = "float16" if spec.dtype == "fp16" else "float32"
+    kind = kind or float_kind(graph)
     tflite, version = converted(model_bytes, kind)
     interpreter = Interpreter(model_content=tflite, num_threads=threads)
     try:
@@ -128,13 +135,12 @@ def run_litert(spec: Spec, model_bytes: bytes, threads: int | None = None):
         raise Unsupported(f"does not run: {one_line(e, 200)}") from None
     inputs = {d["name"]: d for d in interpreter.get_input_details()}
     outputs = {d["name"]: d for d in interpreter.get_output_details()}
-    onnx_inputs = [i.name for i in graph.input]
-    if sorted(inputs) != sorted(onnx_inputs) or graph.output[0].name not in outputs:
+    onnx_inputs, onnx_outputs = [i.name for i in graph.input], [o.name for o in graph.output]
+    if sorted(inputs) != sorted(onnx_inputs) or any(n not in outputs for n in onnx_outputs):
         raise RuntimeError(f"the .tflite's inputs {sorted(inputs)} and outputs {sorted(outputs)} are not the graph's "
-                           f"{onnx_inputs} and {[o.name for o in graph.output]}")  # fmt: skip
-    output = outputs[graph.output[0].name]["index"]
+                           f"{onnx_inputs} and {onnx_outputs}")  # fmt: skip
 
-    def call(values):
+    def run(values):
         for name, a in values.items():
             if a.dtype != inputs[name]["dtype"]:
                 raise TypeError(f"input {name} is {a.dtype}, the .tflite takes {np.dtype(inputs[name]['dtype'])}")
@@ -151,6 +157,6 @@ def run_litert(spec: Spec, model_bytes: bytes, threads: int | None = None):
             if "failed to prepare" in str(e) or "Unsupported datatype" in str(e):
                 raise Unsupported(f"does not run: {one_line(e, 200)}") from None
             raise
-        return interpreter.get_tensor(output).astype(np.float64)
+        return [interpreter.get_tensor(outputs[n]["index"]) for n in onnx_outputs]
 
-    return call, f"LiteRT {litert_version} CPU, from onnx2tf {version} ({kind} .tflite)"
+    return run, f"LiteRT {litert_version} CPU, from onnx2tf {version} ({kind} .tflite)"

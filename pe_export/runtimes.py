@@ -387,10 +387,17 @@ def _first_error(text: str) -> str:
     return found.split("error:", 1)[-1].split(": %")[0].strip()[:200]  # the message, not the IR it quotes
 
 
-def run_litert(spec: Spec, model_bytes: bytes, threads: int | None = None):
-    from pe_export.litert import run_litert
+def graph_litert(model_bytes: bytes, threads: int | None = None):
+    from pe_export.litert import graph_litert
 
-    return run_litert(spec, model_bytes, threads)
+    return graph_litert(model_bytes, threads)
+
+
+def run_litert(spec: Spec, model_bytes: bytes, threads: int | None = None):
+    from pe_export.litert import graph_litert
+
+    run, provider = graph_litert(model_bytes, threads, "float16" if spec.dtype == "fp16" else "float32")
+    return first_output(run), provider
 
 
 RUNTIMES = {
@@ -416,6 +423,7 @@ GRAPH_RUNTIMES = {  # the same runtimes for any ONNX graph (no Spec; torch has n
     "tract": graph_tract,
     "ort-web": graph_ort_web,
     "iree": graph_iree,
+    "litert": graph_litert,
 }
 EDGE_RUNTIMES = ("tract", "ort-web", "ort-web-browser", "ort-web-browser-webgpu", "iree", "litert")
 HEAVY_RUNTIMES = ("iree", "litert")  # large optional installs: their tests are the `heavy_runtimes` group, not run by default  # run when named: verify's default stays the server runtimes

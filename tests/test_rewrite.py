@@ -521,3 +521,19 @@ def test_cli_unverified_when_no_runtime_ran_it(exported, tmp_path, monkeypatch):
     path, config, _, _ = exported("llama")
     r = cli("rewrite", path, "--config", config, "-o", tmp_path / "out.onnx", "--runtimes", "ort-cuda")
     assert r.exit_code == 1 and "unverified" in r.output and (tmp_path / "out.onnx").is_file(), r.output
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_the_rewrite_writes_its_constants_as_tensors(op, exported):
+    """Every Constant the rewrite adds holds a `value` tensor: onnx2tf (the litert runtime) converts no
+    Constant given as `value_int` / `value_ints` ("Constant node without value is not supported")."""
+    import onnx_ir as ir
+
+    from pe_export.rewriter import api
+
+    path, config, _, _ = exported("llama")
+    before = {n.name for n in api.load(path).graph}
+    result = api.rewrite(api.load(path), config, op=op)
+    added = [n for n in ir.traversal.RecursiveGraphIterator(result.model.graph) if n.op_type == "Constant" and n.name not in before]
+    assert added, "the rewrite adds constants (the table's row count, reshape shapes)"
+    assert all(set(n.attributes) == {"value"} for n in added), [(n.name, list(n.attributes)) for n in added if set(n.attributes) != {"value"}]

@@ -84,3 +84,55 @@ def test_litert_a_graph_that_converts_but_does_not_run_is_a_row_not_a_failure(pr
     spec = Case(preset, "decomposed", dtype, 256).spec()
     row = litert_row(spec, exported(spec))
     assert row.verdict == "unsupported" and row.note.startswith(reason), row
+
+
+def tiny_llama_rewritten(tmp_path, op: str):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import rewrite_models as rm
+
+    from pe_export.rewriter import api
+
+    model, cfg = rm.build(rm.BY_NAME["llama"])
+    path, config = rm.export(model, tmp_path / "model.onnx"), rm.save_config(cfg, tmp_path)
+    original, result = api.load(path), api.rewrite(api.load(path), config, op=op)
+    api.prune(result.model)
+    return original, result
+
+
+@pytest.mark.parametrize("op", ["tables", "decomposed"])
+def test_rewrite_sites_verified_on_litert(op, tmp_path):
+    """`pe-export rewrite --runtimes litert`: the rewritten tiny Llama converts, and its cos/sin (tables) or
+    rotated q/k (decomposed) agree with the float64 reference up to the table's end (32767)."""
+    from pe_export.rewriter import verify
+
+    original, result = tiny_llama_rewritten(tmp_path, op)
+    rows = verify.check_sites(original, result.model, result.sites, ("litert",))
+    if rows[0].verdict == "skipped":
+        pytest.skip(rows[0].note)
+    assert rows and all(r.verdict == "pass" for r in rows), rows
+    assert rows[0].positions[-1] == 32767
+
+
+def test_litert_gets_the_whole_transformers_llama_wrong_original_and_rewritten_alike(tmp_path):
+    """A finding, kept as a test that fails once LiteRT or onnx2tf is fixed: the tiny Llama's logits on
+    LiteRT differ from ORT CPU's by ~0.4-0.7 (logits of size ~5) for the ORIGINAL export as for the
+    rewritten one, so a whole-model row on litert compares two wrong answers. (Measured: original 0.38,
+    rewritten --op decomposed 0.50 at batch 1, positions 0-15.) The per-site rows above hold."""
+    import numpy as np
+
+    from pe_export.rewriter import verify
+    from pe_export.runtimes import GRAPH_RUNTIMES
+
+    original, _ = tiny_llama_rewritten(tmp_path, "tables")
+    model_bytes, names = verify.with_outputs(original, [])
+    feed = verify.feeds(original, np.arange(16), 1)
+    try:
+        litert, _ = GRAPH_RUNTIMES["litert"](model_bytes)
+    except Skip as e:
+        pytest.skip(str(e))
+    ort, _ = GRAPH_RUNTIMES["ort-cpu"](model_bytes)
+    diff = np.abs(litert(feed)[0] - ort(feed)[0]).max()
+    assert diff > 1e-2, f"LiteRT now agrees with ORT on the whole model ({diff:.1e}): drop this test and check whole-model rows"

@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from pe_export.encodings.rope import RopeParams, inv_freq
+from pe_export.rewriter.emit import ints
 
 
 def cos_or_sin(op, fn: str, positions: ir.Value, p: RopeParams) -> ir.Value:
@@ -28,11 +29,11 @@ def cos_or_sin(op, fn: str, positions: ir.Value, p: RopeParams) -> ir.Value:
     sp = p.scaling_params
     R, L, factor = p.rotary_dim, float(sp["original_max_positions"]), float(sp["factor"])
     double = lambda x: op.Constant(value=ir.tensor(np.asarray(x, dtype=np.float64)))  # noqa: E731
-    seq = op.Cast(op.Add(op.ReduceMax(positions, keepdims=0), op.Constant(value_int=1)), to=ir.DataType.DOUBLE)  # ()
+    seq = op.Cast(op.Add(op.ReduceMax(positions, keepdims=0), ints(op, 1)), to=ir.DataType.DOUBLE)  # ()
     s = op.Max(seq, double(L))
     base = op.Mul(double(p.theta), op.Pow(op.Sub(op.Div(op.Mul(double(factor), s), double(L)), double(factor - 1.0)), double(R / (R - 2))))
     freqs = op.Div(double(1.0), op.Pow(base, double(np.arange(0, R, 2, dtype=np.float64) / R)))  # (R/2,)
-    angles = op.Mul(op.Unsqueeze(op.Cast(positions, to=ir.DataType.DOUBLE), op.Constant(value_ints=[-1])), freqs)  # (B, S, R/2)
+    angles = op.Mul(op.Unsqueeze(op.Cast(positions, to=ir.DataType.DOUBLE), ints(op, [-1])), freqs)  # (B, S, R/2)
     t = op.Cos(angles) if fn == "Cos" else op.Sin(angles)
     _, attention_factor = inv_freq(p)  # 1 for dynamic NTK, times the params' own factor
     if attention_factor != 1.0:

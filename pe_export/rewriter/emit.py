@@ -9,11 +9,18 @@ indices fails on them instead of wrapping (as pe-export's own files do).
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 
+def ints(op, values) -> ir.Value:
+    """An int64 Constant holding a tensor (a scalar for an int, 1-D for a list), written as `value`:
+    onnx2tf converts no Constant given as `value_int` / `value_ints` ("Constant node without value")."""
+    return op.Constant(value=ir.tensor(np.asarray(values, dtype=np.int64)))
+
+
 def safe_positions(op, positions: ir.Value, rows: int) -> ir.Value:
-    return op.Where(op.Less(positions, op.Constant(value_int=0)), op.Constant(value_int=rows), positions)
+    return op.Where(op.Less(positions, ints(op, 0)), ints(op, rows), positions)
 
 
 def gather(op, table: ir.Value, positions: ir.Value, rows: int) -> ir.Value:

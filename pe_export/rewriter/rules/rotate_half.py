@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from pe_export.rewriter.emit import ints
 from pe_export.rewriter.rules import RULES
 
 
@@ -115,9 +116,9 @@ def lower_decomposed(op, x, cos_t, sin_t, positions, rotary_dim):
     sin = op.Gather(sin_t, positions)  # (B, S, R/2)
     cos = op.Gather(op.Concat(cos_t, cos_t, axis=-1), positions)  # (B, S, R)
     sin = op.Concat(op.Neg(sin), sin, axis=-1)  # (B, S, R)
-    halves = op.Reshape(x, op.Constant(value_ints=[0, 0, 0, 2, half]))  # (B, H, S, 2, R/2)
-    swapped = op.Reshape(op.Gather(halves, op.Constant(value_ints=[1, 0]), axis=-2), op.Constant(value_ints=[0, 0, 0, rotary_dim]))
-    axis = op.Constant(value_ints=[1])
+    halves = op.Reshape(x, ints(op, [0, 0, 0, 2, half]))  # (B, H, S, 2, R/2)
+    swapped = op.Reshape(op.Gather(halves, ints(op, [1, 0]), axis=-2), ints(op, [0, 0, 0, rotary_dim]))
+    axis = ints(op, [1])
     return op.Add(op.Mul(x, op.Unsqueeze(cos, axis)), op.Mul(swapped, op.Unsqueeze(sin, axis)))
 
 

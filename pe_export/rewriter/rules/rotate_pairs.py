@@ -16,6 +16,7 @@ from onnxscript.rewriter import pattern
 
 from pe_export.encodings.rope import RopeParams
 from pe_export.rewriter import emit
+from pe_export.rewriter.emit import ints
 from pe_export.rewriter.rules import RULES
 from pe_export.rewriter.rules.rotate_half import _ints
 
@@ -100,7 +101,7 @@ def lower_onnx(op, x, cos_t, sin_t, positions, rotary_dim):
 
 def lower_ort(op, x, cos_t, sin_t, positions, rotary_dim):
     shape = op.Shape(x)
-    y = op.RotaryEmbedding(op.Reshape(x, op.Constant(value_ints=[0, 0, -1])), positions, cos_t, sin_t, interleaved=1,
+    y = op.RotaryEmbedding(op.Reshape(x, ints(op, [0, 0, -1])), positions, cos_t, sin_t, interleaved=1,
                            _domain="com.microsoft", _version=1)  # (B, S, H*R): head size R read off the tables
     return op.Reshape(y, shape)
 
@@ -108,15 +109,15 @@ def lower_ort(op, x, cos_t, sin_t, positions, rotary_dim):
 def lower_decomposed(op, x, cos_t, sin_t, positions, rotary_dim):
     """y = x * [c0, c0, c1, c1, ...] + swap(x) * [-s0, s0, -s1, s1, ...], bshd (custom_ops.lowerings)."""
     half = rotary_dim // 2
-    last = op.Constant(value_ints=[-1])
-    cos = op.Reshape(op.Concat(op.Unsqueeze(cos_t, last), op.Unsqueeze(cos_t, last), axis=-1), op.Constant(value_ints=[0, rotary_dim]))  # (P, R)
+    last = ints(op, [-1])
+    cos = op.Reshape(op.Concat(op.Unsqueeze(cos_t, last), op.Unsqueeze(cos_t, last), axis=-1), ints(op, [0, rotary_dim]))  # (P, R)
     sin = op.Gather(sin_t, positions)  # (B, S, R/2)
-    sin = op.Reshape(op.Concat(op.Unsqueeze(op.Neg(sin), last), op.Unsqueeze(sin, last), axis=-1), op.Constant(value_ints=[0, 0, rotary_dim]))
-    pairs = op.Reshape(x, op.Constant(value_ints=[0, 0, 0, half, 2]))  # (B, S, H, R/2, 2)
-    even = op.Slice(pairs, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]), last)
-    odd = op.Slice(pairs, op.Constant(value_ints=[1]), op.Constant(value_ints=[2]), last)
-    swapped = op.Reshape(op.Concat(odd, even, axis=-1), op.Constant(value_ints=[0, 0, 0, rotary_dim]))
-    axis = op.Constant(value_ints=[2])
+    sin = op.Reshape(op.Concat(op.Unsqueeze(op.Neg(sin), last), op.Unsqueeze(sin, last), axis=-1), ints(op, [0, 0, rotary_dim]))
+    pairs = op.Reshape(x, ints(op, [0, 0, 0, half, 2]))  # (B, S, H, R/2, 2)
+    even = op.Slice(pairs, ints(op, [0]), ints(op, [1]), last)
+    odd = op.Slice(pairs, ints(op, [1]), ints(op, [2]), last)
+    swapped = op.Reshape(op.Concat(odd, even, axis=-1), ints(op, [0, 0, 0, rotary_dim]))
+    axis = ints(op, [2])
     cos = op.Unsqueeze(op.Gather(cos, positions), axis)  # (B, S, 1, R)
     return op.Add(op.Mul(x, cos), op.Mul(swapped, op.Unsqueeze(sin, axis)))
 
