@@ -14,7 +14,7 @@ import typer
 from pe_export.cli.common import choices, fail, out
 
 OPS = ("tables", "onnx", "ort", "decomposed")  # pe_export.rewriter.core.OPS, import-free
-RUNTIMES = ("ort-cpu", "ort-cpu-noopt", "ort-cuda", "onnx-reference", "openvino", "tract", "ort-web", "iree", "litert")  # pe_export.rewriter.verify.RUNTIMES
+RUNTIMES = ("ort-cpu", "ort-cpu-noopt", "ort-cuda", "onnx-reference", "openvino", "tract", "ort-web", "ort-web-browser", "ort-web-browser-webgpu", "iree", "litert")  # pe_export.rewriter.verify.RUNTIMES
 DEFAULT_RUNTIMES = ("ort-cpu", "ort-cpu-noopt")  # pe_export.rewriter.verify.DEFAULT_RUNTIMES
 RewriteOp = choices("RewriteOp", OPS)
 

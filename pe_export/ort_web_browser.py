@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pe_export.ort_web import JS_DIR, read_output, write_inputs
+from pe_export.ort_web import DTYPES, JS_DIR, read_output, write_inputs
 from pe_export.outcomes import Crash, Skip, Unsupported
 from pe_export.spec import Spec
 
@@ -285,6 +285,12 @@ class PageSession:
         out.unlink(missing_ok=True)
         return read_output(out, self._checked(self.call("run", {"inputs": self._inputs(inputs), "out": f"{self.base}/data/out.bin"})))
 
+    def run_all(self, inputs: dict) -> list[np.ndarray]:
+        """Every output, in the graph's order and dtype."""
+        reply = self._checked(self.call("run", {"inputs": self._inputs(inputs), "out": f"{self.base}/data/out", "all": True}))
+        return [np.frombuffer(Path(self.tmp.name, f"out.{i}").read_bytes(), dtype=DTYPES[o["dtype"]]).reshape(o["shape"])
+                for i, o in enumerate(reply["outputs"])]  # fmt: skip
+
     def time(self, inputs: dict, repeat: int) -> list[float]:
         return self._checked(self.call("time", {"inputs": self._inputs(inputs), "repeat": repeat}))["times"]
 
@@ -297,6 +303,21 @@ class PageSession:
         self.server.shutdown()
         self.server.server_close()
         self.tmp.cleanup()
+
+
+def graph_session(model_bytes: bytes, threads: int = THREADS, backend: str = "wasm"):
+    """(run, provider) for any graph: `run(inputs)` returns every output (pe_export.runtimes.GRAPH_RUNTIMES)."""
+    import onnx
+
+    graph = onnx.load_from_string(model_bytes).graph
+    float16 = 10 in {v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)}  # 10: FLOAT16
+    s = PageSession(model_bytes, threads, backend, float16)
+
+    def run(inputs):
+        return s.run_all(inputs)
+
+    run.close = s.close  # the worker closes the last model's page before loading the next
+    return run, s.provider
 
 
 def session(spec: Spec, model_bytes: bytes, threads: int = THREADS, backend: str = "wasm"):

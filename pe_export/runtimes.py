@@ -323,6 +323,18 @@ def run_ort_web(spec: Spec, model_bytes: bytes, threads: int = 1):
     return session(spec, model_bytes, threads)
 
 
+def graph_ort_web_browser(model_bytes: bytes, threads: int = 1):
+    from pe_export.ort_web_browser import graph_session
+
+    return graph_session(model_bytes, threads, "wasm")
+
+
+def graph_ort_web_browser_webgpu(model_bytes: bytes, threads: int = 1):
+    from pe_export.ort_web_browser import graph_session
+
+    return graph_session(model_bytes, threads, "webgpu")
+
+
 def run_ort_web_browser(spec: Spec, model_bytes: bytes, threads: int = 1):
     from pe_export.ort_web_browser import session
 
@@ -422,6 +434,8 @@ GRAPH_RUNTIMES = {  # the same runtimes for any ONNX graph (no Spec; torch has n
     "openvino": graph_openvino,
     "tract": graph_tract,
     "ort-web": graph_ort_web,
+    "ort-web-browser": graph_ort_web_browser,
+    "ort-web-browser-webgpu": graph_ort_web_browser_webgpu,
     "iree": graph_iree,
     "litert": graph_litert,
 }

@@ -146,3 +146,27 @@ def test_the_folders_of_processes_that_are_gone_are_removed(tmp_path, monkeypatc
         assert not dead.exists() and live.exists()
     finally:
         ort_web_browser.scratch.cache_clear()
+
+
+def test_rewrite_verified_in_the_page(tmp_path):
+    """`pe-export rewrite --runtimes ort-web-browser`: the rewritten tiny Llama's cos/sin against float64
+    up to the table's end, and the whole model against the original at positions 0-15, in the page
+    (every output of the graph comes back: pe_export.runtimes.GRAPH_RUNTIMES)."""
+    needs_chromium()
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import rewrite_models as rm
+
+    from pe_export.rewriter import api, verify
+
+    model, cfg = rm.build(rm.BY_NAME["llama"])
+    path, config = rm.export(model, tmp_path / "model.onnx"), rm.save_config(cfg, tmp_path)
+    original, result = api.load(path), api.rewrite(api.load(path), config)
+    api.prune(result.model)
+    (row,) = verify.check_sites(original, result.model, result.sites, ("ort-web-browser",))
+    assert row.verdict == "pass" and "wasm in HeadlessChrome" in row.provider, row
+    assert row.positions[-1] == 32767 and row.rewritten_error[-1] <= row.bound < row.original_error[-1]
+    (whole,) = verify.check_whole(original, result.model, ("ort-web-browser",))
+    assert whole.verdict == "pass", whole

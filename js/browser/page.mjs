@@ -5,6 +5,7 @@
 //        backend "wasm", or "webgpu": { skip } saying what the browser said when it offers no adapter,
 //        { unsupported } for a float16 model on an adapter without shader-f16
 //   await pe.run({ inputs: [{ name, dtype, shape, url }], out })   -> { dtype, shape } (output PUT to `out`)
+//   await pe.run({ inputs, out, all: true })                      -> { outputs: [{ dtype, shape }] } (output i PUT to `out`.i)
 //   await pe.time({ inputs, repeat })                              -> { times: [seconds of each run] }
 // Inputs are raw little-endian bytes; int64 goes in as BigInt64Array, float16 as its bits (Uint16Array).
 const ARRAYS = { float32: Float32Array, float16: Uint16Array, int64: BigInt64Array, int32: Int32Array, float64: Float64Array, uint8: Uint8Array };
@@ -55,13 +56,19 @@ async function load({ model, backend, threads, float16 }) {
   }
 }
 
-async function run({ inputs, out }) {
+async function run({ inputs, out, all }) {
   try {
     const results = await session.run(await feeds(inputs));
-    const y = results[session.outputNames[0]];
-    const data = y.data;
-    await fetch(out, { method: "PUT", body: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) });
-    return { dtype: y.type, shape: y.dims };
+    const put = async (y, url) => {
+      const data = y.data;
+      await fetch(url, { method: "PUT", body: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) });
+      return { dtype: y.type, shape: y.dims };
+    };
+    if (!all) return await put(results[session.outputNames[0]], out);
+    // every output, output i PUT to `${out}.${i}` (rewrite's checks read them all)
+    const outputs = [];
+    for (const [i, name] of session.outputNames.entries()) outputs.push(await put(results[name], `${out}.${i}`));
+    return { outputs };
   } catch (e) {
     return { error: String(e.message || e) };
   }
