@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding, parse
-from pe_export.encodings.common import check_positions, contract, guard, table_magnitude, take
+from pe_export.encodings.common import check_positions, contract, guard, mask_later_keys, table_magnitude, take
 from pe_export.encodings.size import check_size
 
 CONVENTIONS = ("relative", "bloom", "mpt")
@@ -82,7 +82,9 @@ def module(spec):
     class Alibi(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.register_buffer("slopes", torch.from_numpy(slopes(p.heads, p.alibi_bias_max)).float()[:, None, None])  # (H, 1, 1)
+            # (1, H, 1, 1), so that the bias is (1, H, Q, K) at once: onnx2tf wrote the Unsqueeze of an
+            # (H, Q, K) bias as a RESHAPE to a fixed (1, H, 1, 1), which LiteRT cannot run (README: LiteRT).
+            self.register_buffer("slopes", torch.from_numpy(slopes(p.heads, p.alibi_bias_max)).float()[None, :, None, None])
             # Positions as float32, read through a table so that positions outside [0, P) fail.
             self.register_buffer("positions", torch.arange(P, dtype=torch.float32))  # (P,)
 
@@ -93,10 +95,10 @@ def module(spec):
                 dist = j - i if p.causal else -(i - j).abs()
             else:
                 dist = (j - j.max() if p.convention == "mpt" else j) + 0 * i  # (Q, K)
-            bias = self.slopes * dist  # (H, Q, K)
+            bias = self.slopes * dist  # (1, H, Q, K)
             if p.causal:
-                bias = bias.masked_fill(j > i, float("-inf"))
-            return bias.to(torch_dtype(spec.dtype))[None]
+                bias = mask_later_keys(bias, j > i)
+            return bias.to(torch_dtype(spec.dtype))
 
     return Alibi().eval()
 

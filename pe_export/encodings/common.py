@@ -41,6 +41,19 @@ def take(table, ids):
     return torch.index_select(table, 0, ids.reshape(-1)).reshape(*ids.shape, *table.shape[1:])
 
 
+def mask_later_keys(bias, later):
+    """bias (..., Q, K) with -inf where `later` (Q, K) is true: a key after its query, the causal mask.
+
+    An addition of a (Q, K) mask read from the table [0, -inf], not a Where: onnx2tf writes a Where whose
+    three operands do not all have the output's shape as cond * x + (1 - cond) * y, where 0 * -inf is NaN
+    (README: LiteRT). bias + 0 = bias and bias + -inf = -inf exactly for every finite bias (each encoding
+    keeps its bias finite, so that -inf is the mask alone), on every runtime; a -0 comes back +0."""
+    import torch
+
+    table = torch.tensor([0.0, float("-inf")], dtype=bias.dtype)  # (2,)
+    return bias + take(table, later.long())  # (..., Q, K)
+
+
 def check_positions(ids: np.ndarray, size: int, what: str = "position") -> None:
     if ids.size and (ids.min() < 0 or ids.max() >= size):
         raise IndexError(f"{what} out of range [0, {size})")

@@ -30,7 +30,7 @@ import numpy as np
 
 from pe_export import weights
 from pe_export.encodings import ENCODINGS, Encoding, parse
-from pe_export.encodings.common import check_positions, contract, guard, take
+from pe_export.encodings.common import check_positions, contract, guard, mask_later_keys, take
 from pe_export.encodings.size import check_size
 
 SCALARS = ("c", "L_multiplier")
@@ -182,7 +182,7 @@ def module(spec):
             x = take(self.num, torch.where(bad, P, d.abs())) / take(self.den, q)[:, None]  # (Q, K)
             h = torch.relu(x[..., None] * self.w1 + self.b1)  # (Q, K, W)
             bias = (h @ self.w2 + self.b2).permute(2, 0, 1)  # (H, Q, K)
-            bias = bias.masked_fill(d < 0, float("-inf"))
+            bias = mask_later_keys(bias, d < 0)
             return bias.to(torch_dtype(spec.dtype))[None]
 
     return Fire().eval()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding, parse
-from pe_export.encodings.common import check_positions, contract, guard, table_magnitude, take
+from pe_export.encodings.common import check_positions, contract, guard, mask_later_keys, table_magnitude, take
 from pe_export.encodings.size import check_size
 
 VARIANTS = ("log", "power")
@@ -135,8 +135,8 @@ def distance_bias_module(table_pH: np.ndarray, causal: bool, dtype: str):
             bad = (q[:, None] == P) | (k[None, :] == P)
             d = q[:, None] - k[None, :]  # (Q, K)
             bias = take(self.table, torch.where(bad, P, d.abs())).permute(2, 0, 1)  # (H, Q, K); bad -> past the table
-            if causal:  # in float32 (exact both ways): ORT CPU has no bfloat16 Where
-                bias = bias.float().masked_fill(d < 0, float("-inf")).to(self.table.dtype)
+            if causal:  # in float32 (exact both ways): ORT CPU has no bfloat16 Add
+                bias = mask_later_keys(bias.float(), d < 0).to(self.table.dtype)
             return bias[None]
 
     return DistanceBias().eval()
