@@ -161,7 +161,8 @@ class Browser:
     """A headless Chromium whose DevTools protocol runs over fds 3 (commands in) and 4 (replies out)."""
 
     def __init__(self, binary: str):
-        self.profile = tempfile.TemporaryDirectory(prefix="chromium-", dir=scratch())
+        self.path = binary
+        self.profile = tempfile.TemporaryDirectory(prefix="chromium-", dir=scratch(), ignore_cleanup_errors=True)  # chromium may still write there
         cmd_r, self.cmd_w = os.pipe()
         self.reply_r, reply_w = os.pipe()
         _die_with_parent.fds = (cmd_r, reply_w)
@@ -217,10 +218,12 @@ _BROWSER: Browser | None = None
 
 
 def browser() -> Browser:
-    """This process's browser, started on first use (and again if it died)."""
+    """This process's browser, started on first use (and again if it died, or if PE_EXPORT_CHROMIUM now
+    names another binary: chromium() is asked every time, so an absent one is a Skip)."""
     global _BROWSER
-    if _BROWSER is None or not _BROWSER.alive():
-        _BROWSER = Browser(chromium())
+    path = chromium()
+    if _BROWSER is None or not _BROWSER.alive() or _BROWSER.path != path:
+        _BROWSER = Browser(path)
     return _BROWSER
 
 
