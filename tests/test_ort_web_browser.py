@@ -31,7 +31,7 @@ def needs_chromium():
         pytest.skip(str(e))
 
 
-@pytest.mark.parametrize("op", ["onnx", "decomposed"])
+@pytest.mark.parametrize("op", [pytest.param("onnx", marks=pytest.mark.slow), "decomposed"])
 def test_llama_rope_agrees_with_the_float64_reference_in_the_page(op):
     needs_chromium()
     spec = llama(op)
@@ -148,6 +148,7 @@ def test_the_folders_of_processes_that_are_gone_are_removed(tmp_path, monkeypatc
         ort_web_browser.scratch.cache_clear()
 
 
+@pytest.mark.slow
 def test_rewrite_verified_in_the_page(tmp_path):
     """`pe-export rewrite --runtimes ort-web-browser`: the rewritten tiny Llama's cos/sin against float64
     up to the table's end, and the whole model against the original at positions 0-15, in the page
