@@ -16,7 +16,7 @@ import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from pe_export.spec import Spec
 from pe_export.presets import PRESETS
-from pe_export.onnx_export import build
+from pe_export.pipeline.onnx_export import build
 from pe_export.encodings.attention import encoding_for
 from pe_export.encodings.rope import RopeParams, apply_torch
 

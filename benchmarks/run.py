@@ -4,7 +4,7 @@ decomposed graphs as baselines, and where the time of `export + verify` goes. Wr
     python benchmarks/run.py [--output benchmarks/results.md] [--threads 2] [--repeat 20]
 
 x is 1 x 32 x 4096 x 128 (prefill at the last 4096 positions of llama-rope's 8192-row table) and a
-single-token decode at position 8191; ORT CPU with `--threads` intra-op threads (pe_export.bench). The
+single-token decode at position 8191; ORT CPU with `--threads` intra-op threads (pe_export.tools.bench). The
 headline is each graph's ratio to a memcpy of the same bytes timed in the same rounds of the same
 process: absolute times move with the machine's load, ratios much less.
 
@@ -133,7 +133,7 @@ def cast_once(model_bytes: bytes) -> bytes:
 
 def parity(spec, model_bytes: bytes) -> float:
     """Worst error / verify bound of a graph on the standard probes under ORT CPU (< 1 passes)."""
-    from pe_export.parity import check
+    from pe_export.verification.parity import check
 
     rows = check(spec, model_bytes, ("ort-cpu",))
     return rows[0].worst_ratio if rows[0].verdict == "pass" else float("inf")
@@ -147,8 +147,10 @@ def stages(seq: int) -> list[tuple[str, float]]:
     import torch  # noqa: F401
 
     from pe_export.encodings.attention import encoding_for
-    from pe_export.onnx_export import build
-    from pe_export.parity import DEFAULT_RUNTIMES, check, make_probes
+    from pe_export.pipeline.onnx_export import build
+    from pe_export.runtimes import DEFAULT_RUNTIMES
+    from pe_export.verification.parity import check
+    from pe_export.encodings.probing import make_probes
 
     done = [("imports (torch, onnx, pe_export)", time.perf_counter() - t)]
     spec = llama_spec("onnx", "fp32", seq)
@@ -209,8 +211,8 @@ def main(argv=None) -> int:
 
     import onnxruntime
 
-    from pe_export.bench import bench, time_by_op
-    from pe_export.onnx_export import build
+    from pe_export.tools.bench import bench, time_by_op
+    from pe_export.pipeline.onnx_export import build
 
     load_at_start = os.getloadavg()[0]
     graphs = []  # (name, dtype, spec, model bytes)

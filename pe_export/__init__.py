@@ -3,8 +3,8 @@
 The public API (each name documented where it is defined; README section "Python API"):
 
     preset, rope_tables, translation_table    pe_export.api
-    RotaryEmbedding                           pe_export.modules (an nn.Module)
-    export, verify                            pe_export.pipeline
+    RotaryEmbedding                           pe_export.encodings.modules (an nn.Module)
+    export, verify                            pe_export.pipeline.artifact
     rewrite                                   pe_export.rewriter (the RoPE inside a whole ONNX model)
     BadInput                                  pe_export.errors
 
@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from pe_export.spec import VERSION as __version__
 
 _WHERE = {
     "preset": "pe_export.api",
     "rope_tables": "pe_export.api",
     "translation_table": "pe_export.api",
-    "RotaryEmbedding": "pe_export.modules",
-    "export": "pe_export.pipeline",
-    "verify": "pe_export.pipeline",
+    "RotaryEmbedding": "pe_export.encodings.modules",
+    "export": "pe_export.pipeline.artifact",
+    "verify": "pe_export.pipeline.artifact",
     "rewrite": "pe_export.rewriter",
     "BadInput": "pe_export.errors",
 }

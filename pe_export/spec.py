@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from pe_export import __version__
 from pe_export.dtypes import DTYPES
 from pe_export.errors import BadInput
+
+VERSION = "0.1.0"  # pe-export's version, recorded in every spec it writes (pe_export.__version__)
 
 SPEC_KEY = "pe_export.spec"
 DERIVED_KEY = "pe_export.derived"  # values computed from the spec that a runtime needs (JSON)
@@ -34,13 +35,13 @@ class Spec:
     opset: int = 23
     dtype: str = "fp32"  # of the float inputs, outputs and tables
     layout: str = "bhsd"
-    # Fixed input sizes (batch, seq[, heads]) for runtimes that need static shapes (pe_export.static_shapes);
+    # Fixed input sizes (batch, seq[, heads]) for runtimes that need static shapes (pe_export.encodings.static_shapes);
     # None: batch and lengths stay symbolic.
     static_shapes: list[int] | None = None
     # How the file is packaged and what was written beside it: {"external_data": bool, "format": "ort",
-    # "optimize": level, "optimize_provider": "cpu"|"cuda"} (pe_export.packaging); empty: a plain .onnx.
+    # "optimize": level, "optimize_provider": "cpu"|"cuda"} (pe_export.pipeline.packaging); empty: a plain .onnx.
     deploy: dict = field(default_factory=dict)
-    version: str = field(default=__version__)
+    version: str = field(default=VERSION)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -14,7 +14,7 @@ from pe_export.spec import Spec
 
 @functools.lru_cache(maxsize=None)
 def _build_bytes(spec_json: str) -> bytes:
-    from pe_export.onnx_export import build
+    from pe_export.pipeline.onnx_export import build
 
     return build(Spec.from_json(spec_json)).SerializeToString()
 
@@ -40,7 +40,7 @@ def assert_verified(spec: Spec) -> dict:
     """verify.check on torch, ORT CPU (graph optimisations on and off) and onnx's evaluator: nothing
     fails, the torch original and the evaluator pass, ORT CPU passes on CPU both ways (bf16: or is
     skipped for want of a bf16 kernel), verdict pass."""
-    from pe_export.parity import check, verdict
+    from pe_export.verification.parity import check, verdict
 
     rows = {r.runtime: r for r in check(spec, exported(spec), runtimes=("torch", "ort-cpu", "ort-cpu-noopt", "onnx-reference"))}
     failures = [f"{r.runtime}: {r.note}" for r in rows.values() if r.verdict == "FAIL"]

@@ -1,4 +1,4 @@
-"""Runtime adapters that misbehave on purpose, for tests of pe_export.worker and verify.
+"""Runtime adapters that misbehave on purpose, for tests of pe_export.runtimes.worker and verify.
 
 They are module-level functions so that a worker process can import them (adapters travel to their
 worker by reference); tests register them with monkeypatch.setitem(RUNTIMES, name, adapter).
@@ -53,7 +53,7 @@ def broken(spec, model_bytes):
 def aborts_out_of_range(spec, model_bytes):
     """ONNX Runtime CPU, except that a position outside the table aborts the process."""
     from pe_export.encodings.attention import encoding_for
-    from pe_export.runtimes import run_ort_cpu
+    from pe_export.runtimes.ort import run_ort_cpu
 
     real, provider = run_ort_cpu(spec, model_bytes)
     P = encoding_for(spec).params(**spec.params).max_positions
@@ -84,6 +84,6 @@ def hangs_graph(model_bytes):
 
 def skips_graph(model_bytes):
     """A graph adapter whose runtime is not here."""
-    from pe_export.outcomes import Skip
+    from pe_export.runtimes.outcomes import Skip
 
     raise Skip("not here (fake)")

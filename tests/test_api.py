@@ -41,8 +41,8 @@ def test_all_names_are_listed_and_importing_loads_no_torch():
 
 
 def test_export_and_verify_stay_functions_after_their_modules_are_imported():
-    import pe_export.onnx_export  # noqa: F401
-    import pe_export.parity  # noqa: F401
+    import pe_export.pipeline.onnx_export  # noqa: F401
+    import pe_export.verification.parity  # noqa: F401
 
     assert callable(pe_export.export) and callable(pe_export.verify)
 
@@ -110,7 +110,7 @@ def test_rotary_embedding_matches_transformers_at_the_end_of_the_table(layout):
     cos, sin = (torch.from_numpy(t) for t in exact_tables(500000.0, D, P))
     want = rotate_with_transformers(x.double(), cos, sin, ids)
     a, b = x.double()[..., : D // 2].abs(), x.double()[..., D // 2 :].abs()
-    bound = 2 * 2.0**-23 * torch.cat([a + b, a + b], dim=-1)  # pe-export's fp32 RoPE bound (parity.TOLERANCES)
+    bound = 2 * 2.0**-23 * torch.cat([a + b, a + b], dim=-1)  # pe-export's fp32 RoPE bound (verification.tolerances.TOLERANCES)
     err = (y.double() - want).abs()
     assert torch.all(err <= bound), f"max err {err.max():.3g}"
 

@@ -58,7 +58,7 @@ def test_bench_table_output(tmp_path):
 )
 def test_other_contracts(preset, kind):
     """Bias: Q = K = S, decode Q = 1 over K = S; absolute: (B, S) and (B, 1); positions end at P - 1."""
-    from pe_export.bench import bench, make_inputs
+    from pe_export.tools.bench import bench, make_inputs
     from pe_export.encodings import ENCODINGS
     from pe_export.presets import PRESETS
 
@@ -84,9 +84,9 @@ def test_bound_call_writes_what_a_plain_run_returns():
     read back here independently of bench's binding."""
     import ctypes
 
-    from pe_export.bench import bound_call, make_inputs, session
+    from pe_export.tools.bench import bound_call, make_inputs, session
     from pe_export.presets import PRESETS
-    from pe_export.runtimes import _ort_call
+    from pe_export.runtimes.ort import _ort_call
     from pe_export.dtypes import numpy_dtype
 
     for dtype, itemsize in (("fp32", 4), ("fp16", 2), ("bf16", 2)):
@@ -106,8 +106,8 @@ def test_inputs_placed_on_a_device_keep_their_bits():
     """on_device (the CUDA path's host-to-device copy), run with CPU memory: every dtype bench feeds."""
     import ctypes
 
-    from pe_export.bench import on_device
-    from pe_export.runtimes import host_value
+    from pe_export.tools.bench import on_device
+    from pe_export.runtimes.ort import host_value
     from pe_export.dtypes import numpy_dtype
 
     for dtype in ("fp32", "fp16", "bf16", "int64"):
@@ -122,7 +122,7 @@ def test_inputs_placed_on_a_device_keep_their_bits():
 def test_device_copy_graph_copies():
     """The memcpy used on CUDA (an ORT Identity between bound buffers), run here on the CPU: it loads
     (IR version), binds a uint8 output, and copies every byte."""
-    from pe_export.bench import bound_call, copy_model, session
+    from pe_export.tools.bench import bound_call, copy_model, session
 
     data = (np.arange(1000) % 251).astype(np.uint8)
     call, nbytes, out = bound_call(session(copy_model(1000), "cpu", 1), {"a": data}, "cpu")
@@ -134,7 +134,7 @@ def test_device_copy_graph_copies():
 def test_cpu_memcpy_is_ort_copying_with_the_graphs_threads():
     """The CPU yardstick is ORT running a graph that really copies x into y, with the same intra-op
     threads as the graph (so 1.0 is the speed of memory at those threads), not a one-thread NumPy copy."""
-    from pe_export.bench import bound_call, copy_graph, memcpy_call, session
+    from pe_export.tools.bench import bound_call, copy_graph, memcpy_call, session
 
     x = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
     x[:3] = [np.inf, -0.0, 1e-45]  # a copy keeps every value, the signed zero and a subnormal included
@@ -195,7 +195,7 @@ def test_static_shapes_file(tmp_path):
 def test_every_rotary_encoding(encoding, params, gathered_dim):
     """Each rotary encoding's own parameters give the byte model's gathered rows (R of the table; none
     for a graph that computes cos/sin)."""
-    from pe_export.bench import bench
+    from pe_export.tools.bench import bench
 
     from pe_export.encodings import ENCODINGS
 
@@ -270,7 +270,7 @@ def test_cuda_runs_on_cuda(tmp_path):
     assert all(math.isfinite(c["ratio"]) and c["ratio"] > 0 for c in cases)
 
 
-@pytest.mark.parametrize("runtime", __import__("pe_export.bench", fromlist=["BENCH_RUNTIMES"]).BENCH_RUNTIMES)
+@pytest.mark.parametrize("runtime", __import__("pe_export.tools.bench", fromlist=["BENCH_RUNTIMES"]).BENCH_RUNTIMES)
 def test_other_runtimes_are_timed_against_the_same_runs_ort_memcpy(tmp_path, runtime):
     from pe_export.runtimes import RUNTIMES, Skip
 

@@ -69,7 +69,7 @@ def test_default_output_name_and_overrides(tmp_path):
     result = invoke("llama2-rope", "--seq", "64", "--op", "decomposed", "--layout", "bshd", "--dtype", "fp16",
                     "--head-dim", "32", "--theta", "5000", "--pairing", "interleaved", cwd=tmp_path)  # fmt: skip
     assert result.exit_code == 0, result.output
-    from pe_export.onnx_export import load
+    from pe_export.pipeline.onnx_export import load
 
     _, spec = load(tmp_path / "llama2-rope.onnx")
     assert (spec.op, spec.layout, spec.dtype, spec.opset) == ("decomposed", "bshd", "fp16", 17)
@@ -77,7 +77,7 @@ def test_default_output_name_and_overrides(tmp_path):
 
 
 def test_scaling_overrides(tmp_path):
-    from pe_export.onnx_export import load
+    from pe_export.pipeline.onnx_export import load
 
     out = tmp_path / "a.onnx"
     assert invoke("llama3.1-rope", "--seq", "256", "--scaling-param", "factor=4", "-o", str(out)).exit_code == 0
@@ -267,12 +267,12 @@ def test_verify_refuses_to_write_the_report_over_the_model(tmp_path):
 
 
 def test_export_parity_failure_exits_1_and_keeps_the_file(tmp_path, monkeypatch):
-    import pe_export.parity
+    import pe_export.verification.parity
 
     def failing_check(spec, data, runtimes, seed=0, **probes):
-        return [pe_export.parity.Row(runtime="ort-cpu", provider="CPUExecutionProvider", dtype="fp32", verdict="FAIL", note="planted")]
+        return [pe_export.verification.parity.Row(runtime="ort-cpu", provider="CPUExecutionProvider", dtype="fp32", verdict="FAIL", note="planted")]
 
-    monkeypatch.setattr(pe_export.parity, "check", failing_check)
+    monkeypatch.setattr(pe_export.verification.parity, "check", failing_check)
     out = tmp_path / "f.onnx"
     result = invoke("llama-rope", "--seq", "64", "-o", str(out))
     assert result.exit_code == 1 and out.exists()
@@ -280,7 +280,7 @@ def test_export_parity_failure_exits_1_and_keeps_the_file(tmp_path, monkeypatch)
 
 
 def test_head_dim_override_keeps_the_rotary_fraction(tmp_path):
-    from pe_export.onnx_export import load
+    from pe_export.pipeline.onnx_export import load
 
     out = tmp_path / "n.onnx"
     assert invoke("gpt-neox-rope", "--seq", "64", "--head-dim", "64", "-o", str(out)).exit_code == 0
@@ -362,7 +362,7 @@ def test_generic_options_override_the_preset(tmp_path):
     result = invoke("t5-decoder-bias", "--seq", "100", "--heads", "3", "--num-buckets", "16", "--max-distance", "40",
                     "--bidirectional", "--weights-seed", "7", "--attention", "--attention-head-dim", "16", cwd=tmp_path)  # fmt: skip
     assert result.exit_code == 0, result.output
-    from pe_export.onnx_export import load
+    from pe_export.pipeline.onnx_export import load
 
     _, spec = load(tmp_path / "t5-decoder-bias.onnx")
     assert spec.params == dict(heads=3, num_buckets=16, max_distance=40, bidirectional=True, max_positions=100,
@@ -392,7 +392,7 @@ def test_learned_weights_from_a_file(tmp_path, suffix):
     assert result.exit_code == 0, result.output
     from conftest import ort_cpu_session
 
-    from pe_export.onnx_export import load
+    from pe_export.pipeline.onnx_export import load
 
     model, spec = load(tmp_path / "gpt2-learned.onnx")
     assert (spec.params["rows"], spec.params["dim"], spec.params.get("max_positions")) == (300, 48, None)

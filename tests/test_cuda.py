@@ -8,7 +8,7 @@ from test_parity import preset_spec
 from pe_export.custom_ops.lowerings import OP_TARGETS
 from pe_export.presets import PRESETS
 from pe_export.spec import DTYPES
-from pe_export.parity import check
+from pe_export.verification.parity import check
 
 ort = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.skipif(

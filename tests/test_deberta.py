@@ -23,7 +23,8 @@ from pe_export.encodings import deberta
 from pe_export.encodings.deberta import DebertaParams, learned, log_bucket, relative_index
 from pe_export.dtypes import numpy_dtype
 from pe_export.spec import Spec
-from pe_export.parity import bound, check
+from pe_export.verification.tolerances import bound
+from pe_export.verification.parity import check
 
 torch = pytest.importorskip("torch")
 hf = pytest.importorskip("transformers.models.deberta_v2.modeling_deberta_v2")

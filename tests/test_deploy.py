@@ -1,4 +1,4 @@
-"""Deployment options (pe_export.static_shapes, op_choice, packaging, computed tables in encodings.rope): computed RoPE tables, static shapes, --op auto, the .ort
+"""Deployment options (pe_export.encodings.static_shapes, op_choice, packaging, computed tables in encodings.rope): computed RoPE tables, static shapes, --op auto, the .ort
 format, ORT's optimised graph and external data; each recorded in the spec and verified."""
 
 import dataclasses
@@ -10,13 +10,17 @@ import pytest
 from conftest import exported, rope_spec
 from typer.testing import CliRunner
 
-from pe_export import op_choice, packaging, static_shapes
+from pe_export.custom_ops import op_choice
+
+from pe_export.pipeline import packaging
+
+from pe_export.encodings import static_shapes
 from pe_export.encodings import rope
 from pe_export.cli.main import app
 from pe_export.custom_ops.lowerings import OP_TARGETS
 from pe_export.encodings import ENCODINGS, KINDS
 from pe_export.encodings.rope import RopeParams, inv_freq
-from pe_export.onnx_export import load
+from pe_export.pipeline.onnx_export import load
 from pe_export.presets import PRESETS
 from pe_export.spec import Spec
 
@@ -30,7 +34,7 @@ def invoke(*args):
 
 def assert_verified(spec):
     """Nothing fails; torch, ORT CPU and onnx's evaluator pass (the evaluator skips com.microsoft ops)."""
-    from pe_export.parity import check, verdict
+    from pe_export.verification.parity import check, verdict
 
     rows = {r.runtime: r for r in check(spec, exported(spec), runtimes=("torch", "ort-cpu", "onnx-reference"))}
     assert not [r for r in rows.values() if r.verdict == "FAIL"], rows
@@ -78,7 +82,7 @@ def test_computed_tables_bound_catches_a_wrong_frequency():
     """inv_freq moved by 2^-19 relative (8x the derived angle term) fails verification."""
     import onnx
 
-    from pe_export.parity import check
+    from pe_export.verification.parity import check
 
     spec = rope_spec("decomposed", max_positions=300, tables="computed")
     model = onnx.load_from_string(exported(spec))
@@ -143,7 +147,7 @@ def static_case(kind):
 def test_static_shapes_no_symbolic_dims_and_probes_fit(kind):
     import onnx
 
-    from pe_export.parity import make_probes
+    from pe_export.encodings.probing import make_probes
 
     spec = static_case(kind)
     model = onnx.load_from_string(exported(spec))
@@ -254,7 +258,7 @@ def test_optimize_writes_a_verified_graph(tmp_path):
     assert spec.deploy == {"optimize": "extended"}
     # ORT's file imports its own domains whatever it kept; the nodes decide whether onnx's evaluator runs.
     assert {o.domain for o in model.opset_import} > {"", "com.microsoft"}
-    from pe_export.parity import check
+    from pe_export.verification.parity import check
 
     (row,) = check(spec, optimized.read_bytes(), ("onnx-reference",))
     assert {n.domain for n in model.graph.node} == {""} and row.verdict == "pass", row

@@ -66,7 +66,7 @@ def test_runtime_graph_has_no_table(op):
 
 def test_fixed_mode_is_one_table_for_the_whole_length():
     """vLLM's semantics: the base of seq_len = P for every call, short ones included."""
-    from pe_export.parity import check, verdict
+    from pe_export.verification.parity import check, verdict
 
     s = spec("onnx", mode="fixed")
     assert verdict(check(s, exported(s), runtimes=("ort-cpu",))) == "pass"
@@ -90,8 +90,8 @@ def test_openvino_runs_the_in_graph_float64_angles_in_float32_and_fails():
     """OpenVINO's CPU plugin has no float64 kernels: the runtime-mode graph's angles lose float64
     there, which verify must report as a failure (and say why), while the fixed-mode table passes."""
     pytest.importorskip("openvino")
-    from pe_export.runtimes import computes_in_float64
-    from pe_export.parity import check
+    from pe_export.runtimes.graphs import computes_in_float64
+    from pe_export.verification.parity import check
 
     data = exported(spec("decomposed"))
     assert computes_in_float64(data) and not computes_in_float64(exported(spec("decomposed", mode="fixed")))

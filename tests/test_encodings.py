@@ -14,7 +14,7 @@ from pe_export.encodings import ENCODINGS, KINDS
 from pe_export.encodings.attention import encoding_for
 from pe_export.presets import PRESETS
 from pe_export.spec import Spec
-from pe_export.parity import check
+from pe_export.verification.parity import check
 
 OTHERS = [name for name, p in PRESETS.items() if p.encoding != "rope"]
 WITH_LAYER = [name for name in OTHERS if ENCODINGS.get(PRESETS[name].encoding).kind in ("absolute", "bias")]
@@ -132,7 +132,7 @@ def test_positions_out_of_range_fail_everywhere(preset):
 
 def test_an_encoding_with_a_query_or_key_role_refuses_the_attention_layer():
     """xPos scales queries up and keys down: one module for both would export a layer that is not xPos."""
-    from pe_export.onnx_export import check_spec
+    from pe_export.pipeline.onnx_export import check_spec
 
     with pytest.raises(ValueError, match="treats queries and keys differently"):
         check_spec(spec_for("xpos", attention=True))

@@ -153,7 +153,7 @@ runner = CliRunner()
 
 @pytest.mark.parametrize("mode", [None, "long"])
 def test_from_config_longrope_records_its_mode(tmp_path, mode):
-    from pe_export.onnx_export import load
+    from pe_export.pipeline.onnx_export import load
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps({
@@ -213,7 +213,7 @@ def test_bad_configs(tmp_path, name, text, message):
 def test_config_option_on_a_preset_command(tmp_path):
     """`--config` on a preset command takes the parameters from the file, as from-config does; the
     command's own options still override them."""
-    from pe_export.onnx_export import load
+    from pe_export.pipeline.onnx_export import load
 
     path = write_config(tmp_path / "qwen", "qwen2.5-yarn-rope", "new")
     out = tmp_path / "q.onnx"

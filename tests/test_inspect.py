@@ -134,7 +134,7 @@ def test_a_runtime_that_aborts_is_a_crash_row_and_the_others_are_reported(tmp_pa
     """Each runtime loads in its worker process (issue 15): one that aborts takes only its own row down."""
     import fake_runtimes
 
-    from pe_export import inspection
+    from pe_export.tools import inspection
     from pe_export.runtimes import GRAPH_RUNTIMES, RUNTIMES
 
     if written_by_pe_export:

@@ -251,7 +251,7 @@ def test_fire_num_table_off_by_1e5_fails_in_fp32(scale):
     import onnx
     from onnx import numpy_helper
 
-    from pe_export.parity import check
+    from pe_export.verification.parity import check
 
     spec = Spec(encoding="fire", params=dict(heads=12, mlp_width=32, init_c=0.1, init_L=512.0, max_positions=512),
                 op="decomposed", opset=17)  # fmt: skip
@@ -352,7 +352,7 @@ def test_cli_lists_and_exports_with_lists_and_weights(tmp_path):
     ok = runner.invoke(app, ["kerple-power", "--seq", "64", "--heads", "2", "--p", "0.5", "--p", "2", "--a", "0.1", "--a", "1",
                              "-o", str(tmp_path / "k.onnx")])  # fmt: skip
     assert ok.exit_code == 0, ok.output
-    from pe_export.onnx_export import load
+    from pe_export.pipeline.onnx_export import load
 
     _, spec = load(tmp_path / "k.onnx")
     assert spec.params["p"] == [0.5, 2.0] and spec.params["a"] == [0.1, 1.0]

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import rope_spec
 
-from pe_export import litert
+from pe_export.runtimes import litert
 from pe_export.runtimes import RUNTIMES, Skip, Unsupported
 
 

@@ -10,7 +10,7 @@ from conftest import exported, ort_cpu_session
 from pe_export.custom_ops.lowerings import OP_TARGETS
 from pe_export.spec import Spec
 from pe_export.dtypes import EPS
-from pe_export.parity import tolerance
+from pe_export.verification.tolerances import tolerance
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.phi3 import modeling_phi3 as phi3  # noqa: E402

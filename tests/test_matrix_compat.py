@@ -8,8 +8,8 @@ import json
 import fake_runtimes
 from test_cli import invoke
 
-from pe_export import matrix
-from pe_export.parity import RUNTIMES
+from pe_export.tools import matrix
+from pe_export.runtimes import RUNTIMES
 
 
 def test_the_table_has_a_row_per_kind_op_dtype_and_a_column_per_runtime(tmp_path, monkeypatch):

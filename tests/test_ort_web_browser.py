@@ -10,7 +10,8 @@ import pytest
 from conftest import exported
 
 from pe_export.custom_ops.lowerings import OP_TARGETS
-from pe_export.parity import check, probe_bounds
+from pe_export.verification.parity import check
+from pe_export.verification.out_of_range import probe_bounds
 from pe_export.presets import PRESETS
 from pe_export.runtimes import Skip
 from pe_export.spec import Spec
@@ -23,7 +24,7 @@ def llama(op: str, dtype: str = "fp32") -> Spec:
 
 
 def needs_chromium():
-    from pe_export.ort_web_browser import chromium
+    from pe_export.runtimes.ort_web_browser import chromium
 
     try:
         chromium()
@@ -83,7 +84,7 @@ def test_without_chromium_the_runtimes_skip_with_the_install_command(monkeypatch
 
 
 def test_the_server_serves_its_folders_only_on_localhost(tmp_path):
-    from pe_export.ort_web_browser import serve
+    from pe_export.runtimes.ort_web_browser import serve
 
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.bin").write_bytes(b"abc")
@@ -112,8 +113,8 @@ def test_the_server_serves_its_folders_only_on_localhost(tmp_path):
 
 def test_a_browser_that_dies_is_a_crash():
     needs_chromium()
-    from pe_export.ort_web_browser import Browser, chromium
-    from pe_export.worker import Crash
+    from pe_export.runtimes.ort_web_browser import Browser, chromium
+    from pe_export.runtimes.worker import Crash
 
     b = Browser(chromium())
     try:
@@ -130,7 +131,7 @@ def test_the_folders_of_processes_that_are_gone_are_removed(tmp_path, monkeypatc
     import subprocess
     import sys
 
-    from pe_export import ort_web_browser
+    from pe_export.runtimes import ort_web_browser
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(ort_web_browser.tempfile, "tempdir", None)  # tempfile reads TMPDIR again
@@ -160,8 +161,10 @@ def test_rewrite_verified_in_the_page(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     import rewrite_models as rm
 
-    from pe_export.rewriter import api, verify
+    from pe_export.rewriter import apply as api
 
+
+    from pe_export.rewriter import checks as verify
     model, cfg = rm.build(rm.BY_NAME["llama"])
     path, config = rm.export(model, tmp_path / "model.onnx"), rm.save_config(cfg, tmp_path)
     original, result = api.load(path), api.rewrite(api.load(path), config)

@@ -1,6 +1,6 @@
 """Parity matrix generated from the registries: preset x op target x layout x dtype under ONNX Runtime
 CPU, onnx's ReferenceEvaluator (where it implements the op) and the torch original, against the float64
-reference, with the one tolerance table of `pe_export.parity`."""
+reference, with the one tolerance table of `pe_export.verification.parity`."""
 
 import itertools
 
@@ -12,7 +12,7 @@ from conftest import exported
 from pe_export.custom_ops.lowerings import OP_TARGETS
 from pe_export.presets import PRESETS
 from pe_export.spec import DTYPES, LAYOUTS, Spec
-from pe_export.parity import check, verdict
+from pe_export.verification.parity import check, verdict
 
 SEQ = 512  # short tables keep the matrix fast; the full preset lengths are exported in test_full_length
 
@@ -161,7 +161,7 @@ def test_a_corrupted_table_entry_fails_with_its_position():
 
 
 def test_exports_are_byte_identical():
-    from pe_export.onnx_export import build
+    from pe_export.pipeline.onnx_export import build
 
     spec = preset_spec("gpt-neox-rope", "decomposed", "bshd", "fp16")
     assert build(spec).SerializeToString() == build(spec).SerializeToString()
@@ -190,7 +190,7 @@ def test_cuda_fallback_is_a_failure(monkeypatch):
     real = ort.InferenceSession
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(ort, "InferenceSession", lambda data, opts, providers: real(data, opts, providers=["CPUExecutionProvider"]))
-    monkeypatch.setattr("pe_export.worker.IN_PROCESS", {"torch", "ort-cuda"})  # the patched ORT is in this process
+    monkeypatch.setattr("pe_export.runtimes.worker.IN_PROCESS", {"torch", "ort-cuda"})  # the patched ORT is in this process
     spec = preset_spec("llama-rope", "onnx", "bhsd", "fp32")
     row = check(spec, exported(spec), runtimes=("ort-cuda",))[0]
     assert row.verdict == "FAIL" and "CPUExecutionProvider" in row.note

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 pytest.importorskip("matplotlib")
 
-from pe_export import plot  # noqa: E402
+from pe_export.tools import plot  # noqa: E402
 from pe_export.cli.main import app  # noqa: E402
 from pe_export.encodings import ENCODINGS  # noqa: E402
 from pe_export.presets import PRESETS  # noqa: E402
@@ -170,8 +170,8 @@ def test_frequencies_of_llama3_match_meta_rule_at_the_ends():
 def _verify_report(tmp_path):
     from conftest import exported, rope_spec
 
-    from pe_export.report import verify_doc
-    from pe_export.parity import check, verdict
+    from pe_export.verification.report import verify_doc
+    from pe_export.verification.parity import check, verdict
 
     spec = rope_spec(max_positions=64)
     rows = check(spec, exported(spec), runtimes=("torch", "ort-cpu"))

@@ -318,7 +318,7 @@ def test_float32_inv_freq_as_transformers_computes_it_agrees_and_a_wrong_theta_i
 # --- verification on every runtime ------------------------------------------------------------------
 
 def rewritten_in_memory(exported, family="llama", op="tables"):
-    from pe_export.rewriter import api
+    from pe_export.rewriter import apply as api
 
     path, config, _, _ = exported(family)
     original = api.load(path)
@@ -329,7 +329,7 @@ def test_rewrite_verified_on_other_runtimes_in_workers(exported):
     """onnx's reference evaluator and OpenVINO run the torch.onnx graph and verify it; tract loads it but
     fails to run it, original and rewritten alike (its CumSum: "TDim is not a number"): a row with the
     reason, "unsupported" (the runtime's limit, not the rewrite's), not the end of the report."""
-    from pe_export.rewriter import verify
+    from pe_export.rewriter import checks as verify
 
     original, result = rewritten_in_memory(exported)
     names = ("onnx-reference", "openvino", "tract")
@@ -350,7 +350,7 @@ def test_rewrite_verified_on_other_runtimes_in_workers(exported):
 def test_a_crashing_runtime_is_a_row_and_the_others_complete(exported, monkeypatch):
     import fake_runtimes
 
-    from pe_export.rewriter import verify
+    from pe_export.rewriter import checks as verify
     from pe_export.runtimes import GRAPH_RUNTIMES
 
     monkeypatch.setitem(GRAPH_RUNTIMES, "aborts", fake_runtimes.aborts_graph)
@@ -381,13 +381,13 @@ def test_cli_runtimes_choices_and_a_cannot_load_row(exported, tmp_path):
 
 @pytest.mark.parametrize("op", ["onnx", "ort", "decomposed"])
 def test_rotated_q_and_k_against_a_float64_rotation_of_the_same_runs_inputs(op, exported):
-    """Each replaced rotation's output against pe_export.rotation.apply_reference (float64) of its own
+    """Each replaced rotation's output against pe_export.custom_ops.rotation.apply_reference (float64) of its own
     un-rotated q/k read from the same run, at positions up to the table's end; the original's rotations
     drift (float32 angles), the rewritten's stay within the tolerance table's bound. A wrong pairing
     (the check reading the rotation as interleaved) must fail: the check can fail."""
     import copy
 
-    from pe_export.rewriter import verify
+    from pe_export.rewriter import checks as verify
 
     original, result = rewritten_in_memory(exported, op=op)
     site = result.sites[0]
@@ -408,8 +408,9 @@ def test_kv_cache_decode_one_token_at_a_large_position(tmp_path):
     token decoded at the table's last position on a cache of 64 tokens, batch 2, matches the float64 oracle
     as well as one decoded at position 64; the original's error there is far larger. The cache itself is
     the oracle's prefill (float64, rounded to float32): logits and present key/values are compared."""
-    from pe_export.rewriter import api, verify
+    from pe_export.rewriter import apply as api
 
+    from pe_export.rewriter import checks as verify
     model, cfg = rm.build_cached()
     path = rm.export_cached(model, tmp_path / "kv.onnx")
     config = rm.save_config(cfg, tmp_path)
@@ -465,8 +466,9 @@ def test_dynamic_ntk_keeps_its_run_time_rescaling(tmp_path):
     oracle (transformers' own dynamic init function in float64, a fresh module's growth) below the
     original length, across it and at the end of factor x its table; --op onnx|ort|decomposed refused."""
     from pe_export.errors import BadInput
-    from pe_export.rewriter import api, verify
+    from pe_export.rewriter import apply as api
 
+    from pe_export.rewriter import checks as verify
     model, cfg = rm.build(rm.DYNAMIC)
     path, config, out = rm.export_frozen(model, tmp_path / "dyn.onnx"), rm.save_config(cfg, tmp_path), tmp_path / "dyn.pe.onnx"
     result = api.rewrite(path, config, output=out)
@@ -490,8 +492,9 @@ def test_dynamic_ntk_keeps_its_run_time_rescaling(tmp_path):
 def test_every_family_verifies_its_rotated_q_and_k_as_written(family, exported):
     """--op decomposed, pruned as written: every site has a rotated q/k row that passes up to the end of
     its table (LongRoPE: each branch over the positions it serves; GPT-J: interleaved pairs, bshd)."""
-    from pe_export.rewriter import api, verify
+    from pe_export.rewriter import apply as api
 
+    from pe_export.rewriter import checks as verify
     path, config, _, _ = exported(family)
     result = api.rewrite(api.load(path), config, op="decomposed")
     api.prune(result.model)
@@ -503,7 +506,7 @@ def test_every_family_verifies_its_rotated_q_and_k_as_written(family, exported):
 def test_a_hanging_runtime_is_a_timeout_row(exported, monkeypatch):
     import fake_runtimes
 
-    from pe_export.rewriter import verify
+    from pe_export.rewriter import checks as verify
     from pe_export.runtimes import GRAPH_RUNTIMES
 
     monkeypatch.setitem(GRAPH_RUNTIMES, "hangs", fake_runtimes.hangs_graph)
@@ -529,7 +532,7 @@ def test_the_rewrite_writes_its_constants_as_tensors(op, exported):
     Constant given as `value_int` / `value_ints` ("Constant node without value is not supported")."""
     import onnx_ir as ir
 
-    from pe_export.rewriter import api
+    from pe_export.rewriter import apply as api
 
     path, config, _, _ = exported("llama")
     before = {n.name for n in api.load(path).graph}

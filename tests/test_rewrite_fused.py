@@ -183,7 +183,7 @@ def test_past_key_values_take_their_symbolic_head_axes_from_the_config():
     the head size must come from the config (a size of 0 there is refused by GroupQueryAttention)."""
     import onnx_ir as ir
 
-    from pe_export.rewriter.verify import cache_dims_of, feeds
+    from pe_export.rewriter.checks import cache_dims_of, feeds
 
     past = ir.Value(name="past_key_values.0.key", type=ir.TensorType(ir.DataType.FLOAT),
                     shape=ir.Shape(["batch_size", 2, "past_sequence_length", "kv_cache_dim"]))  # fmt: skip
@@ -237,8 +237,12 @@ def test_onnxscript_fused_rotary_embedding_logits_error_is_position_independent(
 def test_onnxscript_gqa_caches_become_exact_and_the_model_is_unchanged_at_short_positions(op, fused_llama, tmp_path):
     import onnx_ir as ir
 
-    from pe_export.rewriter import rewrite, verify, verify_caches
+    from pe_export.rewriter import rewrite
 
+
+    from pe_export.rewriter import checks as verify
+
+    from pe_export.rewriter import cache_checks as verify_caches
     paths, config, _ = fused_llama
     out = tmp_path / "rewritten.onnx"
     result = rewrite(paths["gqa"], config, op=op, output=out)

@@ -8,12 +8,13 @@ import pytest
 from conftest import exported, rope_spec
 
 from pe_export.encodings import ENCODINGS
-from pe_export.matrix import Case, table_length
+from pe_export.tools.matrix import Case, table_length
 from pe_export.presets import PRESETS
 
 from pe_export.runtimes import RUNTIMES, Skip
 from pe_export.spec import OP_NAMES
-from pe_export.parity import check, probe_bounds
+from pe_export.verification.parity import check
+from pe_export.verification.out_of_range import probe_bounds
 
 pytestmark = pytest.mark.heavy_runtimes
 
@@ -126,7 +127,7 @@ def tiny_llama_rewritten(tmp_path, op: str):
     sys.path.insert(0, str(Path(__file__).parent))
     import rewrite_models as rm
 
-    from pe_export.rewriter import api
+    from pe_export.rewriter import apply as api
 
     model, cfg = rm.build(rm.BY_NAME["llama"])
     path, config = rm.export(model, tmp_path / "model.onnx"), rm.save_config(cfg, tmp_path)
@@ -139,7 +140,7 @@ def tiny_llama_rewritten(tmp_path, op: str):
 def test_rewrite_sites_verified_on_litert(op, tmp_path):
     """`pe-export rewrite --runtimes litert`: the rewritten tiny Llama converts, and its cos/sin (tables) or
     rotated q/k (decomposed) agree with the float64 reference up to the table's end (32767)."""
-    from pe_export.rewriter import verify
+    from pe_export.rewriter import checks as verify
 
     original, result = tiny_llama_rewritten(tmp_path, op)
     rows = verify.check_sites(original, result.model, result.sites, ("litert",))
@@ -156,7 +157,7 @@ def test_litert_gets_the_whole_transformers_llama_wrong_original_and_rewritten_a
     rewritten --op decomposed 0.50 at batch 1, positions 0-15.) The per-site rows above hold."""
     import numpy as np
 
-    from pe_export.rewriter import verify
+    from pe_export.rewriter import checks as verify
     from pe_export.runtimes import GRAPH_RUNTIMES
 
     original, _ = tiny_llama_rewritten(tmp_path, "tables")

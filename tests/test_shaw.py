@@ -21,7 +21,7 @@ from pe_export.encodings import ENCODINGS
 from pe_export.encodings.shaw import ShawParams, tables
 from pe_export.dtypes import numpy_dtype
 from pe_export.spec import Spec
-from pe_export.parity import bound
+from pe_export.verification.tolerances import bound
 
 torch = pytest.importorskip("torch")
 

@@ -1,8 +1,9 @@
-"""The package's modules import downward only: no import circle, imports inside functions counted.
+"""The package's modules import downward only: no import circle, no import that climbs a layer,
+imports inside functions counted.
 
-Walks the source of every module of the installed layout (`pe_export/`, `custom_ops/` as
-`pe_export.custom_ops`, `cli/` as `pe_export.cli`) with `ast`, so an import hidden in a function body
-is an edge like any other, and fails naming every circle it finds.
+Walks the source of every module of `pe_export/` with `ast`, so an import hidden in a function body is
+an edge like any other, and fails naming every circle and every upward import it finds. The layers
+are LAYERS below, the one place they are written (docs/architecture.md explains them).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = {"pe_export": ROOT / "pe_export", "pe_export.custom_ops": ROOT / "custom_ops", "pe_export.cli": ROOT / "cli"}
+PACKAGES = {"pe_export": ROOT / "pe_export"}
 
 
 def modules() -> dict[str, Path]:
@@ -48,6 +49,42 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
         if t and t != name:
             resolved.add(t)
     return resolved
+
+
+# The layers, bottom first: a module may import from its own layer and the layers below it. A name
+# stands for that module and everything under it (`pe_export` for the package root alone); the longest
+# matching name decides a module's layer, and a module no name covers fails the test.
+LAYERS = (
+    ("pe_export.errors", "pe_export.dtypes", "pe_export.registry", "pe_export.presets", "pe_export.files",
+     "pe_export.spec", "pe_export.weights"),  # leaves: no torch, no onnx at import
+    ("pe_export.scaling", "pe_export.hf_config"),  # RoPE scaling rules; Hugging Face configs read into them
+    ("pe_export.custom_ops",),  # the rotation math, the torch custom op and its three ONNX lowerings
+    ("pe_export.encodings",),  # one file per encoding, their contracts, probes and float64 references
+    ("pe_export.runtimes",),  # one adapter per runtime, the worker process that isolates each
+    ("pe_export.verification",),  # tolerances, the parity check, reports, bundles
+    ("pe_export.pipeline",),  # spec -> checked, packaged ONNX file -> verified
+    ("pe_export.tools",),  # bench, plot, inspect, the compatibility matrix
+    ("pe_export.rewriter",),  # whole exported models: find RoPE sites, rewrite, check
+    ("pe_export", "pe_export.api"),  # the public API
+    ("pe_export.cli",),  # parses and prints
+)  # fmt: skip
+
+
+def layer_of(module: str) -> int:
+    best, found = -1, None
+    for i, names in enumerate(LAYERS):
+        for name in names:
+            if (module == name or (module.startswith(name + ".") and name != "pe_export")) and len(name) > best:
+                best, found = len(name), i
+    if found is None:
+        raise AssertionError(f"{module} is in no layer of LAYERS")
+    return found
+
+
+def upward(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a module from a higher layer, as 'importer -> imported'."""
+    return sorted(f"{a} (layer {layer_of(a)}) -> {b} (layer {layer_of(b)})"
+                  for a, targets in graph.items() for b in targets if layer_of(b) > layer_of(a))  # fmt: skip
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -95,6 +132,17 @@ def test_the_walker_sees_imports_inside_functions(tmp_path):
     assert circles(graph) == [["pkg.a", "pkg.b"]]
 
 
+def test_the_layer_check_fails_on_an_upward_import():
+    """The check itself can fail: an encoding importing the verification layer is reported."""
+    graph = {"pe_export.encodings.rope": {"pe_export.verification.parity"}, "pe_export.verification.parity": set()}
+    assert upward(graph) == ["pe_export.encodings.rope (layer 3) -> pe_export.verification.parity (layer 5)"]
+
+
+def test_every_module_is_in_a_layer_and_imports_downward():
+    found = upward(import_graph())
+    assert not found, "imports that climb a layer (tests/test_structure.py LAYERS):\n" + "\n".join(found)
+
+
 def test_no_import_circles():
     found = circles(import_graph())
     assert not found, "import circles (each line one circle; imports inside functions count):\n" + "\n".join(
@@ -105,7 +153,8 @@ def test_no_import_circles():
 def test_the_rewrite_clis_import_free_copies_match_the_library():
     """cli/rewrite.py keeps copies of the rewriter's choices so that `--help` imports no onnxscript."""
     from pe_export.cli import rewrite
-    from pe_export.rewriter import core, verify
+    from pe_export.rewriter import core
 
+    from pe_export.rewriter import checks as verify
     assert rewrite.OPS == core.OPS and rewrite.RUNTIMES == verify.RUNTIMES
     assert rewrite.DEFAULT_RUNTIMES == verify.DEFAULT_RUNTIMES

@@ -15,7 +15,7 @@ from conftest import assert_verified, exported, ort_cpu_session
 from pe_export.encodings import ENCODINGS
 from pe_export.encodings.transformer_xl import TransformerXLParams, learned, sinusoid
 from pe_export.spec import Spec
-from pe_export.parity import bound
+from pe_export.verification.tolerances import bound
 
 # ------------------------------------------------------------------------------------------------
 # The oracle: kimiyoung/transformer-xl pytorch/mem_transformer.py at commit

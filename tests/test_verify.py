@@ -14,7 +14,11 @@ from test_cli import invoke
 
 from pe_export.runtimes import HEAVY_RUNTIMES
 from pe_export.spec import Spec
-from pe_export.parity import RUNTIMES, TOLERANCES, Skip, check, make_probes, parse_positions, probe_bounds, verdict
+from pe_export.runtimes import RUNTIMES, Skip
+from pe_export.verification.tolerances import TOLERANCES
+from pe_export.verification.parity import check, verdict
+from pe_export.encodings.probing import make_probes, parse_positions
+from pe_export.verification.out_of_range import probe_bounds
 
 # dim 2 with the paper's layout: PE(p) = [sin(p), cos(p)], the answer without any of pe-export's code.
 TINY = Spec(encoding="sinusoidal", params={"dim": 2, "max_positions": 8}, op="decomposed", opset=17)
@@ -97,7 +101,7 @@ def test_cuda_fallback_to_cpu_is_a_failure(monkeypatch):
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(ort, "InferenceSession", FallsBack)
-    monkeypatch.setattr("pe_export.worker.IN_PROCESS", {"torch", "ort-cuda"})  # where the patched ORT is
+    monkeypatch.setattr("pe_export.runtimes.worker.IN_PROCESS", {"torch", "ort-cuda"})  # where the patched ORT is
     row = check(TINY, exported(TINY), runtimes=("ort-cuda",))[0]
     assert row.verdict == "FAIL"
     assert "asked for CUDAExecutionProvider but the session runs on CPUExecutionProvider" in row.note
@@ -150,7 +154,7 @@ def test_a_huge_positions_range_is_refused_before_it_is_built(tmp_path):
 def test_an_infinite_error_keeps_its_position_and_the_report_is_standard_json(monkeypatch):
     """A runtime whose output is NaN at position 5 and -inf at position 2 (the truth is finite there):
     both are infinite errors, the worst there are, and both must stay in the error-by-position curve."""
-    from pe_export.report import render, verify_doc
+    from pe_export.verification.report import render, verify_doc
 
     import fake_runtimes
 
@@ -226,7 +230,7 @@ def test_one_tolerance_table_with_reasons():
 @pytest.mark.parametrize("shard", ["1/2", pytest.param("2/2", marks=pytest.mark.slow)])
 def test_matrix_quick_report_has_every_expected_row(shard, tmp_path):
     """Half the quick matrix by default (about 90 s here), the other half under -m slow: together every case."""
-    from pe_export import matrix
+    from pe_export.tools import matrix
 
     report = tmp_path / "quick.json"
     result = invoke("matrix", "--quick", "--runtimes", "torch,ort-cpu,onnx-reference", "--shard", shard, "--report", str(report), cwd=tmp_path)
@@ -247,7 +251,7 @@ def test_matrix_quick_report_has_every_expected_row(shard, tmp_path):
 
 
 def test_matrix_shards_split_the_cases():
-    from pe_export import matrix
+    from pe_export.tools import matrix
 
     everything = matrix.cases()
     parts = [matrix.shard(everything, i, 3) for i in (1, 2, 3)]
@@ -279,10 +283,10 @@ def test_bad_matrix_options_exit_2(args, message):
 
 
 def test_matrix_failure_exits_1_with_a_bundle(tmp_path, monkeypatch):
-    import pe_export.parity
+    import pe_export.verification.parity
 
-    real = pe_export.parity.bound
-    monkeypatch.setattr(pe_export.parity, "bound", lambda spec, inputs: real(spec, inputs) / 1e6)  # a planted bug
+    real = pe_export.verification.parity.bound
+    monkeypatch.setattr(pe_export.verification.parity, "bound", lambda spec, inputs: real(spec, inputs) / 1e6)  # a planted bug
     report = tmp_path / "m.md"
     result = invoke("matrix", "--presets", "bloom-alibi", "--dtypes", "fp32", "--runtimes", "ort-cpu", "--report", str(report), cwd=tmp_path)
     assert result.exit_code == 1
@@ -293,22 +297,22 @@ def test_matrix_failure_exits_1_with_a_bundle(tmp_path, monkeypatch):
 
 def fake_matrix(monkeypatch, write_bundle):
     """run_case with the export and the check replaced: every case fails on one row."""
-    import pe_export.onnx_export
-    import pe_export.parity
-    from pe_export.parity import Row
+    import pe_export.pipeline.onnx_export
+    import pe_export.verification.parity
+    from pe_export.verification.parity import Row
 
     class Model:
         def SerializeToString(self):
             return b"onnx"
 
-    monkeypatch.setattr(pe_export.onnx_export, "build", lambda spec: Model())
-    monkeypatch.setattr(pe_export.parity, "check", lambda spec, data, runtimes, seed: [Row("ort-cpu", "cpu", spec.dtype, "FAIL", note="planted")])
-    monkeypatch.setattr(pe_export.parity, "write_bundle", write_bundle)
+    monkeypatch.setattr(pe_export.pipeline.onnx_export, "build", lambda spec: Model())
+    monkeypatch.setattr(pe_export.verification.parity, "check", lambda spec, data, runtimes, seed: [Row("ort-cpu", "cpu", spec.dtype, "FAIL", note="planted")])
+    monkeypatch.setattr(pe_export.verification.parity, "write_bundle", write_bundle)
 
 
 def test_every_quick_case_fails_into_its_own_bundle_and_counts_once(tmp_path, monkeypatch):
     """--quick has llama-rope onnx fp32 at 256 and at 8192 positions: their files and bundles differ."""
-    from pe_export import matrix
+    from pe_export.tools import matrix
 
     def write_bundle(folder, *args):
         folder.mkdir(parents=True)  # as the real one: the folder must not exist yet
@@ -327,7 +331,7 @@ def test_every_quick_case_fails_into_its_own_bundle_and_counts_once(tmp_path, mo
 
 
 def test_a_bundle_that_cannot_be_written_does_not_count_the_case_twice(tmp_path, monkeypatch):
-    from pe_export import matrix
+    from pe_export.tools import matrix
 
     def write_bundle(folder, *args):
         raise OSError("No space left on device")

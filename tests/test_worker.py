@@ -1,4 +1,4 @@
-"""One process per runtime (pe_export.worker): a runtime that aborts or hangs is a CRASH or TIMEOUT
+"""One process per runtime (pe_export.runtimes.worker): a runtime that aborts or hangs is a CRASH or TIMEOUT
 row and every other row completes; the report, the reproduction bundle and the exit code are those of
 a failure; --probe-bounds reports "aborts the process" as an outcome of its own (tract, for real, on a
 position past its table); a check reuses one worker per runtime for all its probes."""
@@ -10,9 +10,11 @@ import pytest
 from conftest import exported, rope_spec
 from test_cli import invoke
 
-from pe_export import worker
+from pe_export.runtimes import worker
 from pe_export.runtimes import Skip
-from pe_export.parity import FAILED, RUNTIMES, check, probe_bounds, verdict
+from pe_export.verification.parity import FAILED, check, verdict
+from pe_export.runtimes import RUNTIMES
+from pe_export.verification.out_of_range import probe_bounds
 
 SPEC = rope_spec(op="decomposed")  # llama-like RoPE, 256 positions: every runtime here loads it
 

@@ -19,7 +19,7 @@ from pe_export.encodings.randomized import randomized
 from pe_export.encodings.xpos import XposParams, largest_scale
 from pe_export.presets import PRESETS
 from pe_export.spec import Spec
-from pe_export.training import cape_positions, sample_positions
+from pe_export.encodings.training import cape_positions, sample_positions
 
 # ------------------------------------------------------------------------------------------------
 # torchscale XPOS, microsoft/torchscale@776b070 torchscale/component/xpos_relative_position.py, re-typed.
@@ -182,7 +182,7 @@ def test_xpos_scale_table_off_by_a_few_roundings_fails(dtype, scale):
     the fp16 and bf16 cases at 0.58."""
     from onnx import numpy_helper
 
-    from pe_export.parity import check
+    from pe_export.verification.parity import check
 
     spec = xpos_spec(dtype, max_positions=512)
     model = onnx.load_from_string(exported(spec))
@@ -356,7 +356,7 @@ def test_randomized_rope_keeps_rope_targets(op, dtype):
 
     p = PRESETS["randomized-rope"]
     spec = Spec(encoding=p.encoding, params=p.params, op=op, opset=OP_TARGETS[op].min_opset, dtype=dtype)
-    from pe_export.parity import check
+    from pe_export.verification.parity import check
 
     rows = {r.runtime: r for r in check(spec, exported(spec), runtimes=("torch", "ort-cpu"))}
     assert all(r.verdict == "pass" for r in rows.values()), [r.note for r in rows.values()]
@@ -366,7 +366,7 @@ def test_randomized_rope_keeps_rope_targets(op, dtype):
 def test_randomized_wraps_absolute_and_bias_encodings():
     """The same wrapper over sinusoidal (NOISY_SIN_COS) and ALiBi, fed sampled positions: parity, and the
     refusal of noise_max_length < train_length."""
-    from pe_export.parity import check
+    from pe_export.verification.parity import check
 
     for name, params in (("sinusoidal", dict(dim=64)), ("alibi", dict(heads=4))):
         enc = randomized(ENCODINGS.get(name))

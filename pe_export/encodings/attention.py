@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding
-from pe_export.encodings.common import CONTRACTS, attention_magnitude, contract_of, softmax_np
+from pe_export.encodings.contracts import CONTRACTS, contract_of
+from pe_export.encodings.bounds import attention_magnitude, softmax_np
 
 LAYER_PARAMS = ("attention", "attention_head_dim", "attention_causal")
 

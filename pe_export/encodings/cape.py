@@ -9,7 +9,7 @@ Flashlight recipe") in eval mode, with its positions `pos_scale * arange(T)` rep
     PE[2i] = sin(p * w_i),  PE[2i + 1] = cos(p * w_i)                         (B, S, dim), interleaved
 With pos_scale 1, freq_scale 1 and no normalisation this is the sinusoidal encoding (the paper's
 interleaved layout). The training-time augmentations (global shift, local shift, global scaling) are
-random and never exported: `pe_export.training.cape_positions` applies them; their maxima are
+random and never exported: `pe_export.encodings.training.cape_positions` applies them; their maxima are
 parameters here only so that the spec records the recipe the model was trained with.
 
 Numerics. Without `normalize` the embedding is a float64 (P, dim) table read at the positions (one
@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding, parse
-from pe_export.encodings.common import check_positions, contract, guard, take
+from pe_export.encodings.table_reads import check_positions, guard, take
+from pe_export.encodings.contracts import contract
 from pe_export.encodings.size import check_size
 from pe_export.dtypes import torch_dtype
 
@@ -40,7 +41,7 @@ class CapeParams:
     pos_scale: float = 1.0
     freq_scale: float = 1.0
     normalize: bool = False
-    max_global_shift: float = 0.0  # training only (pe_export.training), not in the graph
+    max_global_shift: float = 0.0  # training only (pe_export.encodings.training), not in the graph
     max_local_shift: float = 0.0  # training only
     max_global_scaling: float = 1.0  # training only
     max_positions: int = 2048
@@ -100,7 +101,7 @@ def cape_reference(spec, inputs: dict) -> np.ndarray:
 
 def embed_torch(positions, p: CapeParams):
     """Torch form for float positions (B, S) -> (B, S, dim), interleaved sin/cos: what a model trained
-    with `pe_export.training.cape_positions` adds to its input."""
+    with `pe_export.encodings.training.cape_positions` adds to its input."""
     import torch
 
     w = torch.from_numpy(freq(p)).to(positions.dtype)  # (dim/2,); pos_scale is already in the positions

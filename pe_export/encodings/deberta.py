@@ -47,7 +47,10 @@ import numpy as np
 
 from pe_export import weights
 from pe_export.encodings import ENCODINGS, Encoding, parse
-from pe_export.encodings.common import attention_magnitude, attention_probes, check_positions, contract, guard, softmax_np, take
+from pe_export.encodings.bounds import attention_magnitude, softmax_np
+from pe_export.encodings.probes import attention_probes
+from pe_export.encodings.table_reads import check_positions, guard, take
+from pe_export.encodings.contracts import contract
 from pe_export.encodings.size import check_size
 
 POS_ATT_TYPES = ("c2p", "p2c")

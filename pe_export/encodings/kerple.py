@@ -28,7 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding, parse
-from pe_export.encodings.common import check_positions, contract, guard, mask_later_keys, table_magnitude, take
+from pe_export.encodings.table_reads import check_positions, guard, mask_later_keys, take
+from pe_export.encodings.contracts import contract
+from pe_export.encodings.bounds import table_magnitude
 from pe_export.encodings.size import check_size
 
 VARIANTS = ("log", "power")

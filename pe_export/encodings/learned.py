@@ -16,7 +16,7 @@ import numpy as np
 
 from pe_export import weights
 from pe_export.encodings import ENCODINGS
-from pe_export.encodings.common import table_encoding
+from pe_export.encodings.contracts import table_encoding
 from pe_export.encodings.size import check_size
 
 INIT_STD = 0.02

@@ -4,7 +4,7 @@ Generalization of Transformers", arXiv 2305.16843), as google-deepmind/randomize
 random subset of [0, M) instead of 0 .. N-1, `M = noise_max_length` > N, so that every table row up to M
 is seen in training and a test sequence longer than N still reads trained rows.
 
-The sampling is training-time randomness and never exported (`pe_export.training.sample_positions`).
+The sampling is training-time randomness and never exported (`pe_export.encodings.training.sample_positions`).
 The export is the wrapped encoding itself over a table of M rows, with the positions as an input
 (`position_ids`, or `query_positions` / `key_positions`), so a caller feeds sampled or ordinary
 positions: `randomized(enc)` is `enc` with the same contract, module, reference, probes and op targets
@@ -59,7 +59,7 @@ def randomized(enc: Encoding) -> Encoding:
         return dataclasses.replace(spec, encoding=enc.name, params={k: v for k, v in spec.params.items() if k != "train_length"})
 
     def probes(spec, rng, batch=2):
-        from pe_export.parity import user_probe
+        from pe_export.encodings.probing import user_probe
 
         p = parse(params, spec)
         cases = enc.probes(inner(spec), rng, batch)

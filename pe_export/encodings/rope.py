@@ -14,7 +14,7 @@ forward, which forms `inv_freq` and the positions in float32 and multiplies them
 cos/sin of those float32 angles is then taken in float64. The float32 `inv_freq` is computed with
 torch's float32 ops exactly as transformers computes it (see `pe_export/scaling`).
 
-Computed tables (`tables="computed"`, `pe_export.modules.ComputedTablesRotary`): cos/sin computed in
+Computed tables (`tables="computed"`, `pe_export.encodings.modules.ComputedTablesRotary`): cos/sin computed in
 the graph from the positions in float32, as transformers' forward does: `inv_freq` (R/2,) is the one
 constant, rounded once to float32; angle = float(position) * inv_freq in float32; Cos, Sin, the
 attention factor, a cast to the export dtype. The file holds R/2 floats instead of 2 * P * R/2.
@@ -44,9 +44,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding, parse
-from pe_export.encodings.common import CONTRACTS, position_cases
+from pe_export.encodings.contracts import CONTRACTS
+from pe_export.encodings.probes import position_cases
 from pe_export.encodings.size import check_size
-from pe_export.rotation import apply_reference, apply_torch, heads_axis  # noqa: F401 (re-exported)
+from pe_export.custom_ops.rotation import apply_reference, apply_torch, heads_axis  # noqa: F401 (re-exported)
 from pe_export.scaling import SCALING_RULES, check_param, rule_params
 from pe_export.spec import LAYOUTS, OP_NAMES
 
@@ -69,7 +70,7 @@ class RopeParams:
     scaling: str = "default"
     scaling_params: dict = field(default_factory=dict)  # the rule's own parameters (factor, ...)
     angles: str = "float64"
-    tables: str = "constant"  # "computed": cos/sin computed in the graph in float32 (pe_export.modules.ComputedTablesRotary)
+    tables: str = "constant"  # "computed": cos/sin computed in the graph in float32 (pe_export.encodings.modules.ComputedTablesRotary)
 
     def __post_init__(self):
         if self.rotary_dim is None:
@@ -103,7 +104,7 @@ class RopeParams:
             )
 
 
-    # The calls pe_export.modules makes, so that the torch modules need no import of this file.
+    # The calls pe_export.encodings.modules makes, so that the torch modules need no import of this file.
     def frequencies(self, seq_len: int | None = None) -> tuple[np.ndarray, float]:
         return inv_freq(self, seq_len)
 
@@ -223,8 +224,8 @@ def tables(p: RopeParams, seq_len: int | None = None) -> tuple[np.ndarray, np.nd
 
 
 def rope_module(spec):
-    """The PyTorch original of a RoPE spec: one of pe_export.modules' RoPE modules, in eval mode."""
-    from pe_export.modules import ComputedTablesRotary, RotaryEmbedding, RuntimeRotary
+    """The PyTorch original of a RoPE spec: one of pe_export.encodings.modules' RoPE modules, in eval mode."""
+    from pe_export.encodings.modules import ComputedTablesRotary, RotaryEmbedding, RuntimeRotary
 
     p = parse(RopeParams, spec)
     cls = RuntimeRotary if computed_in_graph(p) else ComputedTablesRotary if p.tables == "computed" else RotaryEmbedding

@@ -27,7 +27,9 @@ import numpy as np
 
 from pe_export import weights
 from pe_export.encodings import ENCODINGS, Encoding, parse
-from pe_export.encodings.common import attention_magnitude, check_positions, contract, guard, softmax_np, take
+from pe_export.encodings.bounds import attention_magnitude, softmax_np
+from pe_export.encodings.table_reads import check_positions, guard, take
+from pe_export.encodings.contracts import contract
 
 
 @dataclass(frozen=True, kw_only=True)

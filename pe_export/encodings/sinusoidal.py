@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pe_export.encodings import ENCODINGS
-from pe_export.encodings.common import table_encoding
+from pe_export.encodings.contracts import table_encoding
 from pe_export.encodings.size import check_size
 
 VARIANTS = ("interleaved", "concat", "tensor2tensor")

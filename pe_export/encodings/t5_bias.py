@@ -19,7 +19,8 @@ import numpy as np
 
 from pe_export import weights
 from pe_export.encodings import ENCODINGS, Encoding, parse
-from pe_export.encodings.common import check_positions, contract, guard, take
+from pe_export.encodings.table_reads import check_positions, guard, take
+from pe_export.encodings.contracts import contract
 from pe_export.encodings.size import check_size
 
 

@@ -32,7 +32,10 @@ import numpy as np
 
 from pe_export import weights
 from pe_export.encodings import ENCODINGS, Encoding, parse
-from pe_export.encodings.common import attention_magnitude, attention_probes, contract, softmax_np, take
+from pe_export.encodings.bounds import attention_magnitude, softmax_np
+from pe_export.encodings.probes import attention_probes
+from pe_export.encodings.contracts import contract
+from pe_export.encodings.table_reads import take
 from pe_export.encodings.size import check_size
 
 # Seeded weights: u and v like q (N(0, 1)); W_r as nn.Linear(d_model, H * D) so that W_r R ~ N(0, 1/2).

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding, parse
-from pe_export.encodings.common import check_positions, guard, position_cases, take
+from pe_export.encodings.table_reads import check_positions, guard, take
+from pe_export.encodings.probes import position_cases
 from pe_export.encodings.rope import apply_reference, apply_torch, rope_locate
 from pe_export.encodings.size import check_size
 
@@ -162,7 +163,7 @@ def xpos_module(spec):
 def xpos_example_inputs(spec):
     import torch
 
-    from pe_export.encodings.common import dims
+    from pe_export.encodings.probes import dims
     from pe_export.dtypes import torch_dtype
 
     p = parse(XposParams, spec)

@@ -17,6 +17,6 @@ when the conversion would change its arithmetic. GroupQueryAttention keeps do_ro
 under every --op: its rotation is ORT's attention kernel, which pe-export does not unfuse.
 """
 
-from pe_export.rewriter.api import rewrite
+from pe_export.rewriter.apply import rewrite
 
 __all__ = ["rewrite"]

@@ -64,7 +64,7 @@ def rewrite_model(model: ir.Model, config, seq: int | None = None, op: str = "ta
         raise BadInput(f"--op {op}: site {computed[0]!r} is dynamic NTK: its cos/sin are computed at run time from "
                        "max(position) + 1 (no table for pe-export's rotation lowerings to read); use --op tables")  # fmt: skip
     if op != "tables":
-        from pe_export.rewriter.rotations import replace_rotations
+        from pe_export.rewriter.lowering import replace_rotations
 
         replace_rotations(model, job)
     spec = {

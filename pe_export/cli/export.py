@@ -1,0 +1,304 @@
+"""The export commands: one per preset (`pe-export PRESET ...`), `from-config`, and `list`.
+
+Each parses its options into the preset's parameters and runs the library's pipeline
+(pe_export.pipeline.artifact) step by step, printing each step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from pe_export.cli.common import choices, fail, out, parse_runtimes
+from pe_export.cli.verify import exit_on, finish, print_rows
+from pe_export.dtypes import DTYPES
+from pe_export.encodings.rope import ANGLES, PAIRINGS, TABLES
+from pe_export.pipeline.packaging import FORMATS, OPTIMIZE_LEVELS, OPTIMIZE_PROVIDERS
+from pe_export.pipeline.artifact import WEIGHT_FIELDS
+from pe_export.presets import PRESETS, Preset
+from pe_export.scaling import dynamic, longrope
+from pe_export.spec import LAYOUTS, OP_NAMES
+
+app = typer.Typer()
+
+Op = choices("Op", OP_NAMES)
+DType = choices("DType", DTYPES)
+Layout = choices("Layout", LAYOUTS)
+Pairing = choices("Pairing", PAIRINGS)
+Angles = choices("Angles", ANGLES)
+LongropeMode = choices("LongropeMode", longrope.MODES)
+DynamicMode = choices("DynamicMode", dynamic.MODES)
+
+
+@app.command("list")
+def list_presets():
+    """List the presets, what each one is, and the parameters it sets."""
+    table = Table("preset", "encoding", "scaling", "description", "parameters")
+    for p in PRESETS.values():
+        params = {k: v for k, v in p.params.items() if k not in ("scaling", "scaling_params")}
+        scaling = p.params.get("scaling", "")
+        if p.params.get("scaling_params"):
+            scaling += " (" + ", ".join(f"{k}={v}" for k, v in p.params["scaling_params"].items()) + ")"
+        table.add_row(p.name, p.encoding, scaling, p.description, ", ".join(f"{k}={v}" for k, v in params.items()))
+    out.print(table)
+
+
+# Options every export command takes, whatever the encoding.
+CommonOptions = dict(
+    seq=(Annotated[Optional[int], typer.Option("--seq", help="The largest position + 1 the graph accepts (table length).")], None),
+    output=(Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: PRESET.onnx in the current folder).")], None),
+    op=(Annotated[Optional[choices("OpChoice", (*OP_NAMES, "auto"))], typer.Option(help="ONNX target: standard op, ORT contrib op, or plain ops (RoPE; the others are plain ops); auto: the best the opset and runtime take.")], None),
+    dtype=(Annotated[DType, typer.Option(help="dtype of the float inputs, outputs and tables.")], DType("fp32")),
+    opset=(Annotated[Optional[int], typer.Option(help="ONNX opset (default: the lowest the target takes).")], None),
+    attention=(Annotated[bool, typer.Option("--attention", help="Export one attention layer (query, key, value -> output) with the encoding applied as its paper does.")], False),
+    attention_head_dim=(Annotated[Optional[int], typer.Option(help="--attention with a bias encoding: head dim of query and key (default 64).")], None),
+    attention_causal=(Annotated[Optional[bool], typer.Option("--attention-causal/--attention-bidirectional", help="--attention with an absolute or rotary encoding: mask keys after their query.")], None),
+    force=(Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")], False),
+    report=(Annotated[Optional[Path], typer.Option(help="Also write the parity report: FILE.json, or FILE.md for Markdown.")], None),
+    seed=(Annotated[int, typer.Option(min=0, help="Seed of the random verification inputs.")], 0),
+    runtimes=(Annotated[Optional[str], typer.Option(help="Runtimes that verify the export, comma separated (default: every one; see pe-export verify).")], None),
+    static_shapes=(Annotated[Optional[str], typer.Option(help="Fixed input sizes, no symbolic dims (NPUs): B,S (B,S,H for RoPE: H heads; 1,S for a bias).")], None),
+    format=(Annotated[Optional[choices("Format", FORMATS)], typer.Option(help="ort: also write ONNX Runtime's .ort file beside the .onnx (ORT's own converter), verified.")], None),
+    optimize=(Annotated[Optional[choices("OptimizeLevel", OPTIMIZE_LEVELS)], typer.Option(help="Also write ORT's offline-optimised graph at this level (FILE.opt-LEVEL-PROVIDER.onnx), verified.")], None),
+    optimize_provider=(Annotated[Optional[choices("OptimizeProvider", OPTIMIZE_PROVIDERS)], typer.Option(help="Execution provider --optimize optimises for (default cpu).")], None),
+    external_data=(Annotated[Optional[bool], typer.Option("--external-data/--no-external-data", help="Tables in FILE.onnx.data beside the model (default: on above 1 GiB of tables).")], None),
+)  # fmt: skip
+
+
+def with_signature(fn, options: dict):
+    """Give `fn(**kwargs)` the signature Typer reads: {name: (annotation, default)}."""
+    kind = inspect.Parameter.KEYWORD_ONLY
+    fn.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, kind, annotation=a, default=d) for n, (a, d) in options.items()]
+    )
+    return fn
+
+
+def layer_params(options) -> dict:
+    """The --attention parameters, recorded only when asked for."""
+    if not options["attention"]:
+        if options["attention_head_dim"] is not None or options["attention_causal"] is not None:
+            fail("--attention-head-dim and --attention-causal/--attention-bidirectional need --attention")
+        return {}
+    layer = {"attention": True, "attention_head_dim": options["attention_head_dim"], "attention_causal": options["attention_causal"]}
+    return {k: v for k, v in layer.items() if v is not None}
+
+
+def make_export_command(preset: Preset):
+    return (make_rope_command if preset.encoding == "rope" else make_generic_command)(preset)
+
+
+def make_rope_command(preset: Preset):
+    def export_command(
+        layout: Annotated[Layout, typer.Option(help="x as (batch, heads, seq, dim) or (batch, seq, heads, dim).")] = Layout("bhsd"),
+        angles: Annotated[
+            Angles, typer.Option(help="float64: exact tables; float32: transformers' float32 angles, bit for bit.")
+        ] = Angles("float64"),
+        tables: Annotated[
+            Optional[choices("Tables", TABLES)],
+            typer.Option(help="constant: cos/sin tables in the file (default); computed: cos/sin computed in the graph in float32 from the positions (a tiny file, less accurate at large positions)."),
+        ] = None,  # fmt: skip
+        theta: Annotated[Optional[float], typer.Option(help="RoPE base.")] = None,
+        head_dim: Annotated[Optional[int], typer.Option(help="Head dimension D.")] = None,
+        rotary_dim: Annotated[Optional[int], typer.Option(help="Rotated dims R, for partial rotary (default: the whole head).")] = None,
+        pairing: Annotated[
+            Optional[Pairing], typer.Option(help="half: pairs (i, i+R/2) as Llama-HF; interleaved: (2i, 2i+1) as GPT-J.")
+        ] = None,
+        scaling: Annotated[
+            Optional[str], typer.Option(help="RoPE scaling rule, replacing the preset's (and its parameters).")
+        ] = None,
+        scaling_param: Annotated[
+            Optional[list[str]],
+            typer.Option("--scaling-param", help="KEY=VALUE for the scaling rule, repeatable; VALUE is JSON (4.0, [1.0, 1.1], true)."),
+        ] = None,  # fmt: skip
+        longrope_mode: Annotated[
+            Optional[LongropeMode],
+            typer.Option(help="longrope only. runtime: switch to the long factors past the original length, as "
+                         "transformers (default); long: long factors everywhere, as vLLM (keeps a KV cache consistent)."),
+        ] = None,  # fmt: skip
+        dynamic_mode: Annotated[
+            Optional[DynamicMode],
+            typer.Option(help="dynamic only. runtime: the graph computes the base from its positions, as "
+                         "transformers (default); fixed: one table for --seq, as vLLM."),
+        ] = None,  # fmt: skip
+        hf_config: Annotated[
+            Optional[Path], typer.Option("--config", help="Take the RoPE parameters from a local Hugging Face config.json instead of the preset's (as from-config does).")
+        ] = None,  # fmt: skip
+        **common,
+    ):
+        base = preset.params
+        if hf_config is not None:
+            from pe_export.hf_config import rope_params_from_config
+
+            try:
+                base = rope_params_from_config(hf_config, max_positions=common["seq"])
+            except ValueError as e:
+                fail(str(e))
+            out.print(f"{hf_config}: " + ", ".join(f"{k}={v}" for k, v in base.items()), soft_wrap=True)
+        from pe_export.encodings.rope import with_overrides
+
+        try:
+            params = with_overrides(
+                base, max_positions=common["seq"], theta=theta, head_dim=head_dim, rotary_dim=rotary_dim,
+                pairing=pairing.value if pairing else None, angles=angles.value, tables=tables.value if tables else "constant",
+                scaling=scaling, scaling_updates=parse_scaling_params(scaling_param) if scaling_param else None,
+                longrope_mode=longrope_mode.value if longrope_mode else None, dynamic_mode=dynamic_mode.value if dynamic_mode else None,
+            )  # fmt: skip
+        except ValueError as e:
+            fail(str(e))
+        run_export(preset, {**params, **layer_params(common)}, layout.value, common)
+
+    own = inspect.signature(export_command, eval_str=True).parameters
+    options = {n: (q.annotation, q.default) for n, q in own.items() if n != "common"}
+    with_signature(export_command, {**options, **CommonOptions})
+    export_command.__doc__ = f"{preset.description}. Exports, checks and verifies an ONNX file."
+    return export_command
+
+
+
+
+def make_generic_command(preset: Preset):
+    """An export command whose options are the encoding's parameter fields (`--num-buckets`, `--causal/
+    --no-causal`, ...), each defaulting to the preset's value; learned encodings add --weights/--key."""
+    import dataclasses
+    import typing
+
+    from pe_export.encodings import ENCODINGS
+
+    cls = ENCODINGS.get(preset.encoding).params
+    hints = typing.get_type_hints(cls)
+    options = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "max_positions" or f.name in WEIGHT_FIELDS:
+            continue
+        kind = typing.get_args(hints[f.name])[0] if typing.get_args(hints[f.name]) else hints[f.name]  # X | None -> X
+        if kind is dict:  # a nested block (a wrapped RoPE's scaling_params): the preset's, not an option
+            continue
+        flag = f"--{f.name.replace('_', '-')}"
+        decl = [f"{flag}/--no-{f.name.replace('_', '-')}"] if kind is bool else [flag]
+        shown = preset.params.get(f.name, None if f.default is dataclasses.MISSING else f.default)
+        options[f.name] = (Annotated[Optional[kind], typer.Option(*decl, help=f"{preset.encoding} {f.name} (preset: {shown}).")], None)
+    learned = "weights_seed" in {f.name for f in dataclasses.fields(cls)}
+    if learned:
+        options |= dict(
+            weights=(Annotated[Optional[Path], typer.Option(help="Learned weights: a .safetensors file or a torch state dict.")], None),
+            key=(Annotated[Optional[str], typer.Option(help="Name of the tensor in --weights.")], None),
+            weights_seed=(Annotated[Optional[int], typer.Option(min=0, help="Seed of the random weights used without --weights.")], None),
+        )
+
+    def export_command(**kw):
+        params = {**preset.params, **{k: v for k, v in kw.items() if k in options and v is not None}}
+        if kw["seq"] is not None:
+            params["max_positions"] = kw["seq"]
+        if learned and (kw["weights"] is not None or kw["key"] is not None):
+            params |= load_weights_params(kw)
+        run_export(preset, {**params, **layer_params(kw)}, "bhsd", kw)
+
+    with_signature(export_command, {**options, **CommonOptions})
+    export_command.__doc__ = f"{preset.description}. Exports, checks and verifies an ONNX file."
+    return export_command
+
+
+def load_weights_params(kw) -> dict:
+    """--weights FILE --key NAME, checked together, as the parameters that name the learned table."""
+    from pe_export.pipeline.artifact import weights_source
+
+    if kw["weights"] is None or kw["key"] is None:
+        fail("--weights FILE and --key NAME go together")
+    if kw["weights_seed"] is not None:
+        fail("--weights-seed applies to random weights; drop it with --weights")
+    try:
+        return weights_source(kw["weights"], kw["key"])
+    except ValueError as e:
+        fail(str(e))
+
+
+def parse_scaling_params(items: list[str]) -> dict:
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            fail(f"--scaling-param takes KEY=VALUE, got {item!r}")
+        try:
+            parsed[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            fail(f"--scaling-param {key.strip()}: VALUE must be JSON (a number, a list, true or false), got {value!r}")
+    return parsed
+
+
+for _preset in PRESETS.values():
+    app.command(_preset.name)(make_export_command(_preset))
+
+
+def from_config_command(config: Path, **options):
+    """Read RoPE parameters from a local Hugging Face config.json, print them, then export and verify."""
+    from pe_export.encodings.rope import RopeParams
+    from pe_export.hf_config import rope_params_from_config
+
+    try:
+        params = rope_params_from_config(config, max_positions=options.get("seq"))
+        RopeParams(**params)  # validate before printing anything
+    except ValueError as e:
+        fail(str(e))
+    name = f"{config.resolve().parent.name or 'config'}-rope"
+    out.print(f"{config}: " + ", ".join(f"{k}={v}" for k, v in params.items()), soft_wrap=True)
+    preset = Preset(name=name, encoding="rope", description=f"from {config}", params=params)
+    make_export_command(preset)(**options)
+
+
+# from-config takes the config path, then exactly the preset commands' options.
+_options = inspect.signature(make_export_command(next(iter(PRESETS.values()))), eval_str=True).parameters.values()
+_config = inspect.Parameter(
+    "config", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    annotation=Annotated[Path, typer.Argument(help="A local Hugging Face config.json.")],
+)  # fmt: skip
+from_config_command.__signature__ = inspect.Signature([_config, *(o for o in _options if o.name != "hf_config")])
+app.command("from-config")(from_config_command)
+
+
+def run_export(preset, params, layout, options):
+    """Parse the common options, then run the library's pipeline step by step, printing each."""
+    import dataclasses
+
+    from pe_export.pipeline import artifact as pipeline
+    from pe_export.encodings.static_shapes import parse_static_shapes
+
+    output = options["output"] or Path(f"{preset.name}.onnx")
+    runtimes = parse_runtimes(options["runtimes"]) if options["runtimes"] is not None else None
+    value = lambda o: o.value if o is not None else None  # noqa: E731
+    try:
+        static = parse_static_shapes(options["static_shapes"]) if options["static_shapes"] is not None else None
+        job = pipeline.prepare(
+            dataclasses.replace(preset, params=params), output, force=options["force"], report=options["report"],
+            op=value(options["op"]), dtype=options["dtype"].value, layout=layout, opset=options["opset"],
+            static_shapes=static, format=value(options["format"]), optimize=value(options["optimize"]),
+            optimize_provider=value(options["optimize_provider"]), external_data=options["external_data"],
+        )  # fmt: skip
+    except ValueError as e:  # parameter validation and BadInput alike
+        fail(str(e))
+    for note in job.notes:
+        out.print(note if note.startswith("--op auto") else f"[yellow]note[/yellow]: {note}", soft_wrap=True)
+    spec = job.spec
+    with out.status(f"exporting {preset.name} ({spec.op}, {spec.dtype})"):
+        try:
+            written = pipeline.write(job)
+        except ValueError as e:
+            fail(str(e))
+    describe = pipeline.packaging.describe(written.spec)
+    more = f", {describe}" if describe else ""
+    out.print(f"wrote {output} ({written.size / 2**20:.2f} MiB, op {spec.op}, opset {spec.opset}, {spec.dtype}, {layout}{more})")
+    finish(output, runtimes, options["report"], options["force"], options["seed"])
+    for kind in ("ort", "optimized"):
+        if kind in written.paths:
+            path = written.paths[kind]
+            out.print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB)")
+            with out.status(f"verifying {path}"):
+                result = pipeline.verify_artifact(path, written.spec, pipeline.artifact_runtimes(written.spec, kind), options["seed"])
+            print_rows(result.rows)
+            exit_on(result, f"parity check failed for {path}; it is kept for inspection")
+            out.print(f"[green]verified[/green]: {path} matches the float64 reference on every runtime that ran")

@@ -1,0 +1,1 @@
+"""The export pipeline: a spec to a checked, packaged ONNX file, then verified."""

@@ -1,0 +1,114 @@
+"""The file handling around `rewrite_model`: load (external data kept lazy), rewrite, write atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import onnx_ir as ir
+
+from pe_export.errors import BadInput
+from pe_export.rewriter.core import Rewritten, rewrite_model
+
+# Above this many bytes of tensors, write the weights as external data (one protobuf holds at most 2 GiB).
+EXTERNAL_ABOVE = 1 << 30
+
+
+def load(path: Path | str) -> ir.Model:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"model {str(path)!r} does not exist or is not a file")
+    try:
+        return ir.load(path)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise BadInput(f"{str(path)!r} is not an ONNX model ({type(e).__name__})") from None
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def prune(model: ir.Model) -> None:
+    """Drop the nodes and initializers nothing reads any more (the replaced cos/sin computations; with
+    --op onnx|ort|decomposed, the site's full-width cos/sin the old rotations read)."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    RemoveUnusedNodesPass()(model)
+
+
+def save(model: ir.Model, path: Path, force: bool) -> None:
+    """Write `model` to `path` atomically (a temporary file beside it, then a rename); weights over
+    EXTERNAL_ABOVE, or read from external data, go to `path.name + ".data"` beside it, renamed first."""
+    from pe_export.pipeline.onnx_export import check_output_path
+
+    path = Path(path)
+    check_output_path(path, force)
+    prune(model)
+    external = tensor_bytes(model) > EXTERNAL_ABOVE or any(
+        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
+    )  # external data in, external data out
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    data = f"{path.name}.data"
+    try:
+        if external:
+            # onnx_ir names the data file relative to the model; write both under temporary names.
+            tmp_data = f"{Path(tmp).name}.data"
+            ir.save(model, tmp, external_data=tmp_data)
+            proto = ir.load(tmp)
+            for v in proto.graph.initializers.values():
+                if isinstance(v.const_value, ir.ExternalTensor):
+                    v.const_value = ir.ExternalTensor(
+                        location=data, offset=v.const_value.offset, length=v.const_value.length,
+                        dtype=v.const_value.dtype, shape=v.const_value.shape, name=v.name, base_dir=path.parent,
+                    )
+            os.replace(path.parent / tmp_data, path.parent / data)
+            ir.save(proto, tmp)
+        else:
+            ir.save(model, tmp)
+        os.chmod(tmp, 0o644)
+        if not force and path.exists():
+            raise BadInput(f"{str(path)!r} appeared while rewriting; pass --force to overwrite it")
+        os.replace(tmp, path)
+    except BaseException:
+        for leftover in (tmp, f"{tmp}.data"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+        raise
+
+
+def rewrite(model_or_path, config, seq: int | None = None, op: str = "tables", output=None, force: bool = False) -> Rewritten:
+    """Rewrite the RoPE of `model_or_path` (an `onnx_ir.Model`, an `onnx.ModelProto`, or a path) with the
+    RoPE parameters of the local `config` (a config.json path), and write it to `output` if given.
+    An `onnx_ir.Model` passed in is left unchanged, whether the rewrite succeeds or fails: the result's
+    `model` is a rewritten clone (see `rewrite_model`)."""
+    import onnx
+
+    if isinstance(model_or_path, ir.Model):
+        model = model_or_path
+    elif isinstance(model_or_path, onnx.ModelProto):
+        model = ir.from_proto(model_or_path)
+    else:
+        model = load(model_or_path)
+    if output is not None:
+        from pe_export.pipeline.onnx_export import check_output_path
+
+        check_output_path(Path(output), force)
+    result = rewrite_model(model, config, seq, op)
+    if output is not None:
+        save(result.model, Path(output), force)
+    return result
+
+
+def describe(model: ir.Model) -> str:
+    """What the graph alone says about its RoPE: float32 constants named like an `inv_freq`, with the
+    rotary dim and theta they imply (theta read off the second frequency, exact for unscaled RoPE)."""
+    found = []
+    for name, v in model.graph.initializers.items():
+        if "inv_freq" in name and v.const_value is not None:
+            g = v.const_value.numpy().reshape(-1).astype("float64")
+            theta = f", theta ~{g[1] ** (-g.size):.6g}" if g.size > 1 and g[1] > 0 else ""
+            found.append(f"{name!r}: rotary dim {2 * g.size}{theta}")
+    return "the graph holds " + "; ".join(found) if found else "the graph holds no constant named like an inv_freq"

@@ -1,0 +1,79 @@
+"""Verification of the sites a fused node reads (`Site.width == "table"`): the (P, R/2) cos/sin caches
+themselves, not per-position values, so the rest of the model (attention with its past key/values) is
+not run. The original's caches are read back (a constant) or computed by ORT from a copy of the graph
+pruned to them, fed positions reaching the table's last row (onnxscript's run-time cache); the
+rewritten's are its constant tables. Rows at positions spread over the table, the last ones included,
+against pe-export's float64 reference; the original's rows past its own length are NaN. Same rows and
+bound as `verify.check_sites` (which leaves these sites to this module).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from pe_export.encodings.rope import RopeParams, inv_freq, tables
+from pe_export.verification.tolerances import tolerance
+from pe_export.rewriter.job import Site
+from pe_export.errors import one_line
+from pe_export.runtimes.outcomes import verdict_of
+from pe_export.rewriter.checks import DEFAULT_RUNTIMES, EPS32, SiteRow, feeds, run_all, spread_positions
+
+
+def cache_values(model: ir.Model, names: list[str], positions: np.ndarray, runtime: str,
+                 timeout: float | None = None) -> tuple[str, list[np.ndarray]]:  # fmt: skip
+    """(provider, the named (P, R/2) values of `model`): constants read back ("constant"), computed ones
+    run by `runtime` in its worker on a copy pruned to them (its remaining inputs fed from `positions`)."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    consts = {n: v.const_value.numpy() for n, v in model.graph.initializers.items() if n in names and v.const_value is not None}
+    computed = [n for n in names if n not in consts]
+    provider = "constant"
+    if computed:
+        copy = ir.from_proto(ir.to_proto(model))
+        values = {v.name: v for node in copy.graph for v in node.outputs}
+        copy.graph.outputs.clear()
+        copy.graph.outputs.extend(values[n] for n in computed)
+        RemoveUnusedNodesPass()(copy)
+        for v in [v for v in copy.graph.inputs if not v.uses()]:
+            copy.graph.inputs.remove(v)
+        provider, (got,) = run_all(runtime, ir.to_proto(copy).SerializeToString(), computed, [feeds(copy, positions)], timeout)
+        consts.update(got)
+    return provider, [consts[n] for n in names]
+
+
+def rows_at(table: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """(S, R/2) rows of `table` at `positions`, NaN past its end."""
+    out = np.full((positions.size, table.shape[-1]), np.nan)
+    inside = positions < table.shape[0]
+    out[inside] = table[positions[inside]]
+    return out
+
+
+def check_caches(original: ir.Model, rewritten: ir.Model, sites: list[Site], runtimes=DEFAULT_RUNTIMES,
+                 timeout: float | None = None) -> list[SiteRow]:  # fmt: skip
+    """A cache row per fused site and runtime; a runtime that cannot compute the original's cache is a
+    row with its verdict and reason."""
+    rows = []
+    for runtime in runtimes:
+        for i, site in enumerate(sites):
+            if site.width != "table":
+                continue
+            p = RopeParams(**site.params)
+            positions = spread_positions(p.max_positions)
+            ref_cos, ref_sin = (t[positions] for t in tables(p))  # (S, R/2) float64
+            bound = tolerance("fp32", "decomposed").factor * EPS32 * max(1.0, inv_freq(p)[1])
+            errs, providers = {}, []
+            try:
+                for kind, model, names in (("original", original, [site.cos, site.sin]), ("rewritten", rewritten, site.tables)):
+                    provider, values = cache_values(model, names, positions, runtime, timeout)
+                    cos, sin = (rows_at(t, positions) for t in values)
+                    errs[kind] = np.maximum(np.abs(cos - ref_cos).max(-1), np.abs(sin - ref_sin).max(-1))
+                    providers.append(provider)
+            except Exception as e:  # every failure of a runtime is a row
+                rows.append(SiteRow(i, runtime, positions.tolist(), [], [], bound, verdict_of(e), "", one_line(e), "caches"))
+                continue
+            verdict = "pass" if float(errs["rewritten"].max()) <= bound else "FAIL"
+            rows.append(SiteRow(i, runtime, positions.tolist(), errs["original"].tolist(), errs["rewritten"].tolist(), bound, verdict,
+                                " / ".join(dict.fromkeys(providers)), "", "caches"))  # fmt: skip
+    return rows

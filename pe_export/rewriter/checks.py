@@ -1,0 +1,320 @@
+"""Verification of a rewrite, on the runtimes `pe-export verify` has (pe_export.runtimes.GRAPH_RUNTIMES:
+every one but `torch`, which has no meaning for a foreign model), each in its worker process with a time
+limit (pe_export.runtimes.worker): a crash, a hang, or a runtime that cannot load a model is a row with its reason,
+and the other rows complete.
+
+- Per site: the site's cos and sin (B, S, R), exposed as extra outputs of copies of the original and the
+  rewritten graph (the replacement keeps the matched values' names), against pe-export's float64
+  reference (`pe_export.encodings.rope.tables`) at positions spread over the table, the last ones always
+  included; bound: pe-export's fp32 tolerance factor times float32 rounding of one table read.
+- Per site, with --op onnx|ort|decomposed: each replaced rotation's rotated q or k, exposed the same way,
+  against pe-export's float64 rotation (`pe_export.custom_ops.rotation.apply_reference`) of the same run's
+  un-rotated q or k (each model's own: later layers' inputs differ by the earlier layers' RoPE), at the
+  same positions; bound: the tolerance table's factor * (eps * F * (|a| + |b|) + denorm) per element,
+  as `pe-export verify` bounds a RoPE file.
+- Whole model: the original and the rewritten model's outputs at short positions (where the float32
+  angles are still exact), inputs generated from the model's own input signature.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from pe_export.dtypes import DENORM_MIN, EPS
+from pe_export.encodings.rope import RopeParams, inv_freq, pair_sums, tables
+from pe_export.errors import one_line
+from pe_export.runtimes.outcomes import Unsupported, verdict_of
+from pe_export.verification.parity import FAILED
+from pe_export.verification.tolerances import tolerance
+from pe_export.rewriter.core import METADATA_KEY
+from pe_export.rewriter.job import Site
+from pe_export.custom_ops.rotation import apply_reference, heads_axis
+from pe_export.runtimes import GRAPH_RUNTIMES
+
+EPS32 = 2.0**-24  # float32 unit roundoff
+RUNTIMES = tuple(GRAPH_RUNTIMES)
+DEFAULT_RUNTIMES = ("ort-cpu", "ort-cpu-noopt")
+SHORT = 16  # positions 0..SHORT-1 for the whole-model comparison
+MAX_PROTO = 2**31 - 2**20  # what one protobuf holds, less room for the graph
+WHOLE_REL = 1e-4  # relative to the largest output: float32 rounding of cos/sin carried through the layers
+
+
+@dataclass
+class SiteRow:
+    site: int
+    runtime: str
+    positions: list[int]
+    original_error: list  # max abs cos/sin error against float64, per position (None: the original did not run)
+    rewritten_error: list
+    bound: float
+    verdict: str  # pass, FAIL, CRASH, TIMEOUT, unsupported (cannot load), skipped (not here)
+    provider: str = ""
+    note: str = ""
+    what: str = "cos/sin"  # or "rotated q/k": every rotation of the site, the error the worst of them
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class WholeRow:
+    runtime: str
+    positions: int
+    max_abs_diff: float | None
+    bound: float | None
+    verdict: str
+    note: str = ""
+    provider: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def spread_positions(rows: int, n: int = 12) -> np.ndarray:
+    """n positions over [0, rows): 0, evenly spaced ones, and always the last two."""
+    pos = np.unique(np.concatenate([np.linspace(0, rows - 1, n - 2).round(), [rows - 2, rows - 1]]).astype(np.int64))
+    return pos[pos >= 0]
+
+
+def with_outputs(model: ir.Model, names: list[str]) -> tuple[bytes, list[str]]:
+    """The model's bytes with the named values as extra outputs (a copy; `model` is unchanged; names the
+    graph does not compute are left out), and the names of all its outputs in order. Weights kept as
+    external data are read into the copy: a runtime given bytes has no folder to find them in (models of
+    over 2 GiB cannot be held so: `Unsupported`)."""
+    proto = ir.to_proto(model)
+    external = [v.const_value for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
+    if external:
+        if sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None) > MAX_PROTO:
+            raise Unsupported("not run: its weights exceed the 2 GiB a model held in memory can have")
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(proto, external[0].base_dir)
+    have = [o.name for o in proto.graph.output]
+    computed = {v for node in proto.graph.node for v in node.output} | {i.name for i in proto.graph.input}
+    for name in names:
+        if name not in have and name in computed:
+            proto.graph.output.add().name = name
+            have.append(name)
+    return proto.SerializeToString(), have
+
+
+def feeds(model: ir.Model, positions: np.ndarray, batch: int = 1, seed: int = 0, cache_dims: dict | None = None) -> dict:
+    """Inputs for `model` from its own signature: ids (random in a small range), positions, masks of ones,
+    past key/values of length 0. A past key/value's symbolic axes other than the batch take their size
+    from `cache_dims` ({axis: size}, e.g. `cache_dims_of(config)`), else 0 (its past length)."""
+    rng = np.random.default_rng(seed)
+    S = positions.size
+    out = {}
+    for v in model.graph.inputs:
+        name = v.name.lower()
+        dtype = v.dtype.numpy() if v.dtype is not None else np.int64
+        dims = [d if isinstance(d, int) else None for d in (v.shape.dims if v.shape is not None else [])]
+        if "position" in name:
+            out[v.name] = np.repeat(positions[None], batch, 0).astype(dtype)
+        elif "mask" in name:
+            out[v.name] = np.ones((batch, S), dtype=dtype)
+        elif ("past" in name or "cache" in name) and np.issubdtype(dtype, np.floating):
+            given = cache_dims or {}
+            shape = [batch if i == 0 else (d if d is not None else given.get(i, 0)) for i, d in enumerate(dims)]
+            out[v.name] = np.zeros(shape, dtype=dtype)
+        elif np.issubdtype(dtype, np.integer):
+            out[v.name] = rng.integers(0, 8, (batch, S)).astype(dtype)
+        else:
+            shape = [batch if i == 0 else (d if d is not None else S) for i, d in enumerate(dims)]
+            out[v.name] = rng.standard_normal(shape).astype(dtype)
+    return out
+
+
+def cache_dims_of(config) -> dict:
+    """{1: key/value heads, 3: head size} of a past key/value (B, H_kv, S_past, D), from a config.json
+    path or dict (onnxruntime-genai's builder leaves both axes symbolic); {} when the config lacks them."""
+    from pe_export.hf_config import read_config
+
+    cfg = config if isinstance(config, dict) else read_config(Path(config))
+    cfg = cfg.get("text_config", cfg)
+    heads = cfg.get("num_attention_heads")
+    if not isinstance(heads, int) or heads <= 0:
+        return {}
+    head_dim = cfg.get("head_dim") or (cfg.get("hidden_size", 0) // heads)
+    return {1: int(cfg.get("num_key_value_heads") or heads), 3: int(head_dim)} if head_dim else {}
+
+
+def run_all(runtime: str, model_bytes: bytes, names: list[str], inputs: list[dict], timeout: float | None = None):
+    """(provider, [{output name: array}] per input dict) from `runtime` in its worker process; raises the
+    runtime's Skip / Unsupported / Crash / Timeout or its error."""
+    from pe_export.runtimes import worker
+
+    call, provider = worker.load(runtime, GRAPH_RUNTIMES[runtime], None, model_bytes, worker.TIMEOUT_S if timeout is None else timeout)
+    return provider, [dict(zip(names, call(feed))) for feed in inputs]
+
+
+def attempt(runtime: str, model_bytes: bytes, names: list[str], inputs: list[dict], timeout: float | None = None):
+    """(provider, outputs, verdict, note): outputs None and the failure's verdict and reason when the
+    runtime could not run the model."""
+    try:
+        provider, got = run_all(runtime, model_bytes, names, inputs, timeout)
+        return provider, got, "pass", ""
+    except Exception as e:  # every failure of a runtime is a row
+        return "", None, verdict_of(e), one_line(e)
+
+
+def site_positions(site: Site) -> np.ndarray:
+    """Positions spread over the site's table; a LongRoPE branch: over the positions it serves."""
+    P = site.params["max_positions"]
+    if site.seq_len is None:
+        lo, hi = 0, P
+    elif site.seq_len <= site.params["scaling_params"].get("original_max_positions", P):
+        lo, hi = 0, site.seq_len
+    else:
+        lo, hi = site.seq_len - 1, P
+    return lo + spread_positions(hi - lo)
+
+
+def seq_len(site: Site, positions: np.ndarray) -> int | None:
+    """The seq_len the site's frequencies are for: its branch's, or for a dynamic-NTK site (no tables:
+    computed in the graph) that of the call, max(position) + 1."""
+    return int(positions.max()) + 1 if not site.tables else site.seq_len
+
+
+def site_reference(site: Site, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (S, R) cos and sin of the site at `positions` (full width [t, t])."""
+    p = RopeParams(**site.params)
+    cos, sin = tables(p, seq_len(site, positions))  # (P, R/2)
+    if site.width == "half":
+        return cos[positions], sin[positions]
+    full = lambda t: np.concatenate([t[positions], t[positions]], axis=-1)  # noqa: E731
+    return full(cos), full(sin)
+
+
+def _cos_sin_error(got: dict, site: Site, positions: np.ndarray, ref_cos, ref_sin) -> np.ndarray:
+    """Max abs cos/sin error per position (S,) of one run's outputs."""
+    c = got[site.cos].reshape(-1, positions.size, ref_cos.shape[-1])[0]
+    s = got[site.sin].reshape(-1, positions.size, ref_sin.shape[-1])[0]
+    return np.maximum(np.abs(c - ref_cos).max(-1), np.abs(s - ref_sin).max(-1))
+
+
+def failure(original: tuple[str, str], rewritten: tuple[str, str]) -> tuple[str, str]:
+    """(verdict, note) of a runtime from its (verdict, note) on the original and on the rewritten model.
+    An error on both is the runtime's limit, not the rewrite's ("unsupported", as one that cannot load)."""
+    (v_o, note_o), (v_n, note_n) = original, rewritten
+    if original == rewritten:
+        return v_n, note_n  # both ran, or both failed alike (a runtime that is not here)
+    if v_n == "FAIL" and v_o != "pass":
+        return "unsupported", f"fails on the original too: {note_o}"
+    if v_n != "pass":
+        return v_n, f"rewritten: {note_n}"
+    return ("pass", "") if v_o == "pass" else (v_o, f"original: {note_o}")
+
+
+def rotation_error(got: dict, site: Site, positions: np.ndarray, op: str) -> tuple[np.ndarray, float, float]:
+    """(max abs error per position (S,), largest bound, worst error/bound) of every rotated q/k of the
+    site in one run, against the float64 rotation of the same run's un-rotated q/k."""
+    p = RopeParams(**site.params)
+    cos, sin = tables(p, seq_len(site, positions))  # (P, R/2) float64
+    factor = tolerance("fp32", op).factor
+    err, top, ratio = np.zeros(positions.size), 0.0, 0.0
+    for rot in site.rotated:
+        x, y = got[rot["x"]], got[rot["y"]]  # (B, H, S, R) or (B, S, H, R)
+        s_axis = 3 - heads_axis(rot["layout"])  # bhsd: 2, bshd: 1
+        ids = np.broadcast_to(positions, (x.shape[0], positions.size))
+        ref = apply_reference(x, cos, sin, ids, pairing=rot["pairing"], rotary_dim=p.rotary_dim, layout=rot["layout"])
+        e = np.abs(y.astype(np.float64) - ref)
+        limit = factor * (EPS["fp32"] * _factor(site) * pair_sums(x, rot["pairing"], p.rotary_dim) + DENORM_MIN["fp32"])
+        other = tuple(a for a in range(e.ndim) if a != s_axis)
+        err = np.maximum(err, e[..., : p.rotary_dim].max(axis=other))
+        top, ratio = max(top, float(limit.max())), max(ratio, float((e[..., : p.rotary_dim] / limit).max()))
+    return err, top, ratio
+
+
+def check_sites(original: ir.Model, rewritten: ir.Model, sites: list[Site], runtimes=DEFAULT_RUNTIMES,
+                timeout: float | None = None) -> list[SiteRow]:  # fmt: skip
+    """A cos/sin row per site and runtime, and with --op onnx|ort|decomposed a rotated q/k row."""
+    from pe_export.runtimes import worker
+
+    op = json.loads(rewritten.metadata_props.get(METADATA_KEY, "{}")).get("op", "decomposed")
+    # With --op onnx|ort|decomposed the rotations read the tables: once pruned (as written), the graph
+    # computes no full-width cos/sin any more, and the rotated q/k row is the site's check.
+    computed = {v.name for node in ir.traversal.RecursiveGraphIterator(rewritten.graph) for v in node.outputs}
+    worker.start(runtimes, GRAPH_RUNTIMES)
+    checked = {i: s for i, s in enumerate(sites) if s.width != "table"}  # fused nodes' caches: verify_caches
+    if not checked:
+        return []
+    wanted = [n for s in checked.values() for n in (s.cos, s.sin, *(v for r in s.rotated for v in (r["x"], r["y"])))]
+    try:
+        (orig_bytes, orig_names), (new_bytes, new_names) = with_outputs(original, wanted), with_outputs(rewritten, wanted)
+    except Unsupported as e:
+        return [SiteRow(i, runtime, [], [], [], 0.0, "unsupported", "", one_line(e)) for runtime in runtimes for i in checked]
+    positions = {i: site_positions(site) for i, site in checked.items()}
+    inputs = [feeds(rewritten, pos) for pos in positions.values()]
+    refs = {i: site_reference(site, positions[i]) for i, site in checked.items()}
+    rows = []
+    for runtime in runtimes:
+        _, got_o, v_o, note_o = attempt(runtime, orig_bytes, orig_names, inputs, timeout)
+        provider, got_n, v_n, note_n = attempt(runtime, new_bytes, new_names, inputs, timeout)
+        for j, (i, site) in enumerate(checked.items()):
+            bound = tolerance("fp32", "decomposed").factor * EPS32 * max(1.0, _factor(site))
+            pos = positions[i]
+            verdict, note = failure((v_o, note_o), (v_n, note_n))
+            has_cos_sin = site.cos in computed and site.sin in computed
+            if got_n is None:
+                if has_cos_sin:
+                    rows.append(SiteRow(i, runtime, pos.tolist(), [], [], bound, verdict, provider, note))
+                if site.rotated:
+                    rows.append(SiteRow(i, runtime, pos.tolist(), [], [], 0.0, verdict, provider, note, "rotated q/k"))
+                continue
+            # The rewritten model ran: its error decides; an original that did not run is only a note.
+            if has_cos_sin:
+                err_n = _cos_sin_error(got_n[j], site, pos, *refs[i])
+                err_o = _cos_sin_error(got_o[j], site, pos, *refs[i]).tolist() if got_o is not None else [None] * pos.size
+                verdict = "pass" if float(err_n.max()) <= bound else "FAIL"
+                rows.append(SiteRow(i, runtime, pos.tolist(), err_o, err_n.tolist(), bound, verdict, provider, note))
+            if site.rotated:
+                rot_n, top, ratio = rotation_error(got_n[j], site, pos, op)
+                rot_o = rotation_error(got_o[j], site, pos, op)[0].tolist() if got_o is not None else [None] * pos.size
+                worst = f"worst error/bound {ratio:.2f} over {len(site.rotated)} rotations"
+                rows.append(SiteRow(i, runtime, pos.tolist(), rot_o, rot_n.tolist(), top, "pass" if ratio <= 1.0 else "FAIL", provider,
+                                    "; ".join(filter(None, [note, worst])), "rotated q/k"))  # fmt: skip
+    return rows
+
+
+def _factor(site: Site) -> float:
+    """The largest |cos| or |sin| of the site: its attention factor (the rule's times the params')."""
+    return inv_freq(RopeParams(**site.params), site.seq_len)[1]  # dynamic NTK: 1 at every length
+
+
+def check_whole(original: ir.Model, rewritten: ir.Model, runtimes=DEFAULT_RUNTIMES, batch: int = 2,
+                timeout: float | None = None, cache_dims: dict | None = None) -> list[WholeRow]:  # fmt: skip
+    """The original and the rewritten model's outputs at positions 0..SHORT-1, a row per runtime."""
+    from pe_export.runtimes import worker
+
+    try:
+        (orig_bytes, names), (new_bytes, _) = with_outputs(original, []), with_outputs(rewritten, [])
+    except Unsupported as e:
+        return [WholeRow(runtime, SHORT, None, None, "unsupported", one_line(e)) for runtime in runtimes]
+    worker.start(runtimes, GRAPH_RUNTIMES)
+    positions = np.arange(SHORT, dtype=np.int64)
+    feed = [feeds(rewritten, positions, batch, cache_dims=cache_dims)]
+    rows = []
+    for runtime in runtimes:
+        _, a, v_o, note_o = attempt(runtime, orig_bytes, names, feed, timeout)
+        provider, b, v_n, note_n = attempt(runtime, new_bytes, names, feed, timeout)
+        verdict, note = failure((v_o, note_o), (v_n, note_n))
+        if verdict != "pass":
+            rows.append(WholeRow(runtime, SHORT, None, None, verdict, note, provider))
+            continue
+        a, b = a[0], b[0]
+        diff = max(float(np.abs(a[n].astype(np.float64) - b[n]).max()) for n in names)
+        scale = max(float(np.abs(a[n]).max()) for n in names)
+        bound = WHOLE_REL * max(1.0, scale)
+        rows.append(WholeRow(runtime, SHORT, diff, bound, "pass" if diff <= bound else "FAIL", "", provider))
+    return rows
+
+
+def failed(rows) -> bool:
+    """A report fails when a row failed, crashed or hung, or when no runtime checked a site."""
+    return any(r.verdict in FAILED for r in rows) or not any(r.verdict == "pass" for r in rows if isinstance(r, SiteRow))

@@ -1,0 +1,1 @@
+"""Tools over exported files: bench, plot, inspect and the compatibility matrix."""

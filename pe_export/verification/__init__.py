@@ -1,0 +1,1 @@
+"""Verification: tolerances, the parity check, reports and reproduction bundles."""
