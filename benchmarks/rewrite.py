@@ -36,10 +36,23 @@ def build(args, folder: Path) -> tuple[Path, Path]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=args.hidden * 2, num_hidden_layers=args.layers,
-                      num_attention_heads=args.heads, num_key_value_heads=args.heads // 2, max_position_embeddings=131072,
-                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 2,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads // 2,
+        max_position_embeddings=131072,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
     rm.export(model, folder / "original.onnx")
@@ -72,7 +85,11 @@ def where_time_goes(path: Path, feed: dict, threads: int, prefix: str) -> dict:
     last = [ev for ev in trace if ev.get("name") == "model_run"][-1]
     by_type, rope = Counter(), 0.0
     for ev in trace:
-        if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time") and last["ts"] <= ev["ts"] <= last["ts"] + last["dur"]:
+        if (
+            ev.get("cat") == "Node"
+            and ev["name"].endswith("_kernel_time")
+            and last["ts"] <= ev["ts"] <= last["ts"] + last["dur"]
+        ):
             op = ev["args"].get("op_name", "?")
             by_type[op] += ev["dur"]
             if op in ROPE_OPS:
@@ -88,8 +105,11 @@ def accuracy(families: list[str], ops=OPS) -> str:
 
     from pe_export.rewriter import rewrite
 
-    lines = ["| family | --op | last position | original 0-63 | original last 64 | rewritten 0-63 | rewritten last 64 | end / start |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| family | --op | last position | original 0-63 | original last 64 | rewritten 0-63 | rewritten last 64 | "
+        "end / start |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     with tempfile.TemporaryDirectory(prefix="pe-export-rewrite-acc-") as tmp:
         for name in families:
             family = rm.BY_NAME[name]
@@ -103,8 +123,11 @@ def accuracy(families: list[str], ops=OPS) -> str:
                 out = folder / f"{op}.onnx"
                 rewrite(original, config, op=op, output=out)
                 e = rm.errors(original, out, m64, family.last)
-                lines.append(f"| {name} | {op} | {family.last - 1} | {e['original_start']:.1e} | {e['original_end']:.1e} | "
-                             f"{e['rewritten_start']:.1e} | {e['rewritten_end']:.1e} | {e['rewritten_end'] / e['rewritten_start']:.2f} |")
+                lines.append(
+                    f"| {name} | {op} | {family.last - 1} | {e['original_start']:.1e} | {e['original_end']:.1e} | "
+                    f"{e['rewritten_start']:.1e} | {e['rewritten_end']:.1e} | "
+                    f"{e['rewritten_end'] / e['rewritten_start']:.2f} |"
+                )
                 print(lines[-1], flush=True)
     return "\n".join(lines) + "\n"
 
@@ -119,7 +142,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--output", type=Path, default=None)
-    ap.add_argument("--accuracy", nargs="*", metavar="FAMILY", help="Instead: the logits error table of these families (tests/rewrite_models.py; none: all).")
+    ap.add_argument(
+        "--accuracy",
+        nargs="*",
+        metavar="FAMILY",
+        help="Instead: the logits error table of these families (tests/rewrite_models.py; none: all).",
+    )
     args = ap.parse_args()
     if args.accuracy is not None:
         import rewrite_models as rm
@@ -145,8 +173,14 @@ def main() -> None:
             rewrite_s[op] = time.perf_counter() - t
             paths[op] = folder / f"{op}.onnx"
         feeds = {
-            f"prefill {args.prefill}": {"input_ids": rng.integers(0, 256, (1, args.prefill)), "position_ids": np.arange(args.prefill)[None]},
-            f"decode at {args.decode_at}": {"input_ids": rng.integers(0, 256, (1, 1)), "position_ids": np.array([[args.decode_at]])},
+            f"prefill {args.prefill}": {
+                "input_ids": rng.integers(0, 256, (1, args.prefill)),
+                "position_ids": np.arange(args.prefill)[None],
+            },
+            f"decode at {args.decode_at}": {
+                "input_ids": rng.integers(0, 256, (1, 1)),
+                "position_ids": np.array([[args.decode_at]]),
+            },
         }
         sessions = {name: session(p, args.threads) for name, p in paths.items()}
         times = {(case, name): [] for case in feeds for name in paths}
@@ -157,12 +191,15 @@ def main() -> None:
             for r in range(args.repeat):
                 # Interleaved, and the order rotated every round: every variant sees the same load and
                 # no variant always runs first (a fixed order measured a steady 4% per place here).
-                for name in names[r % len(names):] + names[: r % len(names)]:
+                for name in names[r % len(names) :] + names[: r % len(names)]:
                     t = time.perf_counter()
                     sessions[name].run(None, feed)
                     times[(case, name)].append(time.perf_counter() - t)
-        profiles = {(case, name): where_time_goes(paths[name], feed, args.threads, str(folder / f"prof-{name}"))
-                    for case, feed in feeds.items() for name in paths}
+        profiles = {
+            (case, name): where_time_goes(paths[name], feed, args.threads, str(folder / f"prof-{name}"))
+            for case, feed in feeds.items()
+            for name in paths
+        }
 
     lines = [
         "# pe-export rewrite on ORT CPU",
@@ -171,7 +208,8 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, {args.threads} threads, median of {args.repeat}; "
         f"export {export_s:.0f} s, rewrite " + ", ".join(f"{op} {s:.1f} s" for op, s in rewrite_s.items()) + ".",
         "",
-        "| case | model | median ms | ratio to original | Cos/Sin/RotaryEmbedding/Gather | top op types (last profiled run) |",
+        "| case | model | median ms | ratio to original | Cos/Sin/RotaryEmbedding/Gather | top op types (last "
+        "profiled run) |",
         "|---|---|---|---|---|---|",
     ]
     for case in feeds:
@@ -180,7 +218,10 @@ def main() -> None:
             med = statistics.median(times[(case, name)])
             prof = profiles[(case, name)]
             top = ", ".join(f"{k} {v:.0%}" for k, v in prof["top"])
-            lines.append(f"| {case} | {name} | {med * 1e3:.1f} | {med / base:.3f} | {prof['rope_share']:.2%} ({prof['rope_us'] / 1e3:.2f} ms) | {top} |")
+            lines.append(
+                f"| {case} | {name} | {med * 1e3:.1f} | {med / base:.3f} | {prof['rope_share']:.2%} "
+                f"({prof['rope_us'] / 1e3:.2f} ms) | {top} |"
+            )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.output:

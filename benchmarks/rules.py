@@ -14,11 +14,12 @@ import onnxruntime as ort
 import torch
 import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-from pe_export.spec import Spec
-from pe_export.presets import PRESETS
-from pe_export.pipeline.onnx_export import build
+
 from pe_export.encodings.attention import encoding_for
 from pe_export.encodings.rope import RopeParams, apply_torch
+from pe_export.pipeline.onnx_export import build
+from pe_export.presets import PRESETS
+from pe_export.spec import Spec
 
 HF_KEYS = {"original_max_positions": "original_max_position_embeddings"}
 
@@ -31,7 +32,11 @@ def hf_freqs(p: RopeParams, seq_len: int):
     if p.scaling == "dynamic":  # transformers scales from max_position_embeddings
         max_pos, seq_len = rope.pop("original_max_position_embeddings"), torch.tensor(seq_len)
     cfg = transformers.LlamaConfig(
-        head_dim=p.head_dim, hidden_size=p.head_dim * 4, num_attention_heads=4, max_position_embeddings=max_pos, rope_parameters=rope
+        head_dim=p.head_dim,
+        hidden_size=p.head_dim * 4,
+        num_attention_heads=4,
+        max_position_embeddings=max_pos,
+        rope_parameters=rope,
     )
     if p.scaling == "default":
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -57,7 +62,9 @@ def case(name, params, S=8, in_transformers=True):
     cells = [f"{np.abs(y - ref).max():.1e}", "-", "-", "-"]
     if in_transformers:
         inv, scale = hf_freqs(p, P)
-        f = (inv[None, :, None].float() @ torch.from_numpy(pos)[:, None, :].float()).transpose(1, 2)  # (1, S, R/2) float32
+        f = (inv[None, :, None].float() @ torch.from_numpy(pos)[:, None, :].float()).transpose(
+            1, 2
+        )  # (1, S, R/2) float32
         cos, sin = (f.cos() * scale)[:, None], (f.sin() * scale)[:, None]
         hf = apply_torch(torch.from_numpy(x), cos, sin, interleaved=p.pairing == "interleaved", rotary_dim=p.rotary_dim)
         hf = hf.double().numpy()
@@ -74,15 +81,43 @@ def pr(name, **kw):
     return {**PRESETS[name].params, **kw}
 
 
-print("| rule (case) | last position | ours vs float64 | ours vs transformers | transformers vs float64 | `--angles float32` vs transformers |")
+print(
+    "| rule (case) | last position | ours vs float64 | ours vs transformers | transformers vs float64 | `--angles "
+    "float32` vs transformers |"
+)
 print("|---|---|---|---|---|---|")
 case("default (llama-rope)", pr("llama-rope"))
-case("ntk x4 (head 128, theta 1e4; not in transformers 5.23)", dict(head_dim=128, theta=10000.0, max_positions=16384, scaling="ntk", scaling_params=dict(factor=4.0)), in_transformers=False)
-case("linear x4 (head 128, theta 1e4)", dict(head_dim=128, theta=10000.0, max_positions=16384, scaling="linear", scaling_params=dict(factor=4.0)))
-case("dynamic x2 from 4096 (runtime)", dict(head_dim=128, theta=10000.0, max_positions=8192, scaling="dynamic", scaling_params=dict(factor=2.0, original_max_positions=4096)))
+case(
+    "ntk x4 (head 128, theta 1e4; not in transformers 5.23)",
+    dict(head_dim=128, theta=10000.0, max_positions=16384, scaling="ntk", scaling_params=dict(factor=4.0)),
+    in_transformers=False,
+)
+case(
+    "linear x4 (head 128, theta 1e4)",
+    dict(head_dim=128, theta=10000.0, max_positions=16384, scaling="linear", scaling_params=dict(factor=4.0)),
+)
+case(
+    "dynamic x2 from 4096 (runtime)",
+    dict(
+        head_dim=128,
+        theta=10000.0,
+        max_positions=8192,
+        scaling="dynamic",
+        scaling_params=dict(factor=2.0, original_max_positions=4096),
+    ),
+)
 case("llama3 (llama3.1-rope)", pr("llama3.1-rope"))
 case("yarn (qwen2.5-yarn-rope)", pr("qwen2.5-yarn-rope"))
 case("yarn + mscale, interleaved (deepseek-v3-rope)", pr("deepseek-v3-rope"))
 case("longrope (phi3-mini-128k-rope, long factors)", pr("phi3-mini-128k-rope"))
 case("longrope (phi3-mini-128k-rope, short factors)", pr("phi3-mini-128k-rope", max_positions=4096))
-case("proportional (head 256, partial 0.25, theta 1e6)", dict(head_dim=256, theta=1e6, max_positions=32768, scaling="proportional", scaling_params=dict(partial_rotary_factor=0.25)))
+case(
+    "proportional (head 256, partial 0.25, theta 1e6)",
+    dict(
+        head_dim=256,
+        theta=1e6,
+        max_positions=32768,
+        scaling="proportional",
+        scaling_params=dict(partial_rotary_factor=0.25),
+    ),
+)

@@ -49,8 +49,8 @@ def baseline(spec, kind: str) -> bytes:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from pe_export.encodings.rope import RopeParams, tables
     from pe_export.dtypes import numpy_dtype
+    from pe_export.encodings.rope import RopeParams, tables
 
     p = RopeParams(**spec.params)
     cos, sin = tables(p)  # (P, R/2) float64
@@ -147,10 +147,10 @@ def stages(seq: int) -> list[tuple[str, float]]:
     import torch  # noqa: F401
 
     from pe_export.encodings.attention import encoding_for
+    from pe_export.encodings.probing import make_probes
     from pe_export.pipeline.onnx_export import build
     from pe_export.runtimes import DEFAULT_RUNTIMES
     from pe_export.verification.parity import check
-    from pe_export.encodings.probing import make_probes
 
     done = [("imports (torch, onnx, pe_export)", time.perf_counter() - t)]
     spec = llama_spec("onnx", "fp32", seq)
@@ -182,7 +182,9 @@ def end_to_end(seq: int) -> tuple[list[tuple[str, float]], float]:
     import subprocess
     import tempfile
 
-    text = subprocess.run([sys.executable, __file__, "--stages", str(seq)], check=True, capture_output=True, text=True).stdout
+    text = subprocess.run(
+        [sys.executable, __file__, "--stages", str(seq)], check=True, capture_output=True, text=True
+    ).stdout
     measured = [tuple(s) for s in json.loads(text.strip().splitlines()[-1])]
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
@@ -200,7 +202,11 @@ def main(argv=None) -> int:
     ap.add_argument("--table", type=int, default=8192, help="table length P (llama-rope's context)")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--e2e-seq", type=int, default=8192, help="--seq of the export + verify run (0: skip it)")
-    ap.add_argument("--runtimes", default="tract,ort-web", help="other runtimes to time the onnx and decomposed files on ('' for none)")
+    ap.add_argument(
+        "--runtimes",
+        default="tract,ort-web",
+        help="other runtimes to time the onnx and decomposed files on ('' for none)",
+    )
     ap.add_argument("--stages", type=int, default=None, help=argparse.SUPPRESS)  # the fresh process of end_to_end
     args = ap.parse_args(argv)
     if args.stages is not None:
@@ -211,8 +217,8 @@ def main(argv=None) -> int:
 
     import onnxruntime
 
-    from pe_export.tools.bench import bench, time_by_op
     from pe_export.pipeline.onnx_export import build
+    from pe_export.tools.bench import bench, time_by_op
 
     load_at_start = os.getloadavg()[0]
     graphs = []  # (name, dtype, spec, model bytes)
@@ -241,8 +247,16 @@ def main(argv=None) -> int:
             if name not in ("onnx", "decomposed"):
                 continue
             print(f"bench {name} {dtype} on {args.runtimes}", file=sys.stderr)
-            r = bench(spec, data, providers=(), threads=args.threads, seq=args.seq, heads=args.heads, repeat=args.repeat,
-                      runtimes=tuple(args.runtimes.split(",")))  # fmt: skip
+            r = bench(
+                spec,
+                data,
+                providers=(),
+                threads=args.threads,
+                seq=args.seq,
+                heads=args.heads,
+                repeat=args.repeat,
+                runtimes=tuple(args.runtimes.split(",")),
+            )
             for i in range(0, len(r.cases), 2):
                 edge.append((name, dtype, r.cases[i].runtime, r.cases[i], r.cases[i + 1]))
 
@@ -253,18 +267,25 @@ def main(argv=None) -> int:
         "# pe-export benchmark",
         "",
         f"`python benchmarks/run.py --threads {args.threads} --repeat {args.repeat}`: llama-rope (P = {args.table}), "
-        f"prefill x of 1 x {args.heads} x {args.seq} x 128 at the last {args.seq} positions, decode 1 x {args.heads} x 1 x 128 at "
-        f"position {args.table - 1}; ONNX Runtime {onnxruntime.__version__} CPU, intra_op_num_threads = {args.threads}, "
+        f"prefill x of 1 x {args.heads} x {args.seq} x 128 at the last {args.seq} positions, decode 1 x {args.heads} "
+        f"x 1 x 128 at "
+        f"position {args.table - 1}; ONNX Runtime {onnxruntime.__version__} CPU, intra_op_num_threads = "
+        f"{args.threads}, "
         f"graph optimisations on; {platform.machine()}, {len(os.sched_getaffinity(0))} cores visible, load average "
-        f"{load_at_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end (a shared machine: above the core count, "
+        f"{load_at_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end (a shared machine: above the core "
+        f"count, "
         "other work ran beside this one).",
         "",
         f"Bytes counted: {fp32_bytes / 1e6:.1f} MB per fp32 prefill call (x read, y written, cos/sin rows gathered). "
-        f"`vs memcpy` = time of ORT copying the same bytes (a graph that copies x into y, float32 Mul by 1, with the same "
-        f"intra_op_num_threads = {args.threads}) / time of the graph, both timed in turn in the same rounds: 1.0 runs at the "
-        "speed of memory with those threads. Absolute times move with the load of the (shared) machine; compare ratios.",
+        f"`vs memcpy` = time of ORT copying the same bytes (a graph that copies x into y, float32 Mul by 1, with the "
+        f"same "
+        f"intra_op_num_threads = {args.threads}) / time of the graph, both timed in turn in the same rounds: 1.0 "
+        f"runs at the "
+        "speed of memory with those threads. Absolute times move with the load of the (shared) machine; "
+        "compare ratios.",
         "",
-        "| graph | dtype | prefill vs memcpy | prefill GB/s | memcpy GB/s | prefill ms | decode p50 us | decode p99 us | worst err / bound |",
+        "| graph | dtype | prefill vs memcpy | prefill GB/s | memcpy GB/s | prefill ms | decode p50 us | decode p99 "
+        "us | worst err / bound |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, dtype, pf, dc, worst, _ in rows:
@@ -277,32 +298,52 @@ def main(argv=None) -> int:
     if "decomposed" in fp16 and "decomposed" in fp32:
         lines += [
             "",
-            "fp16 against fp32 (bytes per second of the fp16 graph / of the fp32 graph, same run; 0.5 = the fp16 graph takes "
+            "fp16 against fp32 (bytes per second of the fp16 graph / of the fp32 graph, same run; 0.5 = the fp16 "
+            "graph takes "
             "as long as the fp32 one, 1.0 = it is twice as fast, as its halved bytes allow): "
-            + ", ".join(f"{n} {fp16[n].gbps / fp32[k].gbps:.2f}" for n, k in (("onnx", "onnx"), ("ort", "ort"), ("decomposed", "decomposed"),
-                        ("candidate: decomposed, cast once in/out", "decomposed")) if n in fp16 and k in fp32) + ".",  # fmt: skip
+            + ", ".join(
+                f"{n} {fp16[n].gbps / fp32[k].gbps:.2f}"
+                for n, k in (
+                    ("onnx", "onnx"),
+                    ("ort", "ort"),
+                    ("decomposed", "decomposed"),
+                    ("candidate: decomposed, cast once in/out", "decomposed"),
+                )
+                if n in fp16 and k in fp32
+            )
+            + ".",
         ]
     if edge:
         lines += [
             "",
             "## Other runtimes",
             "",
-            "The same prefill and decode on tract and ort-web (`pe-export bench FILE --runtimes tract,ort-web`), each timed by "
-            "the runtime's own loop in its worker process; `vs memcpy` is to the same run's ORT CPU copy of the same bytes "
-            f"({args.threads} threads), timed just before and after. tract's Python API sets no thread count; ort-web runs "
+            "The same prefill and decode on tract and ort-web (`pe-export bench FILE --runtimes tract,ort-web`), "
+            "each timed by "
+            "the runtime's own loop in its worker process; `vs memcpy` is to the same run's ORT CPU copy of the same "
+            "bytes "
+            f"({args.threads} threads), timed just before and after. tract's Python API sets no thread count; "
+            f"ort-web runs "
             f"{args.threads} WASM threads.",
             "",
-            "| graph | dtype | runtime | prefill vs ORT memcpy | prefill GB/s | prefill ms | decode p50 us | decode p99 us |",
+            "| graph | dtype | runtime | prefill vs ORT memcpy | prefill GB/s | prefill ms | decode p50 us | decode "
+            "p99 us |",
             "|---|---|---|---|---|---|---|---|",
-            *[f"| {name} | {dtype} | {pf.provider} | {pf.ratio:.2f} | {pf.gbps:.2f} | {pf.op_s * 1e3:.1f} | {dc.p50_ms * 1e3:.1f} | "
-              f"{dc.p99_ms * 1e3:.1f} |" for name, dtype, _, pf, dc in edge],  # fmt: skip
+            *[
+                f"| {name} | {dtype} | {pf.provider} | {pf.ratio:.2f} | {pf.gbps:.2f} | {pf.op_s * 1e3:.1f} | "
+                f"{dc.p50_ms * 1e3:.1f} | "
+                f"{dc.p99_ms * 1e3:.1f} |"
+                for name, dtype, _, pf, dc in edge
+            ],
         ]
     lines += [
         "",
         "## Where each prefill's time goes",
         "",
-        "ORT's profiler over the same prefill (`pe-export bench FILE --profile`): each op type's share of the run, after "
-        "ORT's graph optimisations (so the op types ORT actually ran, Casts it inserted included); shares under 2% left out.",
+        "ORT's profiler over the same prefill (`pe-export bench FILE --profile`): each op type's share of the run, "
+        "after "
+        "ORT's graph optimisations (so the op types ORT actually ran, Casts it inserted included); shares under 2% "
+        "left out.",
         "",
         "| graph | dtype | time by op type |",
         "|---|---|---|",

@@ -51,6 +51,8 @@ def rope_tables(params: RopeParams, dtype: str = "fp32", seq_len: int | None = N
     if dtype not in DTYPES:
         raise BadInput(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if params.runtime_frequencies():
-        raise BadInput(f"{params.scaling!r} in mode 'runtime' has no table: its frequencies follow each call; use mode 'fixed'")
+        raise BadInput(
+            f"{params.scaling!r} in mode 'runtime' has no table: its frequencies follow each call; use mode 'fixed'"
+        )
     cos, sin = params.cos_sin(seq_len)
     return torch.from_numpy(cos).to(torch_dtype(dtype)), torch.from_numpy(sin).to(torch_dtype(dtype))

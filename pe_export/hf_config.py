@@ -32,7 +32,9 @@ def read_config(path: Path) -> dict:
     except UnicodeDecodeError:
         raise BadInput(f"config {str(path)!r} is not text") from None
     except json.JSONDecodeError as e:
-        raise BadInput(f"config {str(path)!r} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+        raise BadInput(
+            f"config {str(path)!r} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
+        ) from None
     if not isinstance(data, dict):
         raise BadInput(f"config {str(path)!r} must hold a JSON object, got {type(data).__name__}")
     return data
@@ -87,9 +89,13 @@ def _params(cfg: dict, path: Path, max_positions: int | None) -> dict:
     if not isinstance(block, dict):
         raise BadInput(f"config key 'rope_parameters' / 'rope_scaling' must be an object, got {block!r}")
 
-    theta = 10000.0 if model_type == "gptj" else _either(
-        _first(block, ["rope_theta"], least=0), _first(cfg, ["rope_theta", "rotary_emb_base"], least=0), 10000.0
-    )  # fmt: skip
+    theta = (
+        10000.0
+        if model_type == "gptj"
+        else _either(
+            _first(block, ["rope_theta"], least=0), _first(cfg, ["rope_theta", "rotary_emb_base"], least=0), 10000.0
+        )
+    )
     head_dim = _first(cfg, ["qk_rope_head_dim", "head_dim"], int)
     if head_dim is None:
         hidden = _first(cfg, ["hidden_size", "n_embd", "d_model"], int)
@@ -104,7 +110,9 @@ def _params(cfg: dict, path: Path, max_positions: int | None) -> dict:
     if (block.get("rope_type") or block.get("type")) == "proportional":
         rotary_dim = head_dim  # its partial_rotary_factor is the rule's own parameter (see scaling/proportional.py)
     if rotary_dim is None:
-        fraction = _either(_first(block, ["partial_rotary_factor"]), _first(cfg, ["partial_rotary_factor", "rotary_pct"]))
+        fraction = _either(
+            _first(block, ["partial_rotary_factor"]), _first(cfg, ["partial_rotary_factor", "rotary_pct"])
+        )
         if fraction is not None:
             if not 0 < fraction <= 1:
                 raise BadInput(f"config partial rotary factor must be in (0, 1], got {fraction}")
@@ -139,7 +147,10 @@ def _scaling(block: dict, cfg: dict, config_positions: int | None) -> dict:
         if (key in META_KEYS and key not in takes) or value is None:
             continue
         if ours not in takes:
-            raise BadInput(f"config scaling key {key!r} is not a parameter of rope_type {name!r}; it takes: {', '.join(takes) or 'none'}")
+            raise BadInput(
+                f"config scaling key {key!r} is not a parameter of rope_type {name!r}; it takes: "
+                f"{', '.join(takes) or 'none'}"
+            )
         where = f"rope_type {name!r}"
         if isinstance(value, list):  # LongRoPE's factor lists
             params[ours] = [_number({f"{key}[{i}]": v}, f"{key}[{i}]", where=where) for i, v in enumerate(value)]
@@ -153,6 +164,11 @@ def _scaling(block: dict, cfg: dict, config_positions: int | None) -> dict:
             params["original_max_positions"] = _number(cfg, "original_max_position_embeddings", int)
     if "original_max_positions" in params:
         params["original_max_positions"] = int(params["original_max_positions"])
-    if name in ("yarn", "longrope") and "factor" not in params and config_positions and "original_max_positions" in params:
+    if (
+        name in ("yarn", "longrope")
+        and "factor" not in params
+        and config_positions
+        and "original_max_positions" in params
+    ):
         params["factor"] = config_positions / params["original_max_positions"]  # transformers' fallback
     return {"scaling": name, "scaling_params": params} if name != "default" else {"scaling": "default"}

@@ -21,7 +21,11 @@ LAYOUTS = ("bhsd", "bshd")  # where the heads axis sits in x: (B, H, S, D) or (B
 
 def check_static_shapes(shape) -> None:
     """The form only (positive integers); `check_spec` checks them against the contract and the table."""
-    if not isinstance(shape, list) or not shape or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape):
+    if (
+        not isinstance(shape, list)
+        or not shape
+        or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape)
+    ):
         raise ValueError(f"static_shapes must be a list of integers like [1, 128], got {shape!r}")
     if any(n < 1 for n in shape):
         raise ValueError(f"--static-shapes sizes must be >= 1, got {','.join(map(str, shape))}")
@@ -57,7 +61,7 @@ class Spec:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Spec":
+    def from_json(cls, text: str) -> Spec:
         try:
             data = json.loads(text)
             return cls(**data)

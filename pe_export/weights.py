@@ -142,7 +142,10 @@ def _safetensors(path: str) -> dict:
             except (SafetensorError, OSError, ValueError, TypeError) as e:
                 raise BadInput(f"{bad} (tensor {name!r}: {one_line(e, 160)})") from None
             if not (t.dtype.is_floating_point or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64)):
-                raise BadInput(f"tensor {name!r} of {path!r} has dtype {str(t.dtype).removeprefix('torch.')}; want a float or signed integer")
+                raise BadInput(
+                    f"tensor {name!r} of {path!r} has dtype {str(t.dtype).removeprefix('torch.')}; want a float or "
+                    f"signed integer"
+                )
             return t.to(torch.float64).numpy()
 
         return read

@@ -12,7 +12,7 @@ import pytest
 from pe_export.spec import Spec
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build_bytes(spec_json: str) -> bytes:
     from pe_export.pipeline.onnx_export import build
 
@@ -42,7 +42,10 @@ def assert_verified(spec: Spec) -> dict:
     skipped for want of a bf16 kernel), verdict pass."""
     from pe_export.verification.parity import check, verdict
 
-    rows = {r.runtime: r for r in check(spec, exported(spec), runtimes=("torch", "ort-cpu", "ort-cpu-noopt", "onnx-reference"))}
+    rows = {
+        r.runtime: r
+        for r in check(spec, exported(spec), runtimes=("torch", "ort-cpu", "ort-cpu-noopt", "onnx-reference"))
+    }
     failures = [f"{r.runtime}: {r.note}" for r in rows.values() if r.verdict == "FAIL"]
     assert not failures, failures
     assert rows["torch"].verdict == rows["onnx-reference"].verdict == "pass"
@@ -53,7 +56,6 @@ def assert_verified(spec: Spec) -> dict:
             assert rows[ort].verdict == "pass" and rows[ort].provider.startswith("CPUExecutionProvider")
     assert verdict(list(rows.values())) == "pass"
     return rows
-
 
 
 def assert_within_ulps(actual, expected, ulps: float, why: str, scale=None) -> None:

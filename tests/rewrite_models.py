@@ -32,31 +32,105 @@ class Family:
     config: dict  # beyond the tiny sizes
     last: int  # the last position the tests probe (the table's end)
     slow: bool = True
-    sizes: dict = field(default_factory=lambda: dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                      num_attention_heads=4, num_key_value_heads=2))
+    sizes: dict = field(
+        default_factory=lambda: dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+        )
+    )
 
 
 FAMILIES = [
-    Family("llama", "llama", dict(max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-           last=32768, slow=False),
-    Family("llama3", "llama", dict(max_position_embeddings=131072, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192}), last=131072),
-    Family("qwen2-yarn", "qwen2", dict(max_position_embeddings=131072, rope_parameters={
-        "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 32768}), last=131072),
-    Family("mistral", "mistral", dict(max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-                                      sliding_window=None), last=32768),
-    Family("gpt-neox", "gpt_neox", dict(max_position_embeddings=16384, rope_parameters={
-        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}), last=16384,
-           sizes=dict(hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)),
-    Family("phi3-longrope", "phi3", dict(max_position_embeddings=131072, original_max_position_embeddings=4096, pad_token_id=0, rope_parameters={
-        "rope_type": "longrope", "rope_theta": 10000.0,
-        "short_factor": [1.0, 1.02, 1.05, 1.1, 1.2, 1.5, 2.0, 3.0],
-        "long_factor": [1.0, 1.3, 2.0, 4.0, 8.0, 16.0, 24.0, 32.0]}), last=131072),
-    Family("gemma", "gemma", dict(max_position_embeddings=8192, head_dim=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-           last=8192, sizes=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)),
-    Family("gpt-j", "gptj", dict(n_positions=16384, rotary_dim=8), last=16384,
-           sizes=dict(n_embd=64, n_inner=128, n_layer=2, n_head=4)),
+    Family(
+        "llama",
+        "llama",
+        dict(max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+        last=32768,
+        slow=False,
+    ),
+    Family(
+        "llama3",
+        "llama",
+        dict(
+            max_position_embeddings=131072,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        ),
+        last=131072,
+    ),
+    Family(
+        "qwen2-yarn",
+        "qwen2",
+        dict(
+            max_position_embeddings=131072,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 1000000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 32768,
+            },
+        ),
+        last=131072,
+    ),
+    Family(
+        "mistral",
+        "mistral",
+        dict(
+            max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            sliding_window=None,
+        ),
+        last=32768,
+    ),
+    Family(
+        "gpt-neox",
+        "gpt_neox",
+        dict(
+            max_position_embeddings=16384,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        ),
+        last=16384,
+        sizes=dict(hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+    ),
+    Family(
+        "phi3-longrope",
+        "phi3",
+        dict(
+            max_position_embeddings=131072,
+            original_max_position_embeddings=4096,
+            pad_token_id=0,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0, 1.02, 1.05, 1.1, 1.2, 1.5, 2.0, 3.0],
+                "long_factor": [1.0, 1.3, 2.0, 4.0, 8.0, 16.0, 24.0, 32.0],
+            },
+        ),
+        last=131072,
+    ),
+    Family(
+        "gemma",
+        "gemma",
+        dict(
+            max_position_embeddings=8192, head_dim=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
+        ),
+        last=8192,
+        sizes=dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1
+        ),
+    ),
+    Family(
+        "gpt-j",
+        "gptj",
+        dict(n_positions=16384, rotary_dim=8),
+        last=16384,
+        sizes=dict(n_embd=64, n_inner=128, n_layer=2, n_head=4),
+    ),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}
 VOCAB = 128
@@ -94,8 +168,13 @@ def export(model, path: Path) -> Path:
     ids = torch.zeros(2, 8, dtype=torch.long)
     pos = torch.arange(8)[None].repeat(2, 1)
     program = torch.onnx.export(
-        Logits(model).eval(), (ids, pos), dynamo=True, input_names=["input_ids", "position_ids"], output_names=["logits"],
-        dynamic_shapes={"input_ids": {0: "B", 1: "S"}, "position_ids": {0: "B", 1: "S"}}, verbose=False,
+        Logits(model).eval(),
+        (ids, pos),
+        dynamo=True,
+        input_names=["input_ids", "position_ids"],
+        output_names=["logits"],
+        dynamic_shapes={"input_ids": {0: "B", 1: "S"}, "position_ids": {0: "B", 1: "S"}},
+        verbose=False,
     )
     program.save(str(path))
     return path
@@ -117,7 +196,8 @@ def matmul_form_rotary(model) -> None:
 
 def ort_fused(path: Path, out: Path, gqa: bool) -> Path:
     """onnxscript 0.7's ORT fusions of an exported model: `optimize_for_ort` (GroupQueryAttention with
-    do_rotary where it fuses attention), or only its rotary and cos/sin-cache fusions (com.microsoft::RotaryEmbedding)."""
+    do_rotary where it fuses attention), or only its rotary and cos/sin-cache fusions
+    (com.microsoft::RotaryEmbedding)."""
     import onnx_ir as ir
     from onnxscript.optimizer import optimize
     from onnxscript.rewriter.ort_fusions import _core, optimize_for_ort
@@ -149,17 +229,37 @@ def genai_build(model, folder: Path) -> Path:
     model.save_pretrained(checkpoint)
     words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(checkpoint)
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(
+        checkpoint
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out), "-p", "fp32", "-e", "cpu",
-           "-c", str(folder / "cache")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(checkpoint),
+        "-o",
+        str(out),
+        "-p",
+        "fp32",
+        "-e",
+        "cpu",
+        "-c",
+        str(folder / "cache"),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0 and (out / "model.onnx").is_file(), r.stdout[-2000:] + r.stderr[-2000:]
     return out / "model.onnx"
 
 
-DYNAMIC = Family("llama-dynamic", "llama", dict(max_position_embeddings=4096, rope_parameters={
-    "rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}), last=16384, slow=False)
+DYNAMIC = Family(
+    "llama-dynamic",
+    "llama",
+    dict(max_position_embeddings=4096, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}),
+    last=16384,
+    slow=False,
+)
 
 
 def export_frozen(model, path: Path) -> Path:
@@ -183,6 +283,7 @@ def save_config(cfg, folder: Path) -> Path:
 
 
 # --- the float64 oracle -----------------------------------------------------------------------------
+
 
 class _Float64Torch(types.ModuleType):
     """`torch` with `float` and `float32` meaning float64, for running transformers' rope-init functions."""
@@ -229,7 +330,9 @@ class Float64Rotary(torch.nn.Module):
         self.short, self.factor = float64_rope_init(rotary, cfg)
         self.long = None
         if rotary.rope_type == "longrope":
-            self.original = cfg.rope_parameters.get("original_max_position_embeddings") or cfg.original_max_position_embeddings
+            self.original = (
+                cfg.rope_parameters.get("original_max_position_embeddings") or cfg.original_max_position_embeddings
+            )
             self.long, _ = float64_rope_init(rotary, cfg, seq_len=self.original + 1)
 
         self.dynamic = (rotary, cfg) if rotary.rope_type == "dynamic" else None
@@ -281,7 +384,11 @@ def inputs(batch: int, positions: np.ndarray, seed: int = 0) -> dict:
 
 def oracle_logits(m64, feed: dict) -> np.ndarray:
     with torch.no_grad():
-        out = m64(input_ids=torch.from_numpy(feed["input_ids"]), position_ids=torch.from_numpy(feed["position_ids"]), use_cache=False)
+        out = m64(
+            input_ids=torch.from_numpy(feed["input_ids"]),
+            position_ids=torch.from_numpy(feed["position_ids"]),
+            use_cache=False,
+        )
     return out.logits.numpy()
 
 
@@ -290,7 +397,9 @@ def ort_outputs(path_or_bytes, feed: dict) -> list[np.ndarray]:
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path_or_bytes) if isinstance(path_or_bytes, Path) else path_or_bytes, so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        str(path_or_bytes) if isinstance(path_or_bytes, Path) else path_or_bytes, so, providers=["CPUExecutionProvider"]
+    )
     assert sess.get_providers()[0] == "CPUExecutionProvider"
     return sess.run(None, feed)
 
@@ -313,9 +422,16 @@ def errors(original: Path, rewritten: Path, m64, last: int, window: int = 64, ba
 
 # --- a decoder layer with a KV cache --------------------------------------------------------------
 
-CACHED = Family("llama-kv", "llama", dict(max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-                last=32768, slow=False, sizes=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                                   num_attention_heads=4, num_key_value_heads=4))
+CACHED = Family(
+    "llama-kv",
+    "llama",
+    dict(max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    last=32768,
+    slow=False,
+    sizes=dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4
+    ),
+)
 
 
 class CachedAttention(torch.nn.Module):
@@ -370,12 +486,21 @@ def build_cached(seed: int = 0):
 def export_cached(model, path: Path) -> Path:
     B, S, T = 2, 3, 5
     H, D = model.heads, model.dim
-    args = (torch.zeros(B, S, dtype=torch.long), torch.arange(T, T + S)[None].repeat(B, 1), torch.zeros(B, H, T, D), torch.zeros(B, H, T, D))
+    args = (
+        torch.zeros(B, S, dtype=torch.long),
+        torch.arange(T, T + S)[None].repeat(B, 1),
+        torch.zeros(B, H, T, D),
+        torch.zeros(B, H, T, D),
+    )
     dyn = torch.export.Dim.DYNAMIC
     program = torch.onnx.export(
-        model, args, dynamo=True, input_names=["input_ids", "position_ids", "past_key", "past_value"],
+        model,
+        args,
+        dynamo=True,
+        input_names=["input_ids", "position_ids", "past_key", "past_value"],
         output_names=["logits", "present_key", "present_value"],
-        dynamic_shapes=({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 2: dyn}, {0: dyn, 2: dyn}), verbose=False,
+        dynamic_shapes=({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 2: dyn}, {0: dyn, 2: dyn}),
+        verbose=False,
     )
     program.save(str(path))
     return path
@@ -391,6 +516,10 @@ def cached_oracle(model, cfg):
 def run_cached(m, feed: dict) -> list[np.ndarray]:
     dtype = next(m.parameters()).dtype
     with torch.no_grad():
-        out = m(torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["position_ids"]),
-                torch.from_numpy(feed["past_key"]).to(dtype), torch.from_numpy(feed["past_value"]).to(dtype))
+        out = m(
+            torch.from_numpy(feed["input_ids"]),
+            torch.from_numpy(feed["position_ids"]),
+            torch.from_numpy(feed["past_key"]).to(dtype),
+            torch.from_numpy(feed["past_value"]).to(dtype),
+        )
     return [o.numpy() for o in out]

@@ -89,7 +89,9 @@ def test_learned_is_bert_and_gpt2_with_the_same_weights(tmp_path):
     from pe_export.encodings import ENCODINGS
     from pe_export.spec import Spec
 
-    got = ENCODINGS.get("learned").reference(Spec(encoding="learned", params={"dim": 32, "rows": 64, "weights_seed": 3}), {"position_ids": ids.numpy()})
+    got = ENCODINGS.get("learned").reference(
+        Spec(encoding="learned", params={"dim": 32, "rows": 64, "weights_seed": 3}), {"position_ids": ids.numpy()}
+    )
     # the models hold float32 weights: one float32 rounding of each entry
     assert np.max(np.abs(got - want_bert)) <= EPS32 * np.abs(t).max()
     assert np.max(np.abs(got - want_gpt2)) <= EPS32 * np.abs(t).max()

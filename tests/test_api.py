@@ -33,7 +33,9 @@ def exact_tables(theta: float, rotary_dim: int, positions: int):
 
 
 def test_all_names_are_listed_and_importing_loads_no_torch():
-    assert {"preset", "rope_tables", "RotaryEmbedding", "translation_table", "export", "verify", "BadInput"} <= set(pe_export.__all__)
+    assert {"preset", "rope_tables", "RotaryEmbedding", "translation_table", "export", "verify", "BadInput"} <= set(
+        pe_export.__all__
+    )
     for name in pe_export.__all__:
         assert getattr(pe_export, name) is not None
     code = "import sys, pe_export; assert 'torch' not in sys.modules, 'torch imported'; pe_export.preset"
@@ -62,7 +64,10 @@ def test_preset_applies_and_validates_overrides():
 def test_rope_tables_are_the_float64_formula_rounded_once(dtype):
     p = pe_export.preset("llama-rope", max_positions=8192)
     cos, sin = pe_export.rope_tables(p, dtype)
-    assert cos.shape == sin.shape == (8192, 64) and cos.dtype == {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    assert (
+        cos.shape == sin.shape == (8192, 64)
+        and cos.dtype == {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    )
     want_cos, want_sin = exact_tables(500000.0, 128, 8192)
     eps = {"fp32": 2.0**-23, "fp16": 2.0**-10, "bf16": 2.0**-7}[dtype]
     for got, want in ((cos, want_cos), (sin, want_sin)):
@@ -70,7 +75,9 @@ def test_rope_tables_are_the_float64_formula_rounded_once(dtype):
         # One rounding (half an ulp, relative), plus the formula's own float64 error (a few 1e-16 times
         # the angle, which reaches 8191 rad at the last row), plus fp16's subnormal spacing.
         bound = eps / 2 * np.abs(want) + 1e-15 * 8192 + 2.0**-25
-        assert np.all(err <= bound), f"{dtype}: max err {err.max():.3g} at row {np.unravel_index(err.argmax(), err.shape)[0]}"
+        assert np.all(err <= bound), (
+            f"{dtype}: max err {err.max():.3g} at row {np.unravel_index(err.argmax(), err.shape)[0]}"
+        )
     with pytest.raises(BadInput, match="rope_tables takes RopeParams"):
         pe_export.rope_tables({"head_dim": 8})
 
@@ -110,7 +117,9 @@ def test_rotary_embedding_matches_transformers_at_the_end_of_the_table(layout):
     cos, sin = (torch.from_numpy(t) for t in exact_tables(500000.0, D, P))
     want = rotate_with_transformers(x.double(), cos, sin, ids)
     a, b = x.double()[..., : D // 2].abs(), x.double()[..., D // 2 :].abs()
-    bound = 2 * 2.0**-23 * torch.cat([a + b, a + b], dim=-1)  # pe-export's fp32 RoPE bound (verification.tolerances.TOLERANCES)
+    bound = (
+        2 * 2.0**-23 * torch.cat([a + b, a + b], dim=-1)
+    )  # pe-export's fp32 RoPE bound (verification.tolerances.TOLERANCES)
     err = (y.double() - want).abs()
     assert torch.all(err <= bound), f"max err {err.max():.3g}"
 
@@ -137,7 +146,7 @@ def test_rotary_embedding_trains():
         module = pe_export.RotaryEmbedding(p, layout=layout).double()
         x = torch.randn(2, 3, 5, 16, dtype=torch.float64, requires_grad=True)
         ids = torch.randint(0, 64, (2, 5 if layout == "bhsd" else 3))
-        assert torch.autograd.gradcheck(lambda t: module(t, ids), (x,))
+        assert torch.autograd.gradcheck(lambda t, module=module, ids=ids: module(t, ids), (x,))
     interleaved = pe_export.RotaryEmbedding(pe_export.preset("gpt-j-rope", max_positions=32)).double()
     x = torch.randn(1, 2, 4, 64, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: interleaved(t, torch.tensor([[0, 7, 30, 31]])), (x,))
@@ -176,7 +185,9 @@ class TinyGPT(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.attn = nn.ModuleList(Attention(dim, heads, rope) for _ in range(layers))
-        self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)) for _ in range(layers))
+        self.mlp = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)) for _ in range(layers)
+        )
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab)
 
     def forward(self, ids, position_ids):
@@ -198,10 +209,16 @@ def test_a_whole_model_exports_with_each_target_and_runs_on_onnx_runtime(op, tmp
     ids, pos = torch.randint(0, 101, (2, 8)), torch.arange(8).repeat(2, 1)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
     program = torch.onnx.export(
-        model, (ids, pos), dynamo=True, opset_version=23, custom_translation_table=pe_export.translation_table(op),
+        model,
+        (ids, pos),
+        dynamo=True,
+        opset_version=23,
+        custom_translation_table=pe_export.translation_table(op),
         dynamic_shapes={"ids": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}},
-        input_names=["ids", "position_ids"], output_names=["logits"], verbose=False,
-    )  # fmt: skip
+        input_names=["ids", "position_ids"],
+        output_names=["logits"],
+        verbose=False,
+    )
     path = tmp_path / f"gpt-{op}.onnx"
     program.save(str(path))
     nodes = [(n.domain, n.op_type) for n in onnx.load(str(path)).graph.node]
@@ -237,7 +254,9 @@ def test_a_whole_model_exports_with_each_target_and_runs_on_onnx_runtime(op, tmp
 
 
 def test_translation_table_refuses_unknown_targets():
-    with pytest.raises(BadInput, match="op must be one of decomposed, onnx, ort|op must be one of onnx, ort, decomposed"):
+    with pytest.raises(
+        BadInput, match="op must be one of decomposed, onnx, ort|op must be one of onnx, ort, decomposed"
+    ):
         pe_export.translation_table("tensorrt")
 
 
@@ -261,10 +280,16 @@ def test_export_and_verify_return_results(tmp_path):
 
 def test_export_refuses_bad_input_and_writes_nothing(tmp_path):
     for call, message in [
-        (lambda: pe_export.export("llama-rope", tmp_path / "a.onnx", seq=0), r"max_positions \(--seq\) must be >= 1, got 0"),
+        (
+            lambda: pe_export.export("llama-rope", tmp_path / "a.onnx", seq=0),
+            r"max_positions \(--seq\) must be >= 1, got 0",
+        ),
         (lambda: pe_export.export("llama-rope", tmp_path / "a.onnx", op="tensorrt"), "op must be one of"),
         (lambda: pe_export.export("nope", tmp_path / "a.onnx"), "unknown preset 'nope'"),
-        (lambda: pe_export.export("llama-rope", tmp_path / "a.onnx", dtype="fp64"), "dtype must be one of fp32, fp16, bf16"),
+        (
+            lambda: pe_export.export("llama-rope", tmp_path / "a.onnx", dtype="fp64"),
+            "dtype must be one of fp32, fp16, bf16",
+        ),
         (lambda: pe_export.export("llama-rope", tmp_path / "a.onnx", runtimes=["tpu"]), "--runtimes takes"),
         (lambda: pe_export.verify(tmp_path / "missing.onnx"), "does not exist"),
     ]:

@@ -94,18 +94,31 @@ def test_the_sizes_the_presets_use_fit():
 
 def llama31_config(tmp_path, **scaling) -> str:
     """Llama 3.1's config.json with its rope_scaling block changed by `scaling` (values as JSON text)."""
-    block = {"rope_type": '"llama3"', "factor": "8.0", "low_freq_factor": "1.0", "high_freq_factor": "4.0",
-             "original_max_position_embeddings": "8192"} | scaling  # fmt: skip
+    block = {
+        "rope_type": '"llama3"',
+        "factor": "8.0",
+        "low_freq_factor": "1.0",
+        "high_freq_factor": "4.0",
+        "original_max_position_embeddings": "8192",
+    } | scaling
     text = ", ".join(f'"{k}": {v}' for k, v in block.items())
     path = tmp_path / "config.json"
-    path.write_text(f'{{"model_type": "llama", "head_dim": 128, "rope_theta": 500000.0, '
-                    f'"max_position_embeddings": 131072, "rope_scaling": {{{text}}}}}')  # fmt: skip
+    path.write_text(
+        f'{{"model_type": "llama", "head_dim": 128, "rope_theta": 500000.0, '
+        f'"max_position_embeddings": 131072, "rope_scaling": {{{text}}}}}'
+    )
     return str(path)
 
 
 BAD_FACTORS = {  # --scaling-param factor=VALUE, VALUE as JSON: what the rule's parameter got
-    "Infinity": "inf", "-Infinity": "-inf", "NaN": "nan", "true": "True", '"4"': "'4'", "[4]": "[4]", "null": "None",
-}  # fmt: skip
+    "Infinity": "inf",
+    "-Infinity": "-inf",
+    "NaN": "nan",
+    "true": "True",
+    '"4"': "'4'",
+    "[4]": "[4]",
+    "null": "None",
+}
 
 
 @pytest.mark.parametrize("value", BAD_FACTORS)
@@ -127,10 +140,14 @@ def test_a_scaling_param_of_the_wrong_type_is_refused_by_both_paths(tmp_path, va
         assert "'factor'" in line and ("finite" in line or "a number" in line), line
 
 
-@pytest.mark.parametrize("key,value,what", [
-    ("original_max_positions", "8192.5", "an integer"), ("original_max_positions", "true", "an integer"),
-    ("low_freq_factor", '"1"', "a finite number"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "key,value,what",
+    [
+        ("original_max_positions", "8192.5", "an integer"),
+        ("original_max_positions", "true", "an integer"),
+        ("low_freq_factor", '"1"', "a finite number"),
+    ],
+)
 def test_scaling_params_are_checked_by_their_type(tmp_path, key, value, what):
     line = refused(tmp_path, "llama3.1-rope", "--seq", "256", "--scaling-param", f"{key}={value}", "-o", "x.onnx")
     assert f"parameter {key!r} must be {what}, got" in line, line
@@ -153,18 +170,23 @@ def test_every_scaling_rule_parameter_says_its_type(rule):
 # from-config: zero is a value, not "unset"
 
 
-@pytest.mark.parametrize("key,value,want", [
-    ("rope_theta", "0", "config key 'rope_theta' must be > 0, got 0.0"),
-    ("rope_theta", "-10000", "config key 'rope_theta' must be > 0, got -10000.0"),
-    ("max_position_embeddings", "0", "config key 'max_position_embeddings' must be >= 1, got 0"),
-    ("max_position_embeddings", "-5", "config key 'max_position_embeddings' must be >= 1, got -5"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "key,value,want",
+    [
+        ("rope_theta", "0", "config key 'rope_theta' must be > 0, got 0.0"),
+        ("rope_theta", "-10000", "config key 'rope_theta' must be > 0, got -10000.0"),
+        ("max_position_embeddings", "0", "config key 'max_position_embeddings' must be >= 1, got 0"),
+        ("max_position_embeddings", "-5", "config key 'max_position_embeddings' must be >= 1, got -5"),
+    ],
+)
 def test_from_config_refuses_zero_instead_of_a_default(tmp_path, key, value, want):
     from pe_export.errors import BadInput
     from pe_export.hf_config import rope_params_from_config
 
     path = tmp_path / "config.json"
-    cfg = {"model_type": '"llama"', "head_dim": "64", "rope_theta": "10000.0", "max_position_embeddings": "4096"} | {key: value}
+    cfg = {"model_type": '"llama"', "head_dim": "64", "rope_theta": "10000.0", "max_position_embeddings": "4096"} | {
+        key: value
+    }
     path.write_text("{" + ", ".join(f'"{k}": {v}' for k, v in cfg.items()) + "}")  # values as JSON text
     line = refused(tmp_path, "from-config", str(path), "-o", "x.onnx")
     assert line == f"pe-export: error: {want}", line
@@ -186,13 +208,31 @@ def test_a_weights_tensor_of_another_shape_than_the_preset_is_refused(tmp_path):
     w = tmp_path / "W.safetensors"
     save_file({"wpe.weight": torch.randn(1024, 100)}, w)
     line = refused(tmp_path, "gpt2-learned", "--weights", str(w), "--key", "wpe.weight", "-o", "x.onnx")
-    want = (f"tensor 'wpe.weight' of {str(w.resolve())!r} has shape (1024, 100), want (1024, 768) (rows, dim); "
-            f"set rows and dim (--rows 1024 --dim 100) to export that shape")  # fmt: skip
+    want = (
+        f"tensor 'wpe.weight' of {str(w.resolve())!r} has shape (1024, 100), want (1024, 768) (rows, dim); "
+        f"set rows and dim (--rows 1024 --dim 100) to export that shape"
+    )
     assert line == f"pe-export: error: {want}", line
     with pytest.raises(ValueError) as e:
         table(LearnedParams(dim=768, rows=1024, weights=str(w.resolve()), key="wpe.weight"))
     assert str(e.value) == want
     # Sizes given: the file's shape is what was asked for.
-    ok = runner.invoke(app, ["gpt2-learned", "--weights", str(w), "--key", "wpe.weight", "--dim", "100", "--seq", "64",
-                             "--runtimes", "ort-cpu", "-o", str(tmp_path / "ok.onnx")])  # fmt: skip
+    ok = runner.invoke(
+        app,
+        [
+            "gpt2-learned",
+            "--weights",
+            str(w),
+            "--key",
+            "wpe.weight",
+            "--dim",
+            "100",
+            "--seq",
+            "64",
+            "--runtimes",
+            "ort-cpu",
+            "-o",
+            str(tmp_path / "ok.onnx"),
+        ],
+    )
     assert ok.exit_code == 0 and (tmp_path / "ok.onnx").exists(), ok.output

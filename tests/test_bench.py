@@ -58,9 +58,9 @@ def test_bench_table_output(tmp_path):
 )
 def test_other_contracts(preset, kind):
     """Bias: Q = K = S, decode Q = 1 over K = S; absolute: (B, S) and (B, 1); positions end at P - 1."""
-    from pe_export.tools.bench import bench, make_inputs
     from pe_export.encodings import ENCODINGS
     from pe_export.presets import PRESETS
+    from pe_export.tools.bench import bench, make_inputs
 
     enc = ENCODINGS.get(PRESETS[preset].encoding)
     assert enc.kind == kind
@@ -84,10 +84,10 @@ def test_bound_call_writes_what_a_plain_run_returns():
     read back here independently of bench's binding."""
     import ctypes
 
-    from pe_export.tools.bench import bound_call, make_inputs, session
+    from pe_export.dtypes import numpy_dtype
     from pe_export.presets import PRESETS
     from pe_export.runtimes.ort import _ort_call
-    from pe_export.dtypes import numpy_dtype
+    from pe_export.tools.bench import bound_call, make_inputs, session
 
     for dtype, itemsize in (("fp32", 4), ("fp16", 2), ("bf16", 2)):
         spec = Spec(encoding="t5-bias", params=dict(PRESETS["t5-bias"].params), op="decomposed", opset=17, dtype=dtype)
@@ -106,9 +106,9 @@ def test_inputs_placed_on_a_device_keep_their_bits():
     """on_device (the CUDA path's host-to-device copy), run with CPU memory: every dtype bench feeds."""
     import ctypes
 
-    from pe_export.tools.bench import on_device
-    from pe_export.runtimes.ort import host_value
     from pe_export.dtypes import numpy_dtype
+    from pe_export.runtimes.ort import host_value
+    from pe_export.tools.bench import on_device
 
     for dtype in ("fp32", "fp16", "bf16", "int64"):
         a = (np.arange(24).reshape(2, 12) - 7.5).astype(numpy_dtype(dtype) if dtype != "int64" else np.int64)
@@ -160,7 +160,9 @@ def test_profile_splits_the_prefill_by_op(tmp_path):
     assert all(0 <= share <= 1 for _, share in shares) and sum(share for _, share in shares) == pytest.approx(1)
     assert [share for _, share in shares[:-1]] == sorted((share for _, share in shares[:-1]), reverse=True)
     result = runner.invoke(app, ["bench", str(path), "--repeat", "3", "--profile"])
-    assert result.exit_code == 0 and "where the prefill's time goes on cpu" in result.output and "Gather" in result.output
+    assert (
+        result.exit_code == 0 and "where the prefill's time goes on cpu" in result.output and "Gather" in result.output
+    )
     result = runner.invoke(app, ["bench", str(path), "--providers", "cuda", "--profile"])
     assert result.exit_code == 2 and "Traceback" not in result.output
 
@@ -195,9 +197,8 @@ def test_static_shapes_file(tmp_path):
 def test_every_rotary_encoding(encoding, params, gathered_dim):
     """Each rotary encoding's own parameters give the byte model's gathered rows (R of the table; none
     for a graph that computes cos/sin)."""
-    from pe_export.tools.bench import bench
-
     from pe_export.encodings import ENCODINGS
+    from pe_export.tools.bench import bench
 
     op = ENCODINGS.get(encoding).ops[0]
     spec = Spec(encoding=encoding, params=params, op=op, opset=23 if op == "onnx" else 17)
@@ -239,9 +240,11 @@ def test_file_without_spec_exits_2(tmp_path):
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["a"], ["b"])], "g",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])], [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1])],
-    )  # fmt: skip
+        [helper.make_node("Identity", ["a"], ["b"])],
+        "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1])],
+    )
     path = tmp_path / "plain.onnx"
     onnx.save(helper.make_model(graph), path)
     result = runner.invoke(app, ["bench", str(path)])
@@ -259,7 +262,8 @@ def test_cuda_unavailable_exits_2(tmp_path):
 
 
 @pytest.mark.skipif(
-    "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(), reason="CUDAExecutionProvider not available"
+    "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+    reason="CUDAExecutionProvider not available",
 )
 def test_cuda_runs_on_cuda(tmp_path):
     path = write(tmp_path, rope_spec(op="ort", max_positions=64, dtype="fp16"))
@@ -283,7 +287,12 @@ def test_other_runtimes_are_timed_against_the_same_runs_ort_memcpy(tmp_path, run
     result = runner.invoke(app, ["bench", str(path), "--heads", "2", "--repeat", "3", "--runtimes", runtime, "--json"])
     assert result.exit_code == 0, result.output
     cases = json.loads(result.output)["cases"]
-    assert [(c["runtime"], c["name"]) for c in cases] == [("ort", "prefill"), ("ort", "decode"), (runtime, "prefill"), (runtime, "decode")]
+    assert [(c["runtime"], c["name"]) for c in cases] == [
+        ("ort", "prefill"),
+        ("ort", "decode"),
+        (runtime, "prefill"),
+        (runtime, "decode"),
+    ]
     ort_prefill, _, prefill, decode = cases
     assert prefill["bytes"] == ort_prefill["bytes"] and prefill["shapes"] == ort_prefill["shapes"]
     for c in (prefill, decode):

@@ -21,7 +21,9 @@ from pe_export.spec import Spec
 def test_t5_buckets_are_transformers_for_every_distance(bidirectional, num_buckets, max_distance):
     from transformers.models.t5.modeling_t5 import T5Attention
 
-    p = T5BiasParams(heads=2, num_buckets=num_buckets, max_distance=max_distance, bidirectional=bidirectional, max_positions=4096)
+    p = T5BiasParams(
+        heads=2, num_buckets=num_buckets, max_distance=max_distance, bidirectional=bidirectional, max_positions=4096
+    )
     rel = torch.arange(-4095, 4096)
     want = T5Attention._relative_position_bucket(rel, bidirectional, num_buckets, max_distance).numpy()
     assert np.array_equal(t5_bias.buckets(p, rel.numpy()), want)
@@ -30,8 +32,23 @@ def test_t5_buckets_are_transformers_for_every_distance(bidirectional, num_bucke
 def test_t5_section_10_vectors():
     enc = T5BiasParams(heads=1)
     dec = T5BiasParams(heads=1, bidirectional=False)
-    for rel, bucket in {-200: 15, -128: 15, -64: 14, -16: 10, -8: 8, -7: 7, -1: 1, 0: 0, 1: 17, 7: 23, 8: 24,
-                        16: 26, 64: 30, 127: 31, 200: 31}.items():  # fmt: skip
+    for rel, bucket in {
+        -200: 15,
+        -128: 15,
+        -64: 14,
+        -16: 10,
+        -8: 8,
+        -7: 7,
+        -1: 1,
+        0: 0,
+        1: 17,
+        7: 23,
+        8: 24,
+        16: 26,
+        64: 30,
+        127: 31,
+        200: 31,
+    }.items():
         assert t5_bias.buckets(enc, np.array(rel)) == bucket, rel
     for rel, bucket in {-300: 31, -128: 31, -64: 26, -32: 21, -16: 16, -15: 15, -1: 1, 0: 0, 5: 0, 300: 0}.items():
         assert t5_bias.buckets(dec, np.array(rel)) == bucket, rel
@@ -49,16 +66,26 @@ def test_t5_compute_bias_with_the_same_table(is_decoder):
     from transformers import T5Config
     from transformers.models.t5.modeling_t5 import T5Attention
 
-    config = T5Config(d_model=32, d_kv=8, num_heads=4, relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                      is_decoder=is_decoder)  # fmt: skip
+    config = T5Config(
+        d_model=32,
+        d_kv=8,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        is_decoder=is_decoder,
+    )
     attn = T5Attention(config, has_relative_attention_bias=True).eval()
-    spec = Spec(encoding="t5-bias", params=dict(heads=4, bidirectional=not is_decoder, max_positions=512, weights_seed=5))
+    spec = Spec(
+        encoding="t5-bias", params=dict(heads=4, bidirectional=not is_decoder, max_positions=512, weights_seed=5)
+    )
     with torch.no_grad():
         attn.relative_attention_bias.weight.copy_(torch.from_numpy(t5_bias.table(T5BiasParams(**spec.params))))
     for q_len, k_len, past in ((7, 7, 0), (1, 300, 299), (5, 511, 506), (512, 512, 0)):
         with torch.no_grad():
             want = attn.compute_bias(q_len, k_len, past_seen_tokens=past).double().numpy()
-        got = t5_bias.reference(spec, {"query_positions": np.arange(past, past + q_len), "key_positions": np.arange(k_len)})
+        got = t5_bias.reference(
+            spec, {"query_positions": np.arange(past, past + q_len), "key_positions": np.arange(k_len)}
+        )
         scale = np.abs(want).max()
         assert np.max(np.abs(got - want)) <= 2.0**-24 * scale  # transformers holds the table in float32
 
@@ -93,7 +120,10 @@ def press_get_slopes(n):
     if math.log2(n).is_integer():
         return get_slopes_power_of_2(n)
     closest_power_of_2 = 2 ** math.floor(math.log2(n))
-    return get_slopes_power_of_2(closest_power_of_2) + press_get_slopes(2 * closest_power_of_2)[0::2][: n - closest_power_of_2]
+    return (
+        get_slopes_power_of_2(closest_power_of_2)
+        + press_get_slopes(2 * closest_power_of_2)[0::2][: n - closest_power_of_2]
+    )
 
 
 @pytest.mark.parametrize("heads", [1, 2, 3, 5, 8, 12, 16, 20, 32, 71, 112])
@@ -127,7 +157,9 @@ def test_bloom_convention_is_build_alibi_tensor():
     got = alibi.reference(spec, {"query_positions": np.arange(S), "key_positions": np.arange(S)})[0]  # (H, Q, K)
     lower = np.tril(np.ones((S, S), dtype=bool))
     # float32 slopes (H + 1 roundings, as above) times positions, rounded once more
-    np.testing.assert_allclose(np.where(lower, got, 0), np.where(lower, np.broadcast_to(want, got.shape), 0), rtol=(H + 3) * 2.0**-24)
+    np.testing.assert_allclose(
+        np.where(lower, got, 0), np.where(lower, np.broadcast_to(want, got.shape), 0), rtol=(H + 3) * 2.0**-24
+    )
     assert np.all(got[:, ~lower] == -np.inf)
 
 
@@ -146,8 +178,13 @@ def test_mpt_convention_is_build_mpt_alibi_tensor(bias_max):
 def test_alibi_properties():
     H, P = 5, 64
     q = k = np.arange(P)
-    causal = alibi.reference(Spec(encoding="alibi", params=dict(heads=H, max_positions=P)), {"query_positions": q, "key_positions": k})[0]
-    bidir = alibi.reference(Spec(encoding="alibi", params=dict(heads=H, causal=False, max_positions=P)), {"query_positions": q, "key_positions": k})[0]
+    causal = alibi.reference(
+        Spec(encoding="alibi", params=dict(heads=H, max_positions=P)), {"query_positions": q, "key_positions": k}
+    )[0]
+    bidir = alibi.reference(
+        Spec(encoding="alibi", params=dict(heads=H, causal=False, max_positions=P)),
+        {"query_positions": q, "key_positions": k},
+    )[0]
     assert np.all(np.diagonal(causal, axis1=1, axis2=2) == 0) and np.all(np.diagonal(bidir, axis1=1, axis2=2) == 0)
     # exact: elementwise slope * distance (no BLAS), the same products both ways
     assert np.array_equal(bidir, bidir.transpose(0, 2, 1))
@@ -156,7 +193,10 @@ def test_alibi_properties():
     # The three causal conventions differ by one constant per (head, query row): softmax gives the same weights.
     rows = {}
     for conv in alibi.CONVENTIONS:
-        b = alibi.reference(Spec(encoding="alibi", params=dict(heads=H, convention=conv, max_positions=P)), {"query_positions": q, "key_positions": k})[0]
+        b = alibi.reference(
+            Spec(encoding="alibi", params=dict(heads=H, convention=conv, max_positions=P)),
+            {"query_positions": q, "key_positions": k},
+        )[0]
         e = np.exp(b - b.max(-1, keepdims=True))
         rows[conv] = e / e.sum(-1, keepdims=True)
     np.testing.assert_allclose(rows["bloom"], rows["relative"], atol=1e-12)

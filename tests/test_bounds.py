@@ -8,11 +8,13 @@ from conftest import exported, ort_cpu_session, rope_spec
 from pe_export.custom_ops.lowerings import OP_TARGETS
 from pe_export.spec import LAYOUTS
 
-
 # The three kinds of graph: a table, two stacked tables behind a run-time switch, cos/sin computed in the graph.
 GRAPHS = {
     "table": {},
-    "switch": dict(scaling="longrope", scaling_params=dict(short_factor=[1.0] * 32, long_factor=[2.0] * 32, original_max_positions=128, factor=4.0)),
+    "switch": dict(
+        scaling="longrope",
+        scaling_params=dict(short_factor=[1.0] * 32, long_factor=[2.0] * 32, original_max_positions=128, factor=4.0),
+    ),
     "computed": dict(scaling="dynamic", scaling_params=dict(factor=2.0, original_max_positions=128)),
 }
 

@@ -33,7 +33,7 @@ def invoke(*args, cwd=None):
 def test_list_shows_every_preset_with_its_parameters():
     result = invoke("list")
     assert result.exit_code == 0
-    for name, preset in PRESETS.items():
+    for name in PRESETS:
         assert name in result.output
     assert "theta=500000.0" in result.output and "rotary_dim=64" in result.output
 
@@ -45,7 +45,14 @@ def test_export_then_verify(tmp_path):
     assert "verified" in result.output and re.search(r"ort-cpu\s+.\s+CPUExecutionProvider\s+.\s+\d", result.output)
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["verdict"] == "pass" and report["spec"]["params"]["max_positions"] == 300
-    assert {r["runtime"] for r in report["rows"]} == {"torch", "ort-cpu", "ort-cpu-noopt", "ort-cuda", "onnx-reference", "openvino"}
+    assert {r["runtime"] for r in report["rows"]} == {
+        "torch",
+        "ort-cpu",
+        "ort-cpu-noopt",
+        "ort-cuda",
+        "onnx-reference",
+        "openvino",
+    }
     again = invoke("verify", str(out), "--providers", "cpu")
     assert again.exit_code == 0, again.output
 
@@ -66,8 +73,24 @@ def test_a_preset_with_a_switch_past_its_table_says_so(tmp_path):
 
 
 def test_default_output_name_and_overrides(tmp_path):
-    result = invoke("llama2-rope", "--seq", "64", "--op", "decomposed", "--layout", "bshd", "--dtype", "fp16",
-                    "--head-dim", "32", "--theta", "5000", "--pairing", "interleaved", cwd=tmp_path)  # fmt: skip
+    result = invoke(
+        "llama2-rope",
+        "--seq",
+        "64",
+        "--op",
+        "decomposed",
+        "--layout",
+        "bshd",
+        "--dtype",
+        "fp16",
+        "--head-dim",
+        "32",
+        "--theta",
+        "5000",
+        "--pairing",
+        "interleaved",
+        cwd=tmp_path,
+    )
     assert result.exit_code == 0, result.output
     from pe_export.pipeline.onnx_export import load
 
@@ -81,9 +104,16 @@ def test_scaling_overrides(tmp_path):
 
     out = tmp_path / "a.onnx"
     assert invoke("llama3.1-rope", "--seq", "256", "--scaling-param", "factor=4", "-o", str(out)).exit_code == 0
-    assert load(out)[1].params["scaling_params"] == dict(factor=4, low_freq_factor=1.0, high_freq_factor=4.0, original_max_positions=8192)
+    assert load(out)[1].params["scaling_params"] == dict(
+        factor=4, low_freq_factor=1.0, high_freq_factor=4.0, original_max_positions=8192
+    )
     out = tmp_path / "b.onnx"
-    assert invoke("llama-rope", "--seq", "256", "--scaling", "linear", "--scaling-param", "factor=2.5", "-o", str(out)).exit_code == 0
+    assert (
+        invoke(
+            "llama-rope", "--seq", "256", "--scaling", "linear", "--scaling-param", "factor=2.5", "-o", str(out)
+        ).exit_code
+        == 0
+    )
     spec = load(out)[1]
     assert spec.params["scaling"] == "linear" and spec.params["scaling_params"] == {"factor": 2.5}
 
@@ -270,7 +300,11 @@ def test_export_parity_failure_exits_1_and_keeps_the_file(tmp_path, monkeypatch)
     import pe_export.verification.parity
 
     def failing_check(spec, data, runtimes, seed=0, **probes):
-        return [pe_export.verification.parity.Row(runtime="ort-cpu", provider="CPUExecutionProvider", dtype="fp32", verdict="FAIL", note="planted")]
+        return [
+            pe_export.verification.parity.Row(
+                runtime="ort-cpu", provider="CPUExecutionProvider", dtype="fp32", verdict="FAIL", note="planted"
+            )
+        ]
 
     monkeypatch.setattr(pe_export.verification.parity, "check", failing_check)
     out = tmp_path / "f.onnx"
@@ -311,11 +345,25 @@ def test_readme_examples_run(tmp_path):
     assert "pe-export llama-rope --seq 8192" in commands
     config = tmp_path / "models" / "Llama-3.1-8B" / "config.json"  # the file the from-config example reads
     config.parent.mkdir(parents=True)
-    config.write_text(json.dumps({
-        "model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32, "head_dim": 128, "rope_theta": 500000.0,
-        "max_position_embeddings": 131072, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    }))  # fmt: skip
+    config.write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "hidden_size": 4096,
+                "num_attention_heads": 32,
+                "head_dim": 128,
+                "rope_theta": 500000.0,
+                "max_position_embeddings": 131072,
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192,
+                },
+            }
+        )
+    )
     for command in commands:
         args = shlex.split(command, comments=True)[1:]
         result = invoke(*args, cwd=tmp_path)
@@ -327,7 +375,9 @@ def test_installed_entry_point_runs_as_a_subprocess(tmp_path):
     files = []
     for run in ("a", "b"):  # the same command twice, in separate processes: byte-identical files
         (tmp_path / run).mkdir()
-        done = subprocess.run([exe, "llama-rope", "--seq", "128"], cwd=tmp_path / run, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [exe, "llama-rope", "--seq", "128"], cwd=tmp_path / run, capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         assert "verified" in done.stdout
         files.append((tmp_path / run / "llama-rope.onnx").read_bytes())
@@ -359,14 +409,38 @@ def test_every_other_preset_exports_and_verifies(tmp_path, preset):
 
 
 def test_generic_options_override_the_preset(tmp_path):
-    result = invoke("t5-decoder-bias", "--seq", "100", "--heads", "3", "--num-buckets", "16", "--max-distance", "40",
-                    "--bidirectional", "--weights-seed", "7", "--attention", "--attention-head-dim", "16", cwd=tmp_path)  # fmt: skip
+    result = invoke(
+        "t5-decoder-bias",
+        "--seq",
+        "100",
+        "--heads",
+        "3",
+        "--num-buckets",
+        "16",
+        "--max-distance",
+        "40",
+        "--bidirectional",
+        "--weights-seed",
+        "7",
+        "--attention",
+        "--attention-head-dim",
+        "16",
+        cwd=tmp_path,
+    )
     assert result.exit_code == 0, result.output
     from pe_export.pipeline.onnx_export import load
 
     _, spec = load(tmp_path / "t5-decoder-bias.onnx")
-    assert spec.params == dict(heads=3, num_buckets=16, max_distance=40, bidirectional=True, max_positions=100,
-                               weights_seed=7, attention=True, attention_head_dim=16)  # fmt: skip
+    assert spec.params == dict(
+        heads=3,
+        num_buckets=16,
+        max_distance=40,
+        bidirectional=True,
+        max_positions=100,
+        weights_seed=7,
+        attention=True,
+        attention_head_dim=16,
+    )
 
 
 def write_weights(path, tensor, key="wpe.weight"):
@@ -388,7 +462,9 @@ def test_learned_weights_from_a_file(tmp_path, suffix):
     w, tensor = tmp_path / f"gpt2{suffix}", torch.randn(300, 48)
     write_weights(w, tensor)
     # A shape other than the preset's (1024, 768) is exported when it is asked for (else refused: test_bad_input.py).
-    result = invoke("gpt2-learned", "--weights", str(w), "--key", "wpe.weight", "--rows", "300", "--dim", "48", cwd=tmp_path)
+    result = invoke(
+        "gpt2-learned", "--weights", str(w), "--key", "wpe.weight", "--rows", "300", "--dim", "48", cwd=tmp_path
+    )
     assert result.exit_code == 0, result.output
     from conftest import ort_cpu_session
 
@@ -404,7 +480,10 @@ def test_learned_weights_from_a_file(tmp_path, suffix):
     shutil.move(w, moved)
     gone = invoke("verify", str(tmp_path / "gpt2-learned.onnx"))
     assert gone.exit_code == 2 and "does not exist" in gone.output
-    assert invoke("verify", str(tmp_path / "gpt2-learned.onnx"), "--weights", str(moved), "--providers", "cpu").exit_code == 0
+    assert (
+        invoke("verify", str(tmp_path / "gpt2-learned.onnx"), "--weights", str(moved), "--providers", "cpu").exit_code
+        == 0
+    )
     write_weights(moved, torch.randn(300, 48))
     changed = invoke("verify", str(tmp_path / "gpt2-learned.onnx"), "--weights", str(moved))
     assert changed.exit_code == 2 and "is not the one this file was exported with" in changed.output
@@ -416,10 +495,22 @@ def test_learned_seq_is_at_most_the_table(tmp_path):
 
     write_weights(tmp_path / "w.pt", torch.randn(100, 8))
     size = ["--rows", "100", "--dim", "8"]
-    ok = invoke("bert-learned", "--weights", str(tmp_path / "w.pt"), "--key", "wpe.weight", *size, "--seq", "60", cwd=tmp_path)
+    ok = invoke(
+        "bert-learned", "--weights", str(tmp_path / "w.pt"), "--key", "wpe.weight", *size, "--seq", "60", cwd=tmp_path
+    )
     assert ok.exit_code == 0, ok.output
-    too_long = invoke("bert-learned", "--weights", str(tmp_path / "w.pt"), "--key", "wpe.weight", *size, "--seq", "101", "--force",
-                      cwd=tmp_path)  # fmt: skip
+    too_long = invoke(
+        "bert-learned",
+        "--weights",
+        str(tmp_path / "w.pt"),
+        "--key",
+        "wpe.weight",
+        *size,
+        "--seq",
+        "101",
+        "--force",
+        cwd=tmp_path,
+    )
     assert too_long.exit_code == 2 and "at most the table's 100 rows, got 101" in too_long.output
 
 
@@ -430,17 +521,29 @@ def bad_weights(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"\x80\x04 junk")
     return [
         (["bert-learned", "--weights", str(tmp_path / "none.pt"), "--key", "k"], "does not exist"),
-        (["bert-learned", "--weights", str(tmp_path / "junk.pt"), "--key", "k"], "is not a .safetensors file or a torch state dict"),
-        (["bert-learned", "--weights", str(tmp_path / "t5.pt"), "--key", "nope"], "has no tensor 'nope'; it has: table"),
+        (
+            ["bert-learned", "--weights", str(tmp_path / "junk.pt"), "--key", "k"],
+            "is not a .safetensors file or a torch state dict",
+        ),
+        (
+            ["bert-learned", "--weights", str(tmp_path / "t5.pt"), "--key", "nope"],
+            "has no tensor 'nope'; it has: table",
+        ),
         (["bert-learned", "--weights", str(tmp_path / "t5.pt")], "--weights FILE and --key NAME go together"),
-        (["t5-bias", "--weights", str(tmp_path / "t5.pt"), "--key", "table"], "has shape (7, 12), want (32, 12) (num_buckets, heads)"),
+        (
+            ["t5-bias", "--weights", str(tmp_path / "t5.pt"), "--key", "table"],
+            "has shape (7, 12), want (32, 12) (num_buckets, heads)",
+        ),
         (["bloom-alibi", "--heads", "0"], "heads must be an integer >= 1, got 0"),
         (["t5-bias", "--num-buckets", "32", "--max-distance", "8"], "max_distance must be > 8"),
         (["t5-bias", "--attention-head-dim", "8"], "need --attention"),
         (["t5-bias", "--attention", "--attention-causal"], "sets causal masking by its own mode"),
         (["llama-rope", "--attention", "--layout", "bshd"], "rope --attention takes --layout bhsd, got 'bshd'"),
         (["bloom-alibi", "--op", "onnx"], "alibi exports with --op decomposed, got 'onnx'"),
-        (["vaswani-sinusoidal", "--layout-variant", "paper"], "layout_variant must be one of interleaved, concat, tensor2tensor"),
+        (
+            ["vaswani-sinusoidal", "--layout-variant", "paper"],
+            "layout_variant must be one of interleaved, concat, tensor2tensor",
+        ),
     ]
 
 

@@ -18,31 +18,63 @@ import numpy as np
 import pytest
 from conftest import assert_verified, exported, ort_cpu_session
 
-from pe_export.encodings import ENCODINGS
-from pe_export.encodings import deberta
-from pe_export.encodings.deberta import DebertaParams, learned, log_bucket, relative_index
 from pe_export.dtypes import numpy_dtype
+from pe_export.encodings import ENCODINGS, deberta
+from pe_export.encodings.deberta import DebertaParams, learned, log_bucket, relative_index
 from pe_export.spec import Spec
-from pe_export.verification.tolerances import bound
 from pe_export.verification.parity import check
+from pe_export.verification.tolerances import bound
 
 torch = pytest.importorskip("torch")
 hf = pytest.importorskip("transformers.models.deberta_v2.modeling_deberta_v2")
 
 SMALL = dict(heads=2, head_dim=16, position_buckets=32, max_relative_positions=64, max_positions=96)
 # deberta-v3-base (encodings.md section 9): 12 heads of 64, 256 buckets, max_relative_positions -1 -> 512
-V3_BASE = dict(heads=12, head_dim=64, position_buckets=256, max_relative_positions=-1, max_position_embeddings=512,
-               pos_att_type="p2c|c2p", share_att_key=True, norm_rel_ebd=True, layer_norm_eps=1e-7, max_positions=512)
+V3_BASE = dict(
+    heads=12,
+    head_dim=64,
+    position_buckets=256,
+    max_relative_positions=-1,
+    max_position_embeddings=512,
+    pos_att_type="p2c|c2p",
+    share_att_key=True,
+    norm_rel_ebd=True,
+    layer_norm_eps=1e-7,
+    max_positions=512,
+)
 # Each switch off the v3 path at least once: no log buckets, c2p or p2c alone, separate position
 # projections, no LayerNorm; (128, 513) is where float64 buckets differ from transformers' float32 ones.
 VARIANTS = {
     "v3-small": SMALL,
-    "c2p-plain": dict(heads=2, head_dim=16, position_buckets=-1, max_relative_positions=8, max_positions=40,
-                      pos_att_type="c2p", share_att_key=False, norm_rel_ebd=False),
-    "p2c-128-513": dict(heads=3, head_dim=8, position_buckets=128, max_relative_positions=513, max_positions=300,
-                        pos_att_type="p2c", share_att_key=False),
-    "both-no-share": dict(heads=2, head_dim=8, position_buckets=16, max_relative_positions=-1, max_position_embeddings=24,
-                          pos_att_type="c2p|p2c", share_att_key=False, max_positions=64),
+    "c2p-plain": dict(
+        heads=2,
+        head_dim=16,
+        position_buckets=-1,
+        max_relative_positions=8,
+        max_positions=40,
+        pos_att_type="c2p",
+        share_att_key=False,
+        norm_rel_ebd=False,
+    ),
+    "p2c-128-513": dict(
+        heads=3,
+        head_dim=8,
+        position_buckets=128,
+        max_relative_positions=513,
+        max_positions=300,
+        pos_att_type="p2c",
+        share_att_key=False,
+    ),
+    "both-no-share": dict(
+        heads=2,
+        head_dim=8,
+        position_buckets=16,
+        max_relative_positions=-1,
+        max_position_embeddings=24,
+        pos_att_type="c2p|p2c",
+        share_att_key=False,
+        max_positions=64,
+    ),
 }
 
 
@@ -58,11 +90,20 @@ def hf_layer(p: DebertaParams, x: np.ndarray, rounded=None, relative_pos=None):
     """transformers' output (B, H, L, D) for hidden states x (B, L, H*D) in float64, and its q, k, v
     (B, H, L, D). `rounded` {query, key, value}: arrays the projections of x are replaced with."""
     config = hf.DebertaV2Config(
-        hidden_size=p.heads * p.head_dim, num_attention_heads=p.heads, num_hidden_layers=1, intermediate_size=4,
-        relative_attention=True, position_buckets=p.position_buckets, max_relative_positions=p.max_relative_positions,
-        max_position_embeddings=p.max_position_embeddings, pos_att_type=p.pos_att_type, share_att_key=p.share_att_key,
-        norm_rel_ebd="layer_norm" if p.norm_rel_ebd else "none", layer_norm_eps=p.layer_norm_eps,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        hidden_size=p.heads * p.head_dim,
+        num_attention_heads=p.heads,
+        num_hidden_layers=1,
+        intermediate_size=4,
+        relative_attention=True,
+        position_buckets=p.position_buckets,
+        max_relative_positions=p.max_relative_positions,
+        max_position_embeddings=p.max_position_embeddings,
+        pos_att_type=p.pos_att_type,
+        share_att_key=p.share_att_key,
+        norm_rel_ebd="layer_norm" if p.norm_rel_ebd else "none",
+        layer_norm_eps=p.layer_norm_eps,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     encoder = hf.DebertaV2Encoder(config).eval().double()
     attention = encoder.layer[0].attention.self
@@ -92,7 +133,9 @@ def hf_layer(p: DebertaParams, x: np.ndarray, rounded=None, relative_pos=None):
                 )
         if relative_pos is None:
             relative_pos = encoder.get_rel_pos(x)
-        out, _ = attention(x, torch.ones(B, 1, L, L), relative_pos=relative_pos, rel_embeddings=encoder.get_rel_embedding())
+        out, _ = attention(
+            x, torch.ones(B, 1, L, L), relative_pos=relative_pos, rel_embeddings=encoder.get_rel_embedding()
+        )
     return split(out).numpy(), *(t.numpy() for t in qkv)
 
 
@@ -106,14 +149,22 @@ def float32_scale(monkeypatch):
 def layer_inputs(q, k, v, positions, Q=None):
     """Graph inputs for the last Q queries over all keys at `positions`."""
     Q = Q or len(positions)
-    return {"query": q[:, :, -Q:].copy(), "key": k, "value": v, "query_positions": positions[-Q:].copy(), "key_positions": positions}
+    return {
+        "query": q[:, :, -Q:].copy(),
+        "key": k,
+        "value": v,
+        "query_positions": positions[-Q:].copy(),
+        "key_positions": positions,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
 # Buckets
 
 
-@pytest.mark.parametrize("buckets,max_relative", [(256, 512), (128, 513), (32, 64), (6, 9), (2, 3), (512, 4096), (64, 40)])
+@pytest.mark.parametrize(
+    "buckets,max_relative", [(256, 512), (128, 513), (32, 64), (6, 9), (2, 3), (512, 4096), (64, 40)]
+)
 def test_buckets_match_transformers(buckets, max_relative):
     """Every distance in (-P, P), P = 2 * max_relative + 300 (past saturation): the bucket and the clamped
     row against `make_log_bucket_position` and transformers' clamp."""
@@ -199,9 +250,17 @@ def test_c2p_decoding_matches_transformers(float32_scale):
     _, q, k, v = hf_layer(p, x)
     positions = np.arange(40)
     rel = torch.from_numpy(positions[-5:, None] - positions[None, :])[None]  # (1, Q, K), query - key
-    config = hf.DebertaV2Config(hidden_size=p.heads * p.head_dim, num_attention_heads=p.heads, relative_attention=True,
-                                position_buckets=-1, max_relative_positions=8, pos_att_type="c2p", share_att_key=False,
-                                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = hf.DebertaV2Config(
+        hidden_size=p.heads * p.head_dim,
+        num_attention_heads=p.heads,
+        relative_attention=True,
+        position_buckets=-1,
+        max_relative_positions=8,
+        pos_att_type="c2p",
+        share_att_key=False,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     attention = hf.DisentangledSelfAttention(config).eval().double()
     w = {n: torch.from_numpy(a) for n, a in learned(p).items()}
     with torch.no_grad():
@@ -211,7 +270,9 @@ def test_c2p_decoding_matches_transformers(float32_scale):
         hv = torch.from_numpy(v).permute(0, 2, 1, 3).reshape(2, 40, -1)
         attention.value_proj.register_forward_hook(lambda mod, args, out: hv)  # the same v as hf_layer's
         xt = torch.from_numpy(x)
-        out, _ = attention(xt, torch.ones(2, 1, 5, 40), query_states=xt[:, -5:], relative_pos=rel, rel_embeddings=w["rel_embeddings"])
+        out, _ = attention(
+            xt, torch.ones(2, 1, 5, 40), query_states=xt[:, -5:], relative_pos=rel, rel_embeddings=w["rel_embeddings"]
+        )
     want = out.view(2, 5, p.heads, p.head_dim).permute(0, 2, 1, 3).numpy()
     spec = Spec(encoding="deberta", params=params, op="decomposed", opset=17)
     got = ENCODINGS.get("deberta").reference(spec, layer_inputs(q, k, v, positions, Q=5))
@@ -229,7 +290,6 @@ def test_decoding_equals_rows_of_full_attention():
     for Q in (1, 7):
         got = ENCODINGS.get("deberta").reference(spec, layer_inputs(q, k, v, positions, Q))
         np.testing.assert_allclose(got, full[:, :, -Q:], rtol=0, atol=1e-14)
-
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
@@ -251,7 +311,9 @@ def test_torch_and_onnx_match_transformers(Q, dtype):
     graph = ort_cpu_session(exported(spec)).run(None, inputs)[0].astype(np.float64)
     for name, got in (("torch", eager), ("ort-cpu", graph)):
         err = np.abs(got - want)
-        assert np.all(err <= limit), f"{name}: max abs error {err.max():.3g}, worst error/bound {np.max(err / limit):.3g}"
+        assert np.all(err <= limit), (
+            f"{name}: max abs error {err.max():.3g}, worst error/bound {np.max(err / limit):.3g}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,8 +364,18 @@ def test_saturated_keys_are_interchangeable():
     spec = deberta_spec()
     ref = ENCODINGS.get("deberta").reference
     rng = np.random.default_rng(7)
-    q, k, v = rng.standard_normal((1, 2, 1, 16)), rng.standard_normal((1, 2, 12, 16)), rng.standard_normal((1, 2, 12, 16))
-    far = {"query": q, "key": k, "value": v, "query_positions": np.array([95]), "key_positions": np.arange(12)}  # rel >= 84
+    q, k, v = (
+        rng.standard_normal((1, 2, 1, 16)),
+        rng.standard_normal((1, 2, 12, 16)),
+        rng.standard_normal((1, 2, 12, 16)),
+    )
+    far = {
+        "query": q,
+        "key": k,
+        "value": v,
+        "query_positions": np.array([95]),
+        "key_positions": np.arange(12),
+    }  # rel >= 84
     perm = rng.permutation(12)
     swapped = far | {"key": k[:, :, perm], "value": v[:, :, perm]}
     np.testing.assert_allclose(ref(spec, swapped), ref(spec, far), rtol=0, atol=1e-12)
@@ -357,9 +429,14 @@ BAD = [
     (dict(position_buckets=1), "position_buckets must be >= 2, or <= 0 for no log buckets, got 1"),
     (dict(position_buckets=2.5), "position_buckets must be an integer, got 2.5"),
     (dict(max_relative_positions="512"), "max_relative_positions must be an integer, got '512'"),
-    (dict(position_buckets=32, max_relative_positions=17), "log buckets need max_relative_positions > position_buckets // 2 + 1 = 17, got 17"),
-    (dict(position_buckets=256, max_relative_positions=-1, max_position_embeddings=100),
-     "log buckets need max_relative_positions > position_buckets // 2 + 1 = 129, got 100 (max_position_embeddings"),
+    (
+        dict(position_buckets=32, max_relative_positions=17),
+        "log buckets need max_relative_positions > position_buckets // 2 + 1 = 17, got 17",
+    ),
+    (
+        dict(position_buckets=256, max_relative_positions=-1, max_position_embeddings=100),
+        "log buckets need max_relative_positions > position_buckets // 2 + 1 = 129, got 100 (max_position_embeddings",
+    ),
     (dict(pos_att_type="c2p|p2p"), "pos_att_type must be 'c2p', 'p2c' or 'p2c|c2p' (each at most once), got 'c2p|p2p'"),
     (dict(pos_att_type=""), "pos_att_type must be 'c2p', 'p2c' or 'p2c|c2p'"),
     (dict(pos_att_type="c2p|c2p"), "pos_att_type must be 'c2p', 'p2c' or 'p2c|c2p'"),
@@ -382,8 +459,16 @@ def test_bad_parameters(params, message):
 def test_defaults_and_spans():
     p = DebertaParams(heads=12)
     assert (p.head_dim, p.position_buckets, p.max_relative_positions, p.max_position_embeddings) == (64, 256, -1, 512)
-    assert (p.pos_att_type, p.share_att_key, p.norm_rel_ebd, p.layer_norm_eps, p.max_positions) == ("p2c|c2p", True, True, 1e-7, 512)
+    assert (p.pos_att_type, p.share_att_key, p.norm_rel_ebd, p.layer_norm_eps, p.max_positions) == (
+        "p2c|c2p",
+        True,
+        True,
+        1e-7,
+        512,
+    )
     assert deberta.att_span(p) == 256 and deberta.relative_span(p) == 512
-    assert deberta.scale(p) == math.sqrt(64 * 3) and deberta.scale(dataclasses.replace(p, pos_att_type=" C2P ")) == math.sqrt(128)
+    assert deberta.scale(p) == math.sqrt(64 * 3) and deberta.scale(
+        dataclasses.replace(p, pos_att_type=" C2P ")
+    ) == math.sqrt(128)
     no_buckets = dataclasses.replace(p, position_buckets=0, max_relative_positions=128)
     assert deberta.att_span(no_buckets) == 128 and learned(no_buckets)["rel_embeddings"].shape == (256, 768)

@@ -1,5 +1,6 @@
-"""Deployment options (pe_export.encodings.static_shapes, op_choice, packaging, computed tables in encodings.rope): computed RoPE tables, static shapes, --op auto, the .ort
-format, ORT's optimised graph and external data; each recorded in the spec and verified."""
+"""Deployment options (pe_export.encodings.static_shapes, op_choice, packaging, computed tables in
+encodings.rope): computed RoPE tables, static shapes, --op auto, the .ort format, ORT's optimised graph
+and external data; each recorded in the spec and verified."""
 
 import dataclasses
 import importlib.util
@@ -10,16 +11,12 @@ import pytest
 from conftest import exported, rope_spec
 from typer.testing import CliRunner
 
-from pe_export.custom_ops import op_choice
-
-from pe_export.pipeline import packaging
-
-from pe_export.encodings import static_shapes
-from pe_export.encodings import rope
 from pe_export.cli.main import app
+from pe_export.custom_ops import op_choice
 from pe_export.custom_ops.lowerings import OP_TARGETS
-from pe_export.encodings import ENCODINGS, KINDS
+from pe_export.encodings import ENCODINGS, KINDS, rope, static_shapes
 from pe_export.encodings.rope import RopeParams, inv_freq
+from pe_export.pipeline import packaging
 from pe_export.pipeline.onnx_export import load
 from pe_export.presets import PRESETS
 from pe_export.spec import Spec
@@ -58,8 +55,14 @@ def one_line_error(result, *words):
 @pytest.mark.parametrize("op", list(OP_TARGETS))
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_computed_tables_verify_and_store_no_table(op, dtype):
-    spec = rope_spec(op, dtype, max_positions=300, tables="computed", scaling="yarn",
-                     scaling_params={"factor": 4.0, "original_max_positions": 64})  # fmt: skip
+    spec = rope_spec(
+        op,
+        dtype,
+        max_positions=300,
+        tables="computed",
+        scaling="yarn",
+        scaling_params={"factor": 4.0, "original_max_positions": 64},
+    )
     assert_verified(spec)
     import onnx
 
@@ -75,7 +78,9 @@ def test_computed_tables_verify_and_store_no_table(op, dtype):
 def test_computed_tables_float32_angles_and_longrope_switch():
     assert_verified(rope_spec("onnx", max_positions=300, tables="computed", angles="float32"))
     longrope = {"short_factor": [1.0] * 32, "long_factor": [2.0] * 32, "original_max_positions": 128, "factor": 2.0}
-    assert_verified(rope_spec("decomposed", max_positions=300, tables="computed", scaling="longrope", scaling_params=longrope))
+    assert_verified(
+        rope_spec("decomposed", max_positions=300, tables="computed", scaling="longrope", scaling_params=longrope)
+    )
 
 
 def test_computed_tables_bound_catches_a_wrong_frequency():
@@ -119,8 +124,15 @@ def test_computed_tables_refusals_and_old_specs():
         RopeParams(head_dim=64, tables="cached")
     one_line_error(invoke("llama-rope", "--seq", 64, "--attention", "--tables", "computed"), "--attention")
     # A spec written before these options existed still loads, with their defaults.
-    old = {"encoding": "rope", "params": {"head_dim": 64, "max_positions": 16}, "op": "onnx", "opset": 23,
-           "dtype": "fp32", "layout": "bhsd", "version": "0.1.0"}  # fmt: skip
+    old = {
+        "encoding": "rope",
+        "params": {"head_dim": 64, "max_positions": 16},
+        "op": "onnx",
+        "opset": 23,
+        "dtype": "fp32",
+        "layout": "bhsd",
+        "version": "0.1.0",
+    }
     spec = Spec.from_json(json.dumps(old))
     assert spec.static_shapes is None and spec.deploy == {} and RopeParams(**spec.params).tables == "constant"
 
@@ -138,8 +150,13 @@ def static_case(kind):
             params = {**preset.params, "max_positions": 64}
             if "dim" in params:
                 params["dim"] = 32
-            return Spec(encoding=preset.encoding, params=params, op=enc.ops[-1], opset=OP_TARGETS[enc.ops[-1]].min_opset,
-                        static_shapes=shapes[kind])  # fmt: skip
+            return Spec(
+                encoding=preset.encoding,
+                params=params,
+                op=enc.ops[-1],
+                opset=OP_TARGETS[enc.ops[-1]].min_opset,
+                static_shapes=shapes[kind],
+            )
     pytest.skip(f"no preset of kind {kind}")
 
 
@@ -170,7 +187,9 @@ def test_static_shapes_no_symbolic_dims_and_probes_fit(kind):
 
 @pytest.mark.parametrize("op", list(OP_TARGETS))
 def test_static_shapes_rotary_every_target_bshd(op):
-    spec = dataclasses.replace(rope_spec(op, layout="bshd", max_positions=100, tables="computed"), static_shapes=[1, 100, 2])
+    spec = dataclasses.replace(
+        rope_spec(op, layout="bshd", max_positions=100, tables="computed"), static_shapes=[1, 100, 2]
+    )
     assert_verified(spec)
 
 
@@ -202,15 +221,22 @@ def test_pick_op_follows_the_opset_ranges():
     assert op_choice.pick_op(rope, 18, True)[0] == "ort"  # ORT below opset 23: its contrib op
     assert op_choice.pick_op(rope, 18, False)[0] == "decomposed"
     assert op_choice.pick_op(rope, 17, True)[0] == "decomposed"  # below the contrib op's range
-    assert op_choice.pick_op(rope, newest, False)[0] == ("decomposed" if newest > OP_TARGETS["onnx"].max_opset else "onnx")
+    assert op_choice.pick_op(rope, newest, False)[0] == (
+        "decomposed" if newest > OP_TARGETS["onnx"].max_opset else "onnx"
+    )
     past = OP_TARGETS["onnx"].max_opset + 1
-    assert op_choice.pick_op(rope, past, True) == ("decomposed", f"plain ops (torch's exporter writes the fused ops up to opset {past - 1})")
+    assert op_choice.pick_op(rope, past, True) == (
+        "decomposed",
+        f"plain ops (torch's exporter writes the fused ops up to opset {past - 1})",
+    )
     assert op_choice.pick_op(ENCODINGS.get("alibi").ops, 23, True)[0] == "decomposed"
 
 
 def test_op_auto_cli_records_the_pick(tmp_path):
     out = tmp_path / "a.onnx"
-    result = invoke("llama-rope", "--seq", 64, "--head-dim", 32, "--op", "auto", "--opset", 18, "--format", "ort", "-o", out)
+    result = invoke(
+        "llama-rope", "--seq", 64, "--head-dim", 32, "--op", "auto", "--opset", 18, "--format", "ort", "-o", out
+    )
     assert result.exit_code == 0, result.output
     assert "--op auto picked ort (opset 18)" in result.output
     _, spec = load(out)
@@ -232,7 +258,9 @@ def test_ort_format_written_and_loadable(tmp_path):
     import onnxruntime as ort
 
     out = tmp_path / "m.onnx"
-    result = invoke("llama-rope", "--seq", 64, "--head-dim", 32, "--format", "ort", "--static-shapes", "1,8,2", "-o", out)
+    result = invoke(
+        "llama-rope", "--seq", 64, "--head-dim", 32, "--format", "ort", "--static-shapes", "1,8,2", "-o", out
+    )
     assert result.exit_code == 0, result.output
     data = (tmp_path / "m.ort").read_bytes()
     assert data[4:8] == b"ORTM"  # the flatbuffer identifier of ORT's format
@@ -243,7 +271,9 @@ def test_ort_format_written_and_loadable(tmp_path):
 
 def test_ort_format_without_the_tool_writes_nothing(tmp_path, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if "convert_onnx_models_to_ort" in name else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if "convert_onnx_models_to_ort" in name else real(name, *a)
+    )
     one_line_error(invoke("llama-rope", "--seq", 64, "--format", "ort", "-o", tmp_path / "m.onnx"), "conversion tool")
     assert not list(tmp_path.iterdir())
 
@@ -264,7 +294,9 @@ def test_optimize_writes_a_verified_graph(tmp_path):
     assert {n.domain for n in model.graph.node} == {""} and row.verdict == "pass", row
     # Without --force nothing is overwritten, the optimised graph included.
     out.unlink()
-    one_line_error(invoke("gpt-neox-rope", "--seq", 64, "--head-dim", 32, "--optimize", "extended", "-o", out), "--force")
+    one_line_error(
+        invoke("gpt-neox-rope", "--seq", 64, "--head-dim", 32, "--optimize", "extended", "-o", out), "--force"
+    )
     assert not out.exists()
 
 
@@ -272,8 +304,15 @@ def test_optimize_writes_a_verified_graph(tmp_path):
     "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(), reason="a CUDA provider is present"
 )
 def test_optimize_for_cuda_without_cuda_is_bad_input(tmp_path):
-    one_line_error(invoke("llama-rope", "--seq", 64, "--optimize", "all", "--optimize-provider", "cuda", "-o", tmp_path / "m.onnx"), "cuda")
-    one_line_error(invoke("llama-rope", "--seq", 64, "--optimize-provider", "cpu", "-o", tmp_path / "m.onnx"), "--optimize LEVEL")
+    one_line_error(
+        invoke(
+            "llama-rope", "--seq", 64, "--optimize", "all", "--optimize-provider", "cuda", "-o", tmp_path / "m.onnx"
+        ),
+        "cuda",
+    )
+    one_line_error(
+        invoke("llama-rope", "--seq", 64, "--optimize-provider", "cpu", "-o", tmp_path / "m.onnx"), "--optimize LEVEL"
+    )
     assert not list(tmp_path.iterdir())
 
 
@@ -287,12 +326,17 @@ def test_external_data_round_trip(tmp_path):
     assert result.exit_code == 0, result.output
     assert side.stat().st_size == 2 * 256 * 16 * 4 and out.stat().st_size < 8192  # the tables are beside it
     model, spec = load(out)
-    assert spec.deploy == {"external_data": True} and sum(len(t.raw_data) for t in model.graph.initializer) >= 2 * 256 * 16 * 4
+    assert (
+        spec.deploy == {"external_data": True}
+        and sum(len(t.raw_data) for t in model.graph.initializer) >= 2 * 256 * 16 * 4
+    )
     assert invoke("verify", out, "--runtimes", "ort-cpu,onnx-reference").exit_code == 0
     # Neither file is overwritten without --force; a lone side file blocks too.
     one_line_error(invoke("llama-rope", "--seq", 256, "--head-dim", 32, "--external-data", "-o", out), "--force")
     out.unlink()
-    one_line_error(invoke("llama-rope", "--seq", 256, "--head-dim", 32, "--external-data", "-o", out), "m.onnx.data", "--force")
+    one_line_error(
+        invoke("llama-rope", "--seq", 256, "--head-dim", 32, "--external-data", "-o", out), "m.onnx.data", "--force"
+    )
     assert invoke("llama-rope", "--seq", 256, "--head-dim", 32, "--external-data", "--force", "-o", out).exit_code == 0
     side.rename(tmp_path / "moved")
     one_line_error(invoke("verify", out), "m.onnx.data", "missing")
@@ -303,5 +347,8 @@ def test_external_data_switches_on_above_the_threshold(tmp_path, monkeypatch):
     out = tmp_path / "m.onnx"
     assert invoke("llama-rope", "--seq", 64, "--head-dim", 32, "-o", out).exit_code == 0
     assert (tmp_path / "m.onnx.data").exists() and load(out)[1].deploy == {"external_data": True}
-    assert invoke("llama-rope", "--seq", 64, "--head-dim", 32, "--no-external-data", "-o", tmp_path / "n.onnx").exit_code == 0
+    assert (
+        invoke("llama-rope", "--seq", 64, "--head-dim", 32, "--no-external-data", "-o", tmp_path / "n.onnx").exit_code
+        == 0
+    )
     assert not (tmp_path / "n.onnx.data").exists() and load(tmp_path / "n.onnx")[1].deploy == {}

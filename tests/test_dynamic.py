@@ -16,16 +16,24 @@ L, P, D, FACTOR = 256, 2048, 64, 4.0
 
 
 def spec(op, mode="runtime", layout="bhsd"):
-    params = dict(head_dim=D, max_positions=P, scaling="dynamic", scaling_params=dict(factor=FACTOR, original_max_positions=L, mode=mode))
+    params = dict(
+        head_dim=D,
+        max_positions=P,
+        scaling="dynamic",
+        scaling_params=dict(factor=FACTOR, original_max_positions=L, mode=mode),
+    )
     return Spec(encoding="rope", params=params, op=op, opset=OP_TARGETS[op].min_opset, layout=layout)
 
 
 def transformers_rope(x, ids):
     """A fresh module per call: transformers' dynamic update then uses max(ids) + 1, as the graph does."""
     config = transformers.LlamaConfig(
-        head_dim=D, hidden_size=D * 4, num_attention_heads=4, max_position_embeddings=L,
+        head_dim=D,
+        hidden_size=D * 4,
+        num_attention_heads=4,
+        max_position_embeddings=L,
         rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": FACTOR},
-    )  # fmt: skip
+    )
     cos, sin = llama.LlamaRotaryEmbedding(config)(torch.from_numpy(x), torch.from_numpy(ids))
     return llama.apply_rotary_pos_emb(torch.from_numpy(x), torch.from_numpy(x), cos, sin)[0].numpy()
 
@@ -49,7 +57,9 @@ def test_runtime_mode_matches_transformers(op, largest):
     bound = scale * (4 * 2.0**-23 + 2 * pos * 2.0**-23)
     assert np.all(np.abs(got - want) <= bound), float(np.max(np.abs(got - want) / bound))
     if largest > L:  # the base really changed, so a graph that ignored the positions would fail above
-        unscaled = transformers.LlamaConfig(head_dim=D, hidden_size=D * 4, num_attention_heads=4, max_position_embeddings=P)
+        unscaled = transformers.LlamaConfig(
+            head_dim=D, hidden_size=D * 4, num_attention_heads=4, max_position_embeddings=P
+        )
         cos, sin = llama.LlamaRotaryEmbedding(unscaled)(torch.from_numpy(x), torch.from_numpy(ids))
         plain = llama.apply_rotary_pos_emb(torch.from_numpy(x), torch.from_numpy(x), cos, sin)[0].numpy()
         assert np.abs(plain - got).max() > 1e-2
@@ -83,7 +93,9 @@ def test_float32_angles_are_refused_for_a_graph_that_computes_them():
     from pe_export.encodings.rope import RopeParams
 
     with pytest.raises(ValueError, match="angles 'float32' cannot be reproduced by a graph"):
-        RopeParams(head_dim=D, angles="float32", scaling="dynamic", scaling_params=dict(factor=2.0, original_max_positions=L))
+        RopeParams(
+            head_dim=D, angles="float32", scaling="dynamic", scaling_params=dict(factor=2.0, original_max_positions=L)
+        )
 
 
 def test_openvino_runs_the_in_graph_float64_angles_in_float32_and_fails():

@@ -47,8 +47,12 @@ def test_preset_in_an_attention_layer(preset, dtype):
 
 def test_rope_in_an_attention_layer():
     for op, opset in (("onnx", 23), ("ort", 18), ("decomposed", 17)):
-        spec = Spec(encoding="rope", params=dict(head_dim=64, max_positions=256, theta=10000.0, attention=True, attention_causal=True),
-                    op=op, opset=opset)  # fmt: skip
+        spec = Spec(
+            encoding="rope",
+            params=dict(head_dim=64, max_positions=256, theta=10000.0, attention=True, attention_causal=True),
+            op=op,
+            opset=opset,
+        )
         rows = {r.runtime: r for r in check(spec, exported(spec), runtimes=("torch", "ort-cpu"))}
         assert all(r.verdict == "pass" for r in rows.values()), [r.note for r in rows.values()]
 
@@ -56,9 +60,14 @@ def test_rope_in_an_attention_layer():
 INPUTS = {
     "absolute": [("position_ids", ["batch", "seq"])],
     "bias": [("query_positions", ["q"]), ("key_positions", ["k"])],
-    "attention": [("query", ["batch", "H", "q", "D"]), ("key", ["batch", "H", "k", "D"]), ("value", ["batch", "H", "k", "D"]),
-                  ("query_positions", ["q"]), ("key_positions", ["k"])],
-}  # fmt: skip
+    "attention": [
+        ("query", ["batch", "H", "q", "D"]),
+        ("key", ["batch", "H", "k", "D"]),
+        ("value", ["batch", "H", "k", "D"]),
+        ("query_positions", ["q"]),
+        ("key_positions", ["k"]),
+    ],
+}
 INPUTS["rotary"] = [("x", ["batch", "heads", "seq", "D"]), ("position_ids", ["batch", "seq"])]
 OUTPUTS = {"absolute": "embeddings", "bias": "bias", "attention": "output", "rotary": "y"}
 
@@ -121,12 +130,12 @@ def test_positions_out_of_range_fail_everywhere(preset):
     from onnx.reference import ReferenceEvaluator
 
     ev = ReferenceEvaluator(onnx.load_from_string(exported(spec)))
-    for input_name, bad, inputs in bad_position_inputs(spec, 64):
+    for _, _, inputs in bad_position_inputs(spec, 64):
         with pytest.raises(Exception, match="out of|index|bounds|range"):
             sess.run(None, inputs)
         with pytest.raises(IndexError):
             enc.reference(spec, inputs)
-        with pytest.raises(Exception):
+        with pytest.raises(Exception):  # noqa: B017 (onnx's evaluator raises whatever NumPy raises)
             ev.run(None, inputs)
 
 

@@ -41,9 +41,12 @@ def gather_model(name="table", domain_op=None) -> onnx.ModelProto:
     else:
         nodes.append(helper.make_node("Identity", ["g"], ["y"]))
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["s"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["s", 64])], [table],
-    )  # fmt: skip
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["s"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["s", 64])],
+        [table],
+    )
     return helper.make_model(graph, opset_imports=opsets)
 
 
@@ -85,8 +88,17 @@ def test_tables_output(tmp_path):
     path.write_bytes(exported(rope_spec(max_positions=64)))
     result, text = invoke("inspect", path)
     assert result.exit_code == 0, text
-    for words in ("ai.onnx::RotaryEmbedding", "cos_table", "(64, 32)", "(batch, heads, seq, 64)", "pe_export.spec",
-                  '"max_positions": 64', "pe_export.derived", "CPUExecutionProvider", "loads"):  # fmt: skip
+    for words in (
+        "ai.onnx::RotaryEmbedding",
+        "cos_table",
+        "(64, 32)",
+        "(batch, heads, seq, 64)",
+        "pe_export.spec",
+        '"max_positions": 64',
+        "pe_export.derived",
+        "CPUExecutionProvider",
+        "loads",
+    ):
         assert words in text, (words, text)
 
 
@@ -107,7 +119,9 @@ def test_any_onnx_file_with_external_data(tmp_path):
     onnx.save(gather_model(), str(folder / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
     doc = inspect_json(folder / "m.onnx")
     assert doc["spec"] is None and doc["derived"] is None
-    assert doc["initializers"] == [{"name": "table", "shape": [64, 64], "dtype": "float", "bytes": 16384, "external": True}]
+    assert doc["initializers"] == [
+        {"name": "table", "shape": [64, 64], "dtype": "float", "bytes": 16384, "external": True}
+    ]
     assert doc["external_data"] == [{"location": "m.data", "tensors": ["table"], "bytes": 16384}]
     assert doc["total_bytes"] == (folder / "m.onnx").stat().st_size + 16384
     assert doc["ops"] == [{"op": "ai.onnx::Gather", "count": 1}, {"op": "ai.onnx::Identity", "count": 1}]
@@ -134,8 +148,8 @@ def test_a_runtime_that_aborts_is_a_crash_row_and_the_others_are_reported(tmp_pa
     """Each runtime loads in its worker process (issue 15): one that aborts takes only its own row down."""
     import fake_runtimes
 
-    from pe_export.tools import inspection
     from pe_export.runtimes import GRAPH_RUNTIMES, RUNTIMES
+    from pe_export.tools import inspection
 
     if written_by_pe_export:
         monkeypatch.setitem(RUNTIMES, "aborts-on-load", fake_runtimes.aborts_on_load)
@@ -178,7 +192,9 @@ def test_bad_paths_are_one_line_exit_2(case, tmp_path):
     elif case == "truncated":
         data = exported(rope_spec(max_positions=64))
         path.write_bytes(data[: len(data) // 2])
-    words = {"missing": "does not exist", "folder": "is not a file", "empty": "is empty"}.get(case, "is not a valid ONNX model")
+    words = {"missing": "does not exist", "folder": "is not a file", "empty": "is empty"}.get(
+        case, "is not a valid ONNX model"
+    )
     for args in (["inspect", path], ["inspect", path, "--json"]):
         result, text = invoke(*args)
         assert result.exit_code == 2, text

@@ -36,7 +36,10 @@ def kerple_transcription(variant, p, a, seq_len_q, seq_len_k):
     """chijames/KERPLE@73f1ee2 megatron/mpu/layers.py ParallelKerpleLog / ParallelKerplePower.forward
     (bias_ap, no weight kernel), in float64, with the parameters as (H, 1, 1) tensors."""
     eps = 1e-2
-    bias_p, bias_a = torch.tensor(p, dtype=torch.float64)[:, None, None], torch.tensor(a, dtype=torch.float64)[:, None, None]
+    bias_p, bias_a = (
+        torch.tensor(p, dtype=torch.float64)[:, None, None],
+        torch.tensor(a, dtype=torch.float64)[:, None, None],
+    )
     diff = torch.tril(
         torch.arange(seq_len_k).view(seq_len_k, 1).repeat(1, seq_len_k) + torch.arange(0, -seq_len_k, -1)
     ).to(torch.float64)
@@ -56,9 +59,13 @@ def test_kerple_is_the_published_forward(variant):
     p_list, a_list = [0.005, *p_[1:].tolist()], [*a_[:-1].tolist(), 0.001]  # two below the clamp
     for q_len, k_len in ((300, 300), (1, 300), (1, 2048)):
         want = kerple_transcription(variant, p_list, a_list, q_len, k_len)
-        got = bias("kerple", np.arange(k_len - q_len, k_len), np.arange(k_len), heads=5, variant=variant, p=p_list, a=a_list)[0]
+        got = bias(
+            "kerple", np.arange(k_len - q_len, k_len), np.arange(k_len), heads=5, variant=variant, p=p_list, a=a_list
+        )[0]
         lower = np.isfinite(got)  # the transcription has 0 where j > i (masked in its attention); we have -inf
-        assert np.array_equal(lower, np.broadcast_to(np.tril(np.ones((k_len, k_len), bool))[k_len - q_len :], got.shape))
+        assert np.array_equal(
+            lower, np.broadcast_to(np.tril(np.ones((k_len, k_len), bool))[k_len - q_len :], got.shape)
+        )
         np.testing.assert_allclose(got[lower], want[lower], rtol=1e-15, atol=1e-12)
 
 
@@ -126,7 +133,9 @@ class ReproductionFIRE(torch.nn.Module):
 
     def __init__(self, num_heads=12, mlp_width=32, init_c=0.1, init_L=512.0, eps=1e-6):
         super().__init__()
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(1, mlp_width), torch.nn.ReLU(), torch.nn.Linear(mlp_width, num_heads))
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(1, mlp_width), torch.nn.ReLU(), torch.nn.Linear(mlp_width, num_heads)
+        )
         self.c = torch.nn.Parameter(torch.tensor(init_c))
         self.init_L = torch.nn.Parameter(torch.tensor(init_L), requires_grad=False)
         self.L_multiplier = torch.nn.Parameter(torch.tensor(1.0))
@@ -166,7 +175,14 @@ def test_fire_is_the_reproduction_with_its_weights_file(tmp_path, suffix):
     m = trained_reproduction()
     state = {f"model.layers.0.fire.{k}": v for k, v in m.state_dict().items()}  # init_L included
     save(tmp_path / f"w{suffix}", state | {"model.other": torch.zeros(3)})
-    params = dict(heads=4, mlp_width=8, init_L=64.0, max_positions=200, weights=str(tmp_path / f"w{suffix}"), key="model.layers.0.fire")
+    params = dict(
+        heads=4,
+        mlp_width=8,
+        init_L=64.0,
+        max_positions=200,
+        weights=str(tmp_path / f"w{suffix}"),
+        key="model.layers.0.fire",
+    )
     with torch.no_grad():
         want32 = m(200)[0].numpy()  # float32, as the reproduction runs
         want = m.double()(200)[0].numpy()
@@ -176,7 +192,9 @@ def test_fire_is_the_reproduction_with_its_weights_file(tmp_path, suffix):
     np.testing.assert_allclose(got[:, lower], want[:, lower], rtol=1e-12, atol=1e-12)
     # The graph, in float32, against the reproduction's own float32 forward.
     spec = Spec(encoding="fire", params=params, op="decomposed", opset=17)
-    graph = ort_cpu_session(exported(spec)).run(None, {"query_positions": np.arange(200), "key_positions": np.arange(200)})[0][0]
+    graph = ort_cpu_session(exported(spec)).run(
+        None, {"query_positions": np.arange(200), "key_positions": np.arange(200)}
+    )[0][0]
     np.testing.assert_allclose(graph[:, lower], want32[:, lower], rtol=0, atol=1e-5)
     assert_verified(spec)
     assert_verified(Spec(encoding="fire", params=params, op="decomposed", opset=17, dtype="fp16"))
@@ -187,11 +205,17 @@ def test_fire_hand_computed(tmp_path):
     Query 2, key 0: x = log(1 + 2) / (log(1 + max(2, 4)) + 1e-6) = 1.0986123 / 1.6094389 = 0.6826058,
     so the biases are 0.6826058 and 0. Query 9, key 8: x = log 2 / (log 10 + 1e-6) = 0.6931472 /
     2.3025861 = 0.3010299, biases 0.3010299 and 2 (0.5 - 0.3010299) = 0.3979403. Key = query: x = 0, 0 and 1."""
-    save(tmp_path / "f.safetensors", {
-        "mlp.0.weight": torch.tensor([[1.0], [-1.0]]), "mlp.0.bias": torch.tensor([0.0, 0.5]),
-        "mlp.2.weight": torch.tensor([[1.0, 0.0], [0.0, 2.0]]), "mlp.2.bias": torch.tensor([0.0, 0.0]),
-        "c": torch.tensor(1.0), "L_multiplier": torch.tensor(1.0),
-    })  # fmt: skip
+    save(
+        tmp_path / "f.safetensors",
+        {
+            "mlp.0.weight": torch.tensor([[1.0], [-1.0]]),
+            "mlp.0.bias": torch.tensor([0.0, 0.5]),
+            "mlp.2.weight": torch.tensor([[1.0, 0.0], [0.0, 2.0]]),
+            "mlp.2.bias": torch.tensor([0.0, 0.0]),
+            "c": torch.tensor(1.0),
+            "L_multiplier": torch.tensor(1.0),
+        },
+    )
     params = dict(heads=2, mlp_width=2, init_L=4.0, max_positions=16, weights=str(tmp_path / "f.safetensors"), key="")
     b = bias("fire", [2, 9], [0, 8, 9], **params)[0]
     assert b[:, 0, 0].tolist() == pytest.approx([0.6826058, 0.0], abs=1e-7)
@@ -253,8 +277,12 @@ def test_fire_num_table_off_by_1e5_fails_in_fp32(scale):
 
     from pe_export.verification.parity import check
 
-    spec = Spec(encoding="fire", params=dict(heads=12, mlp_width=32, init_c=0.1, init_L=512.0, max_positions=512),
-                op="decomposed", opset=17)  # fmt: skip
+    spec = Spec(
+        encoding="fire",
+        params=dict(heads=12, mlp_width=32, init_c=0.1, init_L=512.0, max_positions=512),
+        op="decomposed",
+        opset=17,
+    )
     model = onnx.load_from_string(exported(spec))
     runtimes = ("ort-cpu", "onnx-reference")
     assert all(r.verdict == "pass" for r in check(spec, model.SerializeToString(), runtimes=runtimes))
@@ -281,7 +309,9 @@ def nemo_sandwich(bidirectional, num_attention_heads, hidden_size, max_seq_len, 
     inv_freq = 1.0 / (10000 ** (2 * torch.arange(1, hidden_size / 2 + 1, dtype=torch.float64) / hidden_size))
     _bias = torch.sum((relative_position[:, :, None].repeat(1, 1, len(inv_freq)) * inv_freq).cos(), axis=2)
     bias = _bias.repeat(num_attention_heads, 1, 1)
-    bias_scales = torch.arange(1, num_attention_heads + 1, 1, dtype=torch.float64)[:, None, None]  # NeMo: int, so / H is float32
+    bias_scales = torch.arange(1, num_attention_heads + 1, 1, dtype=torch.float64)[
+        :, None, None
+    ]  # NeMo: int, so / H is float32
     return ((bias - hidden_size / 2) / (bias_scales * 8 / num_attention_heads)).unsqueeze(0).numpy()
 
 
@@ -292,8 +322,15 @@ def test_sandwich_is_nemo(causal, heads, hidden_size):
     # cache (Q < K) its own attention mask decides. So Q != K is compared in the bidirectional form.
     for q_len, k_len in ((256, 256), (300, 300)) if causal else ((256, 256), (1, 256), (7, 300)):
         want = nemo_sandwich(not causal, heads, hidden_size, 300, q_len, k_len)[0]
-        got = bias("sandwich", np.arange(k_len - q_len, k_len), np.arange(k_len), heads=heads, hidden_size=hidden_size,
-                   causal=causal, max_positions=300)[0]  # fmt: skip
+        got = bias(
+            "sandwich",
+            np.arange(k_len - q_len, k_len),
+            np.arange(k_len),
+            heads=heads,
+            hidden_size=hidden_size,
+            causal=causal,
+            max_positions=300,
+        )[0]
         keep = np.isfinite(got)  # NeMo's tril gives 0 where j > i (masked in its attention); we have -inf
         assert keep.all() != causal
         np.testing.assert_allclose(got[keep], want[keep], rtol=1e-13, atol=1e-12)
@@ -313,7 +350,9 @@ def test_sandwich_depends_on_the_distance_and_decays():
     q, k = rng.integers(0, 1000, 30), rng.integers(0, 1000, 40)
     base = bias("sandwich", q, k, heads=12, causal=False)  # exact below: reads of one (P, H) table at |i - j|
     assert np.array_equal(base, bias("sandwich", q + 1000, k + 1000, heads=12, causal=False))  # only i - j
-    assert np.array_equal(base, bias("sandwich", k, q, heads=12, causal=False).transpose(0, 1, 3, 2))  # and only |i - j|
+    assert np.array_equal(
+        base, bias("sandwich", k, q, heads=12, causal=False).transpose(0, 1, 3, 2)
+    )  # and only |i - j|
     # The paper claims a logarithmically decaying bias (like KERPLE's log kernel), not a monotone one:
     # the cosine sum oscillates (D = 64: strictly decreasing only up to distance 7). Checked: strictly
     # decreasing from 0 to 7, and its mean over each octave [2^k, 2^(k+1)) decreasing in every head up to
@@ -349,8 +388,26 @@ def test_parity_off_the_presets(encoding, params, dtype):
 def test_cli_lists_and_exports_with_lists_and_weights(tmp_path):
     listed = runner.invoke(app, ["list"])
     assert all(n in listed.output for n in ("kerple-log", "kerple-power", "fire", "sandwich"))
-    ok = runner.invoke(app, ["kerple-power", "--seq", "64", "--heads", "2", "--p", "0.5", "--p", "2", "--a", "0.1", "--a", "1",
-                             "-o", str(tmp_path / "k.onnx")])  # fmt: skip
+    ok = runner.invoke(
+        app,
+        [
+            "kerple-power",
+            "--seq",
+            "64",
+            "--heads",
+            "2",
+            "--p",
+            "0.5",
+            "--p",
+            "2",
+            "--a",
+            "0.1",
+            "--a",
+            "1",
+            "-o",
+            str(tmp_path / "k.onnx"),
+        ],
+    )
     assert ok.exit_code == 0, ok.output
     from pe_export.pipeline.onnx_export import load
 
@@ -359,8 +416,26 @@ def test_cli_lists_and_exports_with_lists_and_weights(tmp_path):
     m = trained_reproduction()
     save(tmp_path / "w.safetensors", {f"fire.{k}": v for k, v in m.state_dict().items()})
     out = tmp_path / "f.onnx"
-    ok = runner.invoke(app, ["fire", "--seq", "128", "--heads", "4", "--mlp-width", "8", "--init-L", "64", "--weights",
-                             str(tmp_path / "w.safetensors"), "--key", "fire", "-o", str(out)])  # fmt: skip
+    ok = runner.invoke(
+        app,
+        [
+            "fire",
+            "--seq",
+            "128",
+            "--heads",
+            "4",
+            "--mlp-width",
+            "8",
+            "--init-L",
+            "64",
+            "--weights",
+            str(tmp_path / "w.safetensors"),
+            "--key",
+            "fire",
+            "-o",
+            str(out),
+        ],
+    )
     assert ok.exit_code == 0, ok.output
     _, spec = load(out)
     assert spec.params["key"] == "fire" and len(spec.params["weights_sha256"]) == 64
@@ -376,8 +451,14 @@ def test_cli_lists_and_exports_with_lists_and_weights(tmp_path):
     "args,message",
     [
         (["kerple-power", "--p", "2.5"], "p must list one value per head (12), got 1 values"),
-        (["kerple-power", "--heads", "1", "--p", "2.5"], "p of the power kernel must be finite with 0 < p <= 2, got 2.5"),
-        (["kerple-log", "--heads", "2", "--a", "1", "--a", "0"], "a of the log kernel must be finite with a > 0, got 0.0"),
+        (
+            ["kerple-power", "--heads", "1", "--p", "2.5"],
+            "p of the power kernel must be finite with 0 < p <= 2, got 2.5",
+        ),
+        (
+            ["kerple-log", "--heads", "2", "--a", "1", "--a", "0"],
+            "a of the log kernel must be finite with a > 0, got 0.0",
+        ),
         (["kerple-log", "--variant", "rbf"], "variant must be one of log, power"),
         (["sandwich", "--hidden-size", "63"], "hidden_size must be an even integer >= 2, got 63"),
         (["fire", "--init-c", "0"], "init_c must be a finite number > 0, got 0.0"),
@@ -396,6 +477,9 @@ def test_cli_bad_input(tmp_path, args, message):
 def test_cli_fire_weights_that_do_not_fit(tmp_path):
     m = trained_reproduction()
     save(tmp_path / "w.pt", {f"fire.{k}": v for k, v in m.state_dict().items()})
-    result = runner.invoke(app, ["fire", "--seq", "64", "--weights", str(tmp_path / "w.pt"), "--key", "fire", "-o", str(tmp_path / "x.onnx")])
+    result = runner.invoke(
+        app,
+        ["fire", "--seq", "64", "--weights", str(tmp_path / "w.pt"), "--key", "fire", "-o", str(tmp_path / "x.onnx")],
+    )
     assert result.exit_code == 2 and "has shape (8, 1), want (32, 1) (heads 12, mlp_width 32)" in result.output
     assert len(result.output.strip().splitlines()) == 1

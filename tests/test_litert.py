@@ -9,8 +9,7 @@ import sys
 import pytest
 from conftest import rope_spec
 
-from pe_export.runtimes import litert
-from pe_export.runtimes import RUNTIMES, Skip, Unsupported
+from pe_export.runtimes import RUNTIMES, Skip, Unsupported, litert
 
 
 def test_without_ai_edge_litert_the_adapter_skips_with_the_install_hint(monkeypatch):
@@ -30,24 +29,49 @@ def fake_converter(monkeypatch, tmp_path):
     """A converter 'Python' that writes $FAKE_RESULT as onnx2tf's result.json (none when it is empty)
     and exits with $FAKE_STATUS, as `python -c SCRIPT model.onnx FOLDER` would."""
     script = tmp_path / "fake-python"
-    script.write_text('#!/bin/sh\n[ -n "$FAKE_RESULT" ] && printf "%s" "$FAKE_RESULT" > "$4/result.json"\n'
-                      'echo "Traceback ... MemoryError: the last line" >&2\nexit "${FAKE_STATUS:-0}"\n')  # fmt: skip
+    script.write_text(
+        '#!/bin/sh\n[ -n "$FAKE_RESULT" ] && printf "%s" "$FAKE_RESULT" > "$4/result.json"\n'
+        'echo "Traceback ... MemoryError: the last line" >&2\nexit "${FAKE_STATUS:-0}"\n'
+    )
     script.chmod(0o755)
     monkeypatch.setenv(litert.CONVERTER, str(script))
     folder = tmp_path / "out"
     folder.mkdir()
-    return lambda result, status=0: (monkeypatch.setenv("FAKE_RESULT", result), monkeypatch.setenv("FAKE_STATUS", str(status)), folder)[2]
+    return lambda result, status=0: (
+        monkeypatch.setenv("FAKE_RESULT", result),
+        monkeypatch.setenv("FAKE_STATUS", str(status)),
+        folder,
+    )[2]
 
 
 @pytest.mark.parametrize(
     "result, status, raises, message",
     [
-        ('{"missing": "No module named onnx2tf"}', 0, Skip, r"onnx2tf is not importable from .*fake-python \(No module named onnx2tf\); pip install"),
-        ('{"error": "NotImplementedError: Unsupported ONNX dtype in flatbuffer_direct: elem_type=16"}', 0, Unsupported,
-         r"^does not convert: NotImplementedError: Unsupported ONNX dtype in flatbuffer_direct: elem_type=16$"),
-        ('{"version": "2.6.9", "custom": ["RotaryEmbedding", "RotaryEmbedding"]}', 0, Unsupported,
-         r"^does not convert: RotaryEmbedding \(onnx2tf leaves it a TFLite custom op, which LiteRT has no kernel for\)$"),
-        ("", 3, Unsupported, r"^does not convert: onnx2tf exited with status 3; Traceback \.\.\. MemoryError: the last line$"),
+        (
+            '{"missing": "No module named onnx2tf"}',
+            0,
+            Skip,
+            r"onnx2tf is not importable from .*fake-python \(No module named onnx2tf\); pip install",
+        ),
+        (
+            '{"error": "NotImplementedError: Unsupported ONNX dtype in flatbuffer_direct: elem_type=16"}',
+            0,
+            Unsupported,
+            r"^does not convert: NotImplementedError: Unsupported ONNX dtype in flatbuffer_direct: elem_type=16$",
+        ),
+        (
+            '{"version": "2.6.9", "custom": ["RotaryEmbedding", "RotaryEmbedding"]}',
+            0,
+            Unsupported,
+            r"^does not convert: RotaryEmbedding \(onnx2tf leaves it a TFLite custom op, which LiteRT has no kernel "
+            r"for\)$",
+        ),
+        (
+            "",
+            3,
+            Unsupported,
+            r"^does not convert: onnx2tf exited with status 3; Traceback \.\.\. MemoryError: the last line$",
+        ),
     ],
     ids=["not-installed", "error", "custom-op", "died"],
 )

@@ -8,8 +8,8 @@ import torch
 from conftest import exported, ort_cpu_session
 
 from pe_export.custom_ops.lowerings import OP_TARGETS
-from pe_export.spec import Spec
 from pe_export.dtypes import EPS
+from pe_export.spec import Spec
 from pe_export.verification.tolerances import tolerance
 
 transformers = pytest.importorskip("transformers")
@@ -22,19 +22,32 @@ LONG = [1 + i / 5 for i in range(D // 2)]
 
 def spec(op, mode="runtime", layout="bhsd"):
     params = dict(
-        head_dim=D, max_positions=P, angles="float32", scaling="longrope",
-        scaling_params=dict(short_factor=SHORT, long_factor=LONG, original_max_positions=ORIGINAL, factor=32.0, mode=mode),
-    )  # fmt: skip
+        head_dim=D,
+        max_positions=P,
+        angles="float32",
+        scaling="longrope",
+        scaling_params=dict(
+            short_factor=SHORT, long_factor=LONG, original_max_positions=ORIGINAL, factor=32.0, mode=mode
+        ),
+    )
     return Spec(encoding="rope", params=params, op=op, opset=OP_TARGETS[op].min_opset, layout=layout)
 
 
 def transformers_rope(x, position_ids):
     config = transformers.Phi3Config(
-        hidden_size=D * 4, num_attention_heads=4, max_position_embeddings=ORIGINAL * 32,
+        hidden_size=D * 4,
+        num_attention_heads=4,
+        max_position_embeddings=ORIGINAL * 32,
         original_max_position_embeddings=ORIGINAL,  # Phi3Config's top-level key overrides the block's
-        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": SHORT, "long_factor": LONG,
-                         "original_max_position_embeddings": ORIGINAL, "factor": 32.0},
-    )  # fmt: skip
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": SHORT,
+            "long_factor": LONG,
+            "original_max_position_embeddings": ORIGINAL,
+            "factor": 32.0,
+        },
+    )
     rotary = phi3.Phi3RotaryEmbedding(config)
     cos, sin = rotary(torch.from_numpy(x), torch.from_numpy(position_ids))
     q, _ = phi3.apply_rotary_pos_emb(torch.from_numpy(x), torch.from_numpy(x), cos, sin)
@@ -84,9 +97,19 @@ def test_longrope_validation():
     from pe_export.encodings.rope import RopeParams
 
     with pytest.raises(ValueError, match="short_factor must be a list of rotary_dim/2 = 48 numbers, got 47"):
-        RopeParams(head_dim=96, scaling="longrope", scaling_params=dict(short_factor=[1.0] * 47, long_factor=LONG, original_max_positions=256, factor=4.0))
+        RopeParams(
+            head_dim=96,
+            scaling="longrope",
+            scaling_params=dict(short_factor=[1.0] * 47, long_factor=LONG, original_max_positions=256, factor=4.0),
+        )
     with pytest.raises(ValueError, match="mode must be one of runtime, long"):
-        RopeParams(head_dim=96, scaling="longrope", scaling_params=dict(short_factor=SHORT, long_factor=LONG, original_max_positions=256, factor=4.0, mode="vllm"))
+        RopeParams(
+            head_dim=96,
+            scaling="longrope",
+            scaling_params=dict(
+                short_factor=SHORT, long_factor=LONG, original_max_positions=256, factor=4.0, mode="vllm"
+            ),
+        )
 
 
 @pytest.mark.parametrize("largest", [4095, 4096, 8191])
@@ -99,9 +122,17 @@ def test_phi3_preset_matches_transformers_across_the_switch(largest):
     sp = params["scaling_params"]
     sess = ort_cpu_session(exported(Spec(encoding="rope", params=params, op="onnx", opset=23)))
     config = transformers.Phi3Config(
-        hidden_size=3072, num_attention_heads=32, max_position_embeddings=131072, original_max_position_embeddings=4096,
-        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": sp["short_factor"],
-                         "long_factor": sp["long_factor"], "original_max_position_embeddings": 4096},
+        hidden_size=3072,
+        num_attention_heads=32,
+        max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": sp["short_factor"],
+            "long_factor": sp["long_factor"],
+            "original_max_position_embeddings": 4096,
+        },
     )  # fmt: skip  (no "factor", as in Phi-3's config: transformers takes 131072 / 4096)
     rng = np.random.default_rng(largest)
     ids = np.sort(rng.choice(largest, size=31, replace=False))

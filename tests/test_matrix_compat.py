@@ -8,8 +8,8 @@ import json
 import fake_runtimes
 from test_cli import invoke
 
-from pe_export.tools import matrix
 from pe_export.runtimes import RUNTIMES
+from pe_export.tools import matrix
 
 
 def test_the_table_has_a_row_per_kind_op_dtype_and_a_column_per_runtime(tmp_path, monkeypatch):
@@ -37,11 +37,25 @@ def test_the_table_has_a_row_per_kind_op_dtype_and_a_column_per_runtime(tmp_path
 
 def test_cells_fold_presets_of_a_kind():
     """Two rotary presets: a pass and a rejection fold into one cell that says both."""
+
     def case(preset, verdict, ratio=None, note=""):
         row = {"runtime": "tract", "verdict": verdict, "worst_ratio": ratio, "note": note}
-        return {"preset": preset, "op": "decomposed", "dtype": "fp32", "seq": 256, "rows": [row], "error": "",
-                "bounds": [{"runtime": "tract", "verdict": "ABORTS", "note": ""}]}  # fmt: skip
+        return {
+            "preset": preset,
+            "op": "decomposed",
+            "dtype": "fp32",
+            "seq": 256,
+            "rows": [row],
+            "error": "",
+            "bounds": [{"runtime": "tract", "verdict": "ABORTS", "note": ""}],
+        }
 
-    results = [case("llama-rope", "pass", 0.5), case("gpt-j-rope", "unsupported", note="cannot load: no op Foo"), case("mistral-rope", "pass", 0.75)]
+    results = [
+        case("llama-rope", "pass", 0.5),
+        case("gpt-j-rope", "unsupported", note="cannot load: no op Foo"),
+        case("mistral-rope", "pass", 0.75),
+    ]
     header, rows = matrix.compat(results, ("tract",))
-    assert rows == [["rotary", "decomposed", "fp32", "3", "pass 0.75 (2/3); cannot load 1/3 (no op Foo); aborts out of range"]]
+    assert rows == [
+        ["rotary", "decomposed", "fp32", "3", "pass 0.75 (2/3); cannot load 1/3 (no op Foo); aborts out of range"]
+    ]

@@ -10,17 +10,19 @@ import pytest
 from conftest import exported
 
 from pe_export.custom_ops.lowerings import OP_TARGETS
-from pe_export.verification.parity import check
-from pe_export.verification.out_of_range import probe_bounds
 from pe_export.presets import PRESETS
 from pe_export.runtimes import Skip
 from pe_export.spec import Spec
+from pe_export.verification.out_of_range import probe_bounds
+from pe_export.verification.parity import check
 
 BROWSER = ("ort-web-browser", "ort-web-browser-webgpu")
 
 
 def llama(op: str, dtype: str = "fp32") -> Spec:
-    return Spec(encoding="rope", params=dict(PRESETS["llama-rope"].params), op=op, opset=OP_TARGETS[op].min_opset, dtype=dtype)
+    return Spec(
+        encoding="rope", params=dict(PRESETS["llama-rope"].params), op=op, opset=OP_TARGETS[op].min_opset, dtype=dtype
+    )
 
 
 def needs_chromium():
@@ -79,7 +81,9 @@ def test_without_chromium_the_runtimes_skip_with_the_install_command(monkeypatch
 
     monkeypatch.setenv("PE_EXPORT_CHROMIUM", "/nonexistent/chromium")
     spec = llama("decomposed")
-    with pytest.raises(Skip, match=r"PE_EXPORT_CHROMIUM=/nonexistent/chromium is not an executable \(apt-get install chromium"):
+    with pytest.raises(
+        Skip, match=r"PE_EXPORT_CHROMIUM=/nonexistent/chromium is not an executable \(apt-get install chromium"
+    ):
         RUNTIMES[runtime](spec, exported(spec))
 
 
@@ -162,9 +166,8 @@ def test_rewrite_verified_in_the_page(tmp_path):
     import rewrite_models as rm
 
     from pe_export.rewriter import apply as api
-
-
     from pe_export.rewriter import checks as verify
+
     model, cfg = rm.build(rm.BY_NAME["llama"])
     path, config = rm.export(model, tmp_path / "model.onnx"), rm.save_config(cfg, tmp_path)
     original, result = api.load(path), api.rewrite(api.load(path), config)

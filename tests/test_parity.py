@@ -114,7 +114,12 @@ RULE_EXAMPLES = {
     "ntk": dict(factor=4.0),
     "llama3": dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_positions=128),
     "yarn": dict(factor=4.0, original_max_positions=128, mscale=1.0, mscale_all_dim=0.5),
-    "longrope": dict(short_factor=[1.0 + i / 50 for i in range(32)], long_factor=[1.0 + i / 4 for i in range(32)], original_max_positions=128, factor=4.0),
+    "longrope": dict(
+        short_factor=[1.0 + i / 50 for i in range(32)],
+        long_factor=[1.0 + i / 4 for i in range(32)],
+        original_max_positions=128,
+        factor=4.0,
+    ),
     "dynamic": dict(factor=2.0, original_max_positions=128),
     "proportional": dict(partial_rotary_factor=0.5, factor=2.0),
 }
@@ -189,8 +194,12 @@ def test_cuda_fallback_is_a_failure(monkeypatch):
     ort = pytest.importorskip("onnxruntime")
     real = ort.InferenceSession
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(ort, "InferenceSession", lambda data, opts, providers: real(data, opts, providers=["CPUExecutionProvider"]))
-    monkeypatch.setattr("pe_export.runtimes.worker.IN_PROCESS", {"torch", "ort-cuda"})  # the patched ORT is in this process
+    monkeypatch.setattr(
+        ort, "InferenceSession", lambda data, opts, providers: real(data, opts, providers=["CPUExecutionProvider"])
+    )
+    monkeypatch.setattr(
+        "pe_export.runtimes.worker.IN_PROCESS", {"torch", "ort-cuda"}
+    )  # the patched ORT is in this process
     spec = preset_spec("llama-rope", "onnx", "bhsd", "fp32")
     row = check(spec, exported(spec), runtimes=("ort-cuda",))[0]
     assert row.verdict == "FAIL" and "CPUExecutionProvider" in row.note

@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 
 pytest.importorskip("matplotlib")
 
-from pe_export.tools import plot  # noqa: E402
 from pe_export.cli.main import app  # noqa: E402
 from pe_export.encodings import ENCODINGS  # noqa: E402
 from pe_export.presets import PRESETS  # noqa: E402
 from pe_export.spec import Spec  # noqa: E402
+from pe_export.tools import plot  # noqa: E402
 
 runner = CliRunner()
 PANEL = (640, 480)  # 6.4 x 4.8 inches at 100 dpi
@@ -147,8 +147,13 @@ def test_decay_panel_is_the_roformer_bound_of_the_specs_frequencies():
 def test_frequencies_of_a_switching_rule_show_both_regimes():
     """LongRoPE: 1 / (factor_i * theta^(2i/R)) with the short factors, then the long ones."""
     short, long = [1.0, 1.0, 2.0, 4.0], [2.0, 3.0, 8.0, 16.0]
-    params = {"head_dim": 8, "theta": 10000.0, "max_positions": 64, "scaling": "longrope",
-              "scaling_params": {"short_factor": short, "long_factor": long, "original_max_positions": 16, "factor": 4.0}}  # fmt: skip
+    params = {
+        "head_dim": 8,
+        "theta": 10000.0,
+        "max_positions": 64,
+        "scaling": "longrope",
+        "scaling_params": {"short_factor": short, "long_factor": long, "original_max_positions": 16, "factor": 4.0},
+    }
     fig = plot.figure(plot.Source("lr", spec=Spec(encoding="rope", params=params)), ("frequencies",))
     unscaled, s, lg = fig.axes[0].get_lines()
     base = 10000.0 ** (-np.arange(0, 8, 2) / 8)
@@ -170,8 +175,8 @@ def test_frequencies_of_llama3_match_meta_rule_at_the_ends():
 def _verify_report(tmp_path):
     from conftest import exported, rope_spec
 
-    from pe_export.verification.report import verify_doc
     from pe_export.verification.parity import check, verdict
+    from pe_export.verification.report import verify_doc
 
     spec = rope_spec(max_positions=64)
     rows = check(spec, exported(spec), runtimes=("torch", "ort-cpu"))
@@ -214,14 +219,27 @@ def test_infinite_errors_are_marked(tmp_path):
 
 def test_report_errors_are_one_line_exit_2(tmp_path):
     bare = tmp_path / "bare.json"
-    bare.write_text(json.dumps({"file": "m.onnx", "spec": {}, "verdict": "pass", "rows": [{"runtime": "ort-cpu", "by_position": {}}]}))
+    bare.write_text(
+        json.dumps(
+            {"file": "m.onnx", "spec": {}, "verdict": "pass", "rows": [{"runtime": "ort-cpu", "by_position": {}}]}
+        )
+    )
     bad_len = tmp_path / "bad.json"
-    bad_len.write_text(json.dumps({"rows": [{"runtime": "x", "by_position": {"positions": [0, 1], "max_abs": [0.1], "bound": [1, 1]}}]}))
+    bad_len.write_text(
+        json.dumps(
+            {"rows": [{"runtime": "x", "by_position": {"positions": [0, 1], "max_abs": [0.1], "bound": [1, 1]}}]}
+        )
+    )
     matrix = tmp_path / "matrix.json"
     matrix.write_text(json.dumps({"cases": [], "summary": {}}))
     junk = tmp_path / "junk.json"
     junk.write_text("{not json")
-    for path, words in ((bare, "no by_position"), (bad_len, "one length"), (matrix, "matrix report"), (junk, "not valid JSON")):
+    for path, words in (
+        (bare, "no by_position"),
+        (bad_len, "one length"),
+        (matrix, "matrix report"),
+        (junk, "not valid JSON"),
+    ):
         result, text = invoke("plot", path, "-o", tmp_path / "x.png")
         assert result.exit_code == 2, text
         assert words in text and len(text.strip().splitlines()) == 1, text

@@ -57,4 +57,6 @@ def test_half_and_interleaved_equal_up_to_the_pair_permutation():
 
 def test_position_zero_is_identity():
     x = rng.standard_normal((1, 2, 3, 16))
-    np.testing.assert_allclose(rotate(x, np.zeros((1, 3), dtype=np.int64), head_dim=16), x, rtol=0, atol=0)  # exact: cos 1, sin 0
+    np.testing.assert_allclose(
+        rotate(x, np.zeros((1, 3), dtype=np.int64), head_dim=16), x, rtol=0, atol=0
+    )  # exact: cos 1, sin 0

@@ -24,9 +24,11 @@ POSITIONS = np.array([[0, 1, 2, 1000, 8190, 8191], [5, 4095, 4096, 7000, 131070,
 
 def test_partial_rotary_table_matches_gpt_neox():
     config = transformers.GPTNeoXConfig(
-        hidden_size=512, num_attention_heads=4, max_position_embeddings=4096,
+        hidden_size=512,
+        num_attention_heads=4,
+        max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
-    )  # fmt: skip
+    )
     rotary = neox.GPTNeoXRotaryEmbedding(config)
     cos_hf, sin_hf = rotary(torch.zeros(1), torch.from_numpy(POSITIONS[:1]))  # (1, S, 32)
     cos, sin = tables(RopeParams(head_dim=128, rotary_dim=32, theta=10000.0, max_positions=8192, angles="float32"))
@@ -38,9 +40,12 @@ def test_partial_rotary_table_matches_gpt_neox():
 
 def llama_rotary(head_dim, theta):
     config = transformers.LlamaConfig(
-        head_dim=head_dim, hidden_size=head_dim * 2, num_attention_heads=2, max_position_embeddings=131072,
+        head_dim=head_dim,
+        hidden_size=head_dim * 2,
+        num_attention_heads=2,
+        max_position_embeddings=131072,
         rope_parameters={"rope_type": "default", "rope_theta": theta},
-    )  # fmt: skip
+    )
     return llama.LlamaRotaryEmbedding(config)
 
 
@@ -94,11 +99,15 @@ def test_half_pairing_matches_llama_and_neox(rotary_dim, angles):
 
 
 def test_interleaved_pairing_matches_gptj():
-    p = RopeParams(head_dim=256, rotary_dim=64, theta=10000.0, pairing="interleaved", max_positions=2048, angles="float32")
+    p = RopeParams(
+        head_dim=256, rotary_dim=64, theta=10000.0, pairing="interleaved", max_positions=2048, angles="float32"
+    )
     cos, sin = tables(p)
     # GPT-J's own table: [sin | cos] from float32 angles, computed by transformers.
     sincos = gptj.create_sinusoidal_positions(2048, 64).numpy()
-    ulps = np.abs(np.concatenate([sin, cos], -1).astype(np.float32).view(np.int32).astype(np.int64) - sincos.view(np.int32))
+    ulps = np.abs(
+        np.concatenate([sin, cos], -1).astype(np.float32).view(np.int32).astype(np.int64) - sincos.view(np.int32)
+    )
     assert ulps.max() <= 1
 
     positions = np.array([[0, 1, 700, 2046, 2047]])

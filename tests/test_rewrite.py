@@ -83,7 +83,9 @@ def test_logits_error_is_position_independent(family, op, exported, oracles, tmp
     assert e["rewritten_end"] * GROWS <= e["original_end"], note
 
 
-@pytest.mark.parametrize("family", [pytest.param(f.name, marks=[] if not f.slow else [pytest.mark.slow]) for f in rm.FAMILIES])
+@pytest.mark.parametrize(
+    "family", [pytest.param(f.name, marks=[] if not f.slow else [pytest.mark.slow]) for f in rm.FAMILIES]
+)
 def test_batch_and_one_token_decode_at_a_large_position(family, exported, oracles, tmp_path):
     from pe_export.rewriter import rewrite
 
@@ -136,6 +138,7 @@ def test_positions_past_the_table_fail(exported, tmp_path):
 
 # --- the CLI ----------------------------------------------------------------------------------------
 
+
 def cli(*args):
     from pe_export.cli.main import app
 
@@ -171,8 +174,17 @@ def bad_inputs(exported, tmp_path):
     text.write_text("not a model")
     plain = tmp_path / "plain.onnx"
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])
-    onnx.save(onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x],
-                                                            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])), plain)
+    onnx.save(
+        onnx.helper.make_model(
+            onnx.helper.make_graph(
+                [onnx.helper.make_node("Relu", ["x"], ["y"])],
+                "g",
+                [x],
+                [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+            )
+        ),
+        plain,
+    )
     cfg = json.loads(config.read_text())
     cfg["head_dim"] = 32
     wide = tmp_path / "wide.json"
@@ -183,15 +195,30 @@ def bad_inputs(exported, tmp_path):
         "no RoPE site": ([plain, "--config", config], "no RoPE site"),
         "theta disagrees": ([path, "--config", edited_config(config, tmp_path, rope_theta=20000.0)], "theta"),
         "rotary dim disagrees": ([path, "--config", wide], "rotary dim"),
-        "scaling disagrees": ([path, "--config", edited_config(config, tmp_path, rope_type="linear", factor=2.0)], "scaling"),
-        "unsupported rope type": ([path, "--config", edited_config(config, tmp_path, rope_type="mrope")], "unsupported rope_type"),
+        "scaling disagrees": (
+            [path, "--config", edited_config(config, tmp_path, rope_type="linear", factor=2.0)],
+            "scaling",
+        ),
+        "unsupported rope type": (
+            [path, "--config", edited_config(config, tmp_path, rope_type="mrope")],
+            "unsupported rope_type",
+        ),
         "not ONNX": ([text, "--config", config], "not an ONNX model"),
         "output exists": ([path, "--config", config, "-o", existing], "--force"),
         "no config": ([path], "--config"),
     }
 
 
-BAD = ["no RoPE site", "theta disagrees", "rotary dim disagrees", "scaling disagrees", "unsupported rope type", "not ONNX", "output exists", "no config"]
+BAD = [
+    "no RoPE site",
+    "theta disagrees",
+    "rotary dim disagrees",
+    "scaling disagrees",
+    "unsupported rope type",
+    "not ONNX",
+    "output exists",
+    "no config",
+]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -234,9 +261,17 @@ def test_external_data_in_external_data_out(exported, tmp_path):
 def test_config_keyed_by_layer_type_gives_one_parameter_set_per_type(tmp_path):
     from pe_export.rewriter.params import disagreement, match, params_from_config
 
-    cfg = {"model_type": "gemma3_text", "head_dim": 16, "hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 4096,
-           "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                               "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}}}
+    cfg = {
+        "model_type": "gemma3_text",
+        "head_dim": 16,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0},
+        },
+    }
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
     local, full = params_from_config(path)
@@ -252,17 +287,29 @@ def test_config_keyed_by_layer_type_gives_one_parameter_set_per_type(tmp_path):
 def matmul_form_graph(inv_freq: np.ndarray, factor: float | None) -> onnx.ModelProto:
     """transformers 4.x's cos/sin as optimum exports it (MatMul + Transpose), written with onnx.helper."""
     h, T = onnx.helper, onnx.TensorProto
-    inits = [onnx.numpy_helper.from_array(inv_freq.reshape(1, -1, 1), "inv_freq"),
-             onnx.numpy_helper.from_array(np.array([1], np.int64), "axis1"),
-             onnx.numpy_helper.from_array(np.float32(factor or 1.0), "factor")]
-    nodes = [h.make_node("Unsqueeze", ["position_ids", "axis1"], ["p1"]), h.make_node("Cast", ["p1"], ["pf"], to=T.FLOAT),
-             h.make_node("MatMul", ["inv_freq", "pf"], ["f"]), h.make_node("Transpose", ["f"], ["ft"], perm=[0, 2, 1]),
-             h.make_node("Concat", ["ft", "ft"], ["emb"], axis=-1),
-             h.make_node("Cos", ["emb"], ["cos" if factor is None else "c"]), h.make_node("Sin", ["emb"], ["sin" if factor is None else "s"])]
+    inits = [
+        onnx.numpy_helper.from_array(inv_freq.reshape(1, -1, 1), "inv_freq"),
+        onnx.numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+        onnx.numpy_helper.from_array(np.float32(factor or 1.0), "factor"),
+    ]
+    nodes = [
+        h.make_node("Unsqueeze", ["position_ids", "axis1"], ["p1"]),
+        h.make_node("Cast", ["p1"], ["pf"], to=T.FLOAT),
+        h.make_node("MatMul", ["inv_freq", "pf"], ["f"]),
+        h.make_node("Transpose", ["f"], ["ft"], perm=[0, 2, 1]),
+        h.make_node("Concat", ["ft", "ft"], ["emb"], axis=-1),
+        h.make_node("Cos", ["emb"], ["cos" if factor is None else "c"]),
+        h.make_node("Sin", ["emb"], ["sin" if factor is None else "s"]),
+    ]
     if factor is not None:
         nodes += [h.make_node("Mul", ["c", "factor"], ["cos"]), h.make_node("Mul", ["s", "factor"], ["sin"])]
-    graph = h.make_graph(nodes, "rope", [h.make_tensor_value_info("position_ids", T.INT64, ["B", "S"])],
-                         [h.make_tensor_value_info(n, T.FLOAT, ["B", "S", 2 * inv_freq.size]) for n in ("cos", "sin")], inits)
+    graph = h.make_graph(
+        nodes,
+        "rope",
+        [h.make_tensor_value_info("position_ids", T.INT64, ["B", "S"])],
+        [h.make_tensor_value_info(n, T.FLOAT, ["B", "S", 2 * inv_freq.size]) for n in ("cos", "sin")],
+        inits,
+    )
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 20)])
 
 
@@ -284,16 +331,28 @@ def test_matmul_form_of_transformers_4(scaling, tmp_path):
         ramp = np.clip((np.arange(R // 2) - low) / (high - low), 0, 1)
         inv64 = inv64 / s * ramp + inv64 * (1 - ramp)
         factor = 0.1 * np.log(s) + 1.0
-    cfg = {"model_type": "llama", "head_dim": R, "hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": P, "rope_parameters": rope}
+    cfg = {
+        "model_type": "llama",
+        "head_dim": R,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "max_position_embeddings": P,
+        "rope_parameters": rope,
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     model = matmul_form_graph(inv64.astype(np.float32), None if factor is None else float(factor))
     result = rewrite(model, tmp_path / "config.json", output=tmp_path / "out.onnx")
     assert {s.rule for s in result.sites} == {"cos_sin_matmul" + ("_factor" if factor else "")}
     pos = np.array([[0, 1, 1000, P - 2, P - 1]])
-    cos, sin = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"]).run(None, {"position_ids": pos})
+    cos, sin = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"position_ids": pos}
+    )
     angle = pos[0, :, None] * np.concatenate([inv64, inv64])
     F = factor or 1.0
-    assert np.abs(cos[0] - np.cos(angle) * F).max() <= 2 * 2.0**-24 * F and np.abs(sin[0] - np.sin(angle) * F).max() <= 2 * 2.0**-24 * F
+    assert (
+        np.abs(cos[0] - np.cos(angle) * F).max() <= 2 * 2.0**-24 * F
+        and np.abs(sin[0] - np.sin(angle) * F).max() <= 2 * 2.0**-24 * F
+    )
 
 
 def test_float32_inv_freq_as_transformers_computes_it_agrees_and_a_wrong_theta_is_named():
@@ -304,18 +363,27 @@ def test_float32_inv_freq_as_transformers_computes_it_agrees_and_a_wrong_theta_i
     from pe_export.encodings.rope import RopeParams
     from pe_export.rewriter.params import disagreement
 
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192}
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     cfg = LlamaConfig(hidden_size=2048, num_attention_heads=16, max_position_embeddings=131072, rope_parameters=rope)
     graph, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, torch.device("cpu"))  # float32, transformers' own arithmetic
     scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_positions": 8192}
     p = RopeParams(head_dim=128, theta=500000.0, max_positions=131072, scaling="llama3", scaling_params=scaling)
     assert disagreement(graph.numpy(), p) is None
-    assert disagreement(graph.numpy(), RopeParams(head_dim=128, theta=500050.0, max_positions=131072, scaling="llama3",
-                                                  scaling_params=scaling)).startswith("theta")
+    assert disagreement(
+        graph.numpy(),
+        RopeParams(head_dim=128, theta=500050.0, max_positions=131072, scaling="llama3", scaling_params=scaling),
+    ).startswith("theta")
 
 
 # --- verification on every runtime ------------------------------------------------------------------
+
 
 def rewritten_in_memory(exported, family="llama", op="tables"):
     from pe_export.rewriter import apply as api
@@ -339,7 +407,10 @@ def test_rewrite_verified_on_other_runtimes_in_workers(exported):
     r = rows["onnx-reference"]
     assert r.positions[-1] == 32767 and r.rewritten_error[-1] <= r.bound < r.original_error[-1]
     if rows["openvino"].verdict != "skipped":  # the optional openvino extra
-        assert rows["openvino"].verdict == "pass" and whole["openvino"].verdict == "pass", (rows["openvino"], whole["openvino"])
+        assert rows["openvino"].verdict == "pass" and whole["openvino"].verdict == "pass", (
+            rows["openvino"],
+            whole["openvino"],
+        )
         assert rows["openvino"].rewritten_error[-1] <= rows["openvino"].bound
     if rows["tract"].verdict != "skipped":
         assert rows["tract"].verdict == "unsupported" and "the original too" in rows["tract"].note, rows["tract"]
@@ -368,7 +439,9 @@ def test_cli_runtimes_choices_and_a_cannot_load_row(exported, tmp_path):
     failed, ORT verified it); an unknown runtime is bad input."""
     path, config, _, _ = exported("llama")
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
-    r = cli("rewrite", path, "--config", config, "--op", "ort", "-o", out, "--report", report, "--runtimes", "ort-cpu,tract")
+    r = cli(
+        "rewrite", path, "--config", config, "--op", "ort", "-o", out, "--report", report, "--runtimes", "ort-cpu,tract"
+    )
     assert r.exit_code == 0, r.output
     rows = {row["runtime"]: row for row in json.loads(report.read_text())["sites"]}
     assert rows["ort-cpu"]["verdict"] == "pass"
@@ -392,10 +465,16 @@ def test_rotated_q_and_k_against_a_float64_rotation_of_the_same_runs_inputs(op, 
     original, result = rewritten_in_memory(exported, op=op)
     site = result.sites[0]
     assert site.rotations == 4 and len(site.rotated) == 4  # q and k of 2 layers
-    rows = [r for r in verify.check_sites(original, result.model, result.sites, ("ort-cpu",)) if r.what == "rotated q/k"]
+    rows = [
+        r for r in verify.check_sites(original, result.model, result.sites, ("ort-cpu",)) if r.what == "rotated q/k"
+    ]
     assert len(rows) == 1 and rows[0].verdict == "pass", rows
     r = rows[0]
-    assert r.positions[-1] == 32767 and max(r.rewritten_error) <= r.bound and max(r.original_error[-3:]) > 100 * max(r.rewritten_error[-3:]), r
+    assert (
+        r.positions[-1] == 32767
+        and max(r.rewritten_error) <= r.bound
+        and max(r.original_error[-3:]) > 100 * max(r.rewritten_error[-3:])
+    ), r
     wrong = copy.deepcopy(site)
     wrong.rotated = [{**rot, "pairing": "interleaved"} for rot in wrong.rotated]
     bad = [r for r in verify.check_sites(original, result.model, [wrong], ("ort-cpu",)) if r.what == "rotated q/k"]
@@ -409,8 +488,8 @@ def test_kv_cache_decode_one_token_at_a_large_position(tmp_path):
     as well as one decoded at position 64; the original's error there is far larger. The cache itself is
     the oracle's prefill (float64, rounded to float32): logits and present key/values are compared."""
     from pe_export.rewriter import apply as api
-
     from pe_export.rewriter import checks as verify
+
     model, cfg = rm.build_cached()
     path = rm.export_cached(model, tmp_path / "kv.onnx")
     config = rm.save_config(cfg, tmp_path)
@@ -422,11 +501,19 @@ def test_kv_cache_decode_one_token_at_a_large_position(tmp_path):
 
     def decode_error(file, last):
         rng = np.random.default_rng(0)
-        prefill = {"input_ids": rng.integers(0, rm.VOCAB, (2, 64)), "position_ids": np.repeat(np.arange(last - 65, last - 1)[None], 2, 0),
-                   "past_key": np.zeros((2, H, 0, D)), "past_value": np.zeros((2, H, 0, D))}
+        prefill = {
+            "input_ids": rng.integers(0, rm.VOCAB, (2, 64)),
+            "position_ids": np.repeat(np.arange(last - 65, last - 1)[None], 2, 0),
+            "past_key": np.zeros((2, H, 0, D)),
+            "past_value": np.zeros((2, H, 0, D)),
+        }
         _, k, v = rm.run_cached(m64, prefill)
-        feed = {"input_ids": rng.integers(0, rm.VOCAB, (2, 1)), "position_ids": np.full((2, 1), last - 1),
-                "past_key": k.astype(np.float32), "past_value": v.astype(np.float32)}
+        feed = {
+            "input_ids": rng.integers(0, rm.VOCAB, (2, 1)),
+            "position_ids": np.full((2, 1), last - 1),
+            "past_key": k.astype(np.float32),
+            "past_value": v.astype(np.float32),
+        }
         truth = rm.run_cached(m64, feed)
         got = rm.ort_outputs(file, feed)
         assert got[1].shape == (2, H, 65, D)
@@ -448,8 +535,14 @@ def test_a_failed_step_leaves_the_in_memory_model_unchanged(op, tmp_path):
     from pe_export.rewriter import rewrite
 
     R, theta = 16, 10000.0
-    cfg = {"model_type": "llama", "head_dim": R, "hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 4096,
-           "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    cfg = {
+        "model_type": "llama",
+        "head_dim": R,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     model = ir.from_proto(matmul_form_graph((1.0 / theta ** (np.arange(0, R, 2) / R)).astype(np.float32), None))
     before = ir.to_proto(model).SerializeToString()
@@ -467,20 +560,38 @@ def test_dynamic_ntk_keeps_its_run_time_rescaling(tmp_path):
     original length, across it and at the end of factor x its table; --op onnx|ort|decomposed refused."""
     from pe_export.errors import BadInput
     from pe_export.rewriter import apply as api
-
     from pe_export.rewriter import checks as verify
+
     model, cfg = rm.build(rm.DYNAMIC)
-    path, config, out = rm.export_frozen(model, tmp_path / "dyn.onnx"), rm.save_config(cfg, tmp_path), tmp_path / "dyn.pe.onnx"
+    path, config, out = (
+        rm.export_frozen(model, tmp_path / "dyn.onnx"),
+        rm.save_config(cfg, tmp_path),
+        tmp_path / "dyn.pe.onnx",
+    )
     result = api.rewrite(path, config, output=out)
-    assert [s.tables for s in result.sites] == [[]] and not any(n.op_type == "Gather" and "pe_export.rope" in n.input[0] for n in onnx.load(out).graph.node)
+    assert [s.tables for s in result.sites] == [[]] and not any(
+        n.op_type == "Gather" and "pe_export.rope" in n.input[0] for n in onnx.load(out).graph.node
+    )
     m64 = rm.oracle(model, cfg)
     err = {}
-    for where, pos in (("start", np.arange(64)), ("across", np.arange(4096 - 32, 4096 + 32)), ("end", np.arange(rm.DYNAMIC.last - 64, rm.DYNAMIC.last))):
+    for where, pos in (
+        ("start", np.arange(64)),
+        ("across", np.arange(4096 - 32, 4096 + 32)),
+        ("end", np.arange(rm.DYNAMIC.last - 64, rm.DYNAMIC.last)),
+    ):
         feed = rm.inputs(1, pos)
         truth = rm.oracle_logits(m64, feed)
-        err[where] = {k: float(np.abs(rm.ort_logits(f, feed) - truth).max()) for k, f in (("rewritten", out), ("original", path))}
-    assert err["across"]["rewritten"] <= WITHIN * err["start"]["rewritten"] and err["end"]["rewritten"] <= WITHIN * err["start"]["rewritten"], err
-    assert err["end"]["original"] >= GROWS * err["end"]["rewritten"] and err["across"]["original"] >= GROWS * err["across"]["rewritten"], err
+        err[where] = {
+            k: float(np.abs(rm.ort_logits(f, feed) - truth).max()) for k, f in (("rewritten", out), ("original", path))
+        }
+    assert (
+        err["across"]["rewritten"] <= WITHIN * err["start"]["rewritten"]
+        and err["end"]["rewritten"] <= WITHIN * err["start"]["rewritten"]
+    ), err
+    assert (
+        err["end"]["original"] >= GROWS * err["end"]["rewritten"]
+        and err["across"]["original"] >= GROWS * err["across"]["rewritten"]
+    ), err
     rows = verify.check_sites(api.load(path), result.model, result.sites, ("ort-cpu",))
     assert rows[0].verdict == "pass" and rows[0].positions[-1] == rm.DYNAMIC.last - 1, rows
     with pytest.raises(BadInput, match="dynamic NTK"):
@@ -493,12 +604,16 @@ def test_every_family_verifies_its_rotated_q_and_k_as_written(family, exported):
     """--op decomposed, pruned as written: every site has a rotated q/k row that passes up to the end of
     its table (LongRoPE: each branch over the positions it serves; GPT-J: interleaved pairs, bshd)."""
     from pe_export.rewriter import apply as api
-
     from pe_export.rewriter import checks as verify
+
     path, config, _, _ = exported(family)
     result = api.rewrite(api.load(path), config, op="decomposed")
     api.prune(result.model)
-    rows = [r for r in verify.check_sites(api.load(path), result.model, result.sites, ("ort-cpu",)) if r.what == "rotated q/k"]
+    rows = [
+        r
+        for r in verify.check_sites(api.load(path), result.model, result.sites, ("ort-cpu",))
+        if r.what == "rotated q/k"
+    ]
     assert len(rows) == len(result.sites) and all(r.verdict == "pass" for r in rows), rows
     assert max(r.positions[-1] for r in rows) == rm.BY_NAME[family].last - 1
 
@@ -537,6 +652,12 @@ def test_the_rewrite_writes_its_constants_as_tensors(op, exported):
     path, config, _, _ = exported("llama")
     before = {n.name for n in api.load(path).graph}
     result = api.rewrite(api.load(path), config, op=op)
-    added = [n for n in ir.traversal.RecursiveGraphIterator(result.model.graph) if n.op_type == "Constant" and n.name not in before]
+    added = [
+        n
+        for n in ir.traversal.RecursiveGraphIterator(result.model.graph)
+        if n.op_type == "Constant" and n.name not in before
+    ]
     assert added, "the rewrite adds constants (the table's row count, reshape shapes)"
-    assert all(set(n.attributes) == {"value"} for n in added), [(n.name, list(n.attributes)) for n in added if set(n.attributes) != {"value"}]
+    assert all(set(n.attributes) == {"value"} for n in added), [
+        (n.name, list(n.attributes)) for n in added if set(n.attributes) != {"value"}
+    ]

@@ -11,7 +11,6 @@ onnxruntime-genai's model builder on a local tiny checkpoint (skipped when it is
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,7 +28,12 @@ EPS32 = 2.0**-24
 ROTATED_ULPS = 8  # float32 x * cos - x' * sin from exact tables: two products and a sum, in units of max|x|
 GAIN = 100.0  # the original caches' error at the table's end, as a multiple of the rewritten's (measured: ~1e4)
 # What each --op leaves reading the tables: (domain, op type) of the fused node, None: no fused RoPE node.
-AFTER = {"tables": None, "ort": ("com.microsoft", "RotaryEmbedding"), "onnx": ("", "RotaryEmbedding"), "decomposed": None}
+AFTER = {
+    "tables": None,
+    "ort": ("com.microsoft", "RotaryEmbedding"),
+    "onnx": ("", "RotaryEmbedding"),
+    "decomposed": None,
+}
 
 
 def fused_params():
@@ -37,7 +41,8 @@ def fused_params():
     for kind in fm.FUSED:
         for computed in (False, True):
             if computed and kind.endswith("GroupQueryAttention"):
-                continue  # GQA has no position_ids input to compute a cache from here (the slow onnxscript test has one)
+                # GQA has no position_ids input to compute a cache from here (the slow onnxscript test has one)
+                continue
             for op in OPS:
                 out.append(pytest.param(kind, computed, op, id=f"{kind}-{'computed' if computed else 'constant'}-{op}"))
     return out
@@ -48,8 +53,11 @@ def errors(kind: str, original: bytes, rewritten: bytes, rope: fm.Rope, position
     y_n, _ = fm.rotated(kind, rewritten, positions)
     truth = fm.rotate64(x, positions, rope.theta, rope.factor)
     scale = float(np.abs(x).max())
-    return {"original": float(np.abs(y_o - truth).max()) / scale, "rewritten": float(np.abs(y_n - truth).max()) / scale,
-            "apart": float(np.abs(y_n.astype(np.float64) - y_o).max()) / scale}
+    return {
+        "original": float(np.abs(y_o - truth).max()) / scale,
+        "rewritten": float(np.abs(y_n - truth).max()) / scale,
+        "apart": float(np.abs(y_n.astype(np.float64) - y_o).max()) / scale,
+    }
 
 
 @pytest.mark.parametrize("kind,computed,op", fused_params())
@@ -68,7 +76,9 @@ def test_fused_caches_become_exact(kind, computed, op, tmp_path):
     if kind.endswith("GroupQueryAttention"):  # GQA keeps its own rotation under every --op
         assert ("com.microsoft", "GroupQueryAttention") in nodes and site.rotations == 0
     else:
-        want = AFTER[op] or (("com.microsoft", "RotaryEmbedding") if kind.startswith("com.") else ("", "RotaryEmbedding"))
+        want = AFTER[op] or (
+            ("com.microsoft", "RotaryEmbedding") if kind.startswith("com.") else ("", "RotaryEmbedding")
+        )
         assert {n for n in nodes if n[1] == "RotaryEmbedding"} == ({want} if op != "decomposed" else set()), nodes
         assert site.rotations == (0 if op == "tables" else 1)
     assert not any(n.op_type in ("Cos", "Sin") for n in rewritten.graph.node)  # the computed caches are gone
@@ -122,7 +132,9 @@ def test_computed_cache_with_a_wrong_theta_is_refused(tmp_path):
     cfg = json.loads(path.read_text())
     cfg["rope_parameters"]["rope_theta"] = 20000.0
     path.write_text(json.dumps(cfg))
-    with pytest.raises(BadInput, match=r"theta: the graph's inv_freq gives theta 10000, the config gives 20000 \(site 'inv_freq'"):
+    with pytest.raises(
+        BadInput, match=r"theta: the graph's inv_freq gives theta 10000, the config gives 20000 \(site 'inv_freq'"
+    ):
         rewrite(fm.FUSED["com.microsoft::RotaryEmbedding"](rope), path)
 
 
@@ -147,17 +159,30 @@ def test_cli_rewrites_a_fused_graph_and_verifies_the_tables(tmp_path):
     src = tmp_path / "fused.onnx"
     onnx.save(fm.FUSED["com.microsoft::RotaryEmbedding"](rope), src)
     report = tmp_path / "report.json"
-    r = CliRunner().invoke(app, ["rewrite", str(src), "--config", str(fm.config(tmp_path, rope)), "-o", str(tmp_path / "out.onnx"),
-                                 "--report", str(report)])
+    r = CliRunner().invoke(
+        app,
+        [
+            "rewrite",
+            str(src),
+            "--config",
+            str(fm.config(tmp_path, rope)),
+            "-o",
+            str(tmp_path / "out.onnx"),
+            "--report",
+            str(report),
+        ],
+    )
     assert r.exit_code == 0, r.output
     doc = json.loads(report.read_text())
-    assert {row["runtime"] for row in doc["sites"]} == {"ort-cpu", "ort-cpu-noopt"}  # the default runtimes, one row each
+    assert {row["runtime"] for row in doc["sites"]} == {
+        "ort-cpu",
+        "ort-cpu-noopt",
+    }  # the default runtimes, one row each
     for row in doc["sites"]:
         assert row["verdict"] == "pass" and row["positions"][-1] == rope.rows - 1 and row["what"] == "caches"
         assert row["rewritten_error"][-1] <= row["bound"] < row["original_error"][-1]
     assert doc["whole_model"][0]["verdict"] == "pass"
     assert doc["rewrite"]["sites"][0]["fused"] == "com.microsoft::RotaryEmbedding"
-
 
 
 def test_cli_verifies_a_model_whose_weights_are_external_data(tmp_path):
@@ -169,10 +194,18 @@ def test_cli_verifies_a_model_whose_weights_are_external_data(tmp_path):
 
     rope = fm.Rope()
     src = tmp_path / "fused.onnx"
-    onnx.save(fm.FUSED["com.microsoft::RotaryEmbedding"](rope), src, save_as_external_data=True, location="fused.onnx.data", size_threshold=0)
+    onnx.save(
+        fm.FUSED["com.microsoft::RotaryEmbedding"](rope),
+        src,
+        save_as_external_data=True,
+        location="fused.onnx.data",
+        size_threshold=0,
+    )
     out, report = tmp_path / "out" / "out.onnx", tmp_path / "out" / "report.json"
     out.parent.mkdir()
-    r = CliRunner().invoke(app, ["rewrite", str(src), "--config", str(fm.config(tmp_path, rope)), "-o", str(out), "--report", str(report)])
+    r = CliRunner().invoke(
+        app, ["rewrite", str(src), "--config", str(fm.config(tmp_path, rope)), "-o", str(out), "--report", str(report)]
+    )
     assert r.exit_code == 0, r.output
     doc = json.loads(report.read_text())
     assert [w["verdict"] for w in doc["whole_model"]] == ["pass", "pass"], doc["whole_model"]
@@ -185,9 +218,14 @@ def test_past_key_values_take_their_symbolic_head_axes_from_the_config():
 
     from pe_export.rewriter.checks import cache_dims_of, feeds
 
-    past = ir.Value(name="past_key_values.0.key", type=ir.TensorType(ir.DataType.FLOAT),
-                    shape=ir.Shape(["batch_size", 2, "past_sequence_length", "kv_cache_dim"]))  # fmt: skip
-    ids = ir.Value(name="input_ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch_size", "sequence_length"]))
+    past = ir.Value(
+        name="past_key_values.0.key",
+        type=ir.TensorType(ir.DataType.FLOAT),
+        shape=ir.Shape(["batch_size", 2, "past_sequence_length", "kv_cache_dim"]),
+    )
+    ids = ir.Value(
+        name="input_ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch_size", "sequence_length"])
+    )
     model = ir.Model(ir.Graph([ids, past], [], nodes=[]), ir_version=10)
     config = {"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64}
     assert cache_dims_of(config) == {1: 2, 3: 16}
@@ -224,7 +262,11 @@ def test_onnxscript_fused_rotary_embedding_logits_error_is_position_independent(
     out = tmp_path / "rewritten.onnx"
     result = rewrite(paths["rotary"], config, op=op, output=out)
     [site] = result.sites
-    assert site.rule == "rotary_embedding_node" and site.fused == "com.microsoft::RotaryEmbedding" and site.rotations == (0 if op == "tables" else 4)
+    assert (
+        site.rule == "rotary_embedding_node"
+        and site.fused == "com.microsoft::RotaryEmbedding"
+        and site.rotations == (0 if op == "tables" else 4)
+    )
     e = rm.errors(paths["rotary"], out, m64, rm.BY_NAME["llama"].last)
     note = f"onnxscript-fused llama --op {op}: {json.dumps({k: f'{v:.2e}' for k, v in e.items()})}"
     assert e["rewritten_end"] <= rm.WITHIN * e["rewritten_start"], note
@@ -237,28 +279,32 @@ def test_onnxscript_fused_rotary_embedding_logits_error_is_position_independent(
 def test_onnxscript_gqa_caches_become_exact_and_the_model_is_unchanged_at_short_positions(op, fused_llama, tmp_path):
     import onnx_ir as ir
 
+    from pe_export.rewriter import cache_checks as verify_caches
+    from pe_export.rewriter import checks as verify
     from pe_export.rewriter import rewrite
 
-
-    from pe_export.rewriter import checks as verify
-
-    from pe_export.rewriter import cache_checks as verify_caches
     paths, config, _ = fused_llama
     out = tmp_path / "rewritten.onnx"
     result = rewrite(paths["gqa"], config, op=op, output=out)
     [site] = result.sites
     assert site.rule == "gqa_rotary" and site.fused == "com.microsoft::GroupQueryAttention" and site.rotations == 0
     original, rewritten = ir.load(paths["gqa"]), ir.load(out)
-    assert sum(n.op_type == "GroupQueryAttention" and n.attributes["do_rotary"].value == 1 for n in rewritten.graph) == 2
+    assert (
+        sum(n.op_type == "GroupQueryAttention" and n.attributes["do_rotary"].value == 1 for n in rewritten.graph) == 2
+    )
     [row] = verify_caches.check_caches(original, rewritten, result.sites, ("ort-cpu",))
-    note = f"--op {op}: position {row.positions[-1]}: original {row.original_error[-1]:.2e}, rewritten {row.rewritten_error[-1]:.2e}"
+    note = (
+        f"--op {op}: position {row.positions[-1]}: original {row.original_error[-1]:.2e}, rewritten "
+        f"{row.rewritten_error[-1]:.2e}"
+    )
     assert row.verdict == "pass" and row.original_error[-1] >= GAIN * row.rewritten_error[-1], note
     [whole] = verify.check_whole(original, rewritten)  # GQA here runs from position 0 (no past inputs)
     assert whole.verdict == "pass", whole
 
 
 def genai_key_error(path: Path, positions: np.ndarray, theta: float, qkv: str) -> tuple[float, np.ndarray]:
-    """(max abs error, in units of max|k|, of layer 0's rotated keys (present.0.key at `positions`, a past of zeros before them)
+    """(max abs error, in units of max|k|, of layer 0's rotated keys (present.0.key at `positions`, a past
+    of zeros before them)
     against the float64 rotation of the same keys (the packed QKV projection `qkv`, exposed as an output),
     the logits)."""
     import onnxruntime as ort
@@ -272,20 +318,25 @@ def genai_key_error(path: Path, positions: np.ndarray, theta: float, qkv: str) -
     sess = ort.InferenceSession(str(tmp), so, providers=["CPUExecutionProvider"])
     assert sess.get_providers()[0] == "CPUExecutionProvider"
     past, S, kv, D = int(positions[0]), positions.size, 2, 16
-    feed = {"input_ids": np.random.default_rng(0).integers(0, rm.VOCAB, (1, S)), "attention_mask": np.ones((1, past + S), np.int64)}
+    feed = {
+        "input_ids": np.random.default_rng(0).integers(0, rm.VOCAB, (1, S)),
+        "attention_mask": np.ones((1, past + S), np.int64),
+    }
     for i in (0, 1):
         for name in ("key", "value"):
             feed[f"past_key_values.{i}.{name}"] = np.zeros((1, kv, past, D), np.float32)
     out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
     hidden = 4 * D
-    k = out[qkv][..., hidden:hidden + kv * D].reshape(1, S, kv, D).transpose(0, 2, 1, 3)  # (B, Hkv, S, D) before RoPE
+    k = out[qkv][..., hidden : hidden + kv * D].reshape(1, S, kv, D).transpose(0, 2, 1, 3)  # (B, Hkv, S, D) before RoPE
     err = np.abs(out["present.0.key"][:, :, past:] - fm.rotate64(k, positions, theta)).max() / np.abs(k).max()
     return float(err), out["logits"]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(__import__("importlib").util.find_spec("onnxruntime_genai") is None,
-                    reason="onnxruntime-genai is not installed (pip install -e '.[genai]')")
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("onnxruntime_genai") is None,
+    reason="onnxruntime-genai is not installed (pip install -e '.[genai]')",
+)
 def test_onnxruntime_genai_model_builder_caches_become_exact(tmp_path):
     from pe_export.rewriter import rewrite
 
@@ -314,11 +365,25 @@ def test_onnxruntime_genai_model_builder_caches_become_exact(tmp_path):
     from pe_export.cli.main import app
 
     report = tmp_path / "rewritten" / "report.json"
-    r = CliRunner().invoke(app, ["rewrite", str(path), "--config", str(tmp_path / "checkpoint" / "config.json"), "-o",
-                                 str(out.parent / "cli.onnx"), "--report", str(report)])  # fmt: skip
+    r = CliRunner().invoke(
+        app,
+        [
+            "rewrite",
+            str(path),
+            "--config",
+            str(tmp_path / "checkpoint" / "config.json"),
+            "-o",
+            str(out.parent / "cli.onnx"),
+            "--report",
+            str(report),
+        ],
+    )
     assert r.exit_code == 0, r.output
     doc = json.loads(report.read_text())
-    assert {row["verdict"] for row in doc["sites"]} == {"pass"} and [w["verdict"] for w in doc["whole_model"]] == ["pass", "pass"], doc
+    assert {row["verdict"] for row in doc["sites"]} == {"pass"} and [w["verdict"] for w in doc["whole_model"]] == [
+        "pass",
+        "pass",
+    ], doc
     # --op ort: GQA keeps its own rotation on the new tables, and says so.
     result = rewrite(path, tmp_path / "checkpoint" / "config.json", op="ort")
     assert result.sites[0].fused == "com.microsoft::GroupQueryAttention" and result.sites[0].rotations == 0

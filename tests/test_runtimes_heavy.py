@@ -8,13 +8,12 @@ import pytest
 from conftest import exported, rope_spec
 
 from pe_export.encodings import ENCODINGS
-from pe_export.tools.matrix import Case, table_length
 from pe_export.presets import PRESETS
-
 from pe_export.runtimes import RUNTIMES, Skip
 from pe_export.spec import OP_NAMES
-from pe_export.verification.parity import check
+from pe_export.tools.matrix import Case, table_length
 from pe_export.verification.out_of_range import probe_bounds
+from pe_export.verification.parity import check
 
 pytestmark = pytest.mark.heavy_runtimes
 
@@ -54,7 +53,9 @@ def test_litert_runs_llama_rope_decomposed_within_the_tolerance_and_fails_loudly
     spec, data = llama_rope("decomposed", dtype)
     row = litert_row(spec, data)
     assert row.verdict == "pass" and row.worst_ratio < 1, row.note
-    assert row.provider.startswith("LiteRT") and f"({'float16' if dtype == 'fp16' else 'float32'} .tflite)" in row.provider
+    assert (
+        row.provider.startswith("LiteRT") and f"({'float16' if dtype == 'fp16' else 'float32'} .tflite)" in row.provider
+    )
     (bounds,) = probe_bounds(spec, data, runtimes=("litert",))
     assert bounds.verdict == "loud", bounds
 
@@ -75,10 +76,11 @@ def causal_bias_presets() -> list[str]:
     its float64 reference."""
     later = {"query_positions": np.array([0]), "key_positions": np.array([0, 1])}
     return [
-        name for name, preset in PRESETS.items()
+        name
+        for name, preset in PRESETS.items()
         if (encoding := ENCODINGS.get(preset.encoding)).kind == "bias"
         and np.isneginf(encoding.reference(Case(name, "decomposed", "fp32", 256).spec(), later)).any()
-    ]  # fmt: skip
+    ]
 
 
 # onnx2tf's _float16 .tflite computes FIRE's float32 MLP in float16 (its DIV, MUL, BATCH_MATMUL are float16):
@@ -86,10 +88,14 @@ def causal_bias_presets() -> list[str]:
 FP16_IN_THE_MIDDLE = pytest.mark.xfail(strict=True, reason="the float16 .tflite computes FIRE's float32 MLP in float16")
 
 
-@pytest.mark.parametrize("preset, dtype", [
-    pytest.param(preset, dtype, marks=[FP16_IN_THE_MIDDLE] if (preset, dtype) == ("fire", "fp16") else [])
-    for preset in causal_bias_presets() for dtype in ("fp32", "fp16")
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "preset, dtype",
+    [
+        pytest.param(preset, dtype, marks=[FP16_IN_THE_MIDDLE] if (preset, dtype) == ("fire", "fp16") else [])
+        for preset in causal_bias_presets()
+        for dtype in ("fp32", "fp16")
+    ],
+)
 def test_litert_runs_causal_biases_with_their_minus_inf_mask(preset, dtype):
     """common.mask_later_keys adds a (Q, K) mask read from [0, -inf]: the Where it replaces had a (Q, K)
     condition on an (H, Q, K) bias, which onnx2tf writes as cond * x + (1 - cond) * y, and 0 * -inf is NaN."""
@@ -100,20 +106,38 @@ def test_litert_runs_causal_biases_with_their_minus_inf_mask(preset, dtype):
     assert bounds.verdict == "loud", bounds
 
 
-@pytest.mark.parametrize("op, dtype, reason", [
-    ("onnx", "fp32", "RotaryEmbedding (onnx2tf leaves it a TFLite custom op"),  # its builtin path takes no position_ids
-    ("ort", "fp32", "RotaryEmbedding (onnx2tf leaves it a TFLite custom op"),  # com.microsoft's: onnx2tf reads the name only
-    ("decomposed", "bf16", "NotImplementedError: Unsupported ONNX dtype in flatbuffer_direct: elem_type=16"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "op, dtype, reason",
+    [
+        (
+            "onnx",
+            "fp32",
+            "RotaryEmbedding (onnx2tf leaves it a TFLite custom op",
+        ),  # its builtin path takes no position_ids
+        (
+            "ort",
+            "fp32",
+            "RotaryEmbedding (onnx2tf leaves it a TFLite custom op",
+        ),  # com.microsoft's: onnx2tf reads the name only
+        ("decomposed", "bf16", "NotImplementedError: Unsupported ONNX dtype in flatbuffer_direct: elem_type=16"),
+    ],
+)
 def test_litert_a_target_that_does_not_convert_is_a_row_not_a_crash(op, dtype, reason):
     row = litert_row(*llama_rope(op, dtype))
     assert row.verdict == "unsupported" and row.note.startswith(f"does not convert: {reason}"), row
 
 
-@pytest.mark.parametrize("preset, dtype, reason", [
-    ("transformer-xl", "fp32", "does not run: XNNPack delegate failed to reshape runtime"),  # the converted shift's shapes
-    ("xpos", "fp16", "does not run: Unsupported datatype for sign output: FLOAT16"),  # LiteRT's SIGN has no float16
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "preset, dtype, reason",
+    [
+        (
+            "transformer-xl",
+            "fp32",
+            "does not run: XNNPack delegate failed to reshape runtime",
+        ),  # the converted shift's shapes
+        ("xpos", "fp16", "does not run: Unsupported datatype for sign output: FLOAT16"),  # LiteRT's SIGN has no float16
+    ],
+)
 def test_litert_a_graph_that_converts_but_does_not_run_is_a_row_not_a_failure(preset, dtype, reason):
     spec = Case(preset, "decomposed", dtype, 256).spec()
     row = litert_row(spec, exported(spec))
@@ -169,4 +193,6 @@ def test_litert_gets_the_whole_transformers_llama_wrong_original_and_rewritten_a
         pytest.skip(str(e))
     ort, _ = GRAPH_RUNTIMES["ort-cpu"](model_bytes)
     diff = np.abs(litert(feed)[0] - ort(feed)[0]).max()
-    assert diff > 1e-2, f"LiteRT now agrees with ORT on the whole model ({diff:.1e}): drop this test and check whole-model rows"
+    assert diff > 1e-2, (
+        f"LiteRT now agrees with ORT on the whole model ({diff:.1e}): drop this test and check whole-model rows"
+    )

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from conftest import assert_verified, exported, ort_cpu_session
 
+from pe_export.dtypes import numpy_dtype
 from pe_export.encodings import ENCODINGS
 from pe_export.encodings.shaw import ShawParams, tables
-from pe_export.dtypes import numpy_dtype
 from pe_export.spec import Spec
 from pe_export.verification.tolerances import bound
 
@@ -51,8 +51,12 @@ def t2t_generate_relative_positions_matrix(length_q, length_k, max_relative_posi
     return distance_mat_clipped + max_relative_position
 
 
-def t2t_generate_relative_positions_embeddings(length_q, length_k, embeddings_table, max_relative_position, cache=False):
-    relative_positions_matrix = t2t_generate_relative_positions_matrix(length_q, length_k, max_relative_position, cache=cache)
+def t2t_generate_relative_positions_embeddings(
+    length_q, length_k, embeddings_table, max_relative_position, cache=False
+):
+    relative_positions_matrix = t2t_generate_relative_positions_matrix(
+        length_q, length_k, max_relative_position, cache=cache
+    )
     assert embeddings_table.shape[0] == max_relative_position * 2 + 1  # vocab_size
     return embeddings_table[relative_positions_matrix]
 
@@ -70,13 +74,20 @@ def t2t_relative_attention_inner(x, y, z, transpose):
 
 def t2t_dot_product_attention_relative(
     q, k, v, bias, max_relative_position, keys_table, values_table, cache=False, allow_memory=False
-):  # the t2t variables `relative_positions_keys/embeddings` and `relative_positions_values/embeddings` are arguments here
+):
+    # the t2t variables `relative_positions_keys/embeddings` and `relative_positions_values/embeddings` are arguments
     if not max_relative_position:
-        raise ValueError(f"Max relative position ({max_relative_position}) should be > 0 when using relative self attention.")
+        raise ValueError(
+            f"Max relative position ({max_relative_position}) should be > 0 when using relative self attention."
+        )
     length_k = k.shape[2]
     length_q = q.shape[2] if allow_memory else length_k
-    relations_keys = t2t_generate_relative_positions_embeddings(length_q, length_k, keys_table, max_relative_position, cache)
-    relations_values = t2t_generate_relative_positions_embeddings(length_q, length_k, values_table, max_relative_position, cache)
+    relations_keys = t2t_generate_relative_positions_embeddings(
+        length_q, length_k, keys_table, max_relative_position, cache
+    )
+    relations_values = t2t_generate_relative_positions_embeddings(
+        length_q, length_k, values_table, max_relative_position, cache
+    )
     logits = t2t_relative_attention_inner(q, k, relations_keys, True)
     if bias is not None:
         logits += bias
@@ -109,7 +120,15 @@ def t2t_layer(p: ShawParams, q, k, v, mode):
     k, v = torch.from_numpy(k), torch.from_numpy(v)
     bias = t2t_causal_bias(q.shape[2], k.shape[2]) if p.causal else None  # cache: Q = 1 sees every key
     out = t2t_dot_product_attention_relative(
-        q, k, v, bias, p.max_relative_position, keys_table, values_table, cache=mode == "cache", allow_memory=mode == "memory"
+        q,
+        k,
+        v,
+        bias,
+        p.max_relative_position,
+        keys_table,
+        values_table,
+        cache=mode == "cache",
+        allow_memory=mode == "memory",
     )
     return out.numpy()
 
@@ -124,10 +143,12 @@ def t2t_inputs(spec, Q, K, offset, seed=0):
     p = ShawParams(**spec.params)
     rng = np.random.default_rng(seed)
     dtype = numpy_dtype(spec.dtype)
-    x = {n: rng.standard_normal((2, p.heads, L, p.head_dim)).astype(dtype) for n, L in (("query", Q), ("key", K), ("value", K))}
+    x = {
+        n: rng.standard_normal((2, p.heads, L, p.head_dim)).astype(dtype)
+        for n, L in (("query", Q), ("key", K), ("value", K))
+    }
     keys = np.arange(offset, offset + K, dtype=np.int64)
     return x | {"query_positions": keys[K - Q :].copy(), "key_positions": keys}
-
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -157,7 +178,9 @@ def test_torch_and_onnx_match_tensor2tensor(mode, Q, K, offset, causal, dtype):
     graph = ort_cpu_session(exported(spec)).run(None, inputs)[0].astype(np.float64)
     for name, got in (("torch", eager), ("ort-cpu", graph)):
         err = np.abs(got - want)
-        assert np.all(err <= limit), f"{name}: max abs error {err.max():.3g}, worst error/bound {np.max(err / limit):.3g}"
+        assert np.all(err <= limit), (
+            f"{name}: max abs error {err.max():.3g}, worst error/bound {np.max(err / limit):.3g}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------

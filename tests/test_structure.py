@@ -55,8 +55,15 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
 # stands for that module and everything under it (`pe_export` for the package root alone); the longest
 # matching name decides a module's layer, and a module no name covers fails the test.
 LAYERS = (
-    ("pe_export.errors", "pe_export.dtypes", "pe_export.registry", "pe_export.presets", "pe_export.files",
-     "pe_export.spec", "pe_export.weights"),  # leaves: no torch, no onnx at import
+    (
+        "pe_export.errors",
+        "pe_export.dtypes",
+        "pe_export.registry",
+        "pe_export.presets",
+        "pe_export.files",
+        "pe_export.spec",
+        "pe_export.weights",
+    ),  # leaves: no torch, no onnx at import
     ("pe_export.scaling", "pe_export.hf_config"),  # RoPE scaling rules; Hugging Face configs read into them
     ("pe_export.custom_ops",),  # the rotation math, the torch custom op and its three ONNX lowerings
     ("pe_export.encodings",),  # one file per encoding, their contracts, probes and float64 references
@@ -67,7 +74,7 @@ LAYERS = (
     ("pe_export.rewriter",),  # whole exported models: find RoPE sites, rewrite, check
     ("pe_export", "pe_export.api"),  # the public API
     ("pe_export.cli",),  # parses and prints
-)  # fmt: skip
+)
 
 
 def layer_of(module: str) -> int:
@@ -83,8 +90,12 @@ def layer_of(module: str) -> int:
 
 def upward(graph: dict[str, set[str]]) -> list[str]:
     """Every import of a module from a higher layer, as 'importer -> imported'."""
-    return sorted(f"{a} (layer {layer_of(a)}) -> {b} (layer {layer_of(b)})"
-                  for a, targets in graph.items() for b in targets if layer_of(b) > layer_of(a))  # fmt: skip
+    return sorted(
+        f"{a} (layer {layer_of(a)}) -> {b} (layer {layer_of(b)})"
+        for a, targets in graph.items()
+        for b in targets
+        if layer_of(b) > layer_of(a)
+    )
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -153,8 +164,8 @@ def test_no_import_circles():
 def test_the_rewrite_clis_import_free_copies_match_the_library():
     """cli/rewrite.py keeps copies of the rewriter's choices so that `--help` imports no onnxscript."""
     from pe_export.cli import rewrite
+    from pe_export.rewriter import checks as verify
     from pe_export.rewriter import core
 
-    from pe_export.rewriter import checks as verify
     assert rewrite.OPS == core.OPS and rewrite.RUNTIMES == verify.RUNTIMES
     assert rewrite.DEFAULT_RUNTIMES == verify.DEFAULT_RUNTIMES

@@ -29,7 +29,7 @@ from pe_export.verification.tolerances import bound
 
 class PositionalEmbedding(torch.nn.Module):
     def __init__(self, demb):
-        super(PositionalEmbedding, self).__init__()
+        super().__init__()
 
         self.demb = demb
 
@@ -62,7 +62,8 @@ def _rel_shift(x, zero_triu=False):
 
 
 def txl_attention(p: TransformerXLParams, query, key, value):
-    """(B, H, Q|K, D) arrays -> float64 (B, H, Q, D), through TXL's own code in its (len, bsz, n_head, d_head) layout."""
+    """(B, H, Q|K, D) arrays -> float64 (B, H, Q, D), through TXL's own code in its (len, bsz, n_head,
+    d_head) layout."""
     w = {k: torch.from_numpy(v) for k, v in learned(p).items()}
     r_w_bias, r_r_bias = w["r_w_bias"], w["r_r_bias"]
     r_net = torch.nn.Linear(p.d_model, p.heads * p.head_dim, bias=False).double()
@@ -71,8 +72,10 @@ def txl_attention(p: TransformerXLParams, query, key, value):
     pos_emb_module = PositionalEmbedding(p.d_model)
     n_head, d_head, scale = p.heads, p.head_dim, 1 / (p.head_dim**0.5)
     # (B, H, L, D) -> (L, B, H, D)
-    w_head_q, w_head_k, w_head_v = (torch.from_numpy(np.asarray(a, dtype=np.float64)).permute(2, 0, 1, 3) for a in (query, key, value))
-    qlen, bsz = w_head_q.size(0), w_head_q.size(1)
+    w_head_q, w_head_k, w_head_v = (
+        torch.from_numpy(np.asarray(a, dtype=np.float64)).permute(2, 0, 1, 3) for a in (query, key, value)
+    )
+    qlen = w_head_q.size(0)
 
     with torch.no_grad():
         # MemTransformerLM._forward
@@ -132,7 +135,6 @@ def txl_spec(dtype="fp32", **params):
 
 def probes(spec):
     return ENCODINGS.get("transformer-xl").probes(spec, np.random.default_rng(0), 2)
-
 
 
 def reference(spec, inputs):
@@ -227,7 +229,9 @@ def test_graph_holds_the_shift_and_a_clamped_table():
 
 def bad_inputs(Q, K, H=2, D=16):
     rng = np.random.default_rng(1)
-    return {n: rng.standard_normal((1, H, L, D)).astype(np.float32) for n, L in (("query", Q), ("key", K), ("value", K))}
+    return {
+        n: rng.standard_normal((1, H, L, D)).astype(np.float32) for n, L in (("query", Q), ("key", K), ("value", K))
+    }
 
 
 BAD = [(4, SMALL["max_positions"] + 1), (SMALL["max_positions"] + 1,) * 2, (5, 4), (2, 1)]

@@ -12,19 +12,20 @@ from conftest import exported, rope_spec
 from onnx import numpy_helper
 from test_cli import invoke
 
-from pe_export.runtimes import HEAVY_RUNTIMES
-from pe_export.spec import Spec
-from pe_export.runtimes import RUNTIMES, Skip
-from pe_export.verification.tolerances import TOLERANCES
-from pe_export.verification.parity import check, verdict
 from pe_export.encodings.probing import make_probes, parse_positions
+from pe_export.runtimes import HEAVY_RUNTIMES, RUNTIMES, Skip
+from pe_export.spec import Spec
 from pe_export.verification.out_of_range import probe_bounds
+from pe_export.verification.parity import check, verdict
+from pe_export.verification.tolerances import TOLERANCES
 
 # dim 2 with the paper's layout: PE(p) = [sin(p), cos(p)], the answer without any of pe-export's code.
 TINY = Spec(encoding="sinusoidal", params={"dim": 2, "max_positions": 8}, op="decomposed", opset=17)
 
 
-@pytest.mark.parametrize("runtime", [pytest.param(n, marks=[pytest.mark.heavy_runtimes] if n in HEAVY_RUNTIMES else []) for n in RUNTIMES])
+@pytest.mark.parametrize(
+    "runtime", [pytest.param(n, marks=[pytest.mark.heavy_runtimes] if n in HEAVY_RUNTIMES else []) for n in RUNTIMES]
+)
 def test_each_runtime_adapter_gives_the_known_answer(runtime):
     try:
         call, provider = RUNTIMES[runtime](TINY, exported(TINY))
@@ -147,16 +148,17 @@ def test_a_huge_positions_range_is_refused_before_it_is_built(tmp_path):
     result = invoke("verify", str(model), "--positions", "0:10000000000")
     assert result.exit_code == 2, result.output
     assert result.output.splitlines() == [
-        "pe-export: error: --positions: 0:10000000000 is outside the table [0, 256); use --probe-bounds to check out-of-range handling"
+        "pe-export: error: --positions: 0:10000000000 is outside the table [0, 256); use --probe-bounds to check "
+        "out-of-range handling"
     ]
 
 
 def test_an_infinite_error_keeps_its_position_and_the_report_is_standard_json(monkeypatch):
     """A runtime whose output is NaN at position 5 and -inf at position 2 (the truth is finite there):
     both are infinite errors, the worst there are, and both must stay in the error-by-position curve."""
-    from pe_export.verification.report import render, verify_doc
-
     import fake_runtimes
+
+    from pe_export.verification.report import render, verify_doc
 
     monkeypatch.setitem(RUNTIMES, "broken", fake_runtimes.broken)  # runs in its worker, as any runtime
     (row,) = check(TINY, b"", runtimes=("broken",), positions=parse_positions("0:8"))
@@ -186,9 +188,16 @@ def test_probe_bounds_reports_a_runtime_that_returns_a_result(monkeypatch):
     import fake_runtimes
 
     monkeypatch.setitem(RUNTIMES, "lenient", fake_runtimes.lenient)  # never checks its indices
-    rows = {r.runtime: r for r in probe_bounds(spec, exported(spec), runtimes=("torch", "ort-cpu", "onnx-reference", "lenient"))}
+    rows = {
+        r.runtime: r
+        for r in probe_bounds(spec, exported(spec), runtimes=("torch", "ort-cpu", "onnx-reference", "lenient"))
+    }
     assert rows["torch"].verdict == rows["ort-cpu"].verdict == rows["onnx-reference"].verdict == "loud"
-    assert rows["lenient"].verdict == "SILENT" and "position_ids -1" in rows["lenient"].note and "256" in rows["lenient"].note
+    assert (
+        rows["lenient"].verdict == "SILENT"
+        and "position_ids -1" in rows["lenient"].note
+        and "256" in rows["lenient"].note
+    )
 
 
 @pytest.mark.parametrize("op", ["onnx", "ort", "decomposed"])
@@ -203,7 +212,10 @@ def test_markdown_and_json_reports(tmp_path):
     model = tmp_path / "m.onnx"
     assert invoke("t5-bias", "--seq", "128", "-o", str(model)).exit_code == 0
     md, js = tmp_path / "r.md", tmp_path / "r.json"
-    assert invoke("verify", str(model), "--runtimes", "torch,ort-cpu", "--probe-bounds", "--report", str(md)).exit_code == 0
+    assert (
+        invoke("verify", str(model), "--runtimes", "torch,ort-cpu", "--probe-bounds", "--report", str(md)).exit_code
+        == 0
+    )
     assert invoke("verify", str(model), "--runtimes", "torch,ort-cpu", "--report", str(js)).exit_code == 0
     text = md.read_text()
     assert "| ort-cpu | CPUExecutionProvider |" in text and "**pass**" in text and "Out-of-range positions" in text
@@ -233,10 +245,22 @@ def test_matrix_quick_report_has_every_expected_row(shard, tmp_path):
     from pe_export.tools import matrix
 
     report = tmp_path / "quick.json"
-    result = invoke("matrix", "--quick", "--runtimes", "torch,ort-cpu,onnx-reference", "--shard", shard, "--report", str(report), cwd=tmp_path)
+    result = invoke(
+        "matrix",
+        "--quick",
+        "--runtimes",
+        "torch,ort-cpu,onnx-reference",
+        "--shard",
+        shard,
+        "--report",
+        str(report),
+        cwd=tmp_path,
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(report.read_text())
-    want = [(c.preset, c.op, c.dtype, c.seq) for c in matrix.shard(matrix.cases(quick=True), *matrix.parse_shard(shard))]
+    want = [
+        (c.preset, c.op, c.dtype, c.seq) for c in matrix.shard(matrix.cases(quick=True), *matrix.parse_shard(shard))
+    ]
     got = [(c["preset"], c["op"], c["dtype"], c["seq"]) for c in doc["cases"]]
     assert got == want and len(want) == len(matrix.cases(quick=True)) // 2  # 66 quick cases: 33 in each half
     assert len({c[0] for c in got}) >= 20  # every n-th case: presets of every kind in each half
@@ -286,9 +310,22 @@ def test_matrix_failure_exits_1_with_a_bundle(tmp_path, monkeypatch):
     import pe_export.verification.parity
 
     real = pe_export.verification.parity.bound
-    monkeypatch.setattr(pe_export.verification.parity, "bound", lambda spec, inputs: real(spec, inputs) / 1e6)  # a planted bug
+    monkeypatch.setattr(
+        pe_export.verification.parity, "bound", lambda spec, inputs: real(spec, inputs) / 1e6
+    )  # a planted bug
     report = tmp_path / "m.md"
-    result = invoke("matrix", "--presets", "bloom-alibi", "--dtypes", "fp32", "--runtimes", "ort-cpu", "--report", str(report), cwd=tmp_path)
+    result = invoke(
+        "matrix",
+        "--presets",
+        "bloom-alibi",
+        "--dtypes",
+        "fp32",
+        "--runtimes",
+        "ort-cpu",
+        "--report",
+        str(report),
+        cwd=tmp_path,
+    )
     assert result.exit_code == 1
     assert "1 of 1 cases failed" in " ".join(result.output.split())
     assert "| bloom-alibi | decomposed | fp32 | 2048 | ort-cpu |" in report.read_text()
@@ -306,7 +343,11 @@ def fake_matrix(monkeypatch, write_bundle):
             return b"onnx"
 
     monkeypatch.setattr(pe_export.pipeline.onnx_export, "build", lambda spec: Model())
-    monkeypatch.setattr(pe_export.verification.parity, "check", lambda spec, data, runtimes, seed: [Row("ort-cpu", "cpu", spec.dtype, "FAIL", note="planted")])
+    monkeypatch.setattr(
+        pe_export.verification.parity,
+        "check",
+        lambda spec, data, runtimes, seed: [Row("ort-cpu", "cpu", spec.dtype, "FAIL", note="planted")],
+    )
     monkeypatch.setattr(pe_export.verification.parity, "write_bundle", write_bundle)
 
 
@@ -327,7 +368,9 @@ def test_every_quick_case_fails_into_its_own_bundle_and_counts_once(tmp_path, mo
     s = matrix.summary(results)
     assert (s["cases"], s["rows"], s["FAIL"], s["failed_cases"]) == (len(quick),) * 4
     assert len({c.name for c in matrix.cases()}) == len(matrix.cases())
-    assert matrix.cases(["llama-rope", "llama-rope"], dtypes=["fp32", "fp32"]) == matrix.cases(["llama-rope"], dtypes=["fp32"])
+    assert matrix.cases(["llama-rope", "llama-rope"], dtypes=["fp32", "fp32"]) == matrix.cases(
+        ["llama-rope"], dtypes=["fp32"]
+    )
 
 
 def test_a_bundle_that_cannot_be_written_does_not_count_the_case_twice(tmp_path, monkeypatch):
@@ -337,7 +380,9 @@ def test_a_bundle_that_cannot_be_written_does_not_count_the_case_twice(tmp_path,
         raise OSError("No space left on device")
 
     fake_matrix(monkeypatch, write_bundle)
-    result = matrix.run_case(matrix.Case("bloom-alibi", "decomposed", "fp32", 64), tmp_path, ("ort-cpu",), 0, tmp_path / "repro")
+    result = matrix.run_case(
+        matrix.Case("bloom-alibi", "decomposed", "fp32", 64), tmp_path, ("ort-cpu",), 0, tmp_path / "repro"
+    )
     assert result["verdict"] == "FAIL" and result["error"] == "" and result["bundle"] == ""
     assert result["bundle_error"] == "OSError: No space left on device"
     s = matrix.summary([result])

@@ -10,11 +10,9 @@ import pytest
 from conftest import exported, rope_spec
 from test_cli import invoke
 
-from pe_export.runtimes import worker
-from pe_export.runtimes import Skip
-from pe_export.verification.parity import FAILED, check, verdict
-from pe_export.runtimes import RUNTIMES
+from pe_export.runtimes import RUNTIMES, Skip, worker
 from pe_export.verification.out_of_range import probe_bounds
+from pe_export.verification.parity import FAILED, check, verdict
 
 SPEC = rope_spec(op="decomposed")  # llama-like RoPE, 256 positions: every runtime here loads it
 
@@ -34,7 +32,9 @@ def test_an_aborting_runtime_is_a_crash_row_and_the_others_complete(monkeypatch)
 def test_a_crash_while_loading_and_a_hang(monkeypatch):
     monkeypatch.setitem(RUNTIMES, "aborts-on-load", fake_runtimes.aborts_on_load)
     monkeypatch.setitem(RUNTIMES, "hangs", fake_runtimes.hangs)
-    rows = {r.runtime: r for r in check(SPEC, exported(SPEC), runtimes=("aborts-on-load", "hangs", "ort-cpu"), timeout=3)}
+    rows = {
+        r.runtime: r for r in check(SPEC, exported(SPEC), runtimes=("aborts-on-load", "hangs", "ort-cpu"), timeout=3)
+    }
     assert rows["aborts-on-load"].verdict == "CRASH" and rows["aborts-on-load"].note.startswith("loading the model:")
     assert rows["hangs"].verdict == "TIMEOUT" and "no answer within 3 s" in rows["hangs"].note
     assert rows["ort-cpu"].verdict == "pass"
@@ -52,15 +52,23 @@ def test_verify_with_a_crashing_runtime_reports_bundles_and_exits_1(tmp_path, mo
     assert "aborts CRASH" in text and "SIGABRT" in text and "parity check failed" in text
     doc = json.loads(report.read_text())
     assert doc["verdict"] == "FAIL"
-    assert [(r["runtime"], r["verdict"]) for r in doc["rows"]] == [("torch", "pass"), ("ort-cpu", "pass"), ("aborts", "CRASH")]
+    assert [(r["runtime"], r["verdict"]) for r in doc["rows"]] == [
+        ("torch", "pass"),
+        ("ort-cpu", "pass"),
+        ("aborts", "CRASH"),
+    ]
     readme = (tmp_path / "m.onnx.repro" / "README.txt").read_text()
     assert "--runtimes aborts" in readme  # the bundle re-runs the crashing runtime only
-    assert "aborts: running the probe raised" in readme and "SIGABRT" in readme  # re-running it crashed its worker, not us
+    assert (
+        "aborts: running the probe raised" in readme and "SIGABRT" in readme
+    )  # re-running it crashed its worker, not us
 
 
 def test_probe_bounds_says_which_runtime_aborts_the_process(tmp_path, monkeypatch):
     monkeypatch.setitem(RUNTIMES, "aborts-out-of-range", fake_runtimes.aborts_out_of_range)
-    rows = {r.runtime: r for r in probe_bounds(SPEC, exported(SPEC), runtimes=("ort-cpu", "aborts-out-of-range", "torch"))}
+    rows = {
+        r.runtime: r for r in probe_bounds(SPEC, exported(SPEC), runtimes=("ort-cpu", "aborts-out-of-range", "torch"))
+    }
     assert rows["ort-cpu"].verdict == rows["torch"].verdict == "loud"
     aborts = rows["aborts-out-of-range"]
     # both bad positions were tried: the second in a fresh process after the first killed one
@@ -70,7 +78,15 @@ def test_probe_bounds_says_which_runtime_aborts_the_process(tmp_path, monkeypatc
     model = tmp_path / "m.onnx"
     model.write_bytes(exported(SPEC))
     report = tmp_path / "r.md"
-    result = invoke("verify", str(model), "--runtimes", "torch,ort-cpu,aborts-out-of-range", "--probe-bounds", "--report", str(report))
+    result = invoke(
+        "verify",
+        str(model),
+        "--runtimes",
+        "torch,ort-cpu,aborts-out-of-range",
+        "--probe-bounds",
+        "--report",
+        str(report),
+    )
     assert result.exit_code == 0, result.output  # in-range parity passed; out of range is a warning, as SILENT
     assert "| aborts-out-of-range | ABORTS |" in report.read_text()
 

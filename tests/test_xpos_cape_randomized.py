@@ -16,10 +16,10 @@ from pe_export.cli.main import app
 from pe_export.encodings import ENCODINGS
 from pe_export.encodings.cape import CapeParams, embed_torch
 from pe_export.encodings.randomized import randomized
+from pe_export.encodings.training import cape_positions, sample_positions
 from pe_export.encodings.xpos import XposParams, largest_scale
 from pe_export.presets import PRESETS
 from pe_export.spec import Spec
-from pe_export.encodings.training import cape_positions, sample_positions
 
 # ------------------------------------------------------------------------------------------------
 # torchscale XPOS, microsoft/torchscale@776b070 torchscale/component/xpos_relative_position.py, re-typed.
@@ -30,7 +30,9 @@ from pe_export.encodings.training import cape_positions, sample_positions
 def ts_fixed_pos_embedding(x):
     seq_len, dim = x.shape
     inv_freq = 1.0 / (10000 ** (torch.arange(0, dim) / dim))
-    sinusoid_inp = torch.einsum("i , j -> i j", torch.arange(0, seq_len, dtype=torch.get_default_dtype()), inv_freq).to(x)
+    sinusoid_inp = torch.einsum("i , j -> i j", torch.arange(0, seq_len, dtype=torch.get_default_dtype()), inv_freq).to(
+        x
+    )
     return torch.sin(sinusoid_inp), torch.cos(sinusoid_inp)
 
 
@@ -197,7 +199,11 @@ def test_xpos_scale_table_off_by_a_few_roundings_fails(dtype, scale):
 def test_xpos_fp16_overflow_is_refused_not_inf():
     """fp16 tables whose scale would pass sqrt(65504) are refused; the largest accepted one stays finite
     at its most scaled position (position 0 in a call that reaches the table end)."""
-    assert largest_scale(XposParams(head_dim=64, max_positions=4096)) < 256 < largest_scale(XposParams(head_dim=64, max_positions=4600))
+    assert (
+        largest_scale(XposParams(head_dim=64, max_positions=4096))
+        < 256
+        < largest_scale(XposParams(head_dim=64, max_positions=4600))
+    )
     with pytest.raises(ValueError, match="square root of fp16"):
         ENCODINGS.get("xpos").module(xpos_spec("fp16", max_positions=4600))
     ENCODINGS.get("xpos").module(xpos_spec("fp32", max_positions=4600))  # fp32 has room, up to about 36000
@@ -217,8 +223,17 @@ def test_xpos_fp16_overflow_is_refused_not_inf():
 
 
 class CAPE1d(torch.nn.Module):
-    def __init__(self, d_model, max_global_shift=0.0, max_local_shift=0.0, max_global_scaling=1.0, normalize=False,
-                 pos_scale=1.0, freq_scale=1.0, batch_first=False):  # fmt: skip
+    def __init__(
+        self,
+        d_model,
+        max_global_shift=0.0,
+        max_local_shift=0.0,
+        max_global_scaling=1.0,
+        normalize=False,
+        pos_scale=1.0,
+        freq_scale=1.0,
+        batch_first=False,
+    ):
         super().__init__()
         assert max_global_scaling >= 1
         self.max_global_shift = max_global_shift
@@ -266,12 +281,19 @@ class CAPE1d(torch.nn.Module):
         return positions
 
 
-AUDIO = dict(max_global_shift=60.0, max_local_shift=1.0, max_global_scaling=1.1, normalize=True, pos_scale=0.03, freq_scale=30.0)
-RECIPES = {"text": {k: v for k, v in PRESETS["cape-text"].params.items() if k not in ("dim", "max_positions")}, "audio": AUDIO}
+AUDIO = dict(
+    max_global_shift=60.0, max_local_shift=1.0, max_global_scaling=1.1, normalize=True, pos_scale=0.03, freq_scale=30.0
+)
+RECIPES = {
+    "text": {k: v for k, v in PRESETS["cape-text"].params.items() if k not in ("dim", "max_positions")},
+    "audio": AUDIO,
+}
 
 
 def cape_spec(dtype="fp32", **params):
-    return Spec(encoding="cape", params={"dim": 512, "max_positions": 2048, **params}, op="decomposed", opset=17, dtype=dtype)
+    return Spec(
+        encoding="cape", params={"dim": 512, "max_positions": 2048, **params}, op="decomposed", opset=17, dtype=dtype
+    )
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -286,13 +308,16 @@ def test_cape_matches_cape1d_in_eval_mode(recipe, T):
 
 def test_cape_with_neutral_scales_is_sinusoidal():
     ids = np.array([[0, 5, 2047], [2047, 1000, 3]])
-    cape, sin = cape_spec(max_global_shift=5.0, max_global_scaling=1.03), Spec(
-        encoding="sinusoidal", params=dict(dim=512, max_positions=2048), op="decomposed", opset=17
-    )  # fmt: skip
+    cape, sin = (
+        cape_spec(max_global_shift=5.0, max_global_scaling=1.03),
+        Spec(encoding="sinusoidal", params=dict(dim=512, max_positions=2048), op="decomposed", opset=17),
+    )
     want = ENCODINGS.get("sinusoidal").reference(sin, {"position_ids": ids})
     np.testing.assert_allclose(ENCODINGS.get("cape").reference(cape, {"position_ids": ids}), want, rtol=0, atol=1e-12)
     got = ort_cpu_session(exported(cape)).run(None, {"position_ids": ids})[0]
-    np.testing.assert_allclose(got, ort_cpu_session(exported(sin)).run(None, {"position_ids": ids})[0], rtol=0, atol=2**-24)
+    np.testing.assert_allclose(
+        got, ort_cpu_session(exported(sin)).run(None, {"position_ids": ids})[0], rtol=0, atol=2**-24
+    )
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
@@ -328,9 +353,9 @@ def test_exported_graphs_are_deterministic():
         spec = Spec(encoding=p.encoding, params={**p.params, "max_positions": 64}, op="decomposed", opset=17)
         ops = {n.op_type for n in onnx.load_from_string(exported(spec)).graph.node}
         assert not {o for o in ops if o.startswith("Random") or o == "Multinomial"}, ops
-    assert {n.op_type for n in onnx.load_from_string(exported(cape_spec(max_positions=64, **AUDIO))).graph.node}.isdisjoint(
-        {"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Multinomial"}
-    )
+    assert {
+        n.op_type for n in onnx.load_from_string(exported(cape_spec(max_positions=64, **AUDIO))).graph.node
+    }.isdisjoint({"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Multinomial"})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -372,7 +397,9 @@ def test_randomized_wraps_absolute_and_bias_encodings():
         enc = randomized(ENCODINGS.get(name))
         with pytest.raises(ValueError, match="noise_max_length"):
             enc.params(**params, max_positions=16, train_length=17)
-        spec = Spec(encoding=name, params={**params, "max_positions": 256, "train_length": 40}, op="decomposed", opset=17)
+        spec = Spec(
+            encoding=name, params={**params, "max_positions": 256, "train_length": 40}, op="decomposed", opset=17
+        )
         ENCODINGS._items[enc.name] = enc  # registered for this test only, so check() can find it by name
         try:
             spec = Spec(encoding=enc.name, params=spec.params, op="decomposed", opset=17)
@@ -394,7 +421,10 @@ def test_rotary_graph_contract(preset):
     model = onnx.load_from_string(exported(spec))
     dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
     D = p.params["head_dim"]
-    assert [(i.name, dims(i)) for i in model.graph.input] == [("x", ["batch", "heads", "seq", D]), ("position_ids", ["batch", "seq"])]
+    assert [(i.name, dims(i)) for i in model.graph.input] == [
+        ("x", ["batch", "heads", "seq", D]),
+        ("position_ids", ["batch", "seq"]),
+    ]
     assert [(o.name, dims(o)) for o in model.graph.output] == [("y", ["batch", "heads", "seq", D])]
     assert {o.domain: o.version for o in model.opset_import} == {"": 17}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -18,8 +18,8 @@ from pe_export.cli.common import choices, fail, out, parse_runtimes
 from pe_export.cli.verify import exit_on, finish, print_rows
 from pe_export.dtypes import DTYPES
 from pe_export.encodings.rope import ANGLES, PAIRINGS, TABLES
-from pe_export.pipeline.packaging import FORMATS, OPTIMIZE_LEVELS, OPTIMIZE_PROVIDERS
 from pe_export.pipeline.artifact import WEIGHT_FIELDS
+from pe_export.pipeline.packaging import FORMATS, OPTIMIZE_LEVELS, OPTIMIZE_PROVIDERS
 from pe_export.presets import PRESETS, Preset
 from pe_export.scaling import dynamic, longrope
 from pe_export.spec import LAYOUTS, OP_NAMES
@@ -50,24 +50,117 @@ def list_presets():
 
 # Options every export command takes, whatever the encoding.
 CommonOptions = dict(
-    seq=(Annotated[Optional[int], typer.Option("--seq", help="The largest position + 1 the graph accepts (table length).")], None),
-    output=(Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: PRESET.onnx in the current folder).")], None),
-    op=(Annotated[Optional[choices("OpChoice", (*OP_NAMES, "auto"))], typer.Option(help="ONNX target: standard op, ORT contrib op, or plain ops (RoPE; the others are plain ops); auto: the best the opset and runtime take.")], None),
+    seq=(
+        Annotated[int | None, typer.Option("--seq", help="The largest position + 1 the graph accepts (table length).")],
+        None,
+    ),
+    output=(
+        Annotated[
+            Path | None,
+            typer.Option("--output", "-o", help="Output file (default: PRESET.onnx in the current folder)."),
+        ],
+        None,
+    ),
+    op=(
+        Annotated[
+            choices("OpChoice", (*OP_NAMES, "auto")) | None,
+            typer.Option(
+                help="ONNX target: standard op, ORT contrib op, or plain ops (RoPE; the others are plain ops); auto: "
+                "the best the opset and runtime take."
+            ),
+        ],
+        None,
+    ),
     dtype=(Annotated[DType, typer.Option(help="dtype of the float inputs, outputs and tables.")], DType("fp32")),
-    opset=(Annotated[Optional[int], typer.Option(help="ONNX opset (default: the lowest the target takes).")], None),
-    attention=(Annotated[bool, typer.Option("--attention", help="Export one attention layer (query, key, value -> output) with the encoding applied as its paper does.")], False),
-    attention_head_dim=(Annotated[Optional[int], typer.Option(help="--attention with a bias encoding: head dim of query and key (default 64).")], None),
-    attention_causal=(Annotated[Optional[bool], typer.Option("--attention-causal/--attention-bidirectional", help="--attention with an absolute or rotary encoding: mask keys after their query.")], None),
+    opset=(Annotated[int | None, typer.Option(help="ONNX opset (default: the lowest the target takes).")], None),
+    attention=(
+        Annotated[
+            bool,
+            typer.Option(
+                "--attention",
+                help="Export one attention layer (query, key, value -> output) with the encoding applied as its "
+                "paper does.",
+            ),
+        ],
+        False,
+    ),
+    attention_head_dim=(
+        Annotated[
+            int | None,
+            typer.Option(help="--attention with a bias encoding: head dim of query and key (default 64)."),
+        ],
+        None,
+    ),
+    attention_causal=(
+        Annotated[
+            bool | None,
+            typer.Option(
+                "--attention-causal/--attention-bidirectional",
+                help="--attention with an absolute or rotary encoding: mask keys after their query.",
+            ),
+        ],
+        None,
+    ),
     force=(Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")], False),
-    report=(Annotated[Optional[Path], typer.Option(help="Also write the parity report: FILE.json, or FILE.md for Markdown.")], None),
+    report=(
+        Annotated[Path | None, typer.Option(help="Also write the parity report: FILE.json, or FILE.md for Markdown.")],
+        None,
+    ),
     seed=(Annotated[int, typer.Option(min=0, help="Seed of the random verification inputs.")], 0),
-    runtimes=(Annotated[Optional[str], typer.Option(help="Runtimes that verify the export, comma separated (default: every one; see pe-export verify).")], None),
-    static_shapes=(Annotated[Optional[str], typer.Option(help="Fixed input sizes, no symbolic dims (NPUs): B,S (B,S,H for RoPE: H heads; 1,S for a bias).")], None),
-    format=(Annotated[Optional[choices("Format", FORMATS)], typer.Option(help="ort: also write ONNX Runtime's .ort file beside the .onnx (ORT's own converter), verified.")], None),
-    optimize=(Annotated[Optional[choices("OptimizeLevel", OPTIMIZE_LEVELS)], typer.Option(help="Also write ORT's offline-optimised graph at this level (FILE.opt-LEVEL-PROVIDER.onnx), verified.")], None),
-    optimize_provider=(Annotated[Optional[choices("OptimizeProvider", OPTIMIZE_PROVIDERS)], typer.Option(help="Execution provider --optimize optimises for (default cpu).")], None),
-    external_data=(Annotated[Optional[bool], typer.Option("--external-data/--no-external-data", help="Tables in FILE.onnx.data beside the model (default: on above 1 GiB of tables).")], None),
-)  # fmt: skip
+    runtimes=(
+        Annotated[
+            str | None,
+            typer.Option(
+                help="Runtimes that verify the export, comma separated (default: every one; see pe-export verify)."
+            ),
+        ],
+        None,
+    ),
+    static_shapes=(
+        Annotated[
+            str | None,
+            typer.Option(
+                help="Fixed input sizes, no symbolic dims (NPUs): B,S (B,S,H for RoPE: H heads; 1,S for a bias)."
+            ),
+        ],
+        None,
+    ),
+    format=(
+        Annotated[
+            choices("Format", FORMATS) | None,
+            typer.Option(
+                help="ort: also write ONNX Runtime's .ort file beside the .onnx (ORT's own converter), verified."
+            ),
+        ],
+        None,
+    ),
+    optimize=(
+        Annotated[
+            choices("OptimizeLevel", OPTIMIZE_LEVELS) | None,
+            typer.Option(
+                help="Also write ORT's offline-optimised graph at this level (FILE.opt-LEVEL-PROVIDER.onnx), verified."
+            ),
+        ],
+        None,
+    ),
+    optimize_provider=(
+        Annotated[
+            choices("OptimizeProvider", OPTIMIZE_PROVIDERS) | None,
+            typer.Option(help="Execution provider --optimize optimises for (default cpu)."),
+        ],
+        None,
+    ),
+    external_data=(
+        Annotated[
+            bool | None,
+            typer.Option(
+                "--external-data/--no-external-data",
+                help="Tables in FILE.onnx.data beside the model (default: on above 1 GiB of tables).",
+            ),
+        ],
+        None,
+    ),
+)
 
 
 def with_signature(fn, options: dict):
@@ -85,7 +178,11 @@ def layer_params(options) -> dict:
         if options["attention_head_dim"] is not None or options["attention_causal"] is not None:
             fail("--attention-head-dim and --attention-causal/--attention-bidirectional need --attention")
         return {}
-    layer = {"attention": True, "attention_head_dim": options["attention_head_dim"], "attention_causal": options["attention_causal"]}
+    layer = {
+        "attention": True,
+        "attention_head_dim": options["attention_head_dim"],
+        "attention_causal": options["attention_causal"],
+    }
     return {k: v for k, v in layer.items() if v is not None}
 
 
@@ -95,40 +192,60 @@ def make_export_command(preset: Preset):
 
 def make_rope_command(preset: Preset):
     def export_command(
-        layout: Annotated[Layout, typer.Option(help="x as (batch, heads, seq, dim) or (batch, seq, heads, dim).")] = Layout("bhsd"),
+        layout: Annotated[
+            Layout, typer.Option(help="x as (batch, heads, seq, dim) or (batch, seq, heads, dim).")
+        ] = Layout("bhsd"),
         angles: Annotated[
             Angles, typer.Option(help="float64: exact tables; float32: transformers' float32 angles, bit for bit.")
         ] = Angles("float64"),
         tables: Annotated[
-            Optional[choices("Tables", TABLES)],
-            typer.Option(help="constant: cos/sin tables in the file (default); computed: cos/sin computed in the graph in float32 from the positions (a tiny file, less accurate at large positions)."),
-        ] = None,  # fmt: skip
-        theta: Annotated[Optional[float], typer.Option(help="RoPE base.")] = None,
-        head_dim: Annotated[Optional[int], typer.Option(help="Head dimension D.")] = None,
-        rotary_dim: Annotated[Optional[int], typer.Option(help="Rotated dims R, for partial rotary (default: the whole head).")] = None,
+            choices("Tables", TABLES) | None,
+            typer.Option(
+                help="constant: cos/sin tables in the file (default); computed: cos/sin computed in the graph in "
+                "float32 from the positions (a tiny file, less accurate at large positions)."
+            ),
+        ] = None,
+        theta: Annotated[float | None, typer.Option(help="RoPE base.")] = None,
+        head_dim: Annotated[int | None, typer.Option(help="Head dimension D.")] = None,
+        rotary_dim: Annotated[
+            int | None, typer.Option(help="Rotated dims R, for partial rotary (default: the whole head).")
+        ] = None,
         pairing: Annotated[
-            Optional[Pairing], typer.Option(help="half: pairs (i, i+R/2) as Llama-HF; interleaved: (2i, 2i+1) as GPT-J.")
+            Pairing | None,
+            typer.Option(help="half: pairs (i, i+R/2) as Llama-HF; interleaved: (2i, 2i+1) as GPT-J."),
         ] = None,
         scaling: Annotated[
-            Optional[str], typer.Option(help="RoPE scaling rule, replacing the preset's (and its parameters).")
+            str | None, typer.Option(help="RoPE scaling rule, replacing the preset's (and its parameters).")
         ] = None,
         scaling_param: Annotated[
-            Optional[list[str]],
-            typer.Option("--scaling-param", help="KEY=VALUE for the scaling rule, repeatable; VALUE is JSON (4.0, [1.0, 1.1], true)."),
-        ] = None,  # fmt: skip
+            list[str] | None,
+            typer.Option(
+                "--scaling-param",
+                help="KEY=VALUE for the scaling rule, repeatable; VALUE is JSON (4.0, [1.0, 1.1], true).",
+            ),
+        ] = None,
         longrope_mode: Annotated[
-            Optional[LongropeMode],
-            typer.Option(help="longrope only. runtime: switch to the long factors past the original length, as "
-                         "transformers (default); long: long factors everywhere, as vLLM (keeps a KV cache consistent)."),
-        ] = None,  # fmt: skip
+            LongropeMode | None,
+            typer.Option(
+                help="longrope only. runtime: switch to the long factors past the original length, as "
+                "transformers (default); long: long factors everywhere, as vLLM (keeps a KV cache consistent)."
+            ),
+        ] = None,
         dynamic_mode: Annotated[
-            Optional[DynamicMode],
-            typer.Option(help="dynamic only. runtime: the graph computes the base from its positions, as "
-                         "transformers (default); fixed: one table for --seq, as vLLM."),
-        ] = None,  # fmt: skip
+            DynamicMode | None,
+            typer.Option(
+                help="dynamic only. runtime: the graph computes the base from its positions, as "
+                "transformers (default); fixed: one table for --seq, as vLLM."
+            ),
+        ] = None,
         hf_config: Annotated[
-            Optional[Path], typer.Option("--config", help="Take the RoPE parameters from a local Hugging Face config.json instead of the preset's (as from-config does).")
-        ] = None,  # fmt: skip
+            Path | None,
+            typer.Option(
+                "--config",
+                help="Take the RoPE parameters from a local Hugging Face config.json instead of the preset's (as "
+                "from-config does).",
+            ),
+        ] = None,
         **common,
     ):
         base = preset.params
@@ -144,11 +261,19 @@ def make_rope_command(preset: Preset):
 
         try:
             params = with_overrides(
-                base, max_positions=common["seq"], theta=theta, head_dim=head_dim, rotary_dim=rotary_dim,
-                pairing=pairing.value if pairing else None, angles=angles.value, tables=tables.value if tables else "constant",
-                scaling=scaling, scaling_updates=parse_scaling_params(scaling_param) if scaling_param else None,
-                longrope_mode=longrope_mode.value if longrope_mode else None, dynamic_mode=dynamic_mode.value if dynamic_mode else None,
-            )  # fmt: skip
+                base,
+                max_positions=common["seq"],
+                theta=theta,
+                head_dim=head_dim,
+                rotary_dim=rotary_dim,
+                pairing=pairing.value if pairing else None,
+                angles=angles.value,
+                tables=tables.value if tables else "constant",
+                scaling=scaling,
+                scaling_updates=parse_scaling_params(scaling_param) if scaling_param else None,
+                longrope_mode=longrope_mode.value if longrope_mode else None,
+                dynamic_mode=dynamic_mode.value if dynamic_mode else None,
+            )
         except ValueError as e:
             fail(str(e))
         run_export(preset, {**params, **layer_params(common)}, layout.value, common)
@@ -158,8 +283,6 @@ def make_rope_command(preset: Preset):
     with_signature(export_command, {**options, **CommonOptions})
     export_command.__doc__ = f"{preset.description}. Exports, checks and verifies an ONNX file."
     return export_command
-
-
 
 
 def make_generic_command(preset: Preset):
@@ -182,13 +305,24 @@ def make_generic_command(preset: Preset):
         flag = f"--{f.name.replace('_', '-')}"
         decl = [f"{flag}/--no-{f.name.replace('_', '-')}"] if kind is bool else [flag]
         shown = preset.params.get(f.name, None if f.default is dataclasses.MISSING else f.default)
-        options[f.name] = (Annotated[Optional[kind], typer.Option(*decl, help=f"{preset.encoding} {f.name} (preset: {shown}).")], None)
+        options[f.name] = (
+            Annotated[kind | None, typer.Option(*decl, help=f"{preset.encoding} {f.name} (preset: {shown}).")],
+            None,
+        )
     learned = "weights_seed" in {f.name for f in dataclasses.fields(cls)}
     if learned:
         options |= dict(
-            weights=(Annotated[Optional[Path], typer.Option(help="Learned weights: a .safetensors file or a torch state dict.")], None),
-            key=(Annotated[Optional[str], typer.Option(help="Name of the tensor in --weights.")], None),
-            weights_seed=(Annotated[Optional[int], typer.Option(min=0, help="Seed of the random weights used without --weights.")], None),
+            weights=(
+                Annotated[
+                    Path | None, typer.Option(help="Learned weights: a .safetensors file or a torch state dict.")
+                ],
+                None,
+            ),
+            key=(Annotated[str | None, typer.Option(help="Name of the tensor in --weights.")], None),
+            weights_seed=(
+                Annotated[int | None, typer.Option(min=0, help="Seed of the random weights used without --weights.")],
+                None,
+            ),
         )
 
     def export_command(**kw):
@@ -254,9 +388,10 @@ def from_config_command(config: Path, **options):
 # from-config takes the config path, then exactly the preset commands' options.
 _options = inspect.signature(make_export_command(next(iter(PRESETS.values()))), eval_str=True).parameters.values()
 _config = inspect.Parameter(
-    "config", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    "config",
+    inspect.Parameter.POSITIONAL_OR_KEYWORD,
     annotation=Annotated[Path, typer.Argument(help="A local Hugging Face config.json.")],
-)  # fmt: skip
+)
 from_config_command.__signature__ = inspect.Signature([_config, *(o for o in _options if o.name != "hf_config")])
 app.command("from-config")(from_config_command)
 
@@ -265,8 +400,8 @@ def run_export(preset, params, layout, options):
     """Parse the common options, then run the library's pipeline step by step, printing each."""
     import dataclasses
 
-    from pe_export.pipeline import artifact as pipeline
     from pe_export.encodings.static_shapes import parse_static_shapes
+    from pe_export.pipeline import artifact as pipeline
 
     output = options["output"] or Path(f"{preset.name}.onnx")
     runtimes = parse_runtimes(options["runtimes"]) if options["runtimes"] is not None else None
@@ -274,11 +409,20 @@ def run_export(preset, params, layout, options):
     try:
         static = parse_static_shapes(options["static_shapes"]) if options["static_shapes"] is not None else None
         job = pipeline.prepare(
-            dataclasses.replace(preset, params=params), output, force=options["force"], report=options["report"],
-            op=value(options["op"]), dtype=options["dtype"].value, layout=layout, opset=options["opset"],
-            static_shapes=static, format=value(options["format"]), optimize=value(options["optimize"]),
-            optimize_provider=value(options["optimize_provider"]), external_data=options["external_data"],
-        )  # fmt: skip
+            dataclasses.replace(preset, params=params),
+            output,
+            force=options["force"],
+            report=options["report"],
+            op=value(options["op"]),
+            dtype=options["dtype"].value,
+            layout=layout,
+            opset=options["opset"],
+            static_shapes=static,
+            format=value(options["format"]),
+            optimize=value(options["optimize"]),
+            optimize_provider=value(options["optimize_provider"]),
+            external_data=options["external_data"],
+        )
     except ValueError as e:  # parameter validation and BadInput alike
         fail(str(e))
     for note in job.notes:
@@ -291,14 +435,19 @@ def run_export(preset, params, layout, options):
             fail(str(e))
     describe = pipeline.packaging.describe(written.spec)
     more = f", {describe}" if describe else ""
-    out.print(f"wrote {output} ({written.size / 2**20:.2f} MiB, op {spec.op}, opset {spec.opset}, {spec.dtype}, {layout}{more})")
+    out.print(
+        f"wrote {output} ({written.size / 2**20:.2f} MiB, op {spec.op}, opset {spec.opset}, {spec.dtype}, "
+        f"{layout}{more})"
+    )
     finish(output, runtimes, options["report"], options["force"], options["seed"])
     for kind in ("ort", "optimized"):
         if kind in written.paths:
             path = written.paths[kind]
             out.print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB)")
             with out.status(f"verifying {path}"):
-                result = pipeline.verify_artifact(path, written.spec, pipeline.artifact_runtimes(written.spec, kind), options["seed"])
+                result = pipeline.verify_artifact(
+                    path, written.spec, pipeline.artifact_runtimes(written.spec, kind), options["seed"]
+                )
             print_rows(result.rows)
             exit_on(result, f"parity check failed for {path}; it is kept for inspection")
             out.print(f"[green]verified[/green]: {path} matches the float64 reference on every runtime that ran")

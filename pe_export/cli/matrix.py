@@ -4,36 +4,62 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 
 def matrix_command(
-    presets: Annotated[Optional[str], typer.Option(help="Presets, comma separated (default: all).")] = None,
-    ops: Annotated[Optional[str], typer.Option(help="Op targets, comma separated: onnx, ort, decomposed (default: each preset's).")] = None,
-    dtypes: Annotated[Optional[str], typer.Option(help="dtypes, comma separated: fp32, fp16, bf16.")] = None,
-    runtimes: Annotated[Optional[str], typer.Option(help="Runtimes, comma separated, as for verify (default: all).")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="The small CI set: every preset at <= 256 positions in fp32/fp16, and llama-rope at 8192 on every target.")] = False,
-    shard: Annotated[Optional[str], typer.Option(help="i/n: run every n-th case starting at the i-th, for CI fleets.")] = None,
-    report: Annotated[Optional[Path], typer.Option(help="Write the report: FILE.md (Markdown) or FILE.json.")] = None,
-    bundles: Annotated[Optional[Path], typer.Option(help="Folder for reproduction bundles of failed cases (default: matrix-repro here).")] = None,
+    presets: Annotated[str | None, typer.Option(help="Presets, comma separated (default: all).")] = None,
+    ops: Annotated[
+        str | None, typer.Option(help="Op targets, comma separated: onnx, ort, decomposed (default: each preset's).")
+    ] = None,
+    dtypes: Annotated[str | None, typer.Option(help="dtypes, comma separated: fp32, fp16, bf16.")] = None,
+    runtimes: Annotated[
+        str | None, typer.Option(help="Runtimes, comma separated, as for verify (default: all).")
+    ] = None,
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick",
+            help="The small CI set: every preset at <= 256 positions in fp32/fp16, and llama-rope at 8192 on every "
+            "target.",
+        ),
+    ] = False,
+    shard: Annotated[
+        str | None, typer.Option(help="i/n: run every n-th case starting at the i-th, for CI fleets.")
+    ] = None,
+    report: Annotated[Path | None, typer.Option(help="Write the report: FILE.md (Markdown) or FILE.json.")] = None,
+    bundles: Annotated[
+        Path | None,
+        typer.Option(help="Folder for reproduction bundles of failed cases (default: matrix-repro here)."),
+    ] = None,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the random verification inputs.")] = 0,
-    probe_bounds: Annotated[bool, typer.Option("--probe-bounds", help="Also feed positions -1 and the table length to every runtime (silent / aborts in the compatibility table).")] = False,
-    compat: Annotated[Optional[Path], typer.Option(help="Write the compatibility table (kind x op x dtype x runtime) alone to FILE.md.")] = None,
+    probe_bounds: Annotated[
+        bool,
+        typer.Option(
+            "--probe-bounds",
+            help="Also feed positions -1 and the table length to every runtime (silent / aborts in the compatibility "
+            "table).",
+        ),
+    ] = False,
+    compat: Annotated[
+        Path | None,
+        typer.Option(help="Write the compatibility table (kind x op x dtype x runtime) alone to FILE.md."),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing report.")] = False,
 ):
     """Export and verify every combination into a temporary folder, then print a summary."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from pe_export.tools import matrix
     from pe_export.cli.common import fail, out, parse_runtimes
     from pe_export.pipeline.artifact import free_folder
     from pe_export.pipeline.onnx_export import check_output_path, write_atomic
-    from pe_export.verification.report import render
     from pe_export.runtimes import DEFAULT_RUNTIMES
+    from pe_export.tools import matrix
     from pe_export.verification.parity import FAILED
+    from pe_export.verification.report import render
 
     def split(option: str, text: str | None, valid) -> list[str] | None:
         if text is None:
@@ -48,7 +74,11 @@ def matrix_command(
     from pe_export.spec import OP_NAMES
 
     chosen = parse_runtimes(runtimes) if runtimes is not None else DEFAULT_RUNTIMES
-    presets, ops, dtypes = split("--presets", presets, PRESETS), split("--ops", ops, OP_NAMES), split("--dtypes", dtypes, DTYPES)
+    presets, ops, dtypes = (
+        split("--presets", presets, PRESETS),
+        split("--ops", ops, OP_NAMES),
+        split("--dtypes", dtypes, DTYPES),
+    )
     try:
         todo = matrix.cases(presets, ops, dtypes, quick)
         if shard:
@@ -63,7 +93,10 @@ def matrix_command(
     bundle_dir = free_folder(bundles or Path("matrix-repro"))
     results = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with tempfile.TemporaryDirectory(prefix="pe-export-matrix-") as tmp, Progress(*columns, console=out, transient=True) as bar:
+    with (
+        tempfile.TemporaryDirectory(prefix="pe-export-matrix-") as tmp,
+        Progress(*columns, console=out, transient=True) as bar,
+    ):
         task = bar.add_task("matrix", total=len(todo))
         for case in todo:
             bar.update(task, description=f"{case.preset} {case.op} {case.dtype}")
@@ -98,8 +131,15 @@ def matrix_command(
     if s["unverified_cases"]:
         out.print(f"unverified (no runtime here can run them): {', '.join(s['unverified_cases'])}", soft_wrap=True)
     if report is not None:
-        doc = {"mode": "quick" if quick else "full", "shard": shard or "", "runtimes": list(chosen), "summary": s, "cases": results,
-               "command": command, "compat": {"header": header, "rows": rows}}  # fmt: skip
+        doc = {
+            "mode": "quick" if quick else "full",
+            "shard": shard or "",
+            "runtimes": list(chosen),
+            "summary": s,
+            "cases": results,
+            "command": command,
+            "compat": {"header": header, "rows": rows},
+        }
         text = render(doc, report)
         if report.suffix.lower() == ".md":
             text += ("\n" + matrix.compat_markdown(results, chosen, command)).encode()
@@ -125,7 +165,11 @@ def _command(presets, ops, dtypes, runtimes, quick, shard, seed, probe_bounds) -
     words = ["pe-export", "matrix"] + (["--quick"] if quick else [])
     for option, values in (("--presets", presets), ("--ops", ops), ("--dtypes", dtypes)):
         words += [option, ",".join(values)] if values else []
-    words += ["--runtimes", ",".join(runtimes)] + (["--shard", shard] if shard else []) + (["--seed", str(seed)] if seed else [])
+    words += (
+        ["--runtimes", ",".join(runtimes)]
+        + (["--shard", shard] if shard else [])
+        + (["--seed", str(seed)] if seed else [])
+    )
     return shlex.join(words + (["--probe-bounds"] if probe_bounds else []))
 
 

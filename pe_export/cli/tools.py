@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -44,8 +44,12 @@ def inspect_command(
         typer.echo(json.dumps(doc, indent=2))
         return
     opsets = ", ".join(f"{d} {v}" for d, v in doc["opset_imports"].items())
-    out.print(f"{doc['file']}: {_size(doc['total_bytes'])}, IR version {doc['ir_version']}, opsets {opsets}"
-              + (f", producer {doc['producer']}" if doc["producer"] else ""), soft_wrap=True, markup=False)  # fmt: skip
+    out.print(
+        f"{doc['file']}: {_size(doc['total_bytes'])}, IR version {doc['ir_version']}, opsets {opsets}"
+        + (f", producer {doc['producer']}" if doc["producer"] else ""),
+        soft_wrap=True,
+        markup=False,
+    )
     io = Table("", "name", "dtype", "shape", title="inputs and outputs")
     for side in ("inputs", "outputs"):
         for v in doc[side]:
@@ -59,10 +63,16 @@ def inspect_command(
         out.print("local functions: " + ", ".join(doc["functions"]), markup=False)
     inits = Table("name", "shape", "dtype", "bytes", title=f"initializers ({_size(doc['initializer_bytes'])})")
     for t in doc["initializers"]:
-        inits.add_row(t["name"], _shape(t["shape"]), t["dtype"], _size(t["bytes"]) + (" (external)" if t["external"] else ""))
+        inits.add_row(
+            t["name"], _shape(t["shape"]), t["dtype"], _size(t["bytes"]) + (" (external)" if t["external"] else "")
+        )
     out.print(inits)
     for e in doc["external_data"]:
-        out.print(f"external data: {e['location']} ({_size(e['bytes'])}): {', '.join(e['tensors'])}", soft_wrap=True, markup=False)
+        out.print(
+            f"external data: {e['location']} ({_size(e['bytes'])}): {', '.join(e['tensors'])}",
+            soft_wrap=True,
+            markup=False,
+        )
     for key in ("spec", "derived"):
         if doc[key] is not None:
             out.print(f"pe_export.{key}:", markup=False)
@@ -78,12 +88,18 @@ def inspect_command(
 
 
 def plot_command(
-    source: Annotated[str, typer.Argument(help="A preset name, an ONNX file pe-export wrote, or a verify report (.json).")],
+    source: Annotated[
+        str, typer.Argument(help="A preset name, an ONNX file pe-export wrote, or a verify report (.json).")
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="The PNG file to write.")],
     kind: Annotated[
-        Optional[PlotKind], typer.Option(help="One plot: heatmap (tables or biases), decay and frequencies (RoPE), error (a verify report). Default: every one that applies.")
-    ] = None,  # fmt: skip
-    seq: Annotated[Optional[int], typer.Option(help="A preset's table length (max_positions).")] = None,
+        PlotKind | None,
+        typer.Option(
+            help="One plot: heatmap (tables or biases), decay and frequencies (RoPE), error (a verify report). "
+            "Default: every one that applies."
+        ),
+    ] = None,
+    seq: Annotated[int | None, typer.Option(help="A preset's table length (max_positions).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
 ):
     """Plot an encoding (RoPE cos/sin tables, long-term decay and frequencies; bias and absolute

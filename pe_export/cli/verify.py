@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -19,18 +19,43 @@ PROVIDERS = {"cpu": "ort-cpu", "cuda": "ort-cuda"}  # the old --providers names
 def verify_command(
     file: Annotated[Path, typer.Argument(help="An ONNX file written by pe-export.")],
     runtimes: Annotated[
-        Optional[str], typer.Option(help=f"Runtimes to check, comma separated: {', '.join(RUNTIMES)} (default: {', '.join(DEFAULT_RUNTIMES)}; absent ones are reported as skipped).")
-    ] = None,  # fmt: skip
-    providers: Annotated[Optional[str], typer.Option(help="Old form of --runtimes: ONNX Runtime providers cpu, cuda (torch and onnx-reference run too).")] = None,
-    positions: Annotated[Optional[str], typer.Option(help="Also probe exactly these positions: integers and ranges a:b, comma separated (e.g. 0,131000:131072).")] = None,
+        str | None,
+        typer.Option(
+            help=f"Runtimes to check, comma separated: {', '.join(RUNTIMES)} (default: "
+            f"{', '.join(DEFAULT_RUNTIMES)}; absent ones are reported as skipped)."
+        ),
+    ] = None,
+    providers: Annotated[
+        str | None,
+        typer.Option(
+            help="Old form of --runtimes: ONNX Runtime providers cpu, cuda (torch and onnx-reference run too)."
+        ),
+    ] = None,
+    positions: Annotated[
+        str | None,
+        typer.Option(
+            help="Also probe exactly these positions: integers and ranges a:b, comma separated (e.g. 0,131000:131072)."
+        ),
+    ] = None,
     batch: Annotated[int, typer.Option(min=1, max=64, help="Batch size of the probes.")] = 2,
-    probe_bounds: Annotated[bool, typer.Option("--probe-bounds", help="Also feed positions -1 and the table length, and report runtimes that do not fail on them.")] = False,
-    report: Annotated[Optional[Path], typer.Option(help="Also write the report: FILE.json, or FILE.md for Markdown.")] = None,
-    bundle: Annotated[Optional[Path], typer.Option(help="On failure, write the reproduction bundle here (default: FILE.repro beside the model).")] = None,
+    probe_bounds: Annotated[
+        bool,
+        typer.Option(
+            "--probe-bounds",
+            help="Also feed positions -1 and the table length, and report runtimes that do not fail on them.",
+        ),
+    ] = False,
+    report: Annotated[
+        Path | None, typer.Option(help="Also write the report: FILE.json, or FILE.md for Markdown.")
+    ] = None,
+    bundle: Annotated[
+        Path | None,
+        typer.Option(help="On failure, write the reproduction bundle here (default: FILE.repro beside the model)."),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing report.")] = False,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the random verification inputs.")] = 0,
     weights: Annotated[
-        Optional[Path], typer.Option(help="Where the learned weights file the model was exported from is now.")
+        Path | None, typer.Option(help="Where the learned weights file the model was exported from is now.")
     ] = None,
 ):
     """Re-verify a file pe-export wrote against the float64 reference rebuilt from its embedded spec:
@@ -44,7 +69,18 @@ def verify_command(
         chosen = ("torch", *[PROVIDERS[p] for p in names], "onnx-reference")
     else:
         chosen = parse_runtimes(runtimes) if runtimes is not None else None
-    finish(file, chosen, report, force, seed, batch=batch, positions=positions, probe_bounds=probe_bounds, bundle=bundle, weights=weights)
+    finish(
+        file,
+        chosen,
+        report,
+        force,
+        seed,
+        batch=batch,
+        positions=positions,
+        probe_bounds=probe_bounds,
+        bundle=bundle,
+        weights=weights,
+    )
 
 
 def print_rows(rows, bounds_rows=None):
@@ -58,7 +94,9 @@ def print_rows(rows, bounds_rows=None):
         if r.note:
             out.print(f"  {r.runtime} {r.verdict}: {r.note}", soft_wrap=True)
     for b in bounds_rows or []:
-        out.print(f"  out-of-range positions, {b.runtime}: {b.verdict}{': ' + b.note if b.note else ''}", soft_wrap=True)
+        out.print(
+            f"  out-of-range positions, {b.runtime}: {b.verdict}{': ' + b.note if b.note else ''}", soft_wrap=True
+        )
 
 
 def finish(path, runtimes, report, force, seed, **options):
@@ -79,9 +117,15 @@ def finish(path, runtimes, report, force, seed, **options):
         out.print(result.bundle_error)
     exit_on(result)
     if result.silent:
-        out.print(f"[yellow]warning[/yellow]: {', '.join(result.silent)} returned results for positions outside the table: guard positions before calling it")
+        out.print(
+            f"[yellow]warning[/yellow]: {', '.join(result.silent)} returned results for positions outside the table: "
+            f"guard positions before calling it"
+        )
     if result.aborts:
-        out.print(f"[yellow]warning[/yellow]: {', '.join(result.aborts)} aborted the process (or hung) on positions outside the table: guard positions before calling it")
+        out.print(
+            f"[yellow]warning[/yellow]: {', '.join(result.aborts)} aborted the process (or hung) on positions "
+            f"outside the table: guard positions before calling it"
+        )
     out.print(f"[green]verified[/green]: {path} matches the float64 reference on every runtime that ran")
 
 
@@ -90,4 +134,8 @@ def exit_on(result, failed: str | None = None):
     if result.verdict == "FAIL":
         fail(failed or f"parity check failed; {result.path} is kept for inspection", 1)
     if result.verdict == "unverified":
-        fail(f"no runtime here could run {result.path} ({result.spec.op}, {result.spec.dtype}); it is kept but unverified", 1)
+        fail(
+            f"no runtime here could run {result.path} ({result.spec.op}, {result.spec.dtype}); it is kept but "
+            f"unverified",
+            1,
+        )

@@ -15,8 +15,8 @@ Each function takes the op's arguments and is called by the exporter with onnxsc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import onnxscript
 from onnx import defs
@@ -87,8 +87,12 @@ def lower_decomposed(x, cos_table, sin_table, position_ids, interleaved, rotary_
     rot = x if whole_head(x, rotary_dim) else op.Slice(x, [0], [rotary_dim], [-1])  # (..., R)
     if interleaved:
         # Pairs (2i, 2i + 1): rows [c0, c0, c1, c1, ...] and [-s0, s0, -s1, s1, ...].
-        cos = op.Reshape(op.Concat(op.Unsqueeze(cos_table, [-1]), op.Unsqueeze(cos_table, [-1]), axis=-1), [0, rotary_dim])  # (P, R)
-        sin = op.Reshape(op.Concat(op.Unsqueeze(op.Neg(sin), [-1]), op.Unsqueeze(sin, [-1]), axis=-1), [0, 0, rotary_dim])  # (B, S, R)
+        cos = op.Reshape(
+            op.Concat(op.Unsqueeze(cos_table, [-1]), op.Unsqueeze(cos_table, [-1]), axis=-1), [0, rotary_dim]
+        )  # (P, R)
+        sin = op.Reshape(
+            op.Concat(op.Unsqueeze(op.Neg(sin), [-1]), op.Unsqueeze(sin, [-1]), axis=-1), [0, 0, rotary_dim]
+        )  # (B, S, R)
         pairs = op.Reshape(rot, [0, 0, 0, half, 2])  # (..., R/2, 2), no copy
         even, odd = op.Slice(pairs, [0], [1], [-1]), op.Slice(pairs, [1], [2], [-1])  # (..., R/2, 1) each
         swapped = op.Reshape(op.Concat(odd, even, axis=-1), [0, 0, 0, rotary_dim])  # (..., R)

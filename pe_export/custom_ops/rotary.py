@@ -14,8 +14,8 @@ rotation, which is the same op with the sin table negated (the tables are consta
 import torch
 
 from pe_export.custom_ops.lowerings import OP_TARGETS
-from pe_export.errors import BadInput
 from pe_export.custom_ops.rotation import apply_torch, heads_axis
+from pe_export.errors import BadInput
 
 
 @torch.library.custom_op("pe_export::rotary_embedding", mutates_args=())

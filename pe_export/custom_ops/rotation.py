@@ -18,7 +18,14 @@ def heads_axis(layout: str) -> int:
 
 
 def apply_reference(
-    x: np.ndarray, cos: np.ndarray, sin: np.ndarray, position_ids: np.ndarray, *, pairing: str, rotary_dim: int, layout: str
+    x: np.ndarray,
+    cos: np.ndarray,
+    sin: np.ndarray,
+    position_ids: np.ndarray,
+    *,
+    pairing: str,
+    rotary_dim: int,
+    layout: str,
 ) -> np.ndarray:
     """float64 NumPy RoPE. x: (B, H, S, D) or (B, S, H, D); tables (P, R/2); position_ids (B, S)."""
     if position_ids.min() < 0 or position_ids.max() >= cos.shape[0]:

@@ -6,8 +6,8 @@ that is exported, and the probe inputs verification feeds both. Each callable ta
 
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from pe_export.registry import Registry
 

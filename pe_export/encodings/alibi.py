@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding, parse
-from pe_export.encodings.table_reads import check_positions, guard, mask_later_keys, take
-from pe_export.encodings.contracts import contract
 from pe_export.encodings.bounds import table_magnitude
+from pe_export.encodings.contracts import contract
 from pe_export.encodings.size import check_size
+from pe_export.encodings.table_reads import check_positions, guard, mask_later_keys, take
 
 CONVENTIONS = ("relative", "bloom", "mpt")
 
@@ -45,7 +45,9 @@ class AlibiParams:
         if self.convention not in CONVENTIONS:
             raise ValueError(f"convention must be one of {', '.join(CONVENTIONS)}, got {self.convention!r}")
         if not self.causal and self.convention != "relative":
-            raise ValueError(f"the {self.convention} convention is causal; the bidirectional form is convention 'relative'")
+            raise ValueError(
+                f"the {self.convention} convention is causal; the bidirectional form is convention 'relative'"
+            )
         if not (self.alibi_bias_max > 0 and math.isfinite(self.alibi_bias_max)):
             raise ValueError(f"alibi_bias_max must be a finite number > 0, got {self.alibi_bias_max}")
         if self.max_positions < 1:
@@ -66,7 +68,9 @@ def slopes(heads: int, alibi_bias_max: float = 8.0) -> np.ndarray:
 def bias_np(p: AlibiParams, q: np.ndarray, k: np.ndarray) -> np.ndarray:
     """float64 (1, H, Q, K) bias for query positions q (Q,) and key positions k (K,)."""
     i, j = q[:, None].astype(np.float64), k[None, :].astype(np.float64)  # (Q, 1), (1, K)
-    dist = {"relative": j - i if p.causal else -np.abs(i - j), "bloom": j + 0 * i, "mpt": j - k.max() + 0 * i}[p.convention]
+    dist = {"relative": j - i if p.causal else -np.abs(i - j), "bloom": j + 0 * i, "mpt": j - k.max() + 0 * i}[
+        p.convention
+    ]
     bias = slopes(p.heads, p.alibi_bias_max)[:, None, None] * dist  # (H, Q, K)
     if p.causal:
         bias = np.where(j > i, -np.inf, bias)
@@ -86,7 +90,9 @@ def module(spec):
             super().__init__()
             # (1, H, 1, 1), so that the bias is (1, H, Q, K) at once: onnx2tf wrote the Unsqueeze of an
             # (H, Q, K) bias as a RESHAPE to a fixed (1, H, 1, 1), which LiteRT cannot run (README: LiteRT).
-            self.register_buffer("slopes", torch.from_numpy(slopes(p.heads, p.alibi_bias_max)).float()[None, :, None, None])
+            self.register_buffer(
+                "slopes", torch.from_numpy(slopes(p.heads, p.alibi_bias_max)).float()[None, :, None, None]
+            )
             # Positions as float32, read through a table so that positions outside [0, P) fail.
             self.register_buffer("positions", torch.arange(P, dtype=torch.float32))  # (P,)
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding
-from pe_export.encodings.contracts import CONTRACTS, contract_of
 from pe_export.encodings.bounds import attention_magnitude, softmax_np
+from pe_export.encodings.contracts import CONTRACTS, contract_of
 
 LAYER_PARAMS = ("attention", "attention_head_dim", "attention_causal")
 
@@ -47,7 +47,10 @@ def as_attention(enc: Encoding) -> Encoding:
         base, layer = split(spec)
         p = enc.parse(base)
         if hasattr(p, "role"):  # xPos: one module here would give queries and keys the same scale
-            raise ValueError(f"{enc.name} treats queries and keys differently (role); export a query and a key graph instead of --attention")
+            raise ValueError(
+                f"{enc.name} treats queries and keys differently (role); export a query and a key graph instead of "
+                f"--attention"
+            )
         c.layer_check(enc.name, layer)
         return base, layer, p
 
@@ -74,7 +77,9 @@ def as_attention(enc: Encoding) -> Encoding:
                 self.inner = inner
 
             def forward(self, query, key, value, query_positions, key_positions):  # (B, H, Q|K, D), (Q,), (K,)
-                query, key, value, logits_bias = c.layer_torch(self.inner, query, key, value, query_positions, key_positions)
+                query, key, value, logits_bias = c.layer_torch(
+                    self.inner, query, key, value, query_positions, key_positions
+                )
                 logits = (query @ key.transpose(-1, -2)) * scale + logits_bias  # (B, H, Q, K)
                 if causal:
                     logits = logits.masked_fill(key_positions[None, :] > query_positions[:, None], float("-inf"))

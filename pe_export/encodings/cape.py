@@ -28,11 +28,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pe_export.dtypes import torch_dtype
 from pe_export.encodings import ENCODINGS, Encoding, parse
-from pe_export.encodings.table_reads import check_positions, guard, take
 from pe_export.encodings.contracts import contract
 from pe_export.encodings.size import check_size
-from pe_export.dtypes import torch_dtype
+from pe_export.encodings.table_reads import check_positions, guard, take
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,7 +62,10 @@ class CapeParams:
         if self.max_positions < 1:
             raise ValueError(f"max_positions (--seq) must be >= 1, got {self.max_positions}")
         if self.max_positions > 2**26:
-            raise ValueError(f"max_positions (--seq) must be at most 2^26 (S * n exact in int64 and float64), got {self.max_positions}")
+            raise ValueError(
+                f"max_positions (--seq) must be at most 2^26 (S * n exact in int64 and float64), got "
+                f"{self.max_positions}"
+            )
         # the (P, dim) table (normalised: a (P,) int64 table, and the probe of every position in one row)
         check_size(self.max_positions, stored=8 if self.normalize else 4 * self.dim, working=24 * self.dim)
 
@@ -144,7 +147,8 @@ ENCODINGS.register("cape")(
         module=cape_module,
         reference=cape_reference,
         magnitude=lambda spec, inputs: np.abs(cape_reference(spec, inputs)),  # rounded once (see the docstring)
-        reference_impl="gcambara/cape 058df08 CAPE1d (eval mode), re-typed in the tests; sinusoidal (interleaved) when neutral",
+        reference_impl="gcambara/cape 058df08 CAPE1d (eval mode), re-typed in the tests; sinusoidal (interleaved) "
+        "when neutral",
         **contract("absolute", CapeParams),
     )
 )

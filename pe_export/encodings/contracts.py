@@ -1,10 +1,10 @@
 """The graph contracts encodings export to:
 
-    absolute   position_ids int64 (B, S) -> embeddings (B, S, dim)
-    bias       query_positions int64 (Q,), key_positions int64 (K,) -> bias (1, H, Q, K), added to logits
-    attention  query (B, H, Q, D), key (B, H, K, D), value (B, H, K, D)
-               [, query_positions int64 (Q,), key_positions int64 (K,)] -> output (B, H, Q, D)
-    rotary     x, position_ids -> y (see rope.py)"""
+absolute   position_ids int64 (B, S) -> embeddings (B, S, dim)
+bias       query_positions int64 (Q,), key_positions int64 (K,) -> bias (1, H, Q, K), added to logits
+attention  query (B, H, Q, D), key (B, H, K, D), value (B, H, K, D)
+           [, query_positions int64 (Q,), key_positions int64 (K,)] -> output (B, H, Q, D)
+rotary     x, position_ids -> y (see rope.py)"""
 
 from __future__ import annotations
 
@@ -12,11 +12,21 @@ import math
 
 import numpy as np
 
-from pe_export.encodings import Encoding, parse
-from pe_export.errors import BadInput
 from pe_export.dtypes import torch_dtype
-from pe_export.encodings.table_reads import guard, take, check_positions
-from pe_export.encodings.probes import position_cases, dims, bias_cases, attention_io, attention_probes, attention_locate, windows, resample, thin
+from pe_export.encodings import Encoding, parse
+from pe_export.encodings.probes import (
+    attention_io,
+    attention_locate,
+    attention_probes,
+    bias_cases,
+    dims,
+    position_cases,
+    resample,
+    thin,
+    windows,
+)
+from pe_export.encodings.table_reads import check_positions, guard, take
+from pe_export.errors import BadInput
 
 
 class Contract:
@@ -27,7 +37,10 @@ class Contract:
     def static_sizes(self, shape: list[int], P: int) -> dict:
         """{dim name: size} of fixed input sizes, after checking them against the form and the table."""
         if len(shape) != len(self.static_form.split(",")):
-            raise BadInput(f"--static-shapes for a {self.kind} graph is {self.static_form}{self.static_hint}, got {','.join(map(str, shape))}")
+            raise BadInput(
+                f"--static-shapes for a {self.kind} graph is {self.static_form}{self.static_hint}, got "
+                f"{','.join(map(str, shape))}"
+            )
         B, S = shape[0], shape[1]
         if S > P:
             raise BadInput(f"--static-shapes: S must be <= the table length --seq {P}, got {S}")
@@ -164,7 +177,15 @@ class Rotary(PositionIds):
         q_in = {"x": q, "position_ids": np.broadcast_to(qp, (B, len(qp)))}
         k_in = {"x": k, "position_ids": np.broadcast_to(kp, (B, len(kp)))}
         # |rotated| is bounded by the encoding's own magnitude.
-        return enc.reference(base, q_in), enc.reference(base, k_in), v, 0.0, enc.magnitude(base, q_in), enc.magnitude(base, k_in), np.abs(v)
+        return (
+            enc.reference(base, q_in),
+            enc.reference(base, k_in),
+            v,
+            0.0,
+            enc.magnitude(base, q_in),
+            enc.magnitude(base, k_in),
+            np.abs(v),
+        )
 
 
 class Bias(Contract):
@@ -176,28 +197,41 @@ class Bias(Contract):
 
     def static_sizes(self, shape, P):
         if len(shape) == 2 and shape[0] != 1:
-            raise BadInput(f"--static-shapes for a bias graph is 1,S: the bias (1, heads, S, S) has no batch axis; got B = {shape[0]}")
+            raise BadInput(
+                f"--static-shapes for a bias graph is 1,S: the bias (1, heads, S, S) has no batch axis; got B = "
+                f"{shape[0]}"
+            )
         return super().static_sizes(shape, P)
 
     def example_inputs(self, spec, P: int):
         import torch
 
         q, k = torch.zeros(min(3, P), dtype=torch.int64), torch.zeros(min(4, P), dtype=torch.int64)
-        return (q, k), {"query_positions": dims("q"), "key_positions": dims("k")}, ["query_positions", "key_positions"], ["bias"]
+        return (
+            (q, k),
+            {"query_positions": dims("q"), "key_positions": dims("k")},
+            ["query_positions", "key_positions"],
+            ["bias"],
+        )
 
     def probes(self, spec, rng, batch, P: int):
         return [(name, {"query_positions": q, "key_positions": k}) for name, q, k in bias_cases(P, rng)]
 
     def locate(self, spec, inputs, at) -> str:
         _, h, i, j = at
-        return f"head {h}, query position {int(inputs['query_positions'][i])}, key position {int(inputs['key_positions'][j])}"
+        return (
+            f"head {h}, query position {int(inputs['query_positions'][i])}, key position "
+            f"{int(inputs['key_positions'][j])}"
+        )
 
     def fit(self, spec, sizes, name, inputs):
         S = sizes["seq"]
         qs, ks = windows(inputs["query_positions"], S), windows(inputs["key_positions"], S)
         n = max(len(qs), len(ks))
-        return [(name if n == 1 else f"{name}.{i}", {"query_positions": qs[i % len(qs)], "key_positions": ks[i % len(ks)]})
-                for i in range(n)]  # fmt: skip
+        return [
+            (name if n == 1 else f"{name}.{i}", {"query_positions": qs[i % len(qs)], "key_positions": ks[i % len(ks)]})
+            for i in range(n)
+        ]
 
     def user_probe(self, spec, template, positions, noise, batch):
         return {"query_positions": positions.copy(), "key_positions": positions.copy()}
@@ -209,7 +243,9 @@ class Bias(Contract):
     # ALiBi and 1 for T5 (T5 folds it into its weights); causal by the encoding's own mode.
     def layer_check(self, name, layer):
         if layer.attention_causal is not None:
-            raise ValueError(f"{name} sets causal masking by its own mode; attention_causal applies to absolute and rotary encodings")
+            raise ValueError(
+                f"{name} sets causal masking by its own mode; attention_causal applies to absolute and rotary encodings"
+            )
         if layer.attention_head_dim is not None and layer.attention_head_dim < 1:
             raise ValueError(f"attention_head_dim must be >= 1, got {layer.attention_head_dim}")
 
@@ -248,7 +284,9 @@ class Attention(Contract):
         for k, v in inputs.items():
             if k.endswith("_positions"):
                 last = int(inputs["key_positions"][-1])
-                new[k] = np.arange(last - S + 1, last + 1, dtype=np.int64) if last + 1 >= S else np.arange(S, dtype=np.int64)
+                new[k] = (
+                    np.arange(last - S + 1, last + 1, dtype=np.int64) if last + 1 >= S else np.arange(S, dtype=np.int64)
+                )
             else:
                 new[k] = resample(v, (B, v.shape[1], S, v.shape[3]))
         return [(name, new)]
@@ -258,7 +296,9 @@ class Attention(Contract):
             return None
         _, H, _, D = template["query"].shape
         qkv = {name: noise((batch, H, len(positions), D)) for name in ("query", "key", "value")}
-        return {k: ({**qkv, "query_positions": positions.copy(), "key_positions": positions.copy()})[k] for k in template}
+        return {
+            k: ({**qkv, "query_positions": positions.copy(), "key_positions": positions.copy()})[k] for k in template
+        }
 
     def position_grid(self, spec, inputs):
         return inputs["query_positions"][None, None, :, None] if "query_positions" in inputs else None

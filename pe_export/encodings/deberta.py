@@ -48,10 +48,10 @@ import numpy as np
 from pe_export import weights
 from pe_export.encodings import ENCODINGS, Encoding, parse
 from pe_export.encodings.bounds import attention_magnitude, softmax_np
-from pe_export.encodings.probes import attention_probes
-from pe_export.encodings.table_reads import check_positions, guard, take
 from pe_export.encodings.contracts import contract
+from pe_export.encodings.probes import attention_probes
 from pe_export.encodings.size import check_size
+from pe_export.encodings.table_reads import check_positions, guard, take
 
 POS_ATT_TYPES = ("c2p", "p2c")
 
@@ -92,7 +92,9 @@ class DebertaParams(weights.LearnedWeights):
             raise ValueError(f"pos_att_type must be a string such as 'p2c|c2p', got {self.pos_att_type!r}")
         types = terms(self)
         if not types or any(t not in POS_ATT_TYPES for t in types) or len(set(types)) != len(types):
-            raise ValueError(f"pos_att_type must be 'c2p', 'p2c' or 'p2c|c2p' (each at most once), got {self.pos_att_type!r}")
+            raise ValueError(
+                f"pos_att_type must be 'c2p', 'p2c' or 'p2c|c2p' (each at most once), got {self.pos_att_type!r}"
+            )
         # a (2P - 1,) int64 row table; verification reads every distance: keys and values (B, H, P, D) in
         # float32 and float64, and for p2c the (B, H, P, 2 att_span) float64 products, twice (value and bound)
         span = 2 * att_span(self) if "p2c" in types else 0
@@ -154,7 +156,9 @@ def learned(p: DebertaParams) -> dict[str, np.ndarray]:
     shapes = {"rel_embeddings": (2 * att_span(p), hidden), "layer_norm_weight": (hidden,), "layer_norm_bias": (hidden,)}
     for proj in ("query_proj", "key_proj", "pos_query_proj", "pos_key_proj"):
         shapes |= {f"{proj}_weight": (hidden, hidden), f"{proj}_bias": (hidden,)}
-    scales = {name: (1 / math.sqrt(hidden) if name.endswith("_weight") else 0.1) for name in shapes} | {"rel_embeddings": 1.0}
+    scales = {name: (1 / math.sqrt(hidden) if name.endswith("_weight") else 0.1) for name in shapes} | {
+        "rel_embeddings": 1.0
+    }
     w = weights.random(p.weights_seed, shapes, scales)
     w["layer_norm_weight"] = w["layer_norm_weight"] + 1.0  # around nn.LayerNorm's initial 1
     return w
@@ -199,7 +203,9 @@ def logits_np(p: DebertaParams, inputs) -> tuple[np.ndarray, np.ndarray]:
             out.append(np.take_along_axis(full, np.broadcast_to(r, full.shape[:2] + r.shape), axis=-1))
         if "p2c" in terms(p):  # k_j . pos_query[r_ij]: column r_ij of row j, transposed
             full = np.einsum("bhkd,shd->bhks", k, pos_query)  # (B, H, K, 2 att_span)
-            out.append(np.take_along_axis(full, np.broadcast_to(r.T, full.shape[:2] + r.T.shape), axis=-1).swapaxes(-1, -2))
+            out.append(
+                np.take_along_axis(full, np.broadcast_to(r.T, full.shape[:2] + r.T.shape), axis=-1).swapaxes(-1, -2)
+            )
         return sum(out) / scale(p)
 
     return parts(q, k, pos_key, pos_query), parts(np.abs(q), np.abs(k), np.abs(pos_key), np.abs(pos_query))
@@ -259,7 +265,9 @@ def module(spec):
         def forward(self, query, key, value, query_positions, key_positions):  # (B, H, Q|K, D), (Q,), (K,)
             i, j = guard(query_positions, P), guard(key_positions, P)  # out of range -> P
             bad = (i[:, None] == P) | (j[None, :] == P)  # (Q, K)
-            r = take(self.row_of, torch.where(bad, 2 * P - 1, i[:, None] - j[None, :] + (P - 1)))  # (Q, K); fails if bad
+            r = take(
+                self.row_of, torch.where(bad, 2 * P - 1, i[:, None] - j[None, :] + (P - 1))
+            )  # (Q, K); fails if bad
             query = query * inv_scale
             logits = query @ key.transpose(-1, -2)  # (B, H, Q, K)
             if c2p:  # q_i . pos_key[r_ij]: column r_ij of row i of (B, H, Q, 2 att_span)
@@ -284,8 +292,10 @@ def probes(spec, rng, batch=2):
     P, H, D = p.max_positions, p.heads, p.head_dim
     cases = attention_probes(spec, rng, batch, P, H, D)
     qp, kp = np.array(sorted({0, P - 1}), dtype=np.int64), np.arange(P, dtype=np.int64)
-    x = {n: rng.standard_normal((batch, H, len(ids), D), dtype=np.float32).astype(numpy_dtype(spec.dtype))
-         for n, ids in (("query", qp), ("key", kp), ("value", kp))}
+    x = {
+        n: rng.standard_normal((batch, H, len(ids), D), dtype=np.float32).astype(numpy_dtype(spec.dtype))
+        for n, ids in (("query", qp), ("key", kp), ("value", kp))
+    }
     return cases + [("distances", x | {"query_positions": qp, "key_positions": kp})]
 
 
@@ -297,6 +307,7 @@ ENCODINGS.register("deberta")(
         reference=reference,
         magnitude=magnitude,
         **{**contract("attention", DebertaParams), "probes": probes},
-        reference_impl="transformers 5.23 deberta_v2 DisentangledSelfAttention, make_log_bucket_position, get_rel_embedding",
+        reference_impl="transformers 5.23 deberta_v2 DisentangledSelfAttention, make_log_bucket_position, "
+        "get_rel_embedding",
     )
 )

@@ -30,9 +30,9 @@ import numpy as np
 
 from pe_export import weights
 from pe_export.encodings import ENCODINGS, Encoding, parse
-from pe_export.encodings.table_reads import check_positions, guard, mask_later_keys, take
 from pe_export.encodings.contracts import contract
 from pe_export.encodings.size import check_size
+from pe_export.encodings.table_reads import check_positions, guard, mask_later_keys, take
 
 SCALARS = ("c", "L_multiplier")
 
@@ -65,12 +65,20 @@ def learned(p: FireParams) -> dict[str, np.ndarray]:
     W, H = p.mlp_width, p.heads
     if p.weights is None:
         # N(0, 1 / fan_in): the scale of torch's Linear initialisation, drawn reproducibly.
-        t = weights.random(p.weights_seed, {"w1": (W,), "b1": (W,), "w2": (H, W), "b2": (H,)},
-                           {"w2": W**-0.5, "b2": W**-0.5})  # fmt: skip
+        t = weights.random(
+            p.weights_seed, {"w1": (W,), "b1": (W,), "w2": (H, W), "b2": (H,)}, {"w2": W**-0.5, "b2": W**-0.5}
+        )
         return t | {"c": np.float64(p.init_c), "L_multiplier": np.float64(1.0)}
     found = weights.load_group(p)
     where = f"under {p.key!r} of {p.weights!r}"
-    shapes = {"mlp.0.weight": (W, 1), "mlp.0.bias": (W,), "mlp.2.weight": (H, W), "mlp.2.bias": (H,), "c": (), "L_multiplier": ()}
+    shapes = {
+        "mlp.0.weight": (W, 1),
+        "mlp.0.bias": (W,),
+        "mlp.2.weight": (H, W),
+        "mlp.2.bias": (H,),
+        "c": (),
+        "L_multiplier": (),
+    }
     extra = sorted(set(found) - set(shapes) - {"init_L"})
     missing = sorted(set(shapes) - set(found))
     if missing or extra:
@@ -79,13 +87,22 @@ def learned(p: FireParams) -> dict[str, np.ndarray]:
     for name, shape in shapes.items():
         got = found[name].reshape(()) if shape == () and found[name].size == 1 else found[name]
         if got.shape != shape:
-            raise ValueError(f"tensor {name!r} {where} has shape {tuple(got.shape)}, want {shape} (heads {H}, mlp_width {W})")
+            raise ValueError(
+                f"tensor {name!r} {where} has shape {tuple(got.shape)}, want {shape} (heads {H}, mlp_width {W})"
+            )
     if "init_L" in found and float(found["init_L"].reshape(-1)[0]) != p.init_L:
-        raise ValueError(f"tensor 'init_L' {where} is {float(found['init_L'].reshape(-1)[0])}, but init_L is {p.init_L}; pass --init-L")
+        raise ValueError(
+            f"tensor 'init_L' {where} is {float(found['init_L'].reshape(-1)[0])}, but init_L is {p.init_L}; pass "
+            f"--init-L"
+        )
     return {
-        "w1": found["mlp.0.weight"][:, 0], "b1": found["mlp.0.bias"], "w2": found["mlp.2.weight"], "b2": found["mlp.2.bias"],
-        "c": found["c"].reshape(()), "L_multiplier": found["L_multiplier"].reshape(()),
-    }  # fmt: skip
+        "w1": found["mlp.0.weight"][:, 0],
+        "b1": found["mlp.0.bias"],
+        "w2": found["mlp.2.weight"],
+        "b2": found["mlp.2.bias"],
+        "c": found["c"].reshape(()),
+        "L_multiplier": found["L_multiplier"].reshape(()),
+    }
 
 
 def psi_tables(p: FireParams, t: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -204,6 +221,7 @@ ENCODINGS.register("fire")(
         magnitude=magnitude,
         derived=derived,
         **contract("bias", FireParams),
-        reference_impl="the FIRE reproduction in mcleish7/arithmetic cramming/architectures/embeddings.py (transcribed; no official code)",
+        reference_impl="the FIRE reproduction in mcleish7/arithmetic cramming/architectures/embeddings.py "
+        "(transcribed; no official code)",
     )
 )

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding, parse
-from pe_export.encodings.table_reads import check_positions, guard, mask_later_keys, take
-from pe_export.encodings.contracts import contract
 from pe_export.encodings.bounds import table_magnitude
+from pe_export.encodings.contracts import contract
 from pe_export.encodings.size import check_size
+from pe_export.encodings.table_reads import check_positions, guard, mask_later_keys, take
 
 VARIANTS = ("log", "power")
 CLAMP_MIN = 1e-2  # the reference's eps: p and a are clamped to >= eps in every forward
@@ -171,6 +171,7 @@ ENCODINGS.register("kerple")(
         magnitude=table_magnitude(reference),
         derived=derived,
         **contract("bias", KerpleParams),
-        reference_impl="chijames/KERPLE@73f1ee2 megatron/mpu/layers.py ParallelKerpleLog, ParallelKerplePower (transcribed)",
+        reference_impl="chijames/KERPLE@73f1ee2 megatron/mpu/layers.py ParallelKerpleLog, ParallelKerplePower "
+        "(transcribed)",
     )
 )

@@ -37,7 +37,9 @@ class LearnedParams(weights.LearnedWeights):
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         check_size(self.rows, stored=4 * self.dim, working=24 * self.dim, name="rows")  # the (rows, dim) table
         if self.max_positions > self.rows:
-            raise ValueError(f"max_positions (--seq) must be at most the table's {self.rows} rows, got {self.max_positions}")
+            raise ValueError(
+                f"max_positions (--seq) must be at most the table's {self.rows} rows, got {self.max_positions}"
+            )
 
 
 def table(p: LearnedParams) -> np.ndarray:
@@ -50,12 +52,15 @@ def table(p: LearnedParams) -> np.ndarray:
             # The preset's shape (or the one given) is the model's: a file of another shape is refused, not followed.
             hint = f" (--rows {full.shape[0]} --dim {full.shape[1]})" if full.ndim == 2 else ""
             raise ValueError(
-                f"tensor {p.key!r} of {p.weights!r} has shape {tuple(full.shape)}, want ({p.rows}, {p.dim}) (rows, dim); "
+                f"tensor {p.key!r} of {p.weights!r} has shape {tuple(full.shape)}, want ({p.rows}, {p.dim}) (rows, "
+                f"dim); "
                 f"set rows and dim{hint} to export that shape"
             )
     return full[: p.max_positions]
 
 
 ENCODINGS.register("learned")(
-    table_encoding("learned", LearnedParams, table, "transformers 5.23 BertEmbeddings.position_embeddings, GPT2Model.wpe")
+    table_encoding(
+        "learned", LearnedParams, table, "transformers 5.23 BertEmbeddings.position_embeddings, GPT2Model.wpe"
+    )
 )

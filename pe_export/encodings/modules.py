@@ -44,7 +44,8 @@ class RotaryEmbedding(torch.nn.Module):
         if params.runtime_frequencies() or params.tables == "computed":
             raise BadInput(
                 f"RotaryEmbedding reads tables; {params.scaling!r} with tables {params.tables!r} and mode "
-                f"{params.scaling_params.get('mode', 'runtime')!r} computes cos/sin per call: use mode 'fixed' or tables 'constant'"
+                f"{params.scaling_params.get('mode', 'runtime')!r} computes cos/sin per call: use mode 'fixed' or "
+                f"tables 'constant'"
             )
         self.layout, self.interleaved, self.rotary_dim = layout, params.pairing == "interleaved", params.rotary_dim
         self.max_positions, self.switch = params.max_positions, params.switch()
@@ -81,9 +82,13 @@ class ComputedTablesRotary(torch.nn.Module):
         check_module_options(layout, dtype)
         self.params, self.layout, self.dtype = params, layout, torch_dtype(dtype)
         self.switch = params.switch()
-        regimes = [params.frequencies()] + ([params.frequencies(seq_len=self.switch + 1)] if self.switch is not None else [])
+        regimes = [params.frequencies()] + (
+            [params.frequencies(seq_len=self.switch + 1)] if self.switch is not None else []
+        )
         self.factors = [float(f) for _, f in regimes]
-        self.register_buffer("inv_freq", torch.tensor(np.stack([f for f, _ in regimes]), dtype=torch.float32))  # (1 or 2, R/2)
+        self.register_buffer(
+            "inv_freq", torch.tensor(np.stack([f for f, _ in regimes]), dtype=torch.float32)
+        )  # (1 or 2, R/2)
         if len(set(self.factors)) > 1:
             self.register_buffer("attention_factor", torch.tensor(self.factors, dtype=torch.float32))  # (2,)
 
@@ -94,7 +99,9 @@ class ComputedTablesRotary(torch.nn.Module):
         else:  # one regime for the whole call, as transformers picks it
             long = (position_ids.max() + 1 > self.switch).to(torch.int64).reshape(1)
             inv = torch.index_select(self.inv_freq, 0, long)[0]
-            factor = torch.index_select(self.attention_factor, 0, long) if len(set(self.factors)) > 1 else self.factors[0]
+            factor = (
+                torch.index_select(self.attention_factor, 0, long) if len(set(self.factors)) > 1 else self.factors[0]
+            )
         angles = position_ids.to(torch.float32)[..., None] * inv  # (B, S, R/2), float32 as transformers
         cos, sin = torch.cos(angles), torch.sin(angles)
         if not (isinstance(factor, float) and factor == 1.0):
@@ -115,12 +122,18 @@ class RuntimeRotary(torch.nn.Module):
     def forward(self, x, position_ids):
         p = self.params  # angles "float64": float32 is refused for in-graph rules
         freqs, factor = self.rule(
-            theta=p.theta, rotary_dim=p.rotary_dim, max_positions=p.max_positions, dtype=torch.float64,
-            seq_len=position_ids.max() + 1, **p.scaling_params,
-        )  # fmt: skip
+            theta=p.theta,
+            rotary_dim=p.rotary_dim,
+            max_positions=p.max_positions,
+            dtype=torch.float64,
+            seq_len=position_ids.max() + 1,
+            **p.scaling_params,
+        )
         angles = position_ids.to(torch.float64)[..., None] * freqs  # (B, S, R/2)
         factor = factor * p.attention_factor
-        return per_call_rotary(x, torch.cos(angles) * factor, torch.sin(angles) * factor, position_ids, p, self.layout, self.dtype)
+        return per_call_rotary(
+            x, torch.cos(angles) * factor, torch.sin(angles) * factor, position_ids, p, self.layout, self.dtype
+        )
 
 
 def per_call_rotary(x, cos, sin, position_ids, p, layout, dtype):

@@ -3,7 +3,6 @@ step, batch > 1, and the re-cutting of probes to a budget."""
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from pe_export.dtypes import numpy_dtype, torch_dtype

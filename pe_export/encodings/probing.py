@@ -6,12 +6,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pe_export.dtypes import numpy_dtype
 from pe_export.encodings.attention import encoding_for
 from pe_export.encodings.contracts import contract_of
 from pe_export.errors import BadInput
-from pe_export.dtypes import numpy_dtype
 from pe_export.spec import Spec
-
 
 # Probes
 
@@ -27,8 +26,10 @@ class Positions:
         for a, b in self.ranges:
             if a < 0 or b > P:
                 given = str(a) if b == a + 1 else f"{a}:{b}"
-                raise BadInput(f"--positions: {given} is outside the table [0, {P}); "
-                               "use --probe-bounds to check out-of-range handling")  # fmt: skip
+                raise BadInput(
+                    f"--positions: {given} is outside the table [0, {P}); "
+                    "use --probe-bounds to check out-of-range handling"
+                )
         return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in self.ranges])
 
 
@@ -46,7 +47,9 @@ def parse_positions(text: str) -> Positions:
             elif item:
                 ranges.append((int(item), int(item) + 1))
         except ValueError:
-            raise BadInput(f"--positions takes integers and ranges a:b (a < b), comma separated; got {item!r}") from None
+            raise BadInput(
+                f"--positions takes integers and ranges a:b (a < b), comma separated; got {item!r}"
+            ) from None
     if not ranges:
         raise BadInput("--positions is empty")
     return Positions(tuple(ranges))
@@ -60,7 +63,9 @@ def user_probe(spec: Spec, template: dict, positions: Positions | np.ndarray, rn
         positions = positions.expand(P)
     if positions.min() < 0 or positions.max() >= P:
         bad = positions[(positions < 0) | (positions >= P)][0]
-        raise BadInput(f"--positions: {bad} is outside the table [0, {P}); use --probe-bounds to check out-of-range handling")
+        raise BadInput(
+            f"--positions: {bad} is outside the table [0, {P}); use --probe-bounds to check out-of-range handling"
+        )
     dtype = numpy_dtype(spec.dtype)
     noise = lambda shape: rng.standard_normal(shape, dtype=np.float32).astype(dtype)  # noqa: E731
     probe = contract_of(enc).user_probe(spec, template, positions, noise, batch)
@@ -79,7 +84,9 @@ def make_probes(spec: Spec, seed: int = 0, batch: int = 2, positions: Positions 
     probes = enc.probes(spec, np.random.default_rng(seed), batch)
     if positions is not None:
         probes = probes + [("positions", user_probe(spec, probes[0][1], positions, rng, batch))]
-    from pe_export.encodings.static_shapes import fit_probes  # --static-shapes: every probe re-cut to exactly those sizes
+    from pe_export.encodings.static_shapes import (
+        fit_probes,
+    )  # --static-shapes: every probe re-cut to exactly those sizes
 
     return fit_probes(spec, probes)
 

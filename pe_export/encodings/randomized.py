@@ -56,7 +56,9 @@ def randomized(enc: Encoding) -> Encoding:
     def inner(spec):
         """The wrapped encoding's spec: the same, less `train_length` (validated first)."""
         parse(params, spec)
-        return dataclasses.replace(spec, encoding=enc.name, params={k: v for k, v in spec.params.items() if k != "train_length"})
+        return dataclasses.replace(
+            spec, encoding=enc.name, params={k: v for k, v in spec.params.items() if k != "train_length"}
+        )
 
     def probes(spec, rng, batch=2):
         from pe_export.encodings.probing import user_probe
@@ -78,7 +80,8 @@ def randomized(enc: Encoding) -> Encoding:
         magnitude=lambda spec, inputs: enc.magnitude(inner(spec), inputs),
         locate=lambda spec, inputs, at: enc.locate(inner(spec), inputs, at),
         derived=lambda spec: enc.derived(inner(spec)),
-        reference_impl=f"{enc.reference_impl}; positions as google-deepmind/randomized_positional_encodings 57bc5d0 samples them",
+        reference_impl=f"{enc.reference_impl}; positions as google-deepmind/randomized_positional_encodings 57bc5d0 "
+        f"samples them",
     )
 
 

@@ -32,8 +32,8 @@ measured max abs error of cos/sin vs float64, Llama 3 (theta 5e5, R = 128), ORT 
 position 8191 and 2.1e-3 at 131071 (constant tables: 2.9e-8 at both; the bound's angle term there is
 2^-23 * p = 9.8e-4 and 1.6e-2 at the fastest frequency). With `angles="float32"` the graph's angles are
 transformers' float32 angles bit for bit (3.0e-4 and 3.7e-3 from float64, as transformers' own
-forward), the truth uses them too, and only Cos/Sin's own error remains. Dynamic NTK at run time already computes cos/sin in the graph (in float64) and refuses
-`tables="computed"`.
+forward), the truth uses them too, and only Cos/Sin's own error remains. Dynamic NTK at run time
+already computes cos/sin in the graph (in float64) and refuses `tables="computed"`.
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pe_export.custom_ops.rotation import apply_reference, apply_torch, heads_axis  # noqa: F401 (re-exported)
 from pe_export.encodings import ENCODINGS, Encoding, parse
 from pe_export.encodings.contracts import CONTRACTS
 from pe_export.encodings.probes import position_cases
 from pe_export.encodings.size import check_size
-from pe_export.custom_ops.rotation import apply_reference, apply_torch, heads_axis  # noqa: F401 (re-exported)
 from pe_export.scaling import SCALING_RULES, check_param, rule_params
 from pe_export.spec import LAYOUTS, OP_NAMES
 
@@ -70,7 +70,8 @@ class RopeParams:
     scaling: str = "default"
     scaling_params: dict = field(default_factory=dict)  # the rule's own parameters (factor, ...)
     angles: str = "float64"
-    tables: str = "constant"  # "computed": cos/sin computed in the graph in float32 (pe_export.encodings.modules.ComputedTablesRotary)
+    # "computed": cos/sin computed in the graph in float32 (pe_export.encodings.modules.ComputedTablesRotary)
+    tables: str = "constant"
 
     def __post_init__(self):
         if self.rotary_dim is None:
@@ -92,7 +93,9 @@ class RopeParams:
         if self.angles not in ANGLES:
             raise ValueError(f"angles must be one of {', '.join(ANGLES)}, got {self.angles!r}")
         check_scaling_params(self.scaling, self.scaling_params)
-        check_size(self.max_positions, stored=4 * self.rotary_dim, working=24 * self.rotary_dim)  # float32 cos and sin (P, R/2)
+        check_size(
+            self.max_positions, stored=4 * self.rotary_dim, working=24 * self.rotary_dim
+        )  # float32 cos and sin (P, R/2)
         inv_freq(self)  # the rule validates its values
         check_computed_tables(self)
         if self.angles == "float32" and computed_in_graph(self):
@@ -102,7 +105,6 @@ class RopeParams:
                 f"angles 'float32' cannot be reproduced by a graph that computes its frequencies at run time "
                 f"({self.scaling!r} in mode 'runtime'); use angles 'float64' or mode 'fixed'"
             )
-
 
     # The calls pe_export.encodings.modules makes, so that the torch modules need no import of this file.
     def frequencies(self, seq_len: int | None = None) -> tuple[np.ndarray, float]:
@@ -118,8 +120,14 @@ class RopeParams:
         return computed_in_graph(self)
 
 
-def with_overrides(base: dict, *, scaling_updates: dict | None = None, longrope_mode: str | None = None,
-                   dynamic_mode: str | None = None, **fields) -> dict:  # fmt: skip
+def with_overrides(
+    base: dict,
+    *,
+    scaling_updates: dict | None = None,
+    longrope_mode: str | None = None,
+    dynamic_mode: str | None = None,
+    **fields,
+) -> dict:
     """RoPE parameters `base` (a preset's or a config's) with a user's changes, as the CLI's options and
     `pe_export.preset` apply them. `fields` (None: unchanged) replace the base's; a new `scaling` rule
     starts from no parameters unless `scaling_params` is given; `scaling_updates` then changes single
@@ -137,7 +145,10 @@ def with_overrides(base: dict, *, scaling_updates: dict | None = None, longrope_
             params["scaling_params"] = {**params.get("scaling_params", {})}
             params["scaling_params"]["mode"] = chosen or params["scaling_params"].get("mode", "runtime")
         elif chosen is not None:
-            raise ValueError(f"--{rule}-mode applies to the {rule} scaling rule; this export uses {params.get('scaling', 'default')!r}")
+            raise ValueError(
+                f"--{rule}-mode applies to the {rule} scaling rule; this export uses "
+                f"{params.get('scaling', 'default')!r}"
+            )
     if "head_dim" in fields and "rotary_dim" not in fields and "rotary_dim" in base:
         params["rotary_dim"] = int(fields["head_dim"] * base["rotary_dim"] / base["head_dim"])
     return params
@@ -167,7 +178,12 @@ def inv_freq(p: RopeParams, seq_len: int | None = None) -> tuple[np.ndarray, flo
     dtype = torch.float32 if p.angles == "float32" else torch.float64
     rule = SCALING_RULES.get(p.scaling)
     freqs, factor = rule(
-        theta=p.theta, rotary_dim=p.rotary_dim, max_positions=p.max_positions, dtype=dtype, seq_len=seq_len, **p.scaling_params
+        theta=p.theta,
+        rotary_dim=p.rotary_dim,
+        max_positions=p.max_positions,
+        dtype=dtype,
+        seq_len=seq_len,
+        **p.scaling_params,
     )
     return freqs.double().numpy(), float(factor) * p.attention_factor
 
@@ -195,8 +211,10 @@ def switch_note(p: RopeParams) -> str | None:
     if at is None or at < p.max_positions:
         return None
     return (
-        f"--seq {p.max_positions} <= original_max_positions {at}: this file never reaches the {p.scaling} rule's switch "
-        f"(a call must reach position {at}), so it always uses the {'short factors' if p.scaling == 'longrope' else 'unscaled base'}"
+        f"--seq {p.max_positions} <= original_max_positions {at}: this file never reaches the {p.scaling} rule's "
+        f"switch "
+        f"(a call must reach position {at}), so it always uses the "
+        f"{'short factors' if p.scaling == 'longrope' else 'unscaled base'}"
     )
 
 
@@ -297,7 +315,9 @@ def computed_tables_slack(spec, p, inputs) -> np.ndarray | float:
 
     ids = np.asarray(inputs["position_ids"])
     freqs, _ = inv_freq(p, seq_len=int(ids.max()) + 1 if ids.size else None)
-    angle_error = 0.0 if p.angles == "float32" else ANGLE_ULP * ids[..., None].astype(np.float64) * np.abs(freqs)  # (B, S, R/2)
+    angle_error = (
+        0.0 if p.angles == "float32" else ANGLE_ULP * ids[..., None].astype(np.float64) * np.abs(freqs)
+    )  # (B, S, R/2)
     term = np.broadcast_to(1.0 + (angle_error + COS_SIN_ERROR) / EPS[spec.dtype], (*ids.shape, len(freqs)))
     term = np.concatenate([term, term], axis=-1) if p.pairing == "half" else np.repeat(term, 2, axis=-1)  # (B, S, R)
     return np.expand_dims(term, heads_axis(spec.layout))

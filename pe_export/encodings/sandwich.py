@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding, parse
-from pe_export.encodings.contracts import contract
 from pe_export.encodings.bounds import table_magnitude
+from pe_export.encodings.contracts import contract
 from pe_export.encodings.kerple import distance_bias_module, distance_bias_np
 from pe_export.encodings.size import check_size
 

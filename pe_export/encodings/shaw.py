@@ -28,8 +28,8 @@ import numpy as np
 from pe_export import weights
 from pe_export.encodings import ENCODINGS, Encoding, parse
 from pe_export.encodings.bounds import attention_magnitude, softmax_np
-from pe_export.encodings.table_reads import check_positions, guard, take
 from pe_export.encodings.contracts import contract
+from pe_export.encodings.table_reads import check_positions, guard, take
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,7 +80,9 @@ def logits_np(p: ShawParams, inputs) -> tuple[np.ndarray, np.ndarray, np.ndarray
     scale = 1.0 / math.sqrt(p.head_dim)
     logits = (np.einsum("bhqd,bhkd->bhqk", q, k) + np.einsum("bhqd,qkd->bhqk", q, rel_k)) * scale
     q_abs = np.abs(q)
-    logit_abs = (np.einsum("bhqd,bhkd->bhqk", q_abs, np.abs(k)) + np.einsum("bhqd,qkd->bhqk", q_abs, np.abs(rel_k))) * scale
+    logit_abs = (
+        np.einsum("bhqd,bhkd->bhqk", q_abs, np.abs(k)) + np.einsum("bhqd,qkd->bhqk", q_abs, np.abs(rel_k))
+    ) * scale
     if p.causal:
         logits = np.where(kp[None, :] > qp[:, None], -np.inf, logits)
     return logits, logit_abs, v, a_v[r]
@@ -145,7 +147,13 @@ def module(spec):
             r = torch.where(bad, 2 * k + 1, r)  # one past the tables if bad: the Gathers fail
             mask = (j[None, :] > i[:, None]) if p.causal else None
             return shaw_attention(
-                query, key, value, take(self.relative_keys, r), take(self.relative_values, r), mask, 1.0 / math.sqrt(p.head_dim)
+                query,
+                key,
+                value,
+                take(self.relative_keys, r),
+                take(self.relative_values, r),
+                mask,
+                1.0 / math.sqrt(p.head_dim),
             )
 
     return Shaw().eval()

@@ -41,7 +41,9 @@ def static_args(spec, args, dynamic, names):
         shape = list(arg.shape)
         for axis, dim in (dynamic.get(name) or {}).items():
             if sizes.get(dim.__name__) is None:
-                raise BadInput(f"--static-shapes cannot fix the {dim.__name__!r} axis of {spec.encoding}'s input {name!r}")
+                raise BadInput(
+                    f"--static-shapes cannot fix the {dim.__name__!r} axis of {spec.encoding}'s input {name!r}"
+                )
             shape[axis] = sizes[dim.__name__]
         out.append(torch.zeros(shape, dtype=arg.dtype))
     return tuple(out)

@@ -19,9 +19,9 @@ import numpy as np
 
 from pe_export import weights
 from pe_export.encodings import ENCODINGS, Encoding, parse
-from pe_export.encodings.table_reads import check_positions, guard, take
 from pe_export.encodings.contracts import contract
 from pe_export.encodings.size import check_size
+from pe_export.encodings.table_reads import check_positions, guard, take
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,7 +63,9 @@ def buckets(p: T5BiasParams, relative_position: np.ndarray) -> np.ndarray:
     else:
         offset, rel = 0, -np.minimum(rel, 0)
     exact = max_exact(p)
-    large = exact + (np.log(np.maximum(rel, exact) / exact) / np.log(p.max_distance / exact) * (n - exact)).astype(np.int64)
+    large = exact + (np.log(np.maximum(rel, exact) / exact) / np.log(p.max_distance / exact) * (n - exact)).astype(
+        np.int64
+    )
     return offset + np.where(rel < exact, rel, np.minimum(large, n - 1))
 
 
@@ -74,7 +76,9 @@ def table(p: T5BiasParams) -> np.ndarray:
         return weights.random(p.weights_seed, {"table": shape}, {})["table"]
     t = weights.load(p)
     if t.shape != shape:
-        raise ValueError(f"tensor {p.key!r} of {p.weights!r} has shape {tuple(t.shape)}, want {shape} (num_buckets, heads)")
+        raise ValueError(
+            f"tensor {p.key!r} of {p.weights!r} has shape {tuple(t.shape)}, want {shape} (num_buckets, heads)"
+        )
     return t
 
 

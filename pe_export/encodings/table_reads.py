@@ -3,10 +3,7 @@ fail (ONNX Gather wraps negative indices, so they are sent past the table first)
 
 from __future__ import annotations
 
-
 import numpy as np
-
-
 
 # Table reads
 

@@ -19,7 +19,9 @@ from pe_export.encodings.cape import CapeParams
 from pe_export.encodings.randomized import check_lengths
 
 
-def sample_positions(batch: int, length: int, noise_max_length: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_positions(
+    batch: int, length: int, noise_max_length: int, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """(batch, length) int64: each row a uniformly random subset of [0, noise_max_length), sorted
     ascending, without repeats."""
     check_lengths(length, noise_max_length)
@@ -30,9 +32,13 @@ def sample_positions(batch: int, length: int, noise_max_length: int, *, generato
 
 
 def cape_positions(
-    position_ids: torch.Tensor, p: CapeParams, *, training: bool = True, generator: torch.Generator | None = None,
+    position_ids: torch.Tensor,
+    p: CapeParams,
+    *,
+    training: bool = True,
+    generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """(B, S) float positions: pos_scale * n, minus the row mean when `normalize`; in training,
     (positions + global shift + local shift) * global scale with
         global shift  ~ U(-max_global_shift, max_global_shift)        per row

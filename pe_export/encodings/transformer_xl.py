@@ -33,10 +33,10 @@ import numpy as np
 from pe_export import weights
 from pe_export.encodings import ENCODINGS, Encoding, parse
 from pe_export.encodings.bounds import attention_magnitude, softmax_np
-from pe_export.encodings.probes import attention_probes
 from pe_export.encodings.contracts import contract
-from pe_export.encodings.table_reads import take
+from pe_export.encodings.probes import attention_probes
 from pe_export.encodings.size import check_size
+from pe_export.encodings.table_reads import take
 
 # Seeded weights: u and v like q (N(0, 1)); W_r as nn.Linear(d_model, H * D) so that W_r R ~ N(0, 1/2).
 SCALES = {"r_w_bias": 1.0, "r_r_bias": 1.0}
@@ -79,7 +79,11 @@ def rows(p: TransformerXLParams) -> int:
 
 def learned(p: TransformerXLParams) -> dict[str, np.ndarray]:
     """float64 r_w_bias u (H, D), r_r_bias v (H, D) and r_net weight W_r (H * D, d_model)."""
-    shapes = {"r_w_bias": (p.heads, p.head_dim), "r_r_bias": (p.heads, p.head_dim), "r_net": (p.heads * p.head_dim, p.d_model)}
+    shapes = {
+        "r_w_bias": (p.heads, p.head_dim),
+        "r_r_bias": (p.heads, p.head_dim),
+        "r_net": (p.heads * p.head_dim, p.d_model),
+    }
     return weights.random(p.weights_seed, shapes, SCALES | {"r_net": 1.0 / math.sqrt(p.d_model)})
 
 
@@ -151,7 +155,9 @@ def logits_np(p: TransformerXLParams, query: np.ndarray, key: np.ndarray):
     if K > p.max_positions:
         raise IndexError(f"key length {K} out of range: at most max_positions {p.max_positions}")
     if K < Q:
-        raise IndexError(f"key length {K} is shorter than query length {Q}: keys are the memory followed by the queries")
+        raise IndexError(
+            f"key length {K} is shorter than query length {Q}: keys are the memory followed by the queries"
+        )
     w = learned(p)
     q, k = query.astype(np.float64), key.astype(np.float64)
     u, v = w["r_w_bias"][None, :, None], w["r_r_bias"][None, :, None]  # (1, H, 1, D)
@@ -161,12 +167,16 @@ def logits_np(p: TransformerXLParams, query: np.ndarray, key: np.ndarray):
     if p.clamp_len > 0:
         d = np.minimum(d, p.clamp_len)
     w_r = w["r_net"].reshape(p.heads, p.head_dim, p.d_model)  # (H, D, d_model)
-    r = np.einsum("nm,hdm->nhd", sinusoid(p.d_model, np.arange(d.max() + 1)), w_r)[d]  # (Q, K, H, D): W_r R[d] of each pair
+    r = np.einsum("nm,hdm->nhd", sinusoid(p.d_model, np.arange(d.max() + 1)), w_r)[
+        d
+    ]  # (Q, K, H, D): W_r R[d] of each pair
     scale = 1.0 / math.sqrt(p.head_dim)
     ac = np.einsum("bhqd,bhkd->bhqk", q + u, k)
     bd = np.einsum("bhqd,qkhd->bhqk", q + v, r)
     logits = np.where(causal, (ac + bd) * scale, -np.inf)
-    logit_abs = np.einsum("bhqd,bhkd->bhqk", np.abs(q + u), np.abs(k)) + np.einsum("bhqd,qkhd->bhqk", np.abs(q + v), np.abs(r))
+    logit_abs = np.einsum("bhqd,bhkd->bhqk", np.abs(q + u), np.abs(k)) + np.einsum(
+        "bhqd,qkhd->bhqk", np.abs(q + v), np.abs(r)
+    )
     logit_abs *= scale
     return logits, logit_abs
 
@@ -214,6 +224,7 @@ ENCODINGS.register("transformer-xl")(
         reference=reference,
         magnitude=magnitude,
         **{**contract("attention", TransformerXLParams, positions=False), "probes": probes, "locate": locate},
-        reference_impl="kimiyoung/transformer-xl@81b1b19 pytorch/mem_transformer.py RelPartialLearnableMultiHeadAttn, _rel_shift",
+        reference_impl="kimiyoung/transformer-xl@81b1b19 pytorch/mem_transformer.py "
+        "RelPartialLearnableMultiHeadAttn, _rel_shift",
     )
 )

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from pe_export.encodings import ENCODINGS, Encoding, parse
-from pe_export.encodings.table_reads import check_positions, guard, take
 from pe_export.encodings.probes import position_cases
 from pe_export.encodings.rope import apply_reference, apply_torch, rope_locate
 from pe_export.encodings.size import check_size
+from pe_export.encodings.table_reads import check_positions, guard, take
 
 ROLES = ("query", "key")
 THETA = 10000.0  # torchscale's fixed_pos_embedding
@@ -62,7 +62,9 @@ class XposParams:
             raise ValueError(f"max_positions (--seq) must be >= 1, got {self.max_positions}")
         if self.max_positions > 2**24:
             raise ValueError(f"max_positions (--seq) must be at most 2^24, got {self.max_positions}")
-        check_size(self.max_positions, stored=6 * self.head_dim, working=36 * self.head_dim)  # cos, sin, F: (P, D/2) each
+        check_size(
+            self.max_positions, stored=6 * self.head_dim, working=36 * self.head_dim
+        )  # cos, sin, F: (P, D/2) each
         check_range(self, "fp32")  # the graph computes in float32 whatever the export dtype
 
 
@@ -163,14 +165,19 @@ def xpos_module(spec):
 def xpos_example_inputs(spec):
     import torch
 
-    from pe_export.encodings.probes import dims
     from pe_export.dtypes import torch_dtype
+    from pe_export.encodings.probes import dims
 
     p = parse(XposParams, spec)
     S = min(5, p.max_positions)
     x = torch.zeros((2, 3, S, p.head_dim), dtype=torch_dtype(spec.dtype))
     ids = torch.zeros((2, S), dtype=torch.int64)
-    return (x, ids), {"x": dims("batch", "heads", "seq"), "position_ids": dims("batch", "seq")}, ["x", "position_ids"], ["y"]
+    return (
+        (x, ids),
+        {"x": dims("batch", "heads", "seq"), "position_ids": dims("batch", "seq")},
+        ["x", "position_ids"],
+        ["y"],
+    )
 
 
 def xpos_probes(spec, rng: np.random.Generator, batch: int = 2) -> list[tuple[str, dict]]:
@@ -180,7 +187,9 @@ def xpos_probes(spec, rng: np.random.Generator, batch: int = 2) -> list[tuple[st
 
     p = parse(XposParams, spec)
     cases = position_cases(p.max_positions, rng, batch)
-    cases.insert(3, ("start", np.broadcast_to(np.arange(min(p.max_positions, 16)), (batch, min(p.max_positions, 16))).copy()))
+    cases.insert(
+        3, ("start", np.broadcast_to(np.arange(min(p.max_positions, 16)), (batch, min(p.max_positions, 16))).copy())
+    )
     out = []
     for name, ids in cases:
         heads = 1 if name == "all" else 3

@@ -16,22 +16,19 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pe_export.pipeline import onnx_export
-
-from pe_export.pipeline import packaging
-
-from pe_export.verification import bundles, out_of_range, parity
 from pe_export.custom_ops.lowerings import OP_TARGETS
+from pe_export.custom_ops.op_choice import pick_op
 from pe_export.encodings import ENCODINGS
+from pe_export.encodings.probing import make_probes, parse_positions
 from pe_export.encodings.rope import switch_note
 from pe_export.errors import BadInput
 from pe_export.files import check_output_path, write_atomic
-from pe_export.custom_ops.op_choice import pick_op
+from pe_export.pipeline import onnx_export, packaging
 from pe_export.presets import PRESETS, Preset
-from pe_export.verification.report import render, verify_doc
-from pe_export.spec import Spec
 from pe_export.runtimes import DEFAULT_RUNTIMES, RUNTIMES
-from pe_export.encodings.probing import make_probes, parse_positions
+from pe_export.spec import Spec
+from pe_export.verification import bundles, out_of_range, parity
+from pe_export.verification.report import render, verify_doc
 
 # What can load the files written beside the model: an .ort file only ONNX Runtime; an optimised graph
 # also onnx's evaluator where ORT kept to standard ops (it skips itself when a node is com.microsoft).
@@ -48,7 +45,9 @@ class Job:
     output: Path
     force: bool = False
     external_data: bool | None = None  # None: on above packaging.EXTERNAL_DATA_THRESHOLD
-    notes: tuple[str, ...] = ()  # what the user should know before the work (the --op auto choice, a switch never reached)
+    notes: tuple[
+        str, ...
+    ] = ()  # what the user should know before the work (the --op auto choice, a switch never reached)
 
 
 @dataclass(frozen=True)
@@ -103,11 +102,25 @@ def encoding_of(params) -> str:
     for name in ENCODINGS.names():
         if type(params) is ENCODINGS.get(name).params:
             return name
-    raise BadInput(f"{type(params).__name__} is not the parameters of an encoding; encodings: {', '.join(ENCODINGS.names())}")
+    raise BadInput(
+        f"{type(params).__name__} is not the parameters of an encoding; encodings: {', '.join(ENCODINGS.names())}"
+    )
 
 
-def as_spec(spec_or_preset, *, op=None, dtype="fp32", layout="bhsd", opset=None, seq=None, static_shapes=None,
-            format=None, optimize=None, optimize_provider=None, external_data=None) -> tuple[Spec, str | None]:  # fmt: skip
+def as_spec(
+    spec_or_preset,
+    *,
+    op=None,
+    dtype="fp32",
+    layout="bhsd",
+    opset=None,
+    seq=None,
+    static_shapes=None,
+    format=None,
+    optimize=None,
+    optimize_provider=None,
+    external_data=None,
+) -> tuple[Spec, str | None]:
     """The spec of an export and, for `op="auto"`, why that target was picked."""
     if isinstance(spec_or_preset, Spec):
         return spec_or_preset, None
@@ -120,7 +133,9 @@ def as_spec(spec_or_preset, *, op=None, dtype="fp32", layout="bhsd", opset=None,
     elif dataclasses.is_dataclass(spec_or_preset) and not isinstance(spec_or_preset, type):
         encoding, params = encoding_of(spec_or_preset), dataclasses.asdict(spec_or_preset)
     else:
-        raise BadInput(f"export takes a Spec, a preset name or encoding parameters, got {type(spec_or_preset).__name__}")
+        raise BadInput(
+            f"export takes a Spec, a preset name or encoding parameters, got {type(spec_or_preset).__name__}"
+        )
     if seq is not None:
         params["max_positions"] = seq
     settings = {"format": format, "optimize": optimize, "optimize_provider": optimize_provider}
@@ -135,8 +150,16 @@ def as_spec(spec_or_preset, *, op=None, dtype="fp32", layout="bhsd", opset=None,
         raise BadInput(f"op must be one of {', '.join(OP_TARGETS)} or auto, got {op!r}")
     opset = opset if opset is not None else OP_TARGETS[op].min_opset
     try:
-        spec = Spec(encoding=encoding, params=params, op=op, opset=opset, dtype=dtype, layout=layout,
-                    static_shapes=static_shapes, deploy=settings)  # fmt: skip
+        spec = Spec(
+            encoding=encoding,
+            params=params,
+            op=op,
+            opset=opset,
+            dtype=dtype,
+            layout=layout,
+            static_shapes=static_shapes,
+            deploy=settings,
+        )
     except ValueError as e:
         raise BadInput(str(e)) from None
     return spec, picked and f"--op auto picked {op} (opset {opset}): {picked}"
@@ -174,7 +197,9 @@ def write(job: Job) -> Written:
         if spec.deploy.get("format") == "ort":
             extra["ort"] = packaging.to_ort_format(data)
         if "optimize" in spec.deploy:
-            extra["optimized"] = packaging.optimize(data, spec.deploy["optimize"], spec.deploy.get("optimize_provider", "cpu"))
+            extra["optimized"] = packaging.optimize(
+                data, spec.deploy["optimize"], spec.deploy.get("optimize_provider", "cpu")
+            )
         paths = packaging.artifact_paths(spec, output)
         for p in paths.values():  # again: a file may have appeared while building
             check_output_path(p, force)
@@ -226,8 +251,19 @@ def free_folder(path: Path) -> Path:
     return candidate
 
 
-def verify(path, runtimes=None, positions: str | None = None, *, batch: int = 2, seed: int = 0, probe_bounds: bool = False,
-           report=None, bundle=None, force: bool = False, weights=None) -> VerifyResult:  # fmt: skip
+def verify(
+    path,
+    runtimes=None,
+    positions: str | None = None,
+    *,
+    batch: int = 2,
+    seed: int = 0,
+    probe_bounds: bool = False,
+    report=None,
+    bundle=None,
+    force: bool = False,
+    weights=None,
+) -> VerifyResult:
     """Re-verify a file pe-export wrote against the float64 reference rebuilt from its embedded spec:
     positions over the whole table (its last rows always), a decode step and batch > 1, on every
     runtime in `runtimes` (default: all; absent ones are skipped rows). `positions` adds exactly
@@ -257,7 +293,17 @@ def verify(path, runtimes=None, positions: str | None = None, *, batch: int = 2,
     rows = parity.check(spec, data, runtimes, seed=seed, batch=batch, positions=wanted)
     bounds = out_of_range.probe_bounds(spec, data, runtimes, seed=seed) if probe_bounds else None
     result = parity.verdict(rows)
-    command = ["pe-export", "verify", str(path), "--runtimes", ",".join(runtimes), "--seed", str(seed), "--batch", str(batch)]
+    command = [
+        "pe-export",
+        "verify",
+        str(path),
+        "--runtimes",
+        ",".join(runtimes),
+        "--seed",
+        str(seed),
+        "--batch",
+        str(batch),
+    ]
     command += ["--positions", positions] if positions else []
     command += ["--probe-bounds"] if probe_bounds else []
     if report is not None:
@@ -270,8 +316,16 @@ def verify(path, runtimes=None, positions: str | None = None, *, batch: int = 2,
             bundles.write_bundle(folder, spec, data, rows, seed, batch, positions)
         except OSError as e:
             folder, error = None, f"could not write the reproduction bundle: {e}"
-    return VerifyResult(path=path, spec=spec, rows=rows, verdict=result, bounds=bounds,
-                        report=Path(report) if report is not None else None, bundle=folder, bundle_error=error)  # fmt: skip
+    return VerifyResult(
+        path=path,
+        spec=spec,
+        rows=rows,
+        verdict=result,
+        bounds=bounds,
+        report=Path(report) if report is not None else None,
+        bundle=folder,
+        bundle_error=error,
+    )
 
 
 def verify_artifact(path: Path, spec: Spec, runtimes=None, seed: int = 0) -> VerifyResult:
@@ -285,8 +339,17 @@ def artifact_runtimes(spec: Spec, kind: str) -> tuple[str, ...]:
     return ORT_FORMAT_RUNTIMES if kind == "ort" else OPTIMIZED_RUNTIMES[spec.deploy.get("optimize_provider", "cpu")]
 
 
-def export(spec_or_preset, path=None, *, runtimes=None, report=None, force: bool = False, seed: int = 0,
-           verify_file: bool = True, **options) -> ExportResult:  # fmt: skip
+def export(
+    spec_or_preset,
+    path=None,
+    *,
+    runtimes=None,
+    report=None,
+    force: bool = False,
+    seed: int = 0,
+    verify_file: bool = True,
+    **options,
+) -> ExportResult:
     """Export, write and verify: the whole `pe-export PRESET` job. Options: op ("onnx", "ort",
     "decomposed", "auto"), dtype, layout, opset, seq, static_shapes ([B, S(, H)]), format ("ort"),
     optimize ("basic", "extended", "all"), optimize_provider, external_data."""
@@ -296,6 +359,9 @@ def export(spec_or_preset, path=None, *, runtimes=None, report=None, force: bool
     if not verify_file:
         return ExportResult(job=job, written=written, verification=None)
     result = verify(written.paths["onnx"], runtimes, report=report, force=force, seed=seed)
-    artifacts = {kind: verify_artifact(written.paths[kind], written.spec, artifact_runtimes(written.spec, kind), seed)
-                 for kind in ("ort", "optimized") if kind in written.paths}  # fmt: skip
+    artifacts = {
+        kind: verify_artifact(written.paths[kind], written.spec, artifact_runtimes(written.spec, kind), seed)
+        for kind in ("ort", "optimized")
+        if kind in written.paths
+    }
     return ExportResult(job=job, written=written, verification=result, artifacts=artifacts)

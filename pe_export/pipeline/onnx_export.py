@@ -12,9 +12,8 @@ from pathlib import Path
 
 import onnx
 
-
-from pe_export.pipeline import packaging
 from pe_export.encodings.attention import encoding_for
+from pe_export.encodings.static_shapes import static_args, static_sizes
 from pe_export.errors import BadInput
 from pe_export.files import (  # noqa: F401 (re-exported)
     check_output_path,
@@ -23,8 +22,8 @@ from pe_export.files import (  # noqa: F401 (re-exported)
     read_file,
     write_atomic,
 )
+from pe_export.pipeline import packaging
 from pe_export.spec import DERIVED_KEY, SPEC_KEY, VERSION, Spec
-from pe_export.encodings.static_shapes import static_args, static_sizes
 
 
 def check_spec(spec: Spec) -> None:

@@ -41,13 +41,17 @@ def check_deploy(spec) -> None:
     if "optimize" in d and d["optimize"] not in OPTIMIZE_LEVELS:
         raise BadInput(f"--optimize must be one of {', '.join(OPTIMIZE_LEVELS)}, got {d['optimize']!r}")
     if d.get("optimize_provider", "cpu") not in OPTIMIZE_PROVIDERS:
-        raise BadInput(f"--optimize-provider must be one of {', '.join(OPTIMIZE_PROVIDERS)}, got {d['optimize_provider']!r}")
+        raise BadInput(
+            f"--optimize-provider must be one of {', '.join(OPTIMIZE_PROVIDERS)}, got {d['optimize_provider']!r}"
+        )
     if "optimize_provider" in d and "optimize" not in d:
         raise BadInput("--optimize-provider needs --optimize LEVEL")
     if spec.params.get("attention") and spec.params.get("tables") == "computed":
         # The attention layer's bound (encodings.common.attention_magnitude) has no float32-angle term yet.
-        raise BadInput("--tables computed does not combine with --attention yet: that layer's error bound has no term "
-                       "for float32 angles; use --tables constant")
+        raise BadInput(
+            "--tables computed does not combine with --attention yet: that layer's error bound has no term "
+            "for float32 angles; use --tables constant"
+        )
 
 
 def check_tools(spec) -> None:
@@ -62,9 +66,15 @@ def check_tools(spec) -> None:
     except ImportError:
         raise BadInput("--format ort and --optimize need onnxruntime (pip install 'pe-export[cpu]')") from None
     if d.get("format") == "ort" and importlib.util.find_spec("onnxruntime.tools.convert_onnx_models_to_ort") is None:
-        raise BadInput("--format ort needs ONNX Runtime's conversion tool onnxruntime.tools.convert_onnx_models_to_ort, missing here")
+        raise BadInput(
+            "--format ort needs ONNX Runtime's conversion tool onnxruntime.tools.convert_onnx_models_to_ort, missing "
+            "here"
+        )
     if d.get("optimize_provider") == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise BadInput(f"--optimize-provider cuda needs onnxruntime-gpu and a CUDA device; available: {', '.join(ort.get_available_providers())}")
+        raise BadInput(
+            f"--optimize-provider cuda needs onnxruntime-gpu and a CUDA device; available: "
+            f"{', '.join(ort.get_available_providers())}"
+        )
 
 
 def artifact_paths(spec, output: Path) -> dict:
@@ -76,7 +86,9 @@ def artifact_paths(spec, output: Path) -> dict:
     if d.get("format") == "ort":
         paths["ort"] = output.with_suffix(".ort")
     if "optimize" in d:
-        paths["optimized"] = output.with_name(f"{output.stem}.opt-{d['optimize']}-{d.get('optimize_provider', 'cpu')}.onnx")
+        paths["optimized"] = output.with_name(
+            f"{output.stem}.opt-{d['optimize']}-{d.get('optimize_provider', 'cpu')}.onnx"
+        )
     return paths
 
 
@@ -88,7 +100,9 @@ def finalize_spec(spec, model, external: bool | None):
     """Decide external data (None: above EXTERNAL_DATA_THRESHOLD) and record it in the model's spec."""
     if external is None:
         external = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    deploy = {k: v for k, v in spec.deploy.items() if k != "external_data"} | ({"external_data": True} if external else {})
+    deploy = {k: v for k, v in spec.deploy.items() if k != "external_data"} | (
+        {"external_data": True} if external else {}
+    )
     spec = replace(spec, deploy=deploy)
     for prop in model.metadata_props:
         if prop.key == SPEC_KEY:
@@ -108,7 +122,9 @@ def to_ort_format(model_bytes: bytes) -> bytes:
         src.write_bytes(model_bytes)
         try:
             with contextlib.redirect_stdout(io.StringIO()), quiet_logging():
-                convert_onnx_models_to_ort(src, output_dir=Path(tmp) / "ort", optimization_styles=[OptimizationStyle.Fixed])
+                convert_onnx_models_to_ort(
+                    src, output_dir=Path(tmp) / "ort", optimization_styles=[OptimizationStyle.Fixed]
+                )
             return (Path(tmp) / "ort" / "model.ort").read_bytes()
         except Exception as e:
             raise BadInput(f"--format ort: ONNX Runtime could not convert the model: {one_line(e, 200)}") from None
@@ -129,7 +145,9 @@ def optimize(model_bytes: bytes, level: str, provider: str) -> bytes:
             ort.InferenceSession(model_bytes, opts, providers=providers)
             return (Path(tmp) / "optimized.onnx").read_bytes()
         except Exception as e:
-            raise BadInput(f"--optimize: ONNX Runtime could not optimise the model for {provider}: {one_line(e, 200)}") from None
+            raise BadInput(
+                f"--optimize: ONNX Runtime could not optimise the model for {provider}: {one_line(e, 200)}"
+            ) from None
 
 
 def write_external(model, path: Path, force: bool) -> list[Path]:
@@ -142,8 +160,14 @@ def write_external(model, path: Path, force: bool) -> list[Path]:
     check_output_path(side, force)
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
         staged = Path(tmp) / path.name
-        onnx.save_model(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=side.name, size_threshold=EXTERNAL_MIN_TENSOR)  # fmt: skip
+        onnx.save_model(
+            model,
+            staged,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=side.name,
+            size_threshold=EXTERNAL_MIN_TENSOR,
+        )
         if not (Path(tmp) / side.name).exists():  # nothing was big enough: still write the (empty) side file
             (Path(tmp) / side.name).write_bytes(b"")
         for f in (Path(tmp) / side.name, staged):

@@ -61,8 +61,13 @@ def save(model: ir.Model, path: Path, force: bool) -> None:
             for v in proto.graph.initializers.values():
                 if isinstance(v.const_value, ir.ExternalTensor):
                     v.const_value = ir.ExternalTensor(
-                        location=data, offset=v.const_value.offset, length=v.const_value.length,
-                        dtype=v.const_value.dtype, shape=v.const_value.shape, name=v.name, base_dir=path.parent,
+                        location=data,
+                        offset=v.const_value.offset,
+                        length=v.const_value.length,
+                        dtype=v.const_value.dtype,
+                        shape=v.const_value.shape,
+                        name=v.name,
+                        base_dir=path.parent,
                     )
             os.replace(path.parent / tmp_data, path.parent / data)
             ir.save(proto, tmp)
@@ -79,7 +84,9 @@ def save(model: ir.Model, path: Path, force: bool) -> None:
         raise
 
 
-def rewrite(model_or_path, config, seq: int | None = None, op: str = "tables", output=None, force: bool = False) -> Rewritten:
+def rewrite(
+    model_or_path, config, seq: int | None = None, op: str = "tables", output=None, force: bool = False
+) -> Rewritten:
     """Rewrite the RoPE of `model_or_path` (an `onnx_ir.Model`, an `onnx.ModelProto`, or a path) with the
     RoPE parameters of the local `config` (a config.json path), and write it to `output` if given.
     An `onnx_ir.Model` passed in is left unchanged, whether the rewrite succeeds or fails: the result's

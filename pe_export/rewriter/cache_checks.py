@@ -13,20 +13,25 @@ import numpy as np
 import onnx_ir as ir
 
 from pe_export.encodings.rope import RopeParams, inv_freq, tables
-from pe_export.verification.tolerances import tolerance
-from pe_export.rewriter.job import Site
 from pe_export.errors import one_line
-from pe_export.runtimes.outcomes import verdict_of
 from pe_export.rewriter.checks import DEFAULT_RUNTIMES, EPS32, SiteRow, feeds, run_all, spread_positions
+from pe_export.rewriter.job import Site
+from pe_export.runtimes.outcomes import verdict_of
+from pe_export.verification.tolerances import tolerance
 
 
-def cache_values(model: ir.Model, names: list[str], positions: np.ndarray, runtime: str,
-                 timeout: float | None = None) -> tuple[str, list[np.ndarray]]:  # fmt: skip
+def cache_values(
+    model: ir.Model, names: list[str], positions: np.ndarray, runtime: str, timeout: float | None = None
+) -> tuple[str, list[np.ndarray]]:
     """(provider, the named (P, R/2) values of `model`): constants read back ("constant"), computed ones
     run by `runtime` in its worker on a copy pruned to them (its remaining inputs fed from `positions`)."""
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-    consts = {n: v.const_value.numpy() for n, v in model.graph.initializers.items() if n in names and v.const_value is not None}
+    consts = {
+        n: v.const_value.numpy()
+        for n, v in model.graph.initializers.items()
+        if n in names and v.const_value is not None
+    }
     computed = [n for n in names if n not in consts]
     provider = "constant"
     if computed:
@@ -37,7 +42,9 @@ def cache_values(model: ir.Model, names: list[str], positions: np.ndarray, runti
         RemoveUnusedNodesPass()(copy)
         for v in [v for v in copy.graph.inputs if not v.uses()]:
             copy.graph.inputs.remove(v)
-        provider, (got,) = run_all(runtime, ir.to_proto(copy).SerializeToString(), computed, [feeds(copy, positions)], timeout)
+        provider, (got,) = run_all(
+            runtime, ir.to_proto(copy).SerializeToString(), computed, [feeds(copy, positions)], timeout
+        )
         consts.update(got)
     return provider, [consts[n] for n in names]
 
@@ -50,8 +57,9 @@ def rows_at(table: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return out
 
 
-def check_caches(original: ir.Model, rewritten: ir.Model, sites: list[Site], runtimes=DEFAULT_RUNTIMES,
-                 timeout: float | None = None) -> list[SiteRow]:  # fmt: skip
+def check_caches(
+    original: ir.Model, rewritten: ir.Model, sites: list[Site], runtimes=DEFAULT_RUNTIMES, timeout: float | None = None
+) -> list[SiteRow]:
     """A cache row per fused site and runtime; a runtime that cannot compute the original's cache is a
     row with its verdict and reason."""
     rows = []
@@ -65,15 +73,32 @@ def check_caches(original: ir.Model, rewritten: ir.Model, sites: list[Site], run
             bound = tolerance("fp32", "decomposed").factor * EPS32 * max(1.0, inv_freq(p)[1])
             errs, providers = {}, []
             try:
-                for kind, model, names in (("original", original, [site.cos, site.sin]), ("rewritten", rewritten, site.tables)):
+                for kind, model, names in (
+                    ("original", original, [site.cos, site.sin]),
+                    ("rewritten", rewritten, site.tables),
+                ):
                     provider, values = cache_values(model, names, positions, runtime, timeout)
                     cos, sin = (rows_at(t, positions) for t in values)
                     errs[kind] = np.maximum(np.abs(cos - ref_cos).max(-1), np.abs(sin - ref_sin).max(-1))
                     providers.append(provider)
             except Exception as e:  # every failure of a runtime is a row
-                rows.append(SiteRow(i, runtime, positions.tolist(), [], [], bound, verdict_of(e), "", one_line(e), "caches"))
+                rows.append(
+                    SiteRow(i, runtime, positions.tolist(), [], [], bound, verdict_of(e), "", one_line(e), "caches")
+                )
                 continue
             verdict = "pass" if float(errs["rewritten"].max()) <= bound else "FAIL"
-            rows.append(SiteRow(i, runtime, positions.tolist(), errs["original"].tolist(), errs["rewritten"].tolist(), bound, verdict,
-                                " / ".join(dict.fromkeys(providers)), "", "caches"))  # fmt: skip
+            rows.append(
+                SiteRow(
+                    i,
+                    runtime,
+                    positions.tolist(),
+                    errs["original"].tolist(),
+                    errs["rewritten"].tolist(),
+                    bound,
+                    verdict,
+                    " / ".join(dict.fromkeys(providers)),
+                    "",
+                    "caches",
+                )
+            )
     return rows

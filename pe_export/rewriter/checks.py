@@ -19,22 +19,22 @@ and the other rows complete.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
+from pe_export.custom_ops.rotation import apply_reference, heads_axis
 from pe_export.dtypes import DENORM_MIN, EPS
 from pe_export.encodings.rope import RopeParams, inv_freq, pair_sums, tables
 from pe_export.errors import one_line
+from pe_export.rewriter.core import METADATA_KEY
+from pe_export.rewriter.job import Site
+from pe_export.runtimes import GRAPH_RUNTIMES
 from pe_export.runtimes.outcomes import Unsupported, verdict_of
 from pe_export.verification.parity import FAILED
 from pe_export.verification.tolerances import tolerance
-from pe_export.rewriter.core import METADATA_KEY
-from pe_export.rewriter.job import Site
-from pe_export.custom_ops.rotation import apply_reference, heads_axis
-from pe_export.runtimes import GRAPH_RUNTIMES
 
 EPS32 = 2.0**-24  # float32 unit roundoff
 RUNTIMES = tuple(GRAPH_RUNTIMES)
@@ -87,9 +87,14 @@ def with_outputs(model: ir.Model, names: list[str]) -> tuple[bytes, list[str]]:
     external data are read into the copy: a runtime given bytes has no folder to find them in (models of
     over 2 GiB cannot be held so: `Unsupported`)."""
     proto = ir.to_proto(model)
-    external = [v.const_value for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
+    external = [
+        v.const_value for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)
+    ]
     if external:
-        if sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None) > MAX_PROTO:
+        if (
+            sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+            > MAX_PROTO
+        ):
             raise Unsupported("not run: its weights exceed the 2 GiB a model held in memory can have")
         from onnx.external_data_helper import load_external_data_for_model
 
@@ -103,7 +108,9 @@ def with_outputs(model: ir.Model, names: list[str]) -> tuple[bytes, list[str]]:
     return proto.SerializeToString(), have
 
 
-def feeds(model: ir.Model, positions: np.ndarray, batch: int = 1, seed: int = 0, cache_dims: dict | None = None) -> dict:
+def feeds(
+    model: ir.Model, positions: np.ndarray, batch: int = 1, seed: int = 0, cache_dims: dict | None = None
+) -> dict:
     """Inputs for `model` from its own signature: ids (random in a small range), positions, masks of ones,
     past key/values of length 0. A past key/value's symbolic axes other than the batch take their size
     from `cache_dims` ({axis: size}, e.g. `cache_dims_of(config)`), else 0 (its past length)."""
@@ -149,7 +156,9 @@ def run_all(runtime: str, model_bytes: bytes, names: list[str], inputs: list[dic
     runtime's Skip / Unsupported / Crash / Timeout or its error."""
     from pe_export.runtimes import worker
 
-    call, provider = worker.load(runtime, GRAPH_RUNTIMES[runtime], None, model_bytes, worker.TIMEOUT_S if timeout is None else timeout)
+    call, provider = worker.load(
+        runtime, GRAPH_RUNTIMES[runtime], None, model_bytes, worker.TIMEOUT_S if timeout is None else timeout
+    )
     return provider, [dict(zip(names, call(feed))) for feed in inputs]
 
 
@@ -231,8 +240,9 @@ def rotation_error(got: dict, site: Site, positions: np.ndarray, op: str) -> tup
     return err, top, ratio
 
 
-def check_sites(original: ir.Model, rewritten: ir.Model, sites: list[Site], runtimes=DEFAULT_RUNTIMES,
-                timeout: float | None = None) -> list[SiteRow]:  # fmt: skip
+def check_sites(
+    original: ir.Model, rewritten: ir.Model, sites: list[Site], runtimes=DEFAULT_RUNTIMES, timeout: float | None = None
+) -> list[SiteRow]:
     """A cos/sin row per site and runtime, and with --op onnx|ort|decomposed a rotated q/k row."""
     from pe_export.runtimes import worker
 
@@ -246,9 +256,16 @@ def check_sites(original: ir.Model, rewritten: ir.Model, sites: list[Site], runt
         return []
     wanted = [n for s in checked.values() for n in (s.cos, s.sin, *(v for r in s.rotated for v in (r["x"], r["y"])))]
     try:
-        (orig_bytes, orig_names), (new_bytes, new_names) = with_outputs(original, wanted), with_outputs(rewritten, wanted)
+        (orig_bytes, orig_names), (new_bytes, new_names) = (
+            with_outputs(original, wanted),
+            with_outputs(rewritten, wanted),
+        )
     except Unsupported as e:
-        return [SiteRow(i, runtime, [], [], [], 0.0, "unsupported", "", one_line(e)) for runtime in runtimes for i in checked]
+        return [
+            SiteRow(i, runtime, [], [], [], 0.0, "unsupported", "", one_line(e))
+            for runtime in runtimes
+            for i in checked
+        ]
     positions = {i: site_positions(site) for i, site in checked.items()}
     inputs = [feeds(rewritten, pos) for pos in positions.values()]
     refs = {i: site_reference(site, positions[i]) for i, site in checked.items()}
@@ -270,15 +287,29 @@ def check_sites(original: ir.Model, rewritten: ir.Model, sites: list[Site], runt
             # The rewritten model ran: its error decides; an original that did not run is only a note.
             if has_cos_sin:
                 err_n = _cos_sin_error(got_n[j], site, pos, *refs[i])
-                err_o = _cos_sin_error(got_o[j], site, pos, *refs[i]).tolist() if got_o is not None else [None] * pos.size
+                err_o = (
+                    _cos_sin_error(got_o[j], site, pos, *refs[i]).tolist() if got_o is not None else [None] * pos.size
+                )
                 verdict = "pass" if float(err_n.max()) <= bound else "FAIL"
                 rows.append(SiteRow(i, runtime, pos.tolist(), err_o, err_n.tolist(), bound, verdict, provider, note))
             if site.rotated:
                 rot_n, top, ratio = rotation_error(got_n[j], site, pos, op)
                 rot_o = rotation_error(got_o[j], site, pos, op)[0].tolist() if got_o is not None else [None] * pos.size
                 worst = f"worst error/bound {ratio:.2f} over {len(site.rotated)} rotations"
-                rows.append(SiteRow(i, runtime, pos.tolist(), rot_o, rot_n.tolist(), top, "pass" if ratio <= 1.0 else "FAIL", provider,
-                                    "; ".join(filter(None, [note, worst])), "rotated q/k"))  # fmt: skip
+                rows.append(
+                    SiteRow(
+                        i,
+                        runtime,
+                        pos.tolist(),
+                        rot_o,
+                        rot_n.tolist(),
+                        top,
+                        "pass" if ratio <= 1.0 else "FAIL",
+                        provider,
+                        "; ".join(filter(None, [note, worst])),
+                        "rotated q/k",
+                    )
+                )
     return rows
 
 
@@ -287,8 +318,14 @@ def _factor(site: Site) -> float:
     return inv_freq(RopeParams(**site.params), site.seq_len)[1]  # dynamic NTK: 1 at every length
 
 
-def check_whole(original: ir.Model, rewritten: ir.Model, runtimes=DEFAULT_RUNTIMES, batch: int = 2,
-                timeout: float | None = None, cache_dims: dict | None = None) -> list[WholeRow]:  # fmt: skip
+def check_whole(
+    original: ir.Model,
+    rewritten: ir.Model,
+    runtimes=DEFAULT_RUNTIMES,
+    batch: int = 2,
+    timeout: float | None = None,
+    cache_dims: dict | None = None,
+) -> list[WholeRow]:
     """The original and the rewritten model's outputs at positions 0..SHORT-1, a row per runtime."""
     from pe_export.runtimes import worker
 
@@ -317,4 +354,6 @@ def check_whole(original: ir.Model, rewritten: ir.Model, runtimes=DEFAULT_RUNTIM
 
 def failed(rows) -> bool:
     """A report fails when a row failed, crashed or hung, or when no runtime checked a site."""
-    return any(r.verdict in FAILED for r in rows) or not any(r.verdict == "pass" for r in rows if isinstance(r, SiteRow))
+    return any(r.verdict in FAILED for r in rows) or not any(
+        r.verdict == "pass" for r in rows if isinstance(r, SiteRow)
+    )

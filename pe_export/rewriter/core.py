@@ -43,7 +43,9 @@ def rewrite_model(model: ir.Model, config, seq: int | None = None, op: str = "ta
     if op not in OPS:
         raise BadInput(f"--op must be one of {', '.join(OPS)}, got {op!r}")
     if METADATA_KEY in model.metadata_props:
-        raise BadInput("this model was already rewritten by pe-export rewrite (metadata 'pe_export.rewrite'); rewrite the original")
+        raise BadInput(
+            "this model was already rewritten by pe-export rewrite (metadata 'pe_export.rewrite'); rewrite the original"
+        )
     job = Job(params_from_config(config, seq), seq, op)
     model = model.clone()
     rules = rule_set(job)
@@ -55,14 +57,18 @@ def rewrite_model(model: ir.Model, config, seq: int | None = None, op: str = "ta
     if not job.found:
         raise BadInput(f"no RoPE site found (recognised shapes: {', '.join(RULES.names())})")
     rules.apply_to_model(model)
-    for name in (n for site in job.sites for n in (site.inv_freq, *site.replaced)):  # the float32 constants the tables replace
+    for name in (
+        n for site in job.sites for n in (site.inv_freq, *site.replaced)
+    ):  # the float32 constants the tables replace
         old = model.graph.initializers.get(name)
         if old is not None and not old.uses() and old not in model.graph.outputs:
             del model.graph.initializers[name]
     computed = [s.inv_freq for s in job.sites if not s.tables]
     if op != "tables" and computed:
-        raise BadInput(f"--op {op}: site {computed[0]!r} is dynamic NTK: its cos/sin are computed at run time from "
-                       "max(position) + 1 (no table for pe-export's rotation lowerings to read); use --op tables")  # fmt: skip
+        raise BadInput(
+            f"--op {op}: site {computed[0]!r} is dynamic NTK: its cos/sin are computed at run time from "
+            "max(position) + 1 (no table for pe-export's rotation lowerings to read); use --op tables"
+        )
     if op != "tables":
         from pe_export.rewriter.lowering import replace_rotations
 

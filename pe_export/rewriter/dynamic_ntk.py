@@ -31,7 +31,10 @@ def cos_or_sin(op, fn: str, positions: ir.Value, p: RopeParams) -> ir.Value:
     double = lambda x: op.Constant(value=ir.tensor(np.asarray(x, dtype=np.float64)))  # noqa: E731
     seq = op.Cast(op.Add(op.ReduceMax(positions, keepdims=0), ints(op, 1)), to=ir.DataType.DOUBLE)  # ()
     s = op.Max(seq, double(L))
-    base = op.Mul(double(p.theta), op.Pow(op.Sub(op.Div(op.Mul(double(factor), s), double(L)), double(factor - 1.0)), double(R / (R - 2))))
+    base = op.Mul(
+        double(p.theta),
+        op.Pow(op.Sub(op.Div(op.Mul(double(factor), s), double(L)), double(factor - 1.0)), double(R / (R - 2))),
+    )
     freqs = op.Div(double(1.0), op.Pow(base, double(np.arange(0, R, 2, dtype=np.float64) / R)))  # (R/2,)
     angles = op.Mul(op.Unsqueeze(op.Cast(positions, to=ir.DataType.DOUBLE), ints(op, [-1])), freqs)  # (B, S, R/2)
     t = op.Cos(angles) if fn == "Cos" else op.Sin(angles)

@@ -28,9 +28,15 @@ class Site:
     tables: list[str]
     seq_len: int | None = None  # the rule's branch (LongRoPE short/long), None when it has one
     rotations: int = 0  # q/k rotations replaced by --op onnx|ort|decomposed
-    width: str = "full"  # cos/sin values (B, S, R) [t, t]; "half": (B, S, R/2); "table": the (P, R/2) caches a fused node reads
-    fused: str = ""  # the fused node that reads the tables ("com.microsoft::GroupQueryAttention", ...); "": the graph's own ops
-    replaced: list[str] = field(default_factory=list)  # further graph constants the tables replace (a fused node's sin cache)
+    width: str = (
+        "full"  # cos/sin values (B, S, R) [t, t]; "half": (B, S, R/2); "table": the (P, R/2) caches a fused node reads
+    )
+    fused: str = (
+        ""  # the fused node that reads the tables ("com.microsoft::GroupQueryAttention", ...); "": the graph's own ops
+    )
+    replaced: list[str] = field(
+        default_factory=list
+    )  # further graph constants the tables replace (a fused node's sin cache)
     # Each replaced rotation: the un-rotated q or k `x` and the rotated `y` (the same names in the original
     # and the rewritten graph), its pairing and layout: what verification reads back from both.
     rotated: list = field(default_factory=list)

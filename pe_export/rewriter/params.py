@@ -61,7 +61,10 @@ def disagreement(graph_inv_freq: np.ndarray, p: RopeParams, seq_len: int | None 
     with both values."""
     g = np.asarray(graph_inv_freq, dtype=np.float64).reshape(-1)
     if 2 * g.size != p.rotary_dim:
-        return f"rotary dim: the graph's inv_freq has {g.size} frequencies (rotary dim {2 * g.size}), the config gives rotary dim {p.rotary_dim}"
+        return (
+            f"rotary dim: the graph's inv_freq has {g.size} frequencies (rotary dim {2 * g.size}), the config "
+            f"gives rotary dim {p.rotary_dim}"
+        )
     want = float32_inv_freq(p, seq_len)
     if agrees(g, want):
         return None
@@ -75,11 +78,14 @@ def disagreement(graph_inv_freq: np.ndarray, p: RopeParams, seq_len: int | None 
     i = int(np.argmax(np.abs(g - want) / np.abs(want)))
     scaling = f"rope_type {p.scaling!r}" + (f" {p.scaling_params}" if p.scaling_params else "")
     return (
-        f"scaling: the graph's inv_freq[{i}] is {g[i]:.9g}, the config ({scaling}, theta {p.theta:g}) gives {want[i]:.9g}"
+        f"scaling: the graph's inv_freq[{i}] is {g[i]:.9g}, the config ({scaling}, theta {p.theta:g}) gives "
+        f"{want[i]:.9g}"
     )
 
 
-def match(graph_inv_freq: np.ndarray, candidates: list[RopeParams], seq_len: int | None = None) -> tuple[RopeParams | None, str]:
+def match(
+    graph_inv_freq: np.ndarray, candidates: list[RopeParams], seq_len: int | None = None
+) -> tuple[RopeParams | None, str]:
     """The candidate whose float32 inv_freq the graph holds, or None and the reason naming the parameter."""
     reasons = []
     for p in candidates:

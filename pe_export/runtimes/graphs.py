@@ -29,7 +29,9 @@ def all_nodes(graph):
 def custom_domains(model_bytes: bytes) -> list[str]:
     import onnx
 
-    return sorted({n.domain for n in all_nodes(onnx.load_from_string(model_bytes).graph) if n.domain not in ("", "ai.onnx")})
+    return sorted(
+        {n.domain for n in all_nodes(onnx.load_from_string(model_bytes).graph) if n.domain not in ("", "ai.onnx")}
+    )
 
 
 def computes_in_float64(model_bytes: bytes) -> bool:
@@ -40,4 +42,3 @@ def computes_in_float64(model_bytes: bytes) -> bool:
     graph = onnx.load_from_string(model_bytes).graph
     casts = (a.i for n in graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to")
     return TensorProto.DOUBLE in casts or any(t.data_type == TensorProto.DOUBLE for t in graph.initializer)
-

@@ -24,12 +24,17 @@ def graph_iree(model_bytes: bytes, threads: int | None = None):
     with tempfile.TemporaryDirectory(prefix="pe-export-iree-") as tmp:
         onnx_path, mlir = Path(tmp) / "model.onnx", Path(tmp) / "model.mlir"
         onnx_path.write_bytes(model_bytes)
-        done = subprocess.run([sys.executable, "-m", "iree.compiler.tools.import_onnx", str(onnx_path), "-o", str(mlir)],
-                              capture_output=True, text=True)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "iree.compiler.tools.import_onnx", str(onnx_path), "-o", str(mlir)],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             raise Unsupported(f"does not import: {_first_error(done.stderr)}")
         try:
-            vmfb = compiler.compile_file(str(mlir), target_backends=["llvm-cpu"], extra_args=["--iree-llvmcpu-target-cpu=host"])
+            vmfb = compiler.compile_file(
+                str(mlir), target_backends=["llvm-cpu"], extra_args=["--iree-llvmcpu-target-cpu=host"]
+            )
         except Exception as e:
             raise Unsupported(f"does not compile: {_first_error(str(e))}") from None
     ctx = rt.SystemContext(config=rt.Config("local-task"))
@@ -59,4 +64,3 @@ def _first_error(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     found = next((line for line in lines if "error:" in line), lines[-1] if lines else "no message")
     return found.split("error:", 1)[-1].split(": %")[0].strip()[:200]  # the message, not the IR it quotes
-

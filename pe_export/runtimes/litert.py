@@ -31,8 +31,10 @@ from pe_export.errors import one_line
 from pe_export.runtimes.outcomes import Skip, Unsupported
 
 CONVERTER = "PE_EXPORT_ONNX2TF_PYTHON"
-INSTALL = (f"pip install 'pe-export[litert]' for the interpreter; onnx2tf in a Python >= 3.12 environment of its own, "
-           f"named by {CONVERTER} (README: LiteRT)")  # fmt: skip
+INSTALL = (
+    f"pip install 'pe-export[litert]' for the interpreter; onnx2tf in a Python >= 3.12 environment of its own, "
+    f"named by {CONVERTER} (README: LiteRT)"
+)
 CONVERT_TIMEOUT_S = 100.0  # inside the worker's 120 s per load
 
 # Runs in the converter's Python: pe-export is not installed there. Writes result.json into the folder.
@@ -69,8 +71,12 @@ def convert(model_bytes: bytes, folder: Path) -> tuple[dict, str]:
     (folder / "model.onnx").write_bytes(model_bytes)
     python = converter_python()
     try:
-        done = subprocess.run([python, "-c", _SCRIPT, str(folder / "model.onnx"), str(folder)], capture_output=True,
-                              text=True, timeout=CONVERT_TIMEOUT_S)  # fmt: skip
+        done = subprocess.run(
+            [python, "-c", _SCRIPT, str(folder / "model.onnx"), str(folder)],
+            capture_output=True,
+            text=True,
+            timeout=CONVERT_TIMEOUT_S,
+        )
     except FileNotFoundError:
         raise Skip(f"{CONVERTER}={python} does not exist; {INSTALL}") from None
     except subprocess.TimeoutExpired:
@@ -78,7 +84,10 @@ def convert(model_bytes: bytes, folder: Path) -> tuple[dict, str]:
     result_path = folder / "result.json"
     if not result_path.exists():  # the converter died before it could say why
         lines = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
-        raise Unsupported(f"does not convert: onnx2tf exited with status {done.returncode}" + (f"; {lines[-1][:200]}" if lines else ""))
+        raise Unsupported(
+            f"does not convert: onnx2tf exited with status {done.returncode}"
+            + (f"; {lines[-1][:200]}" if lines else "")
+        )
     result = json.loads(result_path.read_text())
     if "missing" in result:
         raise Skip(f"onnx2tf is not importable from {python} ({result['missing']}); {INSTALL}")
@@ -86,7 +95,9 @@ def convert(model_bytes: bytes, folder: Path) -> tuple[dict, str]:
         raise Unsupported(f"does not convert: {one_line(result['error'], 200)}")
     if result["custom"]:
         ops = ", ".join(sorted(set(result["custom"])))
-        raise Unsupported(f"does not convert: {ops} (onnx2tf leaves it a TFLite custom op, which LiteRT has no kernel for)")
+        raise Unsupported(
+            f"does not convert: {ops} (onnx2tf leaves it a TFLite custom op, which LiteRT has no kernel for)"
+        )
     return result, result["version"]
 
 
@@ -137,8 +148,10 @@ def graph_litert(model_bytes: bytes, threads: int | None = None, kind: str | Non
     outputs = {d["name"]: d for d in interpreter.get_output_details()}
     onnx_inputs, onnx_outputs = [i.name for i in graph.input], [o.name for o in graph.output]
     if sorted(inputs) != sorted(onnx_inputs) or any(n not in outputs for n in onnx_outputs):
-        raise RuntimeError(f"the .tflite's inputs {sorted(inputs)} and outputs {sorted(outputs)} are not the graph's "
-                           f"{onnx_inputs} and {onnx_outputs}")  # fmt: skip
+        raise RuntimeError(
+            f"the .tflite's inputs {sorted(inputs)} and outputs {sorted(outputs)} are not the graph's "
+            f"{onnx_inputs} and {onnx_outputs}"
+        )
 
     def run(values):
         for name, a in values.items():

@@ -30,4 +30,3 @@ def graph_onnx_reference(model_bytes: bytes):
 def run_onnx_reference(spec: Spec, model_bytes: bytes):
     run, provider = graph_onnx_reference(model_bytes)
     return first_output(run), provider
-

@@ -36,4 +36,3 @@ def run_openvino(spec: Spec, model_bytes: bytes):
         raise Skip("OpenVINO's Python API takes no NumPy bfloat16 arrays")
     run, provider = graph_openvino(model_bytes)
     return first_output(run), provider
-

@@ -23,7 +23,9 @@ def ort_session(model_bytes: bytes, provider: str, options: dict | None = None, 
     opts.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
     opts.log_severity_level = 4  # failures come back as exceptions, not log lines
     try:
-        providers = [provider] if provider == "CPUExecutionProvider" else [(provider, options or {}), "CPUExecutionProvider"]
+        providers = (
+            [provider] if provider == "CPUExecutionProvider" else [(provider, options or {}), "CPUExecutionProvider"]
+        )
         return ort.InferenceSession(model_bytes, opts, providers=providers)
     except Exception as e:
         if "NOT_IMPLEMENTED" in str(e):
@@ -120,4 +122,3 @@ def require_provider(sess, provider: str) -> str:
     if ran != provider:
         raise RuntimeError(f"asked for {provider} but the session runs on {ran}")
     return ran
-

@@ -21,7 +21,14 @@ import numpy as np
 from pe_export.spec import Spec
 
 JS_DIR = Path(os.environ.get("PE_EXPORT_JS", Path(__file__).resolve().parents[2] / "js"))
-DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "float64": np.float64, "uint8": np.uint8}
+DTYPES = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "int64": np.int64,
+    "int32": np.int32,
+    "float64": np.float64,
+    "uint8": np.uint8,
+}
 THREADS = 1  # verify: one WASM thread (bench passes its own)
 
 
@@ -60,8 +67,14 @@ class NodeSession:
         self.tmp = tempfile.TemporaryDirectory(prefix="pe-export-ort-web-")
         model = Path(self.tmp.name) / "model.onnx"
         model.write_bytes(model_bytes)
-        self.proc = subprocess.Popen([node, str(JS_DIR / "ort_web.mjs"), str(model), str(threads)], cwd=JS_DIR,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [node, str(JS_DIR / "ort_web.mjs"), str(model), str(threads)],
+            cwd=JS_DIR,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         first = self._reply()
         if "error" in first:
             self.close()
@@ -92,8 +105,10 @@ class NodeSession:
         """Every output, in the graph's order and dtype."""
         out = Path(self.tmp.name) / "out"
         reply = self._request(inputs, op="run", out=str(out))
-        return [np.frombuffer(Path(f"{out}.{i}").read_bytes(), dtype=DTYPES[o["dtype"]]).reshape(o["shape"])
-                for i, o in enumerate(reply["outputs"])]  # fmt: skip
+        return [
+            np.frombuffer(Path(f"{out}.{i}").read_bytes(), dtype=DTYPES[o["dtype"]]).reshape(o["shape"])
+            for i, o in enumerate(reply["outputs"])
+        ]
 
     def __call__(self, inputs: dict) -> np.ndarray:
         return self.run_all(inputs)[0].astype(np.float64)

@@ -13,8 +13,8 @@ Two runtimes: `ort-web-browser` runs the WASM backend; `ort-web-browser-webgpu` 
 `navigator.gpu.requestAdapter()` returns an adapter (Chromium is started with `--enable-unsafe-webgpu`:
 WebGPU is off by default on Linux), and skips saying what requestAdapter said when it does not. Its
 provider names the adapter: without a GPU, Chromium offers SwiftShader, its own Vulkan on the CPU (a
-"fallback" adapter) without shader-f16, so fp16 graphs are "unsupported" there. Nodes without a WebGPU kernel run on WASM inside the same session (ORT's own
-partitioning), as in any browser.
+"fallback" adapter) without shader-f16, so fp16 graphs are "unsupported" there. Nodes without a WebGPU
+kernel run on WASM inside the same session (ORT's own partitioning), as in any browser.
 
 One browser per worker process, one page (tab) per loaded model. The browser exits with the worker:
 its debugging pipe closes, and the kernel sends it SIGKILL when the worker dies (PR_SET_PDEATHSIG);
@@ -42,8 +42,17 @@ from pe_export.spec import Spec
 PAGE_DIR = JS_DIR / "browser"
 DIST_DIR = JS_DIR / "node_modules" / "onnxruntime-web" / "dist"
 THREADS = 1  # verify: one WASM thread, as ort-web (bench passes its own)
-FLAGS = ["--headless=new", "--no-sandbox", "--remote-debugging-pipe", "--enable-unsafe-webgpu", "--no-first-run",
-         "--no-default-browser-check", "--disable-extensions", "--disable-background-networking", "--mute-audio"]  # fmt: skip
+FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--remote-debugging-pipe",
+    "--enable-unsafe-webgpu",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--disable-extensions",
+    "--disable-background-networking",
+    "--mute-audio",
+]
 TYPES = {".html": "text/html", ".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm"}
 
 
@@ -117,9 +126,8 @@ def serve(roots: dict[str, Path], writable: str) -> ThreadingHTTPServer:
 
 def _die_with_parent():  # in the child before exec: SIGKILL when the process that started it dies
     import ctypes
-    import signal
-
     import fcntl
+    import signal
 
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     # The pipe ends go to fds 3 and 4, where Chromium looks for them; copied above both first, so
@@ -162,13 +170,20 @@ class Browser:
 
     def __init__(self, binary: str):
         self.path = binary
-        self.profile = tempfile.TemporaryDirectory(prefix="chromium-", dir=scratch(), ignore_cleanup_errors=True)  # chromium may still write there
+        self.profile = tempfile.TemporaryDirectory(
+            prefix="chromium-", dir=scratch(), ignore_cleanup_errors=True
+        )  # chromium may still write there
         cmd_r, self.cmd_w = os.pipe()
         self.reply_r, reply_w = os.pipe()
         _die_with_parent.fds = (cmd_r, reply_w)
-        self.proc = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={self.profile.name}", "about:blank"],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     pass_fds=(3, 4), preexec_fn=_die_with_parent)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [binary, *FLAGS, f"--user-data-dir={self.profile.name}", "about:blank"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(3, 4),
+            preexec_fn=_die_with_parent,
+        )
         os.close(cmd_r)
         os.close(reply_w)
         self.buffer, self.next_id, self.events = b"", 0, []
@@ -242,7 +257,10 @@ class PageSession:
             self.browser.send(domain, self.session)
         self.browser.send("Page.navigate", self.session, url=f"{self.base}/page/index.html")
         self._wait_for_page()
-        first = self.call("load", {"model": f"{self.base}/data/model.onnx", "backend": backend, "threads": threads, "float16": float16})
+        first = self.call(
+            "load",
+            {"model": f"{self.base}/data/model.onnx", "backend": backend, "threads": threads, "float16": float16},
+        )
         if "provider" not in first:
             self.close()
         if "skip" in first:
@@ -260,10 +278,14 @@ class PageSession:
             if self.evaluate("typeof window.pe") == "object":
                 return
             time.sleep(0.05)
-        raise RuntimeError(f"the page never defined window.pe{'; ' + self.browser.events[-1] if self.browser.events else ''}")
+        raise RuntimeError(
+            f"the page never defined window.pe{'; ' + self.browser.events[-1] if self.browser.events else ''}"
+        )
 
     def evaluate(self, expression: str):
-        result = self.browser.send("Runtime.evaluate", self.session, expression=expression, awaitPromise=True, returnByValue=True)
+        result = self.browser.send(
+            "Runtime.evaluate", self.session, expression=expression, awaitPromise=True, returnByValue=True
+        )
         if "exceptionDetails" in result:
             details = result["exceptionDetails"]
             raise RuntimeError(details.get("exception", {}).get("description") or details.get("text"))
@@ -286,13 +308,19 @@ class PageSession:
     def __call__(self, inputs: dict) -> np.ndarray:
         out = Path(self.tmp.name, "out.bin")
         out.unlink(missing_ok=True)
-        return read_output(out, self._checked(self.call("run", {"inputs": self._inputs(inputs), "out": f"{self.base}/data/out.bin"})))
+        return read_output(
+            out, self._checked(self.call("run", {"inputs": self._inputs(inputs), "out": f"{self.base}/data/out.bin"}))
+        )
 
     def run_all(self, inputs: dict) -> list[np.ndarray]:
         """Every output, in the graph's order and dtype."""
-        reply = self._checked(self.call("run", {"inputs": self._inputs(inputs), "out": f"{self.base}/data/out", "all": True}))
-        return [np.frombuffer(Path(self.tmp.name, f"out.{i}").read_bytes(), dtype=DTYPES[o["dtype"]]).reshape(o["shape"])
-                for i, o in enumerate(reply["outputs"])]  # fmt: skip
+        reply = self._checked(
+            self.call("run", {"inputs": self._inputs(inputs), "out": f"{self.base}/data/out", "all": True})
+        )
+        return [
+            np.frombuffer(Path(self.tmp.name, f"out.{i}").read_bytes(), dtype=DTYPES[o["dtype"]]).reshape(o["shape"])
+            for i, o in enumerate(reply["outputs"])
+        ]
 
     def time(self, inputs: dict, repeat: int) -> list[float]:
         return self._checked(self.call("time", {"inputs": self._inputs(inputs), "repeat": repeat}))["times"]

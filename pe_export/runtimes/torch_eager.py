@@ -29,4 +29,3 @@ def run_torch(spec: Spec, model_bytes: bytes):
         return y.to(torch.float64).numpy()
 
     return call, "eager (CPU)"
-

@@ -53,4 +53,3 @@ def run_tract(spec: Spec, model_bytes: bytes, threads: int | None = None):
         raise Skip("tract's Python API takes no NumPy bfloat16 arrays")
     run, provider = graph_tract(model_bytes, threads)
     return first_output(run), provider
-

@@ -38,9 +38,10 @@ TIMEOUT_S = 120.0  # per request (start + load, or one probe): a hang becomes a 
 
 
 def _serve() -> None:
-    """The worker's loop (`python -m pe_export.runtimes.worker`; stderr is the parent's log file): the parent's
-    sys.path, then ("load", (module, name), spec json (None for a graph adapter), model bytes, adapter keywords), ("run", inputs)
-    and ("time", inputs, repeat) requests, each answered with (status, value)."""
+    """The worker's loop (`python -m pe_export.runtimes.worker`; stderr is the parent's log file): the
+    parent's sys.path, then ("load", (module, name), spec json (None for a graph adapter), model bytes,
+    adapter keywords), ("run", inputs) and ("time", inputs, repeat) requests, each answered with
+    (status, value)."""
     import importlib
     import sys
     from multiprocessing.connection import Connection
@@ -118,8 +119,12 @@ class Worker:
 
         self.name, self.adapter = name, adapter
         fd, self.stderr_path = tempfile.mkstemp(prefix=f"pe-export-{name}-", suffix=".log")
-        self.process = subprocess.Popen([sys.executable, "-m", "pe_export.runtimes.worker"], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=fd)  # fmt: skip
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pe_export.runtimes.worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=fd,
+        )
         os.close(fd)
         # Connections own their descriptors: give them copies, and close the pipe files' own.
         self.send = Connection(os.dup(self.process.stdin.fileno()), readable=False)
@@ -240,8 +245,10 @@ def load(name: str, adapter, spec, model_bytes: bytes, timeout: float = TIMEOUT_
         return adapter(spec, model_bytes, **(options or {}))
     where = (adapter.__module__, adapter.__qualname__)  # imported by the worker: a module-level function
     if "<" in where[1]:
-        raise TypeError(f"runtime {name!r}: an adapter runs in a worker process, which imports it; "
-                        f"{where[1]} is not a module-level function")  # fmt: skip
+        raise TypeError(
+            f"runtime {name!r}: an adapter runs in a worker process, which imports it; "
+            f"{where[1]} is not a module-level function"
+        )
     w = worker(name, adapter)
     try:
         spec_json = None if spec is None else spec.to_json()

@@ -55,7 +55,9 @@ def check_param(rule: str, name: str, value, annotation) -> None:
     kind = next(k for k in kinds if k is not type(None))
     ok, want = PARAM_KINDS[kind]
     if not ok(value):
-        raise ValueError(f"scaling rule {rule!r} parameter {name!r} must be {want}{' or null' if optional else ''}, got {value!r}")
+        raise ValueError(
+            f"scaling rule {rule!r} parameter {name!r} must be {want}{' or null' if optional else ''}, got {value!r}"
+        )
 
 
 def base_inv_freq(theta: float, rotary_dim: int, dtype):

@@ -28,8 +28,17 @@ def in_graph(*, mode="runtime", **_) -> bool:
 
 
 @SCALING_RULES.register("dynamic")
-def dynamic(*, theta, rotary_dim, max_positions, dtype, seq_len=None, factor: float, original_max_positions: int,
-            mode: str = "runtime"):  # fmt: skip
+def dynamic(
+    *,
+    theta,
+    rotary_dim,
+    max_positions,
+    dtype,
+    seq_len=None,
+    factor: float,
+    original_max_positions: int,
+    mode: str = "runtime",
+):
     """`seq_len` may be an int or, inside an exported graph, a 0-d int64 tensor: the same code serves both."""
     import torch
 

@@ -10,12 +10,27 @@ from pe_export.scaling import SCALING_RULES, base_inv_freq, require
 
 
 @SCALING_RULES.register("llama3")
-def llama3(*, theta, rotary_dim, max_positions, dtype, seq_len=None, factor: float, low_freq_factor: float,
-           high_freq_factor: float, original_max_positions: int):  # fmt: skip
+def llama3(
+    *,
+    theta,
+    rotary_dim,
+    max_positions,
+    dtype,
+    seq_len=None,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_positions: int,
+):
     import torch
 
     require("factor", factor, factor >= 1, ">= 1")
-    require("high_freq_factor", high_freq_factor, high_freq_factor > low_freq_factor, f"> low_freq_factor ({low_freq_factor})")
+    require(
+        "high_freq_factor",
+        high_freq_factor,
+        high_freq_factor > low_freq_factor,
+        f"> low_freq_factor ({low_freq_factor})",
+    )
     require("low_freq_factor", low_freq_factor, low_freq_factor > 0, "> 0")
     require("original_max_positions", original_max_positions, 0 < original_max_positions, "> 0")
     inv_freq = base_inv_freq(theta, rotary_dim, dtype)

@@ -27,10 +27,19 @@ def switch(*, original_max_positions, mode="runtime", **_):
 
 @SCALING_RULES.register("longrope")
 def longrope(
-    *, theta, rotary_dim, max_positions, dtype, seq_len=None,
-    short_factor: list, long_factor: list, original_max_positions: int, factor: float,
-    attention_factor: float | None = None, mode: str = "runtime",
-):  # fmt: skip
+    *,
+    theta,
+    rotary_dim,
+    max_positions,
+    dtype,
+    seq_len=None,
+    short_factor: list,
+    long_factor: list,
+    original_max_positions: int,
+    factor: float,
+    attention_factor: float | None = None,
+    mode: str = "runtime",
+):
     import torch
 
     require("mode", repr(mode), mode in MODES, f"one of {', '.join(MODES)}")

@@ -11,8 +11,9 @@ from pe_export.scaling import SCALING_RULES, require
 
 
 @SCALING_RULES.register("proportional")
-def proportional(*, theta, rotary_dim, max_positions, dtype, seq_len=None, partial_rotary_factor: float = 1.0,
-                 factor: float = 1.0):  # fmt: skip
+def proportional(
+    *, theta, rotary_dim, max_positions, dtype, seq_len=None, partial_rotary_factor: float = 1.0, factor: float = 1.0
+):
     import torch
 
     require("partial_rotary_factor", partial_rotary_factor, 0 < partial_rotary_factor <= 1, "in (0, 1]")

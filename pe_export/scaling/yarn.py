@@ -25,10 +25,21 @@ def softmax_scale_factor(*, factor, mscale_all_dim=None, **_) -> float:
 
 @SCALING_RULES.register("yarn")
 def yarn(
-    *, theta, rotary_dim, max_positions, dtype, seq_len=None, factor: float, original_max_positions: int,
-    beta_fast: float = 32.0, beta_slow: float = 1.0, mscale: float | None = None, mscale_all_dim: float | None = None,
-    attention_factor: float | None = None, truncate: bool = True,
-):  # fmt: skip
+    *,
+    theta,
+    rotary_dim,
+    max_positions,
+    dtype,
+    seq_len=None,
+    factor: float,
+    original_max_positions: int,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+    mscale: float | None = None,
+    mscale_all_dim: float | None = None,
+    attention_factor: float | None = None,
+    truncate: bool = True,
+):
     import torch
 
     require("factor", factor, factor >= 1, ">= 1")

@@ -1,4 +1,5 @@
-"""`pe-export bench`: how fast an exported graph runs (ONNX Runtime, tract, ort-web), against a memcpy of the same bytes.
+"""`pe-export bench`: how fast an exported graph runs (ONNX Runtime, tract, ort-web), against a memcpy of
+the same bytes.
 
 The graph is applied to realistic shapes built from its own contract (the dynamic axes its example
 inputs declare): a prefill of S tokens and a single-token decode, both at the end of the table.
@@ -39,8 +40,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from pe_export.errors import BadInput, one_line
 from pe_export.dtypes import numpy_dtype
+from pe_export.errors import BadInput, one_line
 from pe_export.spec import Spec
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -108,7 +109,10 @@ def input_shapes(spec: Spec, case: str, seq: int, batch: int, heads: int) -> dic
     for name, example in zip(names, args):
         axes = {i: d.__name__ for i, d in (dynamic.get(name) or {}).items()}
         shape = tuple(size[axes[i]] if i in axes else int(n) for i, n in enumerate(example.shape))
-        shapes[name] = (shape, np.dtype(np.int64) if str(example.dtype) == "torch.int64" else np.dtype(numpy_dtype(spec.dtype)))
+        shapes[name] = (
+            shape,
+            np.dtype(np.int64) if str(example.dtype) == "torch.int64" else np.dtype(numpy_dtype(spec.dtype)),
+        )
     return shapes
 
 
@@ -141,15 +145,23 @@ def check_size(spec: Spec, seq: int, batch: int, heads: int) -> None:
     limit = memory_limit()
 
     def nbytes(b, h):
-        return sum(int(np.prod(shape, dtype=np.float64)) * dtype.itemsize for shape, dtype in input_shapes(spec, "prefill", seq, b, h).values())
+        return sum(
+            int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            for shape, dtype in input_shapes(spec, "prefill", seq, b, h).values()
+        )
 
     h = min(heads, 1 << 20)  # heads first bounded, so that the batch check's own sizes stay small
-    for name, value, size in (("--batch", batch, lambda n: nbytes(n, h)), ("--heads", heads, lambda n: nbytes(min(batch, 1 << 20), n))):
+    for name, value, size in (
+        ("--batch", batch, lambda n: nbytes(n, h)),
+        ("--heads", heads, lambda n: nbytes(min(batch, 1 << 20), n)),
+    ):
         base, grows = size(1), size(2) - size(1)  # bytes at 1, and per further unit (0: no such axis)
         top = max(1, (limit - base) // grows + 1) if grows > 0 else None
         if top is not None and value > top:
-            raise BadInput(f"{name} must be in [1, {top}] for these shapes (the inputs must fit in {limit / 2**30:.0f} GiB, "
-                           f"a quarter of this machine's memory), got {value}")  # fmt: skip
+            raise BadInput(
+                f"{name} must be in [1, {top}] for these shapes (the inputs must fit in {limit / 2**30:.0f} GiB, "
+                f"a quarter of this machine's memory), got {value}"
+            )
 
 
 def gathered_bytes(spec: Spec, inputs: dict) -> int:
@@ -177,7 +189,9 @@ def session(model_bytes: bytes, provider: str, threads: int, profile_prefix: str
         raise BadInput("onnxruntime is not installed (pip install 'pe-export[cpu]' or 'pe-export[gpu]')") from None
     name = PROVIDERS[provider]
     if name not in ort.get_available_providers():
-        raise BadInput(f"{name} is not available in this onnxruntime build (available: {', '.join(ort.get_available_providers())})")
+        raise BadInput(
+            f"{name} is not available in this onnxruntime build (available: {', '.join(ort.get_available_providers())})"
+        )
     opts = ort.SessionOptions()
     level = ort.GraphOptimizationLevel
     opts.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
@@ -305,10 +319,16 @@ def shapes(spec: Spec, seq: int | None, batch: int | None, heads: int | None) ->
         from pe_export.encodings.static_shapes import static_sizes
 
         sizes = static_sizes(spec)
-        for name, given, size in (("--seq", seq, sizes["seq"]), ("--batch", batch, sizes["batch"]), ("--heads", heads, sizes["heads"])):
+        for name, given, size in (
+            ("--seq", seq, sizes["seq"]),
+            ("--batch", batch, sizes["batch"]),
+            ("--heads", heads, sizes["heads"]),
+        ):
             if given is not None and size is not None and given != size:
                 fixed = ",".join(map(str, spec.static_shapes))
-                raise BadInput(f"{name} {given} does not fit this file's static shapes {fixed}: leave it out (or pass {size})")
+                raise BadInput(
+                    f"{name} {given} does not fit this file's static shapes {fixed}: leave it out (or pass {size})"
+                )
         seq, batch, heads = sizes["seq"], sizes["batch"], sizes["heads"]
         cases = ("decode",) if seq == 1 else ("prefill",)
     batch = 1 if batch is None else batch
@@ -330,7 +350,10 @@ def check_options(providers, threads: int, repeat: int, runtimes=()) -> None:
             raise BadInput(f"{name} must be >= {low}, got {value}")
     for name in runtimes:
         if name not in BENCH_RUNTIMES:
-            raise BadInput(f"--runtimes takes a comma-separated list of {', '.join(BENCH_RUNTIMES)} (ORT: --providers), got {name!r}")
+            raise BadInput(
+                f"--runtimes takes a comma-separated list of {', '.join(BENCH_RUNTIMES)} (ORT: --providers), got "
+                f"{name!r}"
+            )
     for provider in providers:
         if provider not in PROVIDERS:
             raise BadInput(f"--providers takes a comma-separated list of {', '.join(PROVIDERS)}, got {provider!r}")
@@ -386,14 +409,18 @@ def bench(
     return result
 
 
-BENCH_RUNTIMES = ("tract", "ort-web", "ort-web-browser", "ort-web-browser-webgpu")  # runtimes beside ORT that time a graph in their own loop
+BENCH_RUNTIMES = (
+    "tract",
+    "ort-web",
+    "ort-web-browser",
+    "ort-web-browser-webgpu",
+)  # runtimes beside ORT that time a graph in their own loop
 
 
 def bench_runtime(name, spec, model_bytes, cases, seq, batch, heads, threads, repeat) -> list[Case]:
     """Prefill and decode on a verify runtime in its worker, each against ORT CPU's threaded copy of the
     same bytes timed just before and just after it (the runtime's own loop cannot interleave with it)."""
-    from pe_export.runtimes import worker
-    from pe_export.runtimes import RUNTIMES, Skip, Unsupported
+    from pe_export.runtimes import RUNTIMES, Skip, Unsupported, worker
 
     try:
         call, provider = worker.load(name, RUNTIMES[name], spec, model_bytes, options={"threads": threads})
@@ -415,11 +442,25 @@ def bench_runtime(name, spec, model_bytes, cases, seq, batch, heads, threads, re
         after = timed([copy], max(reps // 2, 3))[0]
         copy_s, op_s = float(np.median(np.concatenate([before, after]))), float(np.median(times))
         ms = np.percentile(times, [50, 90, 99]) * 1e3
-        out.append(Case(name=case, provider=provider, shapes={k: list(v.shape) for k, v in inputs.items()}, bytes=int(nbytes),
-                        op_s=op_s, memcpy_s=copy_s, gbps=nbytes / op_s / 1e9, memcpy_gbps=nbytes / copy_s / 1e9,
-                        ratio=copy_s / op_s, p50_ms=float(ms[0]), p90_ms=float(ms[1]), p99_ms=float(ms[2]), repeat=reps,
-                        note=f"memcpy: {how}, timed before and after; {name} timed in its own loop, threads={threads}",
-                        runtime=name))  # fmt: skip
+        out.append(
+            Case(
+                name=case,
+                provider=provider,
+                shapes={k: list(v.shape) for k, v in inputs.items()},
+                bytes=int(nbytes),
+                op_s=op_s,
+                memcpy_s=copy_s,
+                gbps=nbytes / op_s / 1e9,
+                memcpy_gbps=nbytes / copy_s / 1e9,
+                ratio=copy_s / op_s,
+                p50_ms=float(ms[0]),
+                p90_ms=float(ms[1]),
+                p99_ms=float(ms[2]),
+                repeat=reps,
+                note=f"memcpy: {how}, timed before and after; {name} timed in its own loop, threads={threads}",
+                runtime=name,
+            )
+        )
     return out
 
 
@@ -435,7 +476,10 @@ def time_by_op(spec: Spec, model_bytes: bytes, provider="cpu", threads=2, seq=No
     cases, seq, batch, heads = shapes(spec, seq, batch, heads)
     check_options((provider,), threads, repeat)
     if provider != "cpu":  # a CUDA kernel's event times its launch; the kernel runs later, on the stream
-        raise BadInput(f"--profile splits the time by op on the cpu provider only (ORT's profiler times {provider} kernel launches, not the kernels)")
+        raise BadInput(
+            f"--profile splits the time by op on the cpu provider only (ORT's profiler times {provider} kernel "
+            f"launches, not the kernels)"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         sess = session(model_bytes, provider, threads, profile_prefix=os.path.join(tmp, "profile"))
         call, _, _ = bound_call(sess, make_inputs(spec, cases[0], seq, batch, heads), provider)

@@ -131,8 +131,7 @@ def try_load(name: str, adapter, spec: Spec | None, model_bytes: bytes, timeout:
 def runtimes_with_spec(spec: Spec, model_bytes: bytes) -> list[dict]:
     """Each of verify's runtimes: loads (and the provider it got), skipped (and why), cannot load, or
     CRASH / TIMEOUT (its process died or hung while loading)."""
-    from pe_export.runtimes import worker
-    from pe_export.runtimes import RUNTIMES
+    from pe_export.runtimes import RUNTIMES, worker
 
     worker.start(RUNTIMES, RUNTIMES)  # their interpreters start side by side
     return [try_load(name, adapter, spec, model_bytes) for name, adapter in RUNTIMES.items()]
@@ -145,8 +144,7 @@ WITHOUT_SPEC = ("ort-cpu", "ort-cpu-noopt", "ort-cuda", "onnx-reference")
 
 def runtimes_without_spec(model: onnx.ModelProto, model_bytes: bytes) -> list[dict]:
     """ONNX Runtime sessions (CPU with and without graph optimisation, CUDA) and onnx's evaluator."""
-    from pe_export.runtimes import worker
-    from pe_export.runtimes import GRAPH_RUNTIMES
+    from pe_export.runtimes import GRAPH_RUNTIMES, worker
 
     worker.start(WITHOUT_SPEC, GRAPH_RUNTIMES)
     return [try_load(name, GRAPH_RUNTIMES[name], None, model_bytes) for name in WITHOUT_SPEC]
@@ -158,10 +156,15 @@ def inspect_file(path: Path, try_runtimes: bool = True) -> dict:
     model, data = read_model(path)
     props = {p.key: p.value for p in model.metadata_props}
     initializers = [
-        {"name": t.name, "shape": list(t.dims), "dtype": _dtype_name(t.data_type), "bytes": _tensor_bytes(t),
-         "external": t.data_location == onnx.TensorProto.EXTERNAL}
+        {
+            "name": t.name,
+            "shape": list(t.dims),
+            "dtype": _dtype_name(t.data_type),
+            "bytes": _tensor_bytes(t),
+            "external": t.data_location == onnx.TensorProto.EXTERNAL,
+        }
         for t in model.graph.initializer
-    ]  # fmt: skip
+    ]
     external = _external(model, path.parent)
     ops = Counter(f"{_domain(n.domain)}::{n.op_type}" for n in all_nodes(model.graph))
     doc = {

@@ -99,9 +99,15 @@ def read_report(path: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadInput(f"{str(path)!r} is not valid JSON ({e})") from None
     if isinstance(doc, dict) and "cases" in doc:
-        raise BadInput(f"{str(path)!r} is a matrix report; pe-export plot takes a verify report (pe-export verify FILE --report R.json)")
+        raise BadInput(
+            f"{str(path)!r} is a matrix report; pe-export plot takes a verify report (pe-export verify FILE --report "
+            f"R.json)"
+        )
     if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
-        raise BadInput(f"{str(path)!r} is not a verify report (no 'rows' list); write one with pe-export verify FILE --report R.json")
+        raise BadInput(
+            f"{str(path)!r} is not a verify report (no 'rows' list); write one with pe-export verify FILE --report "
+            f"R.json"
+        )
     return doc
 
 
@@ -126,7 +132,9 @@ def choose_kinds(src: Source, kind: str | None) -> tuple[str, ...]:
     what = "a verify report" if src.report is not None else f"{src.spec.encoding}"
     applies = kinds_for(src)
     if not applies:
-        raise BadInput(f"pe-export plot has no plot for {what}; it plots rope, the absolute and bias encodings, and verify reports")
+        raise BadInput(
+            f"pe-export plot has no plot for {what}; it plots rope, the absolute and bias encodings, and verify reports"
+        )
     if kind is None:
         return applies
     if kind not in KINDS:
@@ -181,8 +189,10 @@ def frequency_sets(p) -> list[tuple[str, np.ndarray]]:
 
     sets = [(f"{p.scaling}", inv_freq(p)[0])]
     if switches(p):
-        sets = [(f"{p.scaling}, short calls", inv_freq(p)[0]),
-                (f"{p.scaling}, calls reaching position {p.max_positions - 1}", inv_freq(p, p.max_positions)[0])]  # fmt: skip
+        sets = [
+            (f"{p.scaling}, short calls", inv_freq(p)[0]),
+            (f"{p.scaling}, calls reaching position {p.max_positions - 1}", inv_freq(p, p.max_positions)[0]),
+        ]
     return sets
 
 
@@ -209,18 +219,34 @@ def panels(src: Source, kind: str) -> list:
         rows = min(p.max_positions, TABLE_ROWS)
         limit = float(max(np.abs(cos[:rows]).max(), np.abs(sin[:rows]).max()))
         where = f"positions 0..{rows - 1} of {p.max_positions}"
-        return [lambda fig, ax, t=t, n=n: heatmap(fig, ax, t[:rows], f"{src.name}: {n} ({where})", "frequency index m", "position", -limit, limit)
-                for n, t in (("cos", cos), ("sin", sin))]  # fmt: skip
+        return [
+            lambda fig, ax, t=t, n=n: heatmap(
+                fig, ax, t[:rows], f"{src.name}: {n} ({where})", "frequency index m", "position", -limit, limit
+            )
+            for n, t in (("cos", cos), ("sin", sin))
+        ]
     if kind == "heatmap" and enc_kind == "absolute":
         rows = min(ENCODINGS.get(spec.encoding).parse(spec).max_positions, TABLE_ROWS)
-        table = ENCODINGS.get(spec.encoding).reference(spec, {"position_ids": np.arange(rows, dtype=np.int64)[None]})[0]  # (S, dim)
-        return [lambda fig, ax: heatmap(fig, ax, table, f"{src.name}: embeddings (positions 0..{rows - 1})", "dim", "position")]
+        table = ENCODINGS.get(spec.encoding).reference(spec, {"position_ids": np.arange(rows, dtype=np.int64)[None]})[
+            0
+        ]  # (S, dim)
+        return [
+            lambda fig, ax: heatmap(
+                fig, ax, table, f"{src.name}: embeddings (positions 0..{rows - 1})", "dim", "position"
+            )
+        ]
     if kind == "heatmap" and enc_kind == "bias":
         n = min(ENCODINGS.get(spec.encoding).parse(spec).max_positions, BIAS_POSITIONS)
         pos = np.arange(n, dtype=np.int64)
-        bias = ENCODINGS.get(spec.encoding).reference(spec, {"query_positions": pos, "key_positions": pos})[0]  # (H, Q, K)
-        return [lambda fig, ax, h=h: heatmap(fig, ax, bias[h], f"{src.name}: bias, head {h} of {bias.shape[0]}", "key position", "query position")
-                for h in bias_heads(bias.shape[0])]  # fmt: skip
+        bias = ENCODINGS.get(spec.encoding).reference(spec, {"query_positions": pos, "key_positions": pos})[
+            0
+        ]  # (H, Q, K)
+        return [
+            lambda fig, ax, h=h: heatmap(
+                fig, ax, bias[h], f"{src.name}: bias, head {h} of {bias.shape[0]}", "key position", "query position"
+            )
+            for h in bias_heads(bias.shape[0])
+        ]
     if kind == "decay":
         return [lambda fig, ax: draw_decay(src.name, rope_params(spec), ax)]
     if kind == "frequencies":
@@ -252,8 +278,11 @@ def draw_decay(name: str, p, ax):
     for label, q in curves:
         ax.plot(distances[1:], decay_curve(angles(q, distances, q.max_positions))[1:], label=label)
     ax.set_xscale("log")
-    ax.set(title=f"{name}: long-term decay (RoFormer 3.4.3)", xlabel="relative distance (positions)",
-           ylabel="relative upper bound (1/(R/2)) sum |S_j|")  # fmt: skip
+    ax.set(
+        title=f"{name}: long-term decay (RoFormer 3.4.3)",
+        xlabel="relative distance (positions)",
+        ylabel="relative upper bound (1/(R/2)) sum |S_j|",
+    )
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
 
@@ -265,7 +294,11 @@ def draw_frequencies(name: str, p, ax):
     ax.semilogy(m, inv_freq(unscaled(p))[0], "k--", label="default (unscaled)")
     for label, freqs in frequency_sets(p):
         ax.semilogy(m, freqs, label=label)
-    ax.set(title=f"{name}: inv_freq, theta {p.theta:g}, R {p.rotary_dim}", xlabel="frequency index m", ylabel="inv_freq (rad / position)")
+    ax.set(
+        title=f"{name}: inv_freq, theta {p.theta:g}, R {p.rotary_dim}",
+        xlabel="frequency index m",
+        ylabel="inv_freq (rad / position)",
+    )
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
 
@@ -274,38 +307,62 @@ def error_rows(report: dict) -> list[dict]:
     """The report's rows that carry an error-by-position curve."""
     rows = [r for r in report["rows"] if isinstance(r, dict) and (r.get("by_position") or {}).get("positions")]
     if not rows:
-        raise BadInput("the report has no by_position data in any row (every runtime skipped, or an older "
-                       "pe-export wrote it); re-run pe-export verify FILE --report R.json")  # fmt: skip
+        raise BadInput(
+            "the report has no by_position data in any row (every runtime skipped, or an older "
+            "pe-export wrote it); re-run pe-export verify FILE --report R.json"
+        )
     for r in rows:
         by = r["by_position"]
         n = len(by["positions"])
         if not all(isinstance(by.get(k), list) and len(by[k]) == n for k in ("max_abs", "bound")):
-            raise BadInput(f"row {r.get('runtime', '?')!r} of the report: by_position needs lists positions, max_abs and bound of one length")
+            raise BadInput(
+                f"row {r.get('runtime', '?')!r} of the report: by_position needs lists positions, max_abs and bound "
+                f"of one length"
+            )
     return rows
 
 
 def draw_error(report: dict, fig, ax):
     rows = error_rows(report)
     # Every runtime gets the same bound at a position when it probed the same inputs: draw it once then.
-    same_bound = all(r["by_position"]["positions"] == rows[0]["by_position"]["positions"]
-                     and r["by_position"]["bound"] == rows[0]["by_position"]["bound"] for r in rows)  # fmt: skip
+    same_bound = all(
+        r["by_position"]["positions"] == rows[0]["by_position"]["positions"]
+        and r["by_position"]["bound"] == rows[0]["by_position"]["bound"]
+        for r in rows
+    )
     if same_bound:
         by = rows[0]["by_position"]
         ax.plot(by["positions"], by["bound"], "k--", linewidth=1, label="bound (every runtime)")
     for i, r in enumerate(rows):
         by, color, name = r["by_position"], f"C{i % 10}", r.get("runtime", "?")
         err = np.asarray(by["max_abs"], dtype=np.float64)
-        ax.plot(by["positions"], np.where(err > 0, err, np.nan), color=color, linewidth=0.8, alpha=0.8, label=f"{name} max abs error")
+        ax.plot(
+            by["positions"],
+            np.where(err > 0, err, np.nan),
+            color=color,
+            linewidth=0.8,
+            alpha=0.8,
+            label=f"{name} max abs error",
+        )
         if not same_bound:
             ax.plot(by["positions"], by["bound"], "--", color=color, linewidth=1, label=f"{name} bound")
         if by.get("infinite"):  # inf or NaN outputs (null in the JSON): marked along the top edge
-            ax.plot(by["infinite"], [0.97] * len(by["infinite"]), "v", color=color, transform=ax.get_xaxis_transform(),
-                    label=f"{name} infinite error")  # fmt: skip
+            ax.plot(
+                by["infinite"],
+                [0.97] * len(by["infinite"]),
+                "v",
+                color=color,
+                transform=ax.get_xaxis_transform(),
+                label=f"{name} infinite error",
+            )
     ax.set_yscale("log")
     spec = report.get("spec") or {}
     width = max(r["by_position"].get("bin_width", 1) for r in rows)
     xlabel = "position" + (f" (bins of {width}: max over each)" if width > 1 else "")
-    title = f"{report.get('file', '')}: {spec.get('encoding', '')} {spec.get('op', '')} {spec.get('dtype', '')}, {report.get('verdict', '')}"
+    title = (
+        f"{report.get('file', '')}: {spec.get('encoding', '')} {spec.get('op', '')} {spec.get('dtype', '')}, "
+        f"{report.get('verdict', '')}"
+    )
     ax.set(title=title, xlabel=xlabel, ylabel="abs error vs float64 (exact zeros not shown)")
     ax.title.set_fontsize(9)
     ax.legend(fontsize=7)
@@ -332,7 +389,7 @@ def figure(src: Source, kinds: tuple[str, ...]):
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for d, ax in zip(draw, axes):
         d(fig, ax)
-    for ax in axes[len(draw):]:
+    for ax in axes[len(draw) :]:
         ax.set_axis_off()
     return fig
 
@@ -352,7 +409,9 @@ def require_matplotlib() -> None:
         raise BadInput(INSTALL_HINT) from None
 
 
-def plot(source: str, output: Path, kind: str | None = None, seq: int | None = None, force: bool = False) -> tuple[Source, tuple[str, ...], int]:
+def plot(
+    source: str, output: Path, kind: str | None = None, seq: int | None = None, force: bool = False
+) -> tuple[Source, tuple[str, ...], int]:
     """Resolve, check the output path, draw, write atomically. Returns (source, kinds drawn, bytes)."""
     from pe_export.pipeline.onnx_export import check_output_path, write_atomic
 

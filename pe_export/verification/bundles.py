@@ -9,21 +9,27 @@ from pathlib import Path
 
 import numpy as np
 
+from pe_export.dtypes import numpy_dtype
 from pe_export.encodings.attention import encoding_for
+from pe_export.encodings.probing import make_probes, parse_positions
 from pe_export.errors import one_line
 from pe_export.runtimes import RUNTIMES
-from pe_export.dtypes import numpy_dtype
 from pe_export.spec import Spec
+from pe_export.verification.parity import FAILED, Row
 from pe_export.verification.tolerances import bound
-from pe_export.encodings.probing import parse_positions, make_probes
-from pe_export.verification.parity import Row, FAILED
-
 
 # Reproduction bundles
 
 
-def write_bundle(folder: Path, spec: Spec, model_bytes: bytes, rows: list[Row], seed: int, batch: int,
-                 positions_text: str | None = None) -> list[Path]:  # fmt: skip
+def write_bundle(
+    folder: Path,
+    spec: Spec,
+    model_bytes: bytes,
+    rows: list[Row],
+    seed: int,
+    batch: int,
+    positions_text: str | None = None,
+) -> list[Path]:
     """For each failed row: the ONNX file, the failing probe's inputs, the float64 truth and the
     runtime's output as .npz, the spec, and the one command that re-runs the check (README.txt).
     The folder must not exist yet (nothing is overwritten)."""
@@ -39,15 +45,33 @@ def write_bundle(folder: Path, spec: Spec, model_bytes: bytes, rows: list[Row], 
     written = [folder / "model.onnx", folder / "spec.json"]
     write_atomic(model_bytes, written[0], False)
     write_atomic(json.dumps(json.loads(spec.to_json()), indent=2).encode(), written[1], False)
-    command = ["pe-export", "verify", "model.onnx", "--runtimes", ",".join(r.runtime for r in failed),
-               "--seed", str(seed), "--batch", str(batch)]  # fmt: skip
+    command = [
+        "pe-export",
+        "verify",
+        "model.onnx",
+        "--runtimes",
+        ",".join(r.runtime for r in failed),
+        "--seed",
+        str(seed),
+        "--batch",
+        str(batch),
+    ]
     if positions_text:
         command += ["--positions", positions_text]
-    lines = [f"pe-export reproduction bundle: {spec.encoding}, op {spec.op}, opset {spec.opset}, {spec.dtype}",
-             "", "Re-run the check (in this folder):", "", "    " + shlex.join(command), ""]  # fmt: skip
+    lines = [
+        f"pe-export reproduction bundle: {spec.encoding}, op {spec.op}, opset {spec.opset}, {spec.dtype}",
+        "",
+        "Re-run the check (in this folder):",
+        "",
+        "    " + shlex.join(command),
+        "",
+    ]
     for r in failed:
         inputs = probes.get(r.worst_probe) or next(iter(probes.values()))
-        data = {f"input_{k}": v for k, v in inputs.items()} | {"truth": enc.reference(spec, inputs), "bound": bound(spec, inputs)}
+        data = {f"input_{k}": v for k, v in inputs.items()} | {
+            "truth": enc.reference(spec, inputs),
+            "bound": bound(spec, inputs),
+        }
         try:  # in the runtime's worker, like the check: the failure may be a crash
             from pe_export.runtimes import worker
 

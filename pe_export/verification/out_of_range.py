@@ -5,13 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from pe_export.encodings.attention import encoding_for
+from pe_export.encodings.probing import make_probes
 from pe_export.errors import one_line
 from pe_export.runtimes import DEFAULT_RUNTIMES, RUNTIMES, Skip, Unsupported
 from pe_export.spec import Spec
-from pe_export.encodings.probing import make_probes
-
 
 # Out-of-range positions
 
@@ -42,7 +40,9 @@ class BoundsRow:
     note: str = ""
 
 
-def probe_bounds(spec: Spec, model_bytes: bytes, runtimes=DEFAULT_RUNTIMES, seed: int = 0, timeout: float | None = None) -> list[BoundsRow]:
+def probe_bounds(
+    spec: Spec, model_bytes: bytes, runtimes=DEFAULT_RUNTIMES, seed: int = 0, timeout: float | None = None
+) -> list[BoundsRow]:
     """Feed each runtime positions outside [0, P) and report the ones that return a result anyway, and
     those whose process dies on them (each bad position gets a fresh process after a crash)."""
     from pe_export.runtimes import worker
@@ -78,6 +78,8 @@ def probe_bounds(spec: Spec, model_bytes: bytes, runtimes=DEFAULT_RUNTIMES, seed
         if skipped is not None:
             rows.append(BoundsRow(name, "skipped", skipped))
             continue
-        notes = (["returned a result for " + ", ".join(silent)] if silent else []) + (["aborts the process on " + ", ".join(aborts)] if aborts else [])
+        notes = (["returned a result for " + ", ".join(silent)] if silent else []) + (
+            ["aborts the process on " + ", ".join(aborts)] if aborts else []
+        )
         rows.append(BoundsRow(name, "SILENT" if silent else "ABORTS" if aborts else "loud", "; ".join(notes)))
     return rows

@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pe_export.encodings.attention import encoding_for
+from pe_export.encodings.probing import Positions, make_probes, position_grid
 from pe_export.errors import one_line
 from pe_export.runtimes import DEFAULT_RUNTIMES, RUNTIMES, Skip, Unsupported
 from pe_export.spec import Spec
 from pe_export.verification.tolerances import bound
-from pe_export.encodings.probing import Positions, make_probes, position_grid
 
 
 @dataclass
@@ -149,7 +149,11 @@ def check(
                 finite = np.abs(truth[np.isfinite(truth)])
                 row.max_rel = max(row.max_rel or 0.0, float(np.max(err)) / max(float(finite.max(initial=0.0)), 1e-300))
                 if row.worst_ratio is None or ratio[at] > row.worst_ratio:
-                    row.worst_ratio, row.worst_error, row.worst_tolerance = float(ratio[at]), float(err[at]), float(limit[at])
+                    row.worst_ratio, row.worst_error, row.worst_tolerance = (
+                        float(ratio[at]),
+                        float(err[at]),
+                        float(limit[at]),
+                    )
                     row.where, row.worst_probe = f"{probe}: " + enc.locate(spec, inputs, at), probe
                 _by_position(acc, position_grid(spec, inputs, err.shape), err, limit, P)
             if originals is not None and name != "torch":

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pe_export.encodings.attention import encoding_for
 from pe_export.dtypes import DENORM_MIN, EPS
+from pe_export.encodings.attention import encoding_for
 from pe_export.spec import OP_NAMES, Spec
 
 

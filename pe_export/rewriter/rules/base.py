@@ -75,7 +75,9 @@ class CosSinRule(pattern.RewriteRuleClassBase):
             return None
         return values[0]
 
-    def check_factor(self, r: pattern.MatchResult, inv_freq: ir.Value, p, graph_factor: float, seq_len: int | None = None):
+    def check_factor(
+        self, r: pattern.MatchResult, inv_freq: ir.Value, p, graph_factor: float, seq_len: int | None = None
+    ):
         """The last step of every check: the factor agrees, and the site counts as found."""
         reason = params_mod.factor_disagreement(graph_factor, p, seq_len)
         if reason:
@@ -90,8 +92,16 @@ class CosSinRule(pattern.RewriteRuleClassBase):
         key = (inv_freq.name, position_ids.name, seq_len)
         site = self.job.site_index.get(key)
         if site is None:
-            site = Site(rule=self.rule_name, inv_freq=inv_freq.name, positions=position_ids.name, cos="", sin="",
-                        params=site_params(self.job.table_params(p)), tables=[], seq_len=seq_len)
+            site = Site(
+                rule=self.rule_name,
+                inv_freq=inv_freq.name,
+                positions=position_ids.name,
+                cos="",
+                sin="",
+                params=site_params(self.job.table_params(p)),
+                tables=[],
+                seq_len=seq_len,
+            )
             self.job.site_index[key] = site
             self.job.sites.append(site)
         setattr(site, self.fn.lower(), out.name)
@@ -105,7 +115,9 @@ class CosSinRule(pattern.RewriteRuleClassBase):
             return dynamic_ntk.cos_or_sin(op, self.fn, position_ids, self.job.table_params(p))
         tables = self.job.tables_for(op, p, seq_len, label)
         site.tables = [t.name for t in tables]
-        return emit.gather(op, tables[0 if self.fn == "Cos" else 1], position_ids, self.job.table_params(p).max_positions)
+        return emit.gather(
+            op, tables[0 if self.fn == "Cos" else 1], position_ids, self.job.table_params(p).max_positions
+        )
 
 
 class ConstantFreqRule(CosSinRule):
@@ -145,7 +157,12 @@ def has_factor_mul(value: ir.Value) -> bool:
         user = use.node
         if user.op_type == "Mul":
             other = [v for v in user.inputs if v is not value]
-            if other and other[0] is not None and other[0].const_value is not None and other[0].const_value.numpy().size == 1:
+            if (
+                other
+                and other[0] is not None
+                and other[0].const_value is not None
+                and other[0].const_value.numpy().size == 1
+            ):
                 return True
     return False
 

@@ -44,13 +44,19 @@ class CosSinLongrope(CosSinRule):
         if p is None:
             return r
         if p.scaling != "longrope":
-            reason = f"scaling: the graph switches between two inv_freq at run time (LongRoPE), the config gives rope_type {p.scaling!r}"
+            reason = (
+                f"scaling: the graph switches between two inv_freq at run time (LongRoPE), the config gives "
+                f"rope_type {p.scaling!r}"
+            )
             self.job.refuse(reason)
             return r.fail(reason)
         original = p.scaling_params["original_max_positions"]
         threshold = switch_threshold(cond)
         if threshold is not None and threshold != original:
-            reason = f"original_max_position_embeddings: the graph switches to the long factors above {threshold}, the config gives {original}"
+            reason = (
+                f"original_max_position_embeddings: the graph switches to the long factors above {threshold}, "
+                f"the config gives {original}"
+            )
             self.job.refuse(reason)
             return r.fail(reason)
         if self.match_params(r, long_freq, long, seq_len=original + 1) is None:
@@ -60,8 +66,12 @@ class CosSinLongrope(CosSinRule):
 
     def rewrite(self, op, position_ids, cond, short_freq, long_freq, **_):
         p, original = self._p, self._p.scaling_params["original_max_positions"]
-        short = self.gather(op, p, position_ids, self.record(short_freq, position_ids, self._out, p, original), original, "_short")
-        long = self.gather(op, p, position_ids, self.record(long_freq, position_ids, self._out, p, original + 1), original + 1, "_long")
+        short = self.gather(
+            op, p, position_ids, self.record(short_freq, position_ids, self._out, p, original), original, "_short"
+        )
+        long = self.gather(
+            op, p, position_ids, self.record(long_freq, position_ids, self._out, p, original + 1), original + 1, "_long"
+        )
         return op.Where(cond, long, short)
 
 

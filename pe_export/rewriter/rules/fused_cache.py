@@ -33,13 +33,16 @@ from pe_export.rewriter.job import Site
 from pe_export.rewriter.rules.base import site_params
 from pe_export.rewriter.rules.rotate_half import _ints
 
-TABLE_ULPS = 4  # float32 cos/sin of a float32 angle (torch, NumPy, ORT) against the same angle's cos/sin in float64, rounded
+TABLE_ULPS = (
+    4  # float32 cos/sin of a float32 angle (torch, NumPy, ORT) against the same angle's cos/sin in float64, rounded
+)
 EPS32 = 2.0**-24
 TABLE_PREFIX = "pe_export.rope."  # the names `Job.tables_for` gives
 
 
 def computed_inv_freq(cache: ir.Value) -> ir.Value | None:
-    """The inv_freq constant behind onnxscript's in-graph cache Cos|Sin(MatMul(Cast(Reshape(Range(0, n, 1))), inv_freq)), or None."""
+    """The inv_freq constant behind onnxscript's in-graph cache
+    Cos|Sin(MatMul(Cast(Reshape(Range(0, n, 1))), inv_freq)), or None."""
     trig = cache.producer()
     if trig is None or trig.op_type not in ("Cos", "Sin"):
         return None
@@ -80,7 +83,10 @@ def table_disagreement(cos: np.ndarray, sin: np.ndarray, p) -> str | None:
     parameter that disagrees."""
     rows, half = cos.shape
     if 2 * half != p.rotary_dim:
-        return f"rotary dim: the graph's cos/sin cache is {half} wide (rotary dim {2 * half}), the config gives rotary dim {p.rotary_dim}"
+        return (
+            f"rotary dim: the graph's cos/sin cache is {half} wide (rotary dim {2 * half}), the config gives "
+            f"rotary dim {p.rotary_dim}"
+        )
     reason = params_mod.factor_disagreement(float(np.hypot(cos[0, 0], sin[0, 0])), p)
     if reason:
         return reason
@@ -95,8 +101,11 @@ def table_disagreement(cos: np.ndarray, sin: np.ndarray, p) -> str | None:
     reason = params_mod.disagreement(table_inv_freq(cos, sin), p)
     if reason is None:  # the frequencies agree, the table does not (rows that are not cos/sin of them)
         r, m = np.unravel_index(np.argmax(err - bound), err.shape)
-        reason = (f"theta: the graph's cos/sin cache differs from the config's (theta {p.theta:g}, rotary dim {p.rotary_dim}, "
-                  f"rope_type {p.scaling!r}) by {err[r, m]:.2e} at row {r}")
+        reason = (
+            f"theta: the graph's cos/sin cache differs from the config's (theta {p.theta:g}, rotary dim "
+            f"{p.rotary_dim}, "
+            f"rope_type {p.scaling!r}) by {err[r, m]:.2e} at row {r}"
+        )
     return reason
 
 
@@ -116,8 +125,14 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
         self._p = None
         self._matched = {}  # (cos name, sin name) -> match_pair's answer
 
-    def check_caches(self, r: pattern.MatchResult, cos_cache: ir.Value, sin_cache: ir.Value, interleaved: int = 0,
-                     rotary_dim: int = 0) -> pattern.MatchResult:
+    def check_caches(
+        self,
+        r: pattern.MatchResult,
+        cos_cache: ir.Value,
+        sin_cache: ir.Value,
+        interleaved: int = 0,
+        rotary_dim: int = 0,
+    ) -> pattern.MatchResult:
         """The caches are a constant or computed pair that agrees with one of the config's parameter sets,
         and the node's own rotation attributes (`interleaved`, `rotary_embedding_dim`, 0: the cache's
         width) with it (else the refusal naming the parameter); sets `self._p`."""
@@ -130,10 +145,15 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
         if unrecognised:
             return r.fail(unrecognised, cos_cache)
         if not reason and (p.pairing == "interleaved") != bool(interleaved):
-            reason = (f"pairing: the graph's {self.fused} rotates {'interleaved pairs' if interleaved else 'halves'} "
-                      f"(interleaved={interleaved}), the config's pairing is {p.pairing!r}")
+            reason = (
+                f"pairing: the graph's {self.fused} rotates {'interleaved pairs' if interleaved else 'halves'} "
+                f"(interleaved={interleaved}), the config's pairing is {p.pairing!r}"
+            )
         if not reason and rotary_dim and rotary_dim != p.rotary_dim:
-            reason = f"rotary dim: the graph's {self.fused} has rotary_embedding_dim {rotary_dim}, the config gives rotary dim {p.rotary_dim}"
+            reason = (
+                f"rotary dim: the graph's {self.fused} has rotary_embedding_dim {rotary_dim}, the config gives "
+                f"rotary dim {p.rotary_dim}"
+            )
         if reason:
             self.job.refuse(f"{reason} (site {where!r}, read by {self.fused})")
             return r.fail(reason, cos_cache)
@@ -153,14 +173,24 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
             reason = reason or (params_mod.factor_disagreement(1.0, p) if p is not None else "")
             return p, reason, computed[0].name, ""
         values = [c.const_value for c in (cos_cache, sin_cache)]
-        if any(v is None or v.dtype != ir.DataType.FLOAT or len(v.shape) != 2 for v in values) or values[0].shape != values[1].shape:
-            return None, "", "", "the cos/sin caches are neither float32 (P, R/2) constants nor computed from a Range of positions"
+        if (
+            any(v is None or v.dtype != ir.DataType.FLOAT or len(v.shape) != 2 for v in values)
+            or values[0].shape != values[1].shape
+        ):
+            return (
+                None,
+                "",
+                "",
+                "the cos/sin caches are neither float32 (P, R/2) constants nor computed from a Range of positions",
+            )
         cos, sin = (v.numpy().astype(np.float64) for v in values)
         reasons = [table_disagreement(cos, sin, p) for p in self.job.candidates]
         p = next((c for c, why in zip(self.job.candidates, reasons) if why is None), None)
         return p, "" if p is not None else "; ".join(dict.fromkeys(reasons)), cos_cache.name, ""
 
-    def new_caches(self, op, cos_cache: ir.Value, sin_cache: ir.Value, positions: str = "") -> tuple[ir.Value, ir.Value, Site]:
+    def new_caches(
+        self, op, cos_cache: ir.Value, sin_cache: ir.Value, positions: str = ""
+    ) -> tuple[ir.Value, ir.Value, Site]:
         """The float64-built (P, R/2) tables of --seq rows for this cache pair, and its site (one per pair)."""
         p = self._p
         tables_ = self.job.tables_for(op, p)
@@ -168,9 +198,18 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
         site = self.job.site_index.get(key)
         if site is None:
             replaced = computed_inv_freq(cos_cache)
-            site = Site(rule=self.rule_name, inv_freq=(replaced or cos_cache).name, positions=positions, cos=cos_cache.name,
-                        sin=sin_cache.name, params=site_params(self.job.table_params(p)), tables=[t.name for t in tables_],
-                        width="table", fused=self.fused, replaced=[] if replaced is not None else [sin_cache.name])
+            site = Site(
+                rule=self.rule_name,
+                inv_freq=(replaced or cos_cache).name,
+                positions=positions,
+                cos=cos_cache.name,
+                sin=sin_cache.name,
+                params=site_params(self.job.table_params(p)),
+                tables=[t.name for t in tables_],
+                width="table",
+                fused=self.fused,
+                replaced=[] if replaced is not None else [sin_cache.name],
+            )
             self.job.site_index[key] = site
             self.job.sites.append(site)
         return (*tables_, site)

@@ -43,7 +43,9 @@ def conversion_refusal(node: ir.Node, x: ir.Value, position_ids: ir.Value, op: s
     what = f"--op {op}: the graph's {node.domain or 'ai.onnx'}::RotaryEmbedding"
     for name, default in CONTRIB_DEFAULTS.items():
         if attr(node, name, default) != default:
-            return f"{what} has {name}={attr(node, name)}, which the {op} lowering has no counterpart for; use --op tables"
+            return (
+                f"{what} has {name}={attr(node, name)}, which the {op} lowering has no counterpart for; use --op tables"
+            )
     rank = position_ids.shape.rank() if position_ids.shape is not None else None
     if rank != 2:
         return f"{what} reads positions of rank {rank} (the (B, S) form is needed); use --op tables"
@@ -54,7 +56,10 @@ def conversion_refusal(node: ir.Node, x: ir.Value, position_ids: ir.Value, op: s
         return f"{what} rotates 3D x without num_heads; use --op tables"
     if op == "decomposed":
         if attr(node, "interleaved"):
-            return f"{what} rotates interleaved pairs (the decomposed lowering here rotates halves); use --op tables or ort"
+            return (
+                f"{what} rotates interleaved pairs (the decomposed lowering here rotates halves); use --op tables "
+                f"or ort"
+            )
         rotary, head = attr(node, "rotary_embedding_dim"), x.shape[-1]
         if rotary and isinstance(head, int) and rotary != head:
             return f"{what} rotates {rotary} of {head} dims (partial rotary); use --op tables or ort"
@@ -113,5 +118,7 @@ class FusedRotary(pattern.RewriteRuleClassBase):
         site.rotations += 1
         if self.job.op in TARGET_DOMAIN:
             return rebuild(op, node, TARGET_DOMAIN[self.job.op], x, position_ids, cos_cache, sin_cache)
-        safe = emit.safe_positions(op, position_ids, site.params["max_positions"])  # Gather wraps negatives: map them past the table
+        safe = emit.safe_positions(
+            op, position_ids, site.params["max_positions"]
+        )  # Gather wraps negatives: map them past the table
         return lower_decomposed(op, x, cos_cache, sin_cache, safe, site.params["rotary_dim"])

@@ -31,9 +31,18 @@ class GqaRotary(FusedCacheRule):
     fused = "com.microsoft::GroupQueryAttention"
 
     def pattern(self, op, cos_cache, sin_cache):
-        anything = [pattern.ANY_VALUE] * COS_INPUT  # query .. total_sequence_length; key and value may be empty (packed QKV)
-        return op.GroupQueryAttention(*anything, cos_cache, sin_cache, _domain=CONTRIB, _allow_other_inputs=True,
-                                      _allow_other_attributes=True, _outputs=3)
+        anything = [
+            pattern.ANY_VALUE
+        ] * COS_INPUT  # query .. total_sequence_length; key and value may be empty (packed QKV)
+        return op.GroupQueryAttention(
+            *anything,
+            cos_cache,
+            sin_cache,
+            _domain=CONTRIB,
+            _allow_other_inputs=True,
+            _allow_other_attributes=True,
+            _outputs=3,
+        )
 
     def check(self, context, cos_cache, sin_cache, **_):
         r = pattern.MatchResult()
@@ -49,6 +58,6 @@ class GqaRotary(FusedCacheRule):
         node = self._node
         cos_t, sin_t, _site = self.new_caches(op, cos_cache, sin_cache)
         inputs = list(node.inputs)
-        inputs[COS_INPUT:COS_INPUT + 2] = cos_t, sin_t
+        inputs[COS_INPUT : COS_INPUT + 2] = cos_t, sin_t
         attrs = {k: a.value for k, a in node.attributes.items()}
         return op.GroupQueryAttention(*inputs, **attrs, _domain=CONTRIB, _version=1, _outputs=3)

@@ -79,7 +79,10 @@ class RotateHalf(pattern.RewriteRuleClassBase):
             return r.fail("cos/sin are not a rewritten site's (run the cos/sin rules first)", cos4)
         half = cos["table"][0].shape[-1]
         s1, s2 = x1.producer(), x2.producer()
-        a1, a2 = _ints(s1.inputs[3]) if len(s1.inputs) > 3 else [-1], _ints(s2.inputs[3]) if len(s2.inputs) > 3 else [-1]
+        a1, a2 = (
+            _ints(s1.inputs[3]) if len(s1.inputs) > 3 else [-1],
+            _ints(s2.inputs[3]) if len(s2.inputs) > 3 else [-1],
+        )
         if _ints(s1.inputs[1]) != [0] or _ints(s1.inputs[2]) != [half] or _ints(s2.inputs[1]) != [half]:
             return r.fail("the slices are not the two halves of the rotary dim", x1)
         if (_ints(s2.inputs[2]) or [0])[0] < 2 * half or a1 not in ([-1], [3]) or a2 not in ([-1], [3]):

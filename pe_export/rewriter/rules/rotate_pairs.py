@@ -63,18 +63,28 @@ class RotatePairs(pattern.RewriteRuleClassBase):
     def pattern(self, op, x, cos_rep, sin_rep):
         odd = op.Slice(x, _allow_other_inputs=True, _outputs=["odd"])
         even = op.Slice(x, _allow_other_inputs=True, _outputs=["even"])
-        stacked = op.Concat(op.Unsqueeze(op.Neg(odd), _allow_other_inputs=True), op.Unsqueeze(even, _allow_other_inputs=True), axis=-1)
+        stacked = op.Concat(
+            op.Unsqueeze(op.Neg(odd), _allow_other_inputs=True), op.Unsqueeze(even, _allow_other_inputs=True), axis=-1
+        )
         rotated = op.Reshape(stacked, _allow_other_inputs=True)
         return op.Add(op.Mul(x, cos_rep), op.Mul(rotated, sin_rep), _outputs=["y"])
 
     def check(self, context, x, cos_rep, sin_rep, odd, even, y, **_):
         r = pattern.MatchResult()
         c, s = split_source(cos_rep), split_source(sin_rep)
-        site = next((st for st in self.job.sites if c is not None and st.cos == c.name and s is not None and st.sin == s.name), None)
+        site = next(
+            (st for st in self.job.sites if c is not None and st.cos == c.name and s is not None and st.sin == s.name),
+            None,
+        )
         if site is None:
             return r.fail("cos/sin are not a rewritten sin/cos table's", cos_rep)
         so, se = odd.producer(), even.producer()
-        if _ints(so.inputs[1]) != [1] or _ints(se.inputs[1]) != [0] or _ints(so.inputs[4]) != [2] or _ints(se.inputs[4]) != [2]:
+        if (
+            _ints(so.inputs[1]) != [1]
+            or _ints(se.inputs[1]) != [0]
+            or _ints(so.inputs[4]) != [2]
+            or _ints(se.inputs[4]) != [2]
+        ):
             return r.fail("the slices are not x[..., 1::2] and x[..., ::2]", odd)
         positions = raw_positions(c)
         if positions is None:
@@ -101,8 +111,9 @@ def lower_onnx(op, x, cos_t, sin_t, positions, rotary_dim):
 
 def lower_ort(op, x, cos_t, sin_t, positions, rotary_dim):
     shape = op.Shape(x)
-    y = op.RotaryEmbedding(op.Reshape(x, ints(op, [0, 0, -1])), positions, cos_t, sin_t, interleaved=1,
-                           _domain="com.microsoft", _version=1)  # (B, S, H*R): head size R read off the tables
+    y = op.RotaryEmbedding(
+        op.Reshape(x, ints(op, [0, 0, -1])), positions, cos_t, sin_t, interleaved=1, _domain="com.microsoft", _version=1
+    )  # (B, S, H*R): head size R read off the tables
     return op.Reshape(y, shape)
 
 
@@ -110,9 +121,13 @@ def lower_decomposed(op, x, cos_t, sin_t, positions, rotary_dim):
     """y = x * [c0, c0, c1, c1, ...] + swap(x) * [-s0, s0, -s1, s1, ...], bshd (custom_ops.lowerings)."""
     half = rotary_dim // 2
     last = ints(op, [-1])
-    cos = op.Reshape(op.Concat(op.Unsqueeze(cos_t, last), op.Unsqueeze(cos_t, last), axis=-1), ints(op, [0, rotary_dim]))  # (P, R)
+    cos = op.Reshape(
+        op.Concat(op.Unsqueeze(cos_t, last), op.Unsqueeze(cos_t, last), axis=-1), ints(op, [0, rotary_dim])
+    )  # (P, R)
     sin = op.Gather(sin_t, positions)  # (B, S, R/2)
-    sin = op.Reshape(op.Concat(op.Unsqueeze(op.Neg(sin), last), op.Unsqueeze(sin, last), axis=-1), ints(op, [0, 0, rotary_dim]))
+    sin = op.Reshape(
+        op.Concat(op.Unsqueeze(op.Neg(sin), last), op.Unsqueeze(sin, last), axis=-1), ints(op, [0, 0, rotary_dim])
+    )
     pairs = op.Reshape(x, ints(op, [0, 0, 0, half, 2]))  # (B, S, H, R/2, 2)
     even = op.Slice(pairs, ints(op, [0]), ints(op, [1]), last)
     odd = op.Slice(pairs, ints(op, [1]), ints(op, [2]), last)

@@ -66,14 +66,21 @@ class SinCosTable(CosSinRule):
         for p in self.job.candidates:
             p_rows = replace(p, max_positions=rows)
             if width != p.rotary_dim:
-                reasons.append(f"rotary dim: the graph's sin/cos table is {width} wide, the config gives rotary dim {p.rotary_dim}")
+                reasons.append(
+                    f"rotary dim: the graph's sin/cos table is {width} wide, the config gives rotary dim {p.rotary_dim}"
+                )
                 continue
             if p.pairing != "interleaved":
-                reasons.append("pairing: the graph's sin/cos table is GPT-J's (interleaved pairs), the config's pairing is 'half'")
+                reasons.append(
+                    "pairing: the graph's sin/cos table is GPT-J's (interleaved pairs), the config's pairing is 'half'"
+                )
                 continue
             err = float(np.abs(g.astype(np.float64) - sincos_rows(p_rows, float32_angles=True)).max())
             if err > TABLE_ULPS * 2.0**-24:
-                reasons.append(f"theta: the graph's sin/cos table differs from the config's (theta {p.theta:g}, rotary dim {p.rotary_dim}) by {err:.2e}")
+                reasons.append(
+                    f"theta: the graph's sin/cos table differs from the config's (theta {p.theta:g}, rotary dim "
+                    f"{p.rotary_dim}) by {err:.2e}"
+                )
                 continue
             self._p = p
             self.job.found.add((self.rule_name, table.name))
@@ -87,9 +94,21 @@ class SinCosTable(CosSinRule):
         key = ("sincos", repr(p))
         if key not in self.job._tables:
             t = sincos_rows(p, float32_angles=False).astype(np.float32)
-            self.job._tables[key] = (op.initializer(ir.tensor(t), name=f"pe_export.rope.sincos_table_{len(self.job._tables)}"),)
+            self.job._tables[key] = (
+                op.initializer(ir.tensor(t), name=f"pe_export.rope.sincos_table_{len(self.job._tables)}"),
+            )
         new = self.job._tables[key][0]
         sin, cos = split_outputs(expanded)
-        self.job.sites.append(Site(rule=self.rule_name, inv_freq=table.name, positions="", cos=cos, sin=sin,
-                                   params=site_params(p), tables=[new.name], width="half"))
+        self.job.sites.append(
+            Site(
+                rule=self.rule_name,
+                inv_freq=table.name,
+                positions="",
+                cos=cos,
+                sin=sin,
+                params=site_params(p),
+                tables=[new.name],
+                width="half",
+            )
+        )
         return op.Expand(new, shape)
