@@ -61,16 +61,10 @@ def build(args, folder: Path) -> tuple[Path, Path]:
 
 
 def session(path: Path, threads: int, profile: str | None = None):
-    import onnxruntime as ort
+    from pe_export.runtimes.ort import ort_session, require_provider
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    if profile:
-        so.enable_profiling = True
-        so.profile_file_prefix = profile
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    assert sess.get_providers()[0] == "CPUExecutionProvider"
+    sess = ort_session(path, "CPUExecutionProvider", threads=threads, profile_prefix=profile)
+    require_provider(sess, "CPUExecutionProvider")
     return sess
 
 

@@ -1,5 +1,6 @@
-"""Files: one-line errors for paths, an atomic write that never leaves half a file or overwrites
-silently, and quiet logging around the tools that write them."""
+"""Files: one-line errors for paths, the one atomic writer (a file, or a model and its side files, that
+never leaves half a file or overwrites silently), the one external-data threshold, and quiet logging
+around the tools that write them."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import tempfile
 from pathlib import Path
 
 from pe_export.errors import BadInput
+
+# Above this many bytes of weights a model is written with external data (one protobuf holds at most
+# 2 GiB; the exporter and the rewriter both use this one threshold).
+EXTERNAL_DATA_THRESHOLD = 2**30
 
 
 @contextlib.contextmanager
@@ -31,21 +36,41 @@ def check_output_path(path: Path, force: bool) -> None:
         raise BadInput(f"{str(path)!r} exists; pass --force to overwrite it")
 
 
+@contextlib.contextmanager
+def staged(paths: list[Path], force: bool):
+    """The one atomic writer. Yields a temporary folder beside `paths` (all in one folder); the caller
+    writes each file there under its final name. Then each is renamed into place, the side files
+    (`paths[1:]`) before the main one, so a reader never sees the main file without them. Nothing is
+    overwritten without `force`; on any failure nothing is left behind (a side file renamed before the
+    failure is removed again unless it existed before)."""
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        check_output_path(path, force)
+    with tempfile.TemporaryDirectory(prefix=f".{paths[0].name}.", dir=paths[0].parent) as tmp:
+        yield Path(tmp)
+        for path in paths:
+            os.chmod(Path(tmp) / path.name, 0o644)
+        if not force and any(path.exists() for path in paths):
+            appeared = " or ".join(repr(str(p)) for p in paths)
+            raise BadInput(f"{appeared} appeared while writing; pass --force to overwrite")
+        placed = []
+        try:
+            for path in [*paths[1:], paths[0]]:
+                existed = path.exists()
+                os.replace(Path(tmp) / path.name, path)
+                placed.append((path, existed))
+        except BaseException:
+            for path, existed in placed:
+                if not existed:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+            raise
+
+
 def write_atomic(data: bytes, path: Path, force: bool) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    check_output_path(path, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        if not force and path.exists():
-            raise BadInput(f"{str(path)!r} appeared while exporting; pass --force to overwrite it")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write `data` to `path` through `staged`: readers never see half a file."""
+    with staged([path], force) as folder:
+        (folder / Path(path).name).write_bytes(data)
 
 
 def read_file(path: Path) -> bytes:

@@ -16,7 +16,6 @@ from pe_export.custom_ops import op_choice
 from pe_export.custom_ops.lowerings import OP_TARGETS
 from pe_export.encodings import ENCODINGS, KINDS, rope, static_shapes
 from pe_export.encodings.rope import RopeParams, inv_freq
-from pe_export.pipeline import packaging
 from pe_export.pipeline.onnx_export import load
 from pe_export.presets import PRESETS
 from pe_export.spec import Spec
@@ -343,7 +342,7 @@ def test_external_data_round_trip(tmp_path):
 
 
 def test_external_data_switches_on_above_the_threshold(tmp_path, monkeypatch):
-    monkeypatch.setattr(packaging, "EXTERNAL_DATA_THRESHOLD", 1000)
+    monkeypatch.setattr("pe_export.files.EXTERNAL_DATA_THRESHOLD", 1000)
     out = tmp_path / "m.onnx"
     assert invoke("llama-rope", "--seq", 64, "--head-dim", 32, "-o", out).exit_code == 0
     assert (tmp_path / "m.onnx.data").exists() and load(out)[1].deploy == {"external_data": True}

@@ -43,15 +43,11 @@ def bench_command(
     """Measure prefill throughput (GB/s and ratio to a same-bytes memcpy) and decode latency (p50, p90, p99)."""
     from rich.table import Table
 
-    from pe_export.cli.common import fail, out
-    from pe_export.tools.bench import bench_file
+    from pe_export.cli.common import fail, out, parse_runtimes
+    from pe_export.tools.bench import BENCH_RUNTIMES, bench_file
 
     names = [p.strip() for p in providers.split(",") if p.strip()]
-    others = [r.strip() for r in (runtimes or "").split(",") if r.strip()]
-    if runtimes is not None and not others:
-        from pe_export.tools.bench import BENCH_RUNTIMES
-
-        fail(f"--runtimes takes a comma-separated list of {', '.join(BENCH_RUNTIMES)}; got {runtimes!r}")
+    others = parse_runtimes(runtimes, BENCH_RUNTIMES) if runtimes is not None else ()
     try:
         result = bench_file(
             file,
@@ -62,7 +58,7 @@ def bench_command(
             heads=heads,
             repeat=repeat,
             profile=profile,
-            runtimes=tuple(dict.fromkeys(others)),
+            runtimes=others,
         )
     except ValueError as e:  # BadInput included
         fail(str(e))

@@ -23,11 +23,12 @@ def choices(name: str, values) -> type[Enum]:
     return Enum(name, {v: v for v in values}, type=str)
 
 
-def parse_runtimes(text: str) -> tuple[str, ...]:
-    from pe_export.runtimes import RUNTIMES
+def parse_runtimes(text: str, known=None) -> tuple[str, ...]:
+    """--runtimes through the library's one check (pe_export.runtimes.check_names), failing with exit 2."""
+    from pe_export.errors import BadInput
+    from pe_export.runtimes import RUNTIMES, check_names
 
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if n not in RUNTIMES]
-    if bad or not names:
-        fail(f"--runtimes takes a comma-separated list of {', '.join(RUNTIMES)}; got {text!r}")
-    return tuple(dict.fromkeys(names))
+    try:
+        return check_names(text, RUNTIMES if known is None else known)
+    except BadInput as e:
+        fail(str(e))

@@ -54,8 +54,8 @@ def matrix_command(
     from rich.table import Table
 
     from pe_export.cli.common import fail, out, parse_runtimes
+    from pe_export.files import check_output_path, write_atomic
     from pe_export.pipeline.artifact import free_folder
-    from pe_export.pipeline.onnx_export import check_output_path, write_atomic
     from pe_export.runtimes import DEFAULT_RUNTIMES
     from pe_export.tools import matrix
     from pe_export.verification.parity import FAILED

@@ -12,22 +12,8 @@ from typing import Annotated
 import typer
 
 from pe_export.cli.common import choices, fail, out
+from pe_export.rewriter import DEFAULT_RUNTIMES, OPS, RUNTIMES
 
-OPS = ("tables", "onnx", "ort", "decomposed")  # pe_export.rewriter.core.OPS, import-free
-RUNTIMES = (
-    "ort-cpu",
-    "ort-cpu-noopt",
-    "ort-cuda",
-    "onnx-reference",
-    "openvino",
-    "tract",
-    "ort-web",
-    "ort-web-browser",
-    "ort-web-browser-webgpu",
-    "iree",
-    "litert",
-)  # pe_export.rewriter.checks.RUNTIMES
-DEFAULT_RUNTIMES = ("ort-cpu", "ort-cpu-noopt")  # pe_export.rewriter.checks.DEFAULT_RUNTIMES
 RewriteOp = choices("RewriteOp", OPS)
 
 
@@ -65,40 +51,13 @@ def rewrite_command(
     from rich.table import Table
 
     from pe_export.errors import BadInput
-    from pe_export.pipeline.onnx_export import check_output_path, write_atomic
+    from pe_export.rewriter.run import rewrite_and_verify
 
-    chosen = tuple(dict.fromkeys(r.strip() for r in runtimes.split(",") if r.strip()))
-    if not chosen or any(r not in RUNTIMES for r in chosen):
-        fail(f"--runtimes takes a comma-separated list of {', '.join(RUNTIMES)}; got {runtimes!r}")
-    output = output or model.with_name(f"{model.stem}.pe.onnx")
     try:
-        check_output_path(output, force)
-        if report is not None:
-            check_output_path(report, force)
-        from pe_export.rewriter import apply as api
-        from pe_export.rewriter import cache_checks as verify_caches
-        from pe_export.rewriter import checks as verify
-        from pe_export.rewriter.rewrite_report import document, render
-
-        original = api.load(model)
-        if config is None:
-            fail(f"rewrite needs --config CONFIG.json (the model's config.json); {api.describe(original)}")
-        rewritten = api.load(model)
-        result = api.rewrite(rewritten, config, seq, op.value)
+        run = rewrite_and_verify(model, config, seq, op.value, output, force, runtimes, report)
     except BadInput as e:
         fail(str(e))
-    api.prune(result.model)  # verify what is written
-    site_rows = verify.check_sites(original, result.model, result.sites, chosen)
-    site_rows = sorted(
-        site_rows + verify_caches.check_caches(original, result.model, result.sites, chosen), key=lambda r: r.site
-    )
-    whole_rows = verify.check_whole(original, result.model, chosen, cache_dims=verify.cache_dims_of(config))
-    try:
-        api.save(result.model, output, force)
-        if report is not None:
-            write_atomic(render(document(result.spec, site_rows, whole_rows), report), report, force)
-    except BadInput as e:
-        fail(str(e))
+    result, site_rows, whole_rows = run.result, run.site_rows, run.whole_rows
     table = Table(
         "site",
         "rule",
@@ -137,10 +96,10 @@ def rewrite_command(
             else r.note
         )
         out.print(f"whole model ({r.runtime}), positions 0-{r.positions - 1}: {result_text}: {r.verdict}")
-    out.print(f"wrote {output}" + (f" and {report}" if report is not None else ""))
-    if verify.failed([*site_rows, *whole_rows]):
-        if not any(r.verdict == "pass" for r in site_rows):
-            fail(f"no runtime of {', '.join(chosen)} checked a site; {output} is written but unverified", 1)
+    out.print(f"wrote {run.output}" + (f" and {report}" if report is not None else ""))
+    if run.verdict == "unverified":
+        fail(f"no runtime of {', '.join(run.runtimes)} checked a site; {run.output} is written but unverified", 1)
+    if run.verdict != "pass":
         raise typer.Exit(1)
 
 

@@ -25,7 +25,7 @@ from pe_export.errors import BadInput
 from pe_export.files import check_output_path, write_atomic
 from pe_export.pipeline import onnx_export, packaging
 from pe_export.presets import PRESETS, Preset
-from pe_export.runtimes import DEFAULT_RUNTIMES, RUNTIMES
+from pe_export.runtimes import DEFAULT_RUNTIMES, check_names
 from pe_export.spec import Spec
 from pe_export.verification import bundles, out_of_range, parity
 from pe_export.verification.report import render, verify_doc
@@ -38,13 +38,13 @@ OPTIMIZED_RUNTIMES = {"cpu": ("torch", "ort-cpu", "ort-cpu-noopt", "onnx-referen
 
 
 @dataclass(frozen=True)
-class Job:
+class ExportJob:
     """An export that passed every check: what will be built and where it goes."""
 
     spec: Spec
     output: Path
     force: bool = False
-    external_data: bool | None = None  # None: on above packaging.EXTERNAL_DATA_THRESHOLD
+    external_data: bool | None = None  # None: on above files.EXTERNAL_DATA_THRESHOLD
     notes: tuple[
         str, ...
     ] = ()  # what the user should know before the work (the --op auto choice, a switch never reached)
@@ -81,7 +81,7 @@ class VerifyResult:
 
 @dataclass(frozen=True)
 class ExportResult:
-    job: Job
+    job: ExportJob
     written: Written
     verification: VerifyResult | None  # None with verify=False
     artifacts: dict = field(default_factory=dict)  # {kind: VerifyResult} of the .ort / optimised files
@@ -165,7 +165,7 @@ def as_spec(
     return spec, picked and f"--op auto picked {op} (opset {opset}): {picked}"
 
 
-def prepare(spec_or_preset, path=None, *, force: bool = False, report=None, **options) -> Job:
+def prepare(spec_or_preset, path=None, *, force: bool = False, report=None, **options) -> ExportJob:
     """Check everything an export needs before any work: parameters, target, opset, packaging tools,
     and that no output (model, side files, report) exists unless `force`."""
     external = options.get("external_data")
@@ -183,10 +183,10 @@ def prepare(spec_or_preset, path=None, *, force: bool = False, report=None, **op
     notes = [picked] if picked else []
     if spec.encoding == "rope" and (note := switch_note(ENCODINGS.get("rope").parse(spec))):
         notes.append(note)
-    return Job(spec=spec, output=output, force=force, external_data=external, notes=tuple(notes))
+    return ExportJob(spec=spec, output=output, force=force, external_data=external, notes=tuple(notes))
 
 
-def write(job: Job) -> Written:
+def write(job: ExportJob) -> Written:
     """Build the graph, package it, and write every file atomically (never over one without force)."""
     output, force = job.output, job.force
     try:
@@ -224,13 +224,7 @@ def check_report_path(report, model_path, force) -> None:
 
 
 def check_runtimes(runtimes) -> tuple[str, ...]:
-    if runtimes is None:
-        return DEFAULT_RUNTIMES
-    names = tuple(dict.fromkeys(runtimes))
-    bad = [n for n in names if n not in RUNTIMES]
-    if bad or not names:
-        raise BadInput(f"--runtimes takes a comma-separated list of {', '.join(RUNTIMES)}; got {','.join(runtimes)!r}")
-    return names
+    return DEFAULT_RUNTIMES if runtimes is None else check_names(runtimes)
 
 
 def weights_source(path, key: str) -> dict:

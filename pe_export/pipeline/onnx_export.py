@@ -15,13 +15,7 @@ import onnx
 from pe_export.encodings.attention import encoding_for
 from pe_export.encodings.static_shapes import static_args, static_sizes
 from pe_export.errors import BadInput
-from pe_export.files import (  # noqa: F401 (re-exported)
-    check_output_path,
-    not_onnx,
-    quiet_logging,
-    read_file,
-    write_atomic,
-)
+from pe_export.files import not_onnx, quiet_logging, read_file
 from pe_export.pipeline import packaging
 from pe_export.spec import DERIVED_KEY, SPEC_KEY, VERSION, Spec
 

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from pe_export import files
 from pe_export.errors import BadInput, one_line
-from pe_export.files import check_output_path, quiet_logging
+from pe_export.files import quiet_logging, staged
 from pe_export.spec import SPEC_KEY
 
 FORMATS = ("onnx", "ort")
@@ -24,7 +24,6 @@ DEPLOY_KEYS = ("external_data", "format", "optimize", "optimize_provider")
 # External data switches on by itself above 1 GiB of initializers: half of protobuf's hard 2 GiB limit
 # on one serialized file, leaving room for the graph and for runtimes (and tools) that copy the whole
 # proto once more while loading it. Below it a single self-contained file is easier to move around.
-EXTERNAL_DATA_THRESHOLD = 2**30
 EXTERNAL_MIN_TENSOR = 1024  # bytes: smaller tensors (shapes, constants) stay inside the .onnx
 
 
@@ -97,9 +96,9 @@ def initializer_bytes(model) -> int:
 
 
 def finalize_spec(spec, model, external: bool | None):
-    """Decide external data (None: above EXTERNAL_DATA_THRESHOLD) and record it in the model's spec."""
+    """Decide external data (None: above files.EXTERNAL_DATA_THRESHOLD) and record it in the model's spec."""
     if external is None:
-        external = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        external = initializer_bytes(model) > files.EXTERNAL_DATA_THRESHOLD
     deploy = {k: v for k, v in spec.deploy.items() if k != "external_data"} | (
         {"external_data": True} if external else {}
     )
@@ -132,57 +131,36 @@ def to_ort_format(model_bytes: bytes) -> bytes:
 
 def optimize(model_bytes: bytes, level: str, provider: str) -> bytes:
     """ORT's offline-optimised graph for one execution provider (SessionOptions.optimized_model_filepath)."""
-    import onnxruntime as ort
+    from pe_export.runtimes.ort import ort_session
 
-    levels = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
-    providers = ["CPUExecutionProvider"] if provider == "cpu" else ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    name = "CPUExecutionProvider" if provider == "cpu" else "CUDAExecutionProvider"
     with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels[level])
-        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        opts.log_severity_level = 4
         try:
-            ort.InferenceSession(model_bytes, opts, providers=providers)
+            ort_session(model_bytes, name, optimize=level, optimized_path=Path(tmp) / "optimized.onnx")
             return (Path(tmp) / "optimized.onnx").read_bytes()
-        except Exception as e:
+        except Exception as e:  # Skip (ORT or the provider absent) included
             raise BadInput(
                 f"--optimize: ONNX Runtime could not optimise the model for {provider}: {one_line(e, 200)}"
             ) from None
 
 
 def write_external(model, path: Path, force: bool) -> list[Path]:
-    """The model with its large tensors in `FILE.onnx.data` beside it. Both are written in a temporary
-    folder beside `path` and renamed, the side file first; neither overwrites without `force`."""
+    """The model with its large tensors in `FILE.onnx.data` beside it, written through `files.staged`
+    (the side file renamed into place first; neither overwrites without `force`)."""
     import onnx
 
     side = path.with_name(path.name + ".data")
-    check_output_path(path, force)
-    check_output_path(side, force)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
-        staged = Path(tmp) / path.name
+    with staged([path, side], force) as folder:
         onnx.save_model(
             model,
-            staged,
+            folder / path.name,
             save_as_external_data=True,
             all_tensors_to_one_file=True,
             location=side.name,
             size_threshold=EXTERNAL_MIN_TENSOR,
         )
-        if not (Path(tmp) / side.name).exists():  # nothing was big enough: still write the (empty) side file
-            (Path(tmp) / side.name).write_bytes(b"")
-        for f in (Path(tmp) / side.name, staged):
-            os.chmod(f, 0o644)
-        if not force and (path.exists() or side.exists()):
-            raise BadInput(f"{str(path)!r} or {str(side)!r} appeared while exporting; pass --force to overwrite them")
-        side_existed = side.exists()
-        os.replace(Path(tmp) / side.name, side)
-        try:
-            os.replace(staged, path)
-        except BaseException:
-            if not side_existed:
-                with contextlib.suppress(FileNotFoundError):
-                    side.unlink()
-            raise
+        if not (folder / side.name).exists():  # nothing was big enough: still write the (empty) side file
+            (folder / side.name).write_bytes(b"")
     return [path, side]
 
 

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 
 import onnx_ir as ir
 
+from pe_export import files
 from pe_export.errors import BadInput
+from pe_export.files import check_output_path, staged
 from pe_export.rewriter.core import Rewritten, rewrite_model
-
-# Above this many bytes of tensors, write the weights as external data (one protobuf holds at most 2 GiB).
-EXTERNAL_ABOVE = 1 << 30
 
 
 def load(path: Path | str) -> ir.Model:
@@ -39,49 +35,18 @@ def prune(model: ir.Model) -> None:
 
 
 def save(model: ir.Model, path: Path, force: bool) -> None:
-    """Write `model` to `path` atomically (a temporary file beside it, then a rename); weights over
-    EXTERNAL_ABOVE, or read from external data, go to `path.name + ".data"` beside it, renamed first."""
-    from pe_export.pipeline.onnx_export import check_output_path
-
+    """Write `model` to `path` through `files.staged`; weights over files.EXTERNAL_DATA_THRESHOLD, or
+    read from external data, go to `path.name + ".data"` beside it (external data in, external data
+    out), renamed into place first. The model in memory is left unchanged (onnx_ir's save)."""
     path = Path(path)
     check_output_path(path, force)
     prune(model)
-    external = tensor_bytes(model) > EXTERNAL_ABOVE or any(
+    external = tensor_bytes(model) > files.EXTERNAL_DATA_THRESHOLD or any(
         isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
-    )  # external data in, external data out
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    data = f"{path.name}.data"
-    try:
-        if external:
-            # onnx_ir names the data file relative to the model; write both under temporary names.
-            tmp_data = f"{Path(tmp).name}.data"
-            ir.save(model, tmp, external_data=tmp_data)
-            proto = ir.load(tmp)
-            for v in proto.graph.initializers.values():
-                if isinstance(v.const_value, ir.ExternalTensor):
-                    v.const_value = ir.ExternalTensor(
-                        location=data,
-                        offset=v.const_value.offset,
-                        length=v.const_value.length,
-                        dtype=v.const_value.dtype,
-                        shape=v.const_value.shape,
-                        name=v.name,
-                        base_dir=path.parent,
-                    )
-            os.replace(path.parent / tmp_data, path.parent / data)
-            ir.save(proto, tmp)
-        else:
-            ir.save(model, tmp)
-        os.chmod(tmp, 0o644)
-        if not force and path.exists():
-            raise BadInput(f"{str(path)!r} appeared while rewriting; pass --force to overwrite it")
-        os.replace(tmp, path)
-    except BaseException:
-        for leftover in (tmp, f"{tmp}.data"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(leftover)
-        raise
+    )
+    side = path.with_name(f"{path.name}.data")
+    with staged([path, side] if external else [path], force) as folder:
+        ir.save(model, folder / path.name, external_data=side.name if external else None)
 
 
 def rewrite(
@@ -100,8 +65,6 @@ def rewrite(
     else:
         model = load(model_or_path)
     if output is not None:
-        from pe_export.pipeline.onnx_export import check_output_path
-
         check_output_path(Path(output), force)
     result = rewrite_model(model, config, seq, op)
     if output is not None:

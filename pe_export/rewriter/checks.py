@@ -29,6 +29,7 @@ from pe_export.custom_ops.rotation import apply_reference, heads_axis
 from pe_export.dtypes import DENORM_MIN, EPS
 from pe_export.encodings.rope import RopeParams, inv_freq, pair_sums, tables
 from pe_export.errors import one_line
+from pe_export.rewriter import DEFAULT_RUNTIMES
 from pe_export.rewriter.core import METADATA_KEY
 from pe_export.rewriter.job import Site
 from pe_export.runtimes import GRAPH_RUNTIMES
@@ -37,8 +38,6 @@ from pe_export.verification.parity import FAILED
 from pe_export.verification.tolerances import tolerance
 
 EPS32 = 2.0**-24  # float32 unit roundoff
-RUNTIMES = tuple(GRAPH_RUNTIMES)
-DEFAULT_RUNTIMES = ("ort-cpu", "ort-cpu-noopt")
 SHORT = 16  # positions 0..SHORT-1 for the whole-model comparison
 MAX_PROTO = 2**31 - 2**20  # what one protobuf holds, less room for the graph
 WHOLE_REL = 1e-4  # relative to the largest output: float32 rounding of cos/sin carried through the layers

@@ -14,12 +14,12 @@ import onnx_ir as ir
 from onnxscript.rewriter import _basics
 
 from pe_export.errors import BadInput
+from pe_export.rewriter import OPS
 from pe_export.rewriter.job import Job, Site
 from pe_export.rewriter.params import params_from_config
 from pe_export.rewriter.rule_set import rule_set
 from pe_export.rewriter.rules import RULES
 
-OPS = ("tables", "onnx", "ort", "decomposed")
 METADATA_KEY = "pe_export.rewrite"
 
 

@@ -74,12 +74,11 @@ DEFAULT_RUNTIMES = tuple(n for n in RUNTIMES if n not in EDGE_RUNTIMES)  # the s
 
 
 def check_names(names, known=RUNTIMES, option: str = "--runtimes") -> tuple[str, ...]:
-    """The runtime names, each one of `known`, in order, without repeats; BadInput naming the first
-    unknown one and the valid names. The one place runtime names are checked."""
-    names = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
-    if not names:
-        raise BadInput(f"{option} is empty; valid: {', '.join(known)}")
-    for n in names:
-        if n not in known:
-            raise BadInput(f"{option}: unknown runtime {n!r}; valid: {', '.join(known)}")
-    return names
+    """The one runtime-name check: `names` (a comma-separated string or a sequence) as a tuple in the
+    order given, without repeats, each one of `known`; otherwise BadInput naming the valid names."""
+    given = names.split(",") if isinstance(names, str) else list(names)
+    chosen = tuple(dict.fromkeys(n.strip() for n in given if n.strip()))
+    if not chosen or any(n not in known for n in chosen):
+        text = names if isinstance(names, str) else ",".join(names)
+        raise BadInput(f"{option} takes a comma-separated list of {', '.join(known)}; got {text!r}")
+    return chosen

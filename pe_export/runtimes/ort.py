@@ -10,23 +10,49 @@ from pe_export.dtypes import numpy_dtype
 from pe_export.runtimes.outcomes import Skip
 from pe_export.spec import Spec
 
+LEVELS = {True: "ORT_ENABLE_ALL", False: "ORT_DISABLE_ALL", "all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED",
+          "basic": "ORT_ENABLE_BASIC"}  # fmt: skip
 
-def ort_session(model_bytes: bytes, provider: str, options: dict | None = None, optimize: bool = True):
+
+def ort_session(
+    model,
+    provider: str,
+    options: dict | None = None,
+    optimize: bool | str = True,
+    *,
+    threads: int | None = None,
+    profile_prefix: str | None = None,
+    optimized_path: str | None = None,
+):
+    """The one ONNX Runtime session helper: `model` as bytes or a path (external data beside it is read
+    from there), on `provider` with CPU as the fallback ORT wants (`require_provider` checks what ran);
+    `optimize` True (ORT's default, all), False (none) or a level name; `threads` intra-op threads (one
+    inter-op); `optimized_path` writes ORT's optimised graph there. Skip when ORT or the provider is absent
+    or ORT has no kernel for a node."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise Skip("onnxruntime is not installed (pip install 'pe-export[cpu]' or 'pe-export[gpu]')") from None
     if provider not in ort.get_available_providers():
-        raise Skip(f"{provider} not available in this onnxruntime build")
+        raise Skip(
+            f"{provider} is not available in this onnxruntime build "
+            f"(available: {', '.join(ort.get_available_providers())})"
+        )
     opts = ort.SessionOptions()
-    level = ort.GraphOptimizationLevel
-    opts.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[optimize])
     opts.log_severity_level = 4  # failures come back as exceptions, not log lines
+    if threads is not None:
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    if profile_prefix:
+        opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
+    if optimized_path:
+        opts.optimized_model_filepath = str(optimized_path)
+    model = model if isinstance(model, bytes) else str(model)
     try:
         providers = (
             [provider] if provider == "CPUExecutionProvider" else [(provider, options or {}), "CPUExecutionProvider"]
         )
-        return ort.InferenceSession(model_bytes, opts, providers=providers)
+        return ort.InferenceSession(model, opts, providers=providers)
     except Exception as e:
         if "NOT_IMPLEMENTED" in str(e):
             raise Skip(f"no kernel in this onnxruntime: {str(e).split(':')[-1].strip()}") from None

@@ -181,28 +181,14 @@ def gathered_bytes(spec: Spec, inputs: dict) -> int:
 
 
 def session(model_bytes: bytes, provider: str, threads: int, profile_prefix: str | None = None, optimize: bool = True):
-    from pe_export.runtimes.ort import require_provider
+    from pe_export.runtimes.ort import ort_session, require_provider
+    from pe_export.runtimes.outcomes import Skip
 
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise BadInput("onnxruntime is not installed (pip install 'pe-export[cpu]' or 'pe-export[gpu]')") from None
     name = PROVIDERS[provider]
-    if name not in ort.get_available_providers():
-        raise BadInput(
-            f"{name} is not available in this onnxruntime build (available: {', '.join(ort.get_available_providers())})"
-        )
-    opts = ort.SessionOptions()
-    level = ort.GraphOptimizationLevel
-    opts.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 4
-    if profile_prefix:
-        opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
-    providers = [name] if provider == "cpu" else [name, "CPUExecutionProvider"]
     try:
-        sess = ort.InferenceSession(model_bytes, opts, providers=providers)
+        sess = ort_session(model_bytes, name, optimize=optimize, threads=threads, profile_prefix=profile_prefix)
+    except Skip as e:
+        raise BadInput(str(e)) from None
     except Exception as e:  # ORT's errors are not RuntimeErrors; the CLI prints one line either way
         raise RuntimeError(f"onnxruntime ({name}) could not load the graph: {one_line(e)}") from None
     require_provider(sess, name)
@@ -348,12 +334,10 @@ def check_options(providers, threads: int, repeat: int, runtimes=()) -> None:
     for name, value, low in (("--threads", threads, 1), ("--repeat", repeat, 3)):
         if value < low:
             raise BadInput(f"{name} must be >= {low}, got {value}")
-    for name in runtimes:
-        if name not in BENCH_RUNTIMES:
-            raise BadInput(
-                f"--runtimes takes a comma-separated list of {', '.join(BENCH_RUNTIMES)} (ORT: --providers), got "
-                f"{name!r}"
-            )
+    if runtimes:
+        from pe_export.runtimes import check_names
+
+        check_names(runtimes, BENCH_RUNTIMES)
     for provider in providers:
         if provider not in PROVIDERS:
             raise BadInput(f"--providers takes a comma-separated list of {', '.join(PROVIDERS)}, got {provider!r}")

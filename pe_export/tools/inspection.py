@@ -25,7 +25,7 @@ from pe_export.spec import DERIVED_KEY, SPEC_KEY, Spec
 def read_model(path: Path) -> tuple[onnx.ModelProto, bytes]:
     """The model (external data not loaded) and the file's bytes, with export.load's errors for a
     missing path, a folder, an empty file and anything onnx cannot parse or check."""
-    from pe_export.pipeline.onnx_export import not_onnx, read_file
+    from pe_export.files import not_onnx, read_file
 
     data = read_file(path)
     external = []

@@ -413,7 +413,7 @@ def plot(
     source: str, output: Path, kind: str | None = None, seq: int | None = None, force: bool = False
 ) -> tuple[Source, tuple[str, ...], int]:
     """Resolve, check the output path, draw, write atomically. Returns (source, kinds drawn, bytes)."""
-    from pe_export.pipeline.onnx_export import check_output_path, write_atomic
+    from pe_export.files import check_output_path, write_atomic
 
     require_matplotlib()
     if output.suffix.lower() != ".png":
