@@ -307,6 +307,7 @@ def test_bad_matrix_options_exit_2(args, message):
 
 
 def test_matrix_failure_exits_1_with_a_bundle(tmp_path, monkeypatch):
+    import pe_export.verification.bundles
     import pe_export.verification.parity
 
     real = pe_export.verification.parity.bound
@@ -335,6 +336,7 @@ def test_matrix_failure_exits_1_with_a_bundle(tmp_path, monkeypatch):
 def fake_matrix(monkeypatch, write_bundle):
     """run_case with the export and the check replaced: every case fails on one row."""
     import pe_export.pipeline.onnx_export
+    import pe_export.verification.bundles
     import pe_export.verification.parity
     from pe_export.verification.parity import Row
 
@@ -348,7 +350,7 @@ def fake_matrix(monkeypatch, write_bundle):
         "check",
         lambda spec, data, runtimes, seed: [Row("ort-cpu", "cpu", spec.dtype, "FAIL", note="planted")],
     )
-    monkeypatch.setattr(pe_export.verification.parity, "write_bundle", write_bundle)
+    monkeypatch.setattr(pe_export.verification.bundles, "write_bundle", write_bundle)
 
 
 def test_every_quick_case_fails_into_its_own_bundle_and_counts_once(tmp_path, monkeypatch):
