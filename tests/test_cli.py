@@ -387,7 +387,10 @@ def test_installed_entry_point_runs_as_a_subprocess(tmp_path):
 
 
 def test_ci_runs_the_readme_test_command():
-    test_command = 'pip install "torch==2.13.0" -e ".[cpu,test]" && npm ci --prefix js && python -m pytest'
+    test_command = (
+        'pip install "torch==2.13.0" -e ".[cpu,test]" && npm ci --prefix js '
+        "&& ruff format --check . && ruff check . && python -m pytest"
+    )
     assert test_command in README.read_text()
     assert test_command in (README.parent / ".ci" / "run").read_text().splitlines()
 
