@@ -246,6 +246,14 @@ class RopeLayers:
             groups.setdefault(same if same is not None else name, []).append(name)
         return groups
 
+    def paths(self, path: Path) -> dict[str, Path]:
+        """{first layer type of each distinct set: its file}: `path` itself for one set, else
+        `<stem>-<layer_type><suffix>` beside it (gemma-rope.onnx -> gemma-rope-full_attention.onnx)."""
+        groups = self.distinct()
+        if len(groups) == 1:
+            return {next(iter(groups)): path}
+        return {first: path.with_name(f"{path.stem}-{first}{path.suffix}") for first in groups}
+
 
 def rope_layers_from_config(path: Path, max_positions: int | None = None) -> RopeLayers:
     """Which RoPE parameters each layer of the model `path` describes uses, and which layers use none."""

@@ -436,9 +436,9 @@ LAYERED_PRESETS: dict[str, LayeredPreset] = {
             pattern=_every(36, 4, None, "full_attention"),
         ),
         LayeredPreset(
-            name="llama4-scout-rope",
-            description="Llama 4 Scout text (48 layers, head_dim 128): interleaved pairs, theta 500000, llama3 "
-            "scaling x16 from 8192, table to 131072; every 4th layer NoPE",
+            name="llama4-rope",
+            description="Llama 4 text (transformers 5.23 Llama4TextConfig defaults: 48 layers, head_dim 128, theta "
+            "500000): interleaved pairs, llama3 scaling x8 from 8192 (low 1, high 4); every 4th layer NoPE",
             rope={
                 "chunked_attention": dict(
                     head_dim=128,
@@ -447,7 +447,7 @@ LAYERED_PRESETS: dict[str, LayeredPreset] = {
                     max_positions=131072,
                     scaling="llama3",
                     scaling_params=dict(
-                        factor=16.0, low_freq_factor=1.0, high_freq_factor=1.0, original_max_positions=8192
+                        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_positions=8192
                     ),
                 )
             },

@@ -45,6 +45,11 @@ def list_presets():
         if p.params.get("scaling_params"):
             scaling += " (" + ", ".join(f"{k}={v}" for k, v in p.params["scaling_params"].items()) + ")"
         table.add_row(p.name, p.encoding, scaling, p.description, ", ".join(f"{k}={v}" for k, v in params.items()))
+    for p in LAYERED_PRESETS.values():  # one file per layer type
+        per_type = "; ".join(
+            f"{name}: " + ", ".join(f"{k}={v}" for k, v in params.items()) for name, params in p.rope.items()
+        )
+        table.add_row(p.name, "rope (per layer)", "", p.description, per_type)
     out.print(table)
 
 
@@ -424,12 +429,10 @@ def export_layers(stem: str, source: str, found, options) -> None:
         make_export_command(preset)(**options)
         return
     jobs = []
+    outputs = found.paths(options["output"] or Path(f"{stem}.onnx"))
+    reports = found.paths(options["report"]) if options["report"] else {}
     for first, types in groups.items():
-        output, report = options["output"], options["report"]
-        suffix = f"-{first}" if len(groups) > 1 else ""
-        name = f"{stem}{suffix}"
-        output = output.with_name(f"{output.stem}{suffix}{output.suffix}") if output else Path(f"{name}.onnx")
-        report = report.with_name(f"{report.stem}{suffix}{report.suffix}") if report else None
+        output, report = outputs[first], reports.get(first)
         for path in (output, report):
             try:
                 if path is not None:
@@ -437,7 +440,7 @@ def export_layers(stem: str, source: str, found, options) -> None:
             except ValueError as e:
                 fail(str(e))
         layers = sorted(i for t in types for i in found.layers.get(t, ()))
-        jobs.append((first, types, layers, name, {**options, "output": output, "report": report}))
+        jobs.append((first, types, layers, output.stem, {**options, "output": output, "report": report}))
     for first, types, layers, _, job in jobs:
         params = found.rope[first]
         out.print(
