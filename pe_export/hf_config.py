@@ -218,6 +218,8 @@ LAYER_FAMILIES = {
 FAMILY_OF = {"gemma3": "gemma3", "gemma3_text": "gemma3", "modernbert": "modernbert"}
 # Families whose `no_rope_layers` may be absent (then built from `no_rope_layer_interval`, default 4).
 NOPE_FAMILIES = {"smollm3", "llama4", "llama4_text"}
+# The layer type of their RoPE layers where the config has no `layer_types` (Llama 4: chunked attention).
+ROPE_LAYER_TYPE = {"llama4": "chunked_attention", "llama4_text": "chunked_attention"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,8 +227,9 @@ class RopeLayers:
     """The RoPE of every layer of a model: `rope` {layer type: RoPE parameter dict (as `RopeParams` takes it)},
     `layers` {layer type: indices of the layers that use it}, `nope` the indices of the layers without RoPE.
 
-    A config with one parameter set for every layer gives `rope == {"": params}` (`rope_params_from_config`'s
-    dict) and every RoPE layer under ""."""
+    A config with one parameter set gives it (`rope_params_from_config`'s dict) under each layer type of its RoPE
+    layers (`layer_types`, or the family's own: SmolLM3 `full_attention`, Llama 4 `chunked_attention`), or under
+    "" where the config names no layer types."""
 
     rope: dict[str, dict]
     layers: dict[str, tuple[int, ...]]
@@ -264,10 +267,16 @@ def rope_layers_from_config(path: Path, max_positions: int | None = None) -> Rop
     types = _layer_types(cfg, n_layers, family)
     block = cfg.get("rope_parameters")
     keyed = isinstance(block, dict) and bool(block) and all(isinstance(v, dict) for v in block.values())
-    if family is None and not keyed:
-        rope = {"": _params(cfg, path, max_positions)}
-        used = [i for i in range(n_layers or 0) if i not in nope]
-        return RopeLayers(rope=rope, layers={"": tuple(used)} if n_layers else {}, nope=tuple(nope))
+    if family is None and not keyed:  # one parameter set, under each layer type its RoPE layers have
+        params = _params(cfg, path, max_positions)
+        if types is None and n_layers is not None and cfg.get("model_type", "") in NOPE_FAMILIES:
+            types = [ROPE_LAYER_TYPE.get(cfg["model_type"], "full_attention")] * n_layers
+        if types is None:
+            used = tuple(i for i in range(n_layers or 0) if i not in nope)
+            return RopeLayers(rope={"": params}, layers={"": used} if n_layers else {}, nope=tuple(nope))
+        names = dict.fromkeys(t for i, t in enumerate(types) if i not in nope)
+        layers = {name: tuple(i for i, t in enumerate(types) if t == name and i not in nope) for name in names}
+        return RopeLayers(rope={name: params for name in names}, layers=layers, nope=tuple(nope))
     if types is None:
         raise BadInput("config with 'rope_parameters' keyed by layer type needs 'layer_types' or 'num_hidden_layers'")
     blocks = _family_blocks(cfg, family) if not keyed else block
