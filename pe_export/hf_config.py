@@ -74,13 +74,13 @@ def rope_params_from_config(path: Path, max_positions: int | None = None) -> dic
 
 
 def rope_params_by_layer_type(path: Path, max_positions: int | None = None) -> dict[str, dict]:
-    """{layer type: RoPE parameter dict}: one entry per key where `rope_parameters` is keyed by layer
-    type (Gemma 3: `sliding_attention`, `full_attention`), else the one set under the key ""."""
-    cfg = read_config(path)
-    block = cfg.get("rope_parameters")
-    if isinstance(block, dict) and block and all(isinstance(v, dict) for v in block.values()):
-        return {name: _params({**cfg, "rope_parameters": sub}, path, max_positions) for name, sub in block.items()}
-    return {"": _params(cfg, path, max_positions)}
+    """{layer type: RoPE parameter dict}, one entry per distinct parameter set (`rope_layers_from_config`):
+    Gemma 3 and ModernBERT give `sliding_attention` and `full_attention`, in either key style; a config with one
+    set gives it under the key ""."""
+    groups = rope_layers_from_config(path, max_positions)
+    if len(groups.distinct()) == 1:
+        return {"": next(iter(groups.rope.values()))}
+    return {first: groups.rope[first] for first in groups.distinct()}
 
 
 def _params(cfg: dict, path: Path, max_positions: int | None) -> dict:
@@ -277,11 +277,11 @@ def rope_layers_from_config(path: Path, max_positions: int | None = None) -> Rop
         names = dict.fromkeys(t for i, t in enumerate(types) if i not in nope)
         layers = {name: tuple(i for i, t in enumerate(types) if t == name and i not in nope) for name in names}
         return RopeLayers(rope={name: params for name in names}, layers=layers, nope=tuple(nope))
-    if types is None:
-        raise BadInput("config with 'rope_parameters' keyed by layer type needs 'layer_types' or 'num_hidden_layers'")
     blocks = _family_blocks(cfg, family) if not keyed else block
     rope = {}
-    for name in dict.fromkeys(t for i, t in enumerate(types) if i not in nope):
+    # Without `layer_types` nor `num_hidden_layers`, which layer uses which set is unknown: every set, no layers.
+    used = blocks if types is None else dict.fromkeys(t for i, t in enumerate(types) if i not in nope)
+    for name in used:
         if name not in blocks:
             raise BadInput(
                 f"config key 'rope_parameters' has no entry for layer type {name!r} (in 'layer_types'); "
@@ -292,7 +292,7 @@ def rope_layers_from_config(path: Path, max_positions: int | None = None) -> Rop
             key, default = family.thetas.get(name, ("rope_theta", 10000.0))
             sub["rope_theta"] = _either(_first(cfg, [key], least=0), default)
         rope[name] = _params({**cfg, "rope_parameters": sub}, path, max_positions)
-    layers = {name: tuple(i for i, t in enumerate(types) if t == name and i not in nope) for name in rope}
+    layers = {name: tuple(i for i, t in enumerate(types or []) if t == name and i not in nope) for name in rope}
     return RopeLayers(rope=rope, layers=layers, nope=tuple(nope))
 
 

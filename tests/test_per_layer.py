@@ -392,3 +392,14 @@ def test_bad_configs(tmp_path, name, cfg, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
     with pytest.raises(pe_export.BadInput):
         pe_export.rope_layers(path)
+
+
+def test_rewrite_reads_old_style_gemma3_configs(tmp_path):
+    """`pe-export rewrite --config` on a Gemma 3 config.json as the Hub has them (top-level rope_theta,
+    rope_local_base_freq, rope_scaling): one parameter set per layer type, as transformers builds them."""
+    from pe_export.rewriter.params import params_from_config
+
+    path = write(tmp_path / "g", CONFIGS["gemma3-old"][3])
+    local, full = params_from_config(path)
+    assert (local.theta, local.scaling) == (10000.0, "default")
+    assert (full.theta, full.scaling, full.scaling_params) == (1e6, "linear", {"factor": 8.0})

@@ -444,8 +444,8 @@ def export_layers(stem: str, source: str, found, options) -> None:
     for first, types, layers, _, job in jobs:
         params = found.rope[first]
         out.print(
-            f"{', '.join(types) or 'every layer'} (layers {spans(layers)}) -> {job['output']}: "
-            + ", ".join(f"{k}={v}" for k, v in params.items()),
+            f"{', '.join(types) or 'every layer'} (layers {spans(layers) if layers else 'not in the config'}) -> "
+            f"{job['output']}: " + ", ".join(f"{k}={v}" for k, v in params.items()),
             soft_wrap=True,
         )
     out.print(f"no RoPE (NoPE) in layers {spans(found.nope)}" if found.nope else "every layer uses RoPE")
