@@ -321,6 +321,8 @@ def test_layered_preset_command_and_output_names(tmp_path):
         "r-sliding_attention.json",
     ]
     assert json.loads((tmp_path / "r-full_attention.json").read_text())["spec"]["params"]["theta"] == 160000.0
+    assert "full_attention (layers 0, 3, 6, 9, 12, 15, 18, 21) -> " in result.output
+    assert "theta=160000.0, pairing=half, max_positions=48" in result.output
     # Again without --force: refused before anything is written, one line, exit 2.
     (tmp_path / "mb-full_attention.onnx").unlink()
     before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}

@@ -400,7 +400,9 @@ def make_layered_command(preset: LayeredPreset):
     def export_command(**options):
         from pe_export.hf_config import RopeLayers
 
-        export_layers(preset.name, preset.name, RopeLayers.from_pattern(preset.rope, preset.pattern), options)
+        seq = {"max_positions": options["seq"]} if options["seq"] is not None else {}
+        rope = {name: {**params, **seq} for name, params in preset.rope.items()}  # printed as exported
+        export_layers(preset.name, preset.name, RopeLayers.from_pattern(rope, preset.pattern), options)
 
     own = {n: (p.annotation, p.default) for n, p in _options_of_rope_commands().items() if n != "hf_config"}
     with_signature(export_command, own)
