@@ -1,6 +1,6 @@
 """pe-export: positional encodings of Transformer models as verified ONNX graphs.
 
-The public API (each name documented where it is defined; README section "Python API"):
+The public API (each name documented where it is defined; docs/python-api.md):
 
     preset, rope_tables, translation_table    pe_export.api
     RotaryEmbedding                           pe_export.encodings.modules (an nn.Module)

@@ -46,7 +46,7 @@ class Encoding:
     kind: str = "absolute"  # one of KINDS
     ops: tuple = ("decomposed",)  # the ONNX targets it lowers to (pe_export.custom_ops.lowerings.OP_TARGETS)
     layouts: tuple = ("bhsd",)  # of its 4D inputs
-    reference_impl: str = ""  # the published implementation it is checked against (README, `pe-export list`)
+    reference_impl: str = ""  # the published implementation it is checked against (docs/encodings.md, `pe-export list`)
     attention_scale: bool = True  # bias encodings: whether the attention layer scales q.k by 1/sqrt(D)
 
     def parse(self, spec):

@@ -122,7 +122,7 @@ def graph_ort_cpu_noopt(model_bytes: bytes):
 def graph_ort_cuda(model_bytes: bytes):
     # ORT's CUDA EP runs float32 MatMuls in TF32 by default on Ampere and later (10-bit mantissa: errors
     # of ~1e-3 in an attention layer, measured on an H100). Verification checks the file in the precision
-    # it declares, so TF32 is switched off here (README: "CUDA and TF32").
+    # it declares, so TF32 is switched off here (docs/verification.md: "CUDA and TF32").
     return _ort(model_bytes, "CUDAExecutionProvider", {"use_tf32": "0"})
 
 
