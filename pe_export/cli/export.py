@@ -186,8 +186,11 @@ def layer_params(options) -> dict:
     return {k: v for k, v in layer.items() if v is not None}
 
 
+ROPE_COMMAND = ("rope", "mrope")  # encodings whose parameters are a RopeParams' (RoPE's options, --config)
+
+
 def make_export_command(preset: Preset):
-    return (make_rope_command if preset.encoding == "rope" else make_generic_command)(preset)
+    return (make_rope_command if preset.encoding in ROPE_COMMAND else make_generic_command)(preset)
 
 
 def make_rope_command(preset: Preset):
@@ -371,17 +374,18 @@ for _preset in PRESETS.values():
 
 def from_config_command(config: Path, **options):
     """Read RoPE parameters from a local Hugging Face config.json, print them, then export and verify."""
-    from pe_export.encodings.rope import RopeParams
+    from pe_export.encodings import ENCODINGS
     from pe_export.hf_config import rope_params_from_config
 
     try:
         params = rope_params_from_config(config, max_positions=options.get("seq"))
-        RopeParams(**params)  # validate before printing anything
+        encoding = "mrope" if "mrope_section" in params else "rope"  # M-RoPE: Qwen2-VL's mrope_section
+        ENCODINGS.get(encoding).params(**params)  # validate before printing anything
     except ValueError as e:
         fail(str(e))
-    name = f"{config.resolve().parent.name or 'config'}-rope"
+    name = f"{config.resolve().parent.name or 'config'}-{encoding}"
     out.print(f"{config}: " + ", ".join(f"{k}={v}" for k, v in params.items()), soft_wrap=True)
-    preset = Preset(name=name, encoding="rope", description=f"from {config}", params=params)
+    preset = Preset(name=name, encoding=encoding, description=f"from {config}", params=params)
     make_export_command(preset)(**options)
 
 
