@@ -323,3 +323,66 @@ def test_presets_at_full_length(preset):
     spec = Spec(encoding="mrope", params=p.params, op="onnx", opset=23)
     rows = verified_rows(spec, ("torch", "ort-cpu"))
     assert rows["ort-cpu"].verdict == "pass"
+
+
+# ---------------------------------------------------------------------------------------------------
+# What ONNX Runtime's kernels accept (written down in docs/mrope-notes.md), against the float64 reference.
+
+
+def run_node(node, feeds: dict, opsets: dict) -> np.ndarray:
+    from onnx import TensorProto, helper
+
+    types = {np.dtype("float32"): TensorProto.FLOAT, np.dtype("int64"): TensorProto.INT64}
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info(n, types[v.dtype], None) for n, v in feeds.items()],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, ir_version=10)
+    del model.opset_import[:]
+    model.opset_import.extend([helper.make_opsetid(d, v) for d, v in opsets.items()])
+    session = ort_cpu_session(model.SerializeToString())
+    assert session.get_providers()[0] == "CPUExecutionProvider"
+    return session.run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("interleaved,section", [(False, [2, 3, 3]), (True, [4, 2, 2])])
+def test_ort_kernels(interleaved, section):
+    from onnx import helper
+
+    spec = Spec(
+        encoding="mrope",
+        params=dict(head_dim=16, mrope_section=section, mrope_interleaved=interleaved, max_positions=64),
+    )
+    enc = ENCODINGS.get("mrope")
+    p = enc.parse(spec)
+    rng = np.random.default_rng(3)
+    B, H, S = 2, 3, 5
+    x = rng.standard_normal((B, H, S, 16), dtype=np.float32)
+    ids = rng.integers(0, 64, (3, B, S))
+    want = enc.reference(spec, {"x": x, "position_ids": ids})
+    cos, sin = (t.astype(np.float32) for t in mrope_tables(p, ids))  # (B, S, R/2) per token
+    table_cos, table_sin = (t.astype(np.float32) for t in p.cos_sin())  # (P, R/2)
+    bound = 8 * 2**-24 * np.abs(x).max() * 2
+    msft = {"": 17, "com.microsoft": 1}
+    # The standard op (opset 23) takes per-token (B, S, R/2) caches when position_ids is omitted.
+    y = run_node(helper.make_node("RotaryEmbedding", ["x", "cos", "sin"], ["y"]), dict(x=x, cos=cos, sin=sin), {"": 23})
+    np.testing.assert_allclose(y, want, rtol=0, atol=bound)
+    # ORT's contrib RotaryEmbedding needs 2-D caches: per-token rows go in as (B*S, R/2) at 0 .. B*S - 1.
+    feeds = dict(x=x, pos=ids[0], cos=cos, sin=sin)
+    with pytest.raises(Exception, match="cos_cache' is expected to have 2 dimensions"):
+        run_node(
+            helper.make_node("RotaryEmbedding", ["x", "pos", "cos", "sin"], ["y"], domain="com.microsoft"), feeds, msft
+        )
+    # ORT's contrib MRotaryEmbedding has a CPU kernel in 1.32: (P, R/2) tables, positions (3, B, S), both layouts.
+    node = helper.make_node(
+        "MRotaryEmbedding",
+        ["x", "pos", "cos", "sin"],
+        ["y"],
+        domain="com.microsoft",
+        mrope_section=section,
+        mrope_layout=int(interleaved),
+    )
+    y = run_node(node, dict(x=x, pos=ids, cos=table_cos, sin=table_sin), msft)
+    np.testing.assert_allclose(y, want, rtol=0, atol=bound)
