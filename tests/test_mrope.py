@@ -298,6 +298,21 @@ def test_from_config_exports_qwen2_vl(tmp_path):
     assert "mrope_section=[16, 24, 24]" in result.output and out.exists()
 
 
+def test_preset_command_and_refusals(tmp_path):
+    out = tmp_path / "q.onnx"
+    common = ["--seq", "64", "-o", str(out), "--runtimes", "torch,ort-cpu"]
+    for extra, message in [
+        (["--static-shapes", "1,16,2"], "--static-shapes does not apply to mrope yet"),
+        (["--attention"], "has no --attention layer yet"),
+        (["--head-dim", "64"], "mrope_section must sum to rotary_dim / 2 = 32"),
+    ]:
+        result = CliRunner().invoke(app, ["qwen3-vl-mrope", *common, *extra])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not out.exists()
+    result = CliRunner().invoke(app, ["qwen3-vl-mrope", *common, "--layout", "bshd"])
+    assert result.exit_code == 0, result.output
+
+
 @pytest.mark.parametrize(
     "section,message",
     [([16, 24, 23], "mrope_section must sum to rotary_dim / 2 = 64"), ("16,24,24", "must be a list of 3 integers")],
