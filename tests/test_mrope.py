@@ -401,3 +401,44 @@ def test_ort_kernels(interleaved, section):
     )
     y = run_node(node, dict(x=x, pos=ids, cos=table_cos, sin=table_sin), msft)
     np.testing.assert_allclose(y, want, rtol=0, atol=bound)
+
+
+def test_public_api_in_a_users_model():
+    """pe_export.MRotaryEmbedding in a user's module, exported with pe_export.translation_table, on ORT CPU."""
+    import io
+
+    import torch
+
+    import pe_export
+
+    p = pe_export.preset("qwen3-vl-mrope", max_positions=256)
+    assert isinstance(p, MropeParams)
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rope = pe_export.MRotaryEmbedding(p)
+
+        def forward(self, q, position_ids):
+            return self.rope(q, position_ids) * 2.0
+
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((2, 4, 6, 128), dtype=np.float32)
+    ids = rng.integers(0, 256, (3, 2, 6))
+    buf = io.BytesIO()
+    program = torch.onnx.export(
+        Attn().eval(),
+        (torch.from_numpy(q), torch.from_numpy(ids)),
+        dynamo=True,
+        opset_version=23,
+        custom_translation_table=pe_export.translation_table("onnx"),
+        dynamic_shapes={"q": {0: "B", 2: "S"}, "position_ids": {1: "B", 2: "S"}},
+    )
+    buf.write(program.model_proto.SerializeToString())
+    y = ort_cpu_session(buf.getvalue()).run(None, {"q": q, "position_ids": ids})[0]
+    cos, sin = pe_export.mrope_tables(p, ids)  # (B, S, R/2) float64
+    assert cos.shape == (2, 6, 64)
+    want = 2.0 * transformers_oracle(
+        {**PRESETS["qwen3-vl-mrope"].params, "max_positions": 256}, q.astype(np.float64), ids
+    )
+    np.testing.assert_allclose(y, want, rtol=0, atol=2e-5)
