@@ -22,7 +22,7 @@ META_KEYS = {"type", "rope_type", "rope_theta", "partial_rotary_factor"}  # prop
 RENAMED = {"original_max_position_embeddings": "original_max_positions"}
 # Phi-3's older name. ("mrope" only beside an `mrope_section`, which makes the export M-RoPE: see mrope_keys.)
 ALIASES = {"su": "longrope"}
-MROPE_KEYS = {"mrope_section": "mrope_section", "mrope_interleaved": "mrope_interleaved"}
+MROPE_KEYS = ("mrope_section", "mrope_interleaved")  # M-RoPE's own keys in the rope block
 
 
 def read_config(path: Path) -> dict:
