@@ -3,7 +3,8 @@
 The public API (each name documented where it is defined; docs/python-api.md):
 
     preset, rope_tables, translation_table    pe_export.api
-    RotaryEmbedding                           pe_export.encodings.modules (an nn.Module)
+    RotaryEmbedding, MRotaryEmbedding         pe_export.encodings.modules (nn.Modules)
+    mrope_tables                              pe_export.encodings.mrope (M-RoPE per-token cos/sin, float64)
     export, verify                            pe_export.pipeline.artifact
     rewrite                                   pe_export.rewriter (the RoPE inside a whole ONNX model)
     rope_layers, export_layers                pe_export.api (per-layer RoPE: Gemma 3, ModernBERT, NoPE layers)
@@ -23,6 +24,8 @@ _WHERE = {
     "rope_tables": "pe_export.api",
     "translation_table": "pe_export.api",
     "RotaryEmbedding": "pe_export.encodings.modules",
+    "MRotaryEmbedding": "pe_export.encodings.modules",
+    "mrope_tables": "pe_export.encodings.mrope",
     "export": "pe_export.pipeline.artifact",
     "verify": "pe_export.pipeline.artifact",
     "rewrite": "pe_export.rewriter",

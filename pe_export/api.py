@@ -33,7 +33,7 @@ def preset(name: str, **overrides):
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise BadInput(f"{p.encoding} has no parameter {unknown[0]!r}; it takes: {', '.join(sorted(fields))}")
-    params = with_overrides(p.params, **overrides) if p.encoding == "rope" else {**p.params, **overrides}
+    params = with_overrides(p.params, **overrides) if p.encoding in ("rope", "mrope") else {**p.params, **overrides}
     try:
         return cls(**params)
     except (TypeError, ValueError) as e:

@@ -22,8 +22,9 @@ from pe_export.scaling import SCALING_RULES, rule_params
 # Scaling-block keys that are not rule parameters, and transformers' names for ours.
 META_KEYS = {"type", "rope_type", "rope_theta", "partial_rotary_factor"}  # proportional takes the last itself
 RENAMED = {"original_max_position_embeddings": "original_max_positions"}
-# Phi-3's older name. (Not "mrope": M-RoPE takes 3-D position ids, which plain RoPE would silently misread.)
+# Phi-3's older name. ("mrope" only beside an `mrope_section`, which makes the export M-RoPE: see mrope_keys.)
 ALIASES = {"su": "longrope"}
+MROPE_KEYS = ("mrope_section", "mrope_interleaved")  # M-RoPE's own keys in the rope block
 
 
 def read_config(path: Path) -> dict:
@@ -83,7 +84,36 @@ def rope_params_by_layer_type(path: Path, max_positions: int | None = None) -> d
     return {first: groups.rope[first] for first in groups.distinct()}
 
 
+def mrope_keys(cfg: dict) -> tuple[dict, dict]:
+    """M-RoPE's keys (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): `mrope_section` and `mrope_interleaved` in
+    `rope_parameters` / `rope_scaling`, at the top level or under `text_config` (as Qwen2.5-VL and
+    Qwen3-VL checkpoints nest them). Returns (the config to read the rest from: the text config merged
+    over the top level where the block lives there, that block without the M-RoPE keys and with
+    transformers' `rope_type` "mrope" read as "default"; {mrope_section, mrope_interleaved} or {})."""
+    for where in (cfg, cfg.get("text_config")):
+        if not isinstance(where, dict):
+            continue
+        key = "rope_parameters" if where.get("rope_parameters") is not None else "rope_scaling"
+        block = where.get(key)
+        if not isinstance(block, dict) or block.get("mrope_section") is None:
+            continue
+        section = block["mrope_section"]
+        if not isinstance(section, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in section):
+            raise BadInput(f"config key 'mrope_section' must be a list of 3 integers [t, h, w], got {section!r}")
+        interleaved = block.get("mrope_interleaved", False)
+        if not isinstance(interleaved, bool):
+            raise BadInput(f"config key 'mrope_interleaved' must be true or false, got {interleaved!r}")
+        rest = {k: v for k, v in block.items() if k not in MROPE_KEYS}
+        for name in ("rope_type", "type"):
+            if rest.get(name) == "mrope":
+                rest[name] = "default"  # as Qwen2VLTextConfig does
+        merged = {**cfg, **where, key: rest} if where is not cfg else {**cfg, key: rest}
+        return merged, {"mrope_section": section, "mrope_interleaved": interleaved}
+    return cfg, {}
+
+
 def _params(cfg: dict, path: Path, max_positions: int | None) -> dict:
+    cfg, mrope = mrope_keys(cfg)
     model_type = cfg.get("model_type", "")
     block = cfg.get("rope_parameters") if cfg.get("rope_parameters") is not None else cfg.get("rope_scaling")
     if block is None:
@@ -133,6 +163,7 @@ def _params(cfg: dict, path: Path, max_positions: int | None) -> dict:
     if rotary_dim is not None and rotary_dim != head_dim:
         params["rotary_dim"] = rotary_dim
     params.update(_scaling(block, cfg, config_positions))
+    params.update(mrope)
     if params.get("scaling") == "dynamic" and max_positions is None and config_positions:
         # A table of max_position_embeddings would never scale: default to factor times it, as vLLM.
         params["max_positions"] = int(config_positions * params["scaling_params"].get("factor", 1))

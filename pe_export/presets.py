@@ -455,3 +455,46 @@ LAYERED_PRESETS: dict[str, LayeredPreset] = {
         ),
     ]
 }
+
+
+# M-RoPE (pe_export.encodings.mrope), values from transformers 5.23: the text configs' defaults
+# (Qwen2VLTextConfig / Qwen2_5_VLTextConfig: hidden_size 8192 / 64 heads, default_theta 1e6,
+# max_position_embeddings 32768; Qwen3VLTextConfig: head_dim 128, default_theta 5e5, 128000) and the
+# rotary modules' default mrope_section (Qwen2VLRotaryEmbedding [16, 24, 24], Qwen3VLTextRotaryEmbedding
+# [24, 20, 20], interleaved).
+PRESETS.update(
+    {
+        p.name: p
+        for p in [
+            Preset(
+                name="qwen2-vl-mrope",
+                encoding="mrope",
+                description="Qwen2-VL text M-RoPE: theta 1000000, sections [16, 24, 24] chunked, 32768 positions",
+                params=dict(
+                    head_dim=128, theta=1000000.0, mrope_section=[16, 24, 24], max_positions=32768, scaling="default"
+                ),
+            ),
+            Preset(
+                name="qwen2.5-vl-mrope",
+                encoding="mrope",
+                description="Qwen2.5-VL text M-RoPE: theta 1000000, sections [16, 24, 24] chunked, 32768 positions",
+                params=dict(
+                    head_dim=128, theta=1000000.0, mrope_section=[16, 24, 24], max_positions=32768, scaling="default"
+                ),
+            ),
+            Preset(
+                name="qwen3-vl-mrope",
+                encoding="mrope",
+                description="Qwen3-VL text M-RoPE: theta 500000, sections [24, 20, 20] interleaved, 128000 positions",
+                params=dict(
+                    head_dim=128,
+                    theta=500000.0,
+                    mrope_section=[24, 20, 20],
+                    mrope_interleaved=True,
+                    max_positions=128000,
+                    scaling="default",
+                ),
+            ),
+        ]
+    }
+)

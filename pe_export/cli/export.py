@@ -191,8 +191,11 @@ def layer_params(options) -> dict:
     return {k: v for k, v in layer.items() if v is not None}
 
 
+ROPE_COMMAND = ("rope", "mrope")  # encodings whose parameters are a RopeParams' (RoPE's options, --config)
+
+
 def make_export_command(preset: Preset):
-    return (make_rope_command if preset.encoding == "rope" else make_generic_command)(preset)
+    return (make_rope_command if preset.encoding in ROPE_COMMAND else make_generic_command)(preset)
 
 
 def make_rope_command(preset: Preset):
@@ -371,10 +374,10 @@ def parse_scaling_params(items: list[str]) -> dict:
 
 
 for _preset in PRESETS.values():
-    if _preset.encoding == "rope":  # the others' options come from their encoding's module: built on use
+    if _preset.encoding in ROPE_COMMAND:  # the others' options come from their encoding's module: built on use
         app.command(_preset.name)(make_export_command(_preset))
 
-LAZY_PRESETS = tuple(p for p in PRESETS.values() if p.encoding != "rope")
+LAZY_PRESETS = tuple(p for p in PRESETS.values() if p.encoding not in ROPE_COMMAND)
 
 
 def preset_command(preset: Preset):
@@ -414,20 +417,22 @@ def export_layers(stem: str, source: str, found, options) -> None:
     """Export every distinct parameter set of `found` (a `RopeLayers`): one set keeps the single-file command
     (`stem.onnx`), several write `stem-<layer_type>.onnx` each (`-o X.onnx`: `X-<layer_type>.onnx`). Every set
     and every output path is checked before the first file is written."""
-    from pe_export.encodings.rope import RopeParams
+    from pe_export.encodings import ENCODINGS
     from pe_export.files import check_output_path
 
     groups = found.distinct()
     for name, params in found.rope.items():
         try:
-            RopeParams(**params)  # validate before printing anything
+            ENCODINGS.get(encoding_of(params)).params(**params)  # validate before printing anything
         except ValueError as e:
             fail(f"{name}: {e}" if name else str(e))
     if len(groups) == 1 and not found.nope:
         (first,) = groups
         params = found.rope[first]
+        encoding = encoding_of(params)
+        stem = stem.removesuffix("-rope") + "-mrope" if encoding == "mrope" else stem
         out.print(f"{source}: " + ", ".join(f"{k}={v}" for k, v in params.items()), soft_wrap=True)
-        preset = Preset(name=stem, encoding="rope", description=f"from {source}", params=params)
+        preset = Preset(name=stem, encoding=encoding, description=f"from {source}", params=params)
         make_export_command(preset)(**options)
         return
     jobs = []
@@ -456,6 +461,11 @@ def export_layers(stem: str, source: str, found, options) -> None:
             name=name, encoding="rope", description=f"{', '.join(types)} from {source}", params=found.rope[first]
         )
         make_export_command(preset)(**job)
+
+
+def encoding_of(params: dict) -> str:
+    """M-RoPE (pe_export.encodings.mrope) when the parameters carry Qwen2-VL's mrope_section, else RoPE."""
+    return "mrope" if "mrope_section" in params else "rope"
 
 
 def spans(indices) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pe_export.registry import Registry
 
-KINDS = ("absolute", "bias", "attention", "rotary")  # the graph contracts of pe_export.encodings.common
+KINDS = ("absolute", "bias", "attention", "rotary", "mrotary")  # the graph contracts of pe_export.encodings.common
 
 
 @functools.lru_cache(maxsize=1024)
