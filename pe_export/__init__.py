@@ -6,6 +6,7 @@ The public API (each name documented where it is defined; README section "Python
     RotaryEmbedding                           pe_export.encodings.modules (an nn.Module)
     export, verify                            pe_export.pipeline.artifact
     rewrite                                   pe_export.rewriter (the RoPE inside a whole ONNX model)
+    patch, unpatch, patched                   pe_export.patching (exact tables in a transformers model)
     BadInput                                  pe_export.errors
 
 Names are imported on first use, so `import pe_export` (and `pe-export --help`) loads no torch.
@@ -25,6 +26,9 @@ _WHERE = {
     "export": "pe_export.pipeline.artifact",
     "verify": "pe_export.pipeline.artifact",
     "rewrite": "pe_export.rewriter",
+    "patch": "pe_export.patching",
+    "unpatch": "pe_export.patching",
+    "patched": "pe_export.patching",
     "BadInput": "pe_export.errors",
 }
 __all__ = [*_WHERE, "__version__"]

@@ -172,3 +172,12 @@ def _scaling(block: dict, cfg: dict, config_positions: int | None) -> dict:
     ):
         params["factor"] = config_positions / params["original_max_positions"]  # transformers' fallback
     return {"scaling": name, "scaling_params": params} if name != "default" else {"scaling": "default"}
+
+
+def rope_params_from_dict(cfg: dict, where: str, max_positions: int | None = None) -> dict[str, dict]:
+    """`rope_params_by_layer_type` for a config already in memory (a transformers config's `to_dict()`);
+    `where` names it in messages."""
+    block = cfg.get("rope_parameters")
+    if isinstance(block, dict) and block and all(isinstance(v, dict) for v in block.values()):
+        return {name: _params({**cfg, "rope_parameters": sub}, where, max_positions) for name, sub in block.items()}
+    return {"": _params(cfg, where, max_positions)}
