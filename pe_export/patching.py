@@ -198,17 +198,21 @@ def patch(model, seq: int | None = None) -> dict:
     """
     if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq < 1):
         raise BadInput(f"seq must be an integer >= 1, got {seq!r}")
-    found = [(name, m) for name, m in model.named_modules() if _is_rotary(m)]
+    if any(isinstance(m, PatchedRotary) for m in model.modules()):
+        raise BadInput(f"{type(model).__name__} is already patched; call pe_export.unpatch(model) first")
+    # Every path, so that a module shared by several layers is replaced everywhere.
+    found = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if _is_rotary(m)]
     if not found:
         raise BadInput(f"{type(model).__name__} has no rotary-embedding module (a *RotaryEmbedding with a config)")
-    new = {name: replacement(name, m, seq) for name, m in found}
+    new = {}
+    for name, old in found:
+        if id(old) not in new:
+            new[id(old)] = replacement(name, old, seq)
+            object.__setattr__(new[id(old)], "_pe_export_original", old)  # outside the module tree and the export
     replaced = {}
     for name, old in found:
         parent, _, attr = name.rpartition(".")
-        holder = model.get_submodule(parent) if parent else model
-        module = new[name].to(next(iter(old.buffers())).device) if any(True for _ in old.buffers()) else new[name]
-        object.__setattr__(module, "_pe_export_original", old)  # kept out of the module tree and the export
-        setattr(holder, attr, module)
+        setattr(model.get_submodule(parent) if parent else model, attr, new[id(old)])
         replaced[name] = old
     return replaced
 
@@ -216,7 +220,7 @@ def patch(model, seq: int | None = None) -> dict:
 def unpatch(model) -> dict:
     """Put back the modules `patch` replaced; returns {module name: the PatchedRotary removed}."""
     restored = {}
-    for name, m in list(model.named_modules()):
+    for name, m in list(model.named_modules(remove_duplicate=False)):
         if isinstance(m, PatchedRotary):
             parent, _, attr = name.rpartition(".")
             holder = model.get_submodule(parent) if parent else model

@@ -21,7 +21,7 @@ import pe_export  # noqa: E402
 from pe_export.errors import BadInput  # noqa: E402
 from pe_export.patching import PatchedRotary  # noqa: E402
 
-SHARPEN = 6.0  # q/k gain: attention logits ~ 36x a random init, sharp enough that position errors move logits
+SHARPEN = 30.0  # q/k gain (scores 900x a random init): float32 angles then give 20x more error at 2048 than at 0-63
 HEAD = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 COMMON = dict(**HEAD, num_key_value_heads=2, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 RATIO = 3.0  # the brief's bound: error at the last 64 positions <= 3x the error at positions 0-63
@@ -219,6 +219,12 @@ def check_family(family: str, seq: int, tmp_path) -> dict:
         f"{family}: error at the last 64 positions {last:.3e} > {RATIO}x positions 0-63 {first:.3e} (seq {seq})"
     )
     pe_export.unpatch(model)
+    before = errors_by_block(unpatched, want)  # for the record (docs/patch-notes.md): the unpatched ratio
+    print(f"{family} unpatched eager: 0-63 {before[0]:.3e}, last 64 {before[1]:.3e}")
+    print(
+        f"{family} seq {seq}: error 0-63 {first:.3e}, last 64 {last:.3e}, "
+        f"vs unpatched 0-15 {near:.3e}, scale {scale:.3e}"
+    )
     return dict(first=first, last=last, near=near, scale=scale)
 
 
@@ -264,6 +270,26 @@ def test_a_module_that_differs_from_its_config_is_refused():
     with pytest.raises(BadInput, match="unsupported RoPE variant"):
         pe_export.patch(model)
     assert model.model.rotary_emb is rotary
+
+
+def test_no_rotary_module_and_patching_twice_are_bad_input():
+    with pytest.raises(BadInput, match="has no rotary-embedding module"):
+        pe_export.patch(torch.nn.Linear(2, 2))
+    model, _, _ = build("qwen3", max_positions=64)
+    pe_export.patch(model)
+    with pytest.raises(BadInput, match="already patched"):
+        pe_export.patch(model)
+
+
+def test_a_shared_rotary_module_is_replaced_on_every_path():
+    model, _, _ = build("qwen3", max_positions=64)
+    shared = model.model.rotary_emb
+    model.model.layers[0].rotary_alias = shared  # a second path to the same module
+    replaced = pe_export.patch(model)
+    assert set(replaced) == {"model.rotary_emb", "model.layers.0.rotary_alias"}
+    assert model.model.layers[0].rotary_alias is model.model.rotary_emb
+    pe_export.unpatch(model)
+    assert model.model.layers[0].rotary_alias is shared and model.model.rotary_emb is shared
 
 
 @pytest.mark.parametrize("seq", [0, -3, 2.5, True])
