@@ -360,6 +360,32 @@ def test_patching_imports_no_transformers():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+@pytest.mark.parametrize(
+    "family, rope, seq",
+    [
+        ("llama3.1", dict(rope_type="dynamic", rope_theta=10000.0, factor=4.0), 200),  # rescaled: 200 > 64
+        ("llama3.1", dict(rope_type="dynamic", rope_theta=10000.0, factor=4.0), 40),  # unscaled base
+        ("phi3-longrope", None, 48),  # short factors: 48 <= original 64
+        ("phi3-longrope", None, 200),  # long factors
+    ],
+)
+def test_run_time_rules_match_transformers_float64_module(family, rope, seq):
+    """Dynamic NTK's rescaling and LongRoPE's switch, per call, against a fresh transformers rotary module
+    built and run in float64 (float32 rounding of the table is all that may differ)."""
+    config_cls, model_cls, kwargs = FAMILIES[family]
+    rope = rope or {**kwargs["rope_parameters"], "original_max_position_embeddings": 64}
+    config = config_cls(**COMMON, rope_parameters=rope, max_position_embeddings=256)
+    model = model_cls(config).eval()
+    pos = torch.arange(seq)[None]  # (1, S)
+    with float64_torch():
+        want = type(model.model.rotary_emb)(config)(torch.zeros(1, dtype=torch.float64), pos)
+    pe_export.patch(model)
+    got = model.model.rotary_emb(torch.zeros(1), pos)
+    for w, g in zip(want, got, strict=True):
+        assert w.dtype == torch.float64 and g.dtype == torch.float32
+        torch.testing.assert_close(g.double(), w, rtol=0, atol=2.0**-23)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The seven families at a long sequence.
 
