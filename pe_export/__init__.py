@@ -8,6 +8,7 @@ The public API (each name documented where it is defined; docs/python-api.md):
     export, verify                            pe_export.pipeline.artifact
     rewrite                                   pe_export.rewriter (the RoPE inside a whole ONNX model)
     rope_layers, export_layers                pe_export.api (per-layer RoPE: Gemma 3, ModernBERT, NoPE layers)
+    patch, unpatch, patched                   pe_export.patching (exact tables in a transformers model)
     BadInput                                  pe_export.errors
 
 Names are imported on first use, so `import pe_export` (and `pe-export --help`) loads no torch.
@@ -31,6 +32,9 @@ _WHERE = {
     "rewrite": "pe_export.rewriter",
     "rope_layers": "pe_export.api",
     "export_layers": "pe_export.api",
+    "patch": "pe_export.patching",
+    "unpatch": "pe_export.patching",
+    "patched": "pe_export.patching",
     "BadInput": "pe_export.errors",
 }
 __all__ = [*_WHERE, "__version__"]

@@ -389,3 +389,12 @@ def _nope_layers(cfg: dict, n_layers: int | None) -> list[int]:
             f"(1: RoPE, 0: NoPE), got {len(flags)}"
         )
     return [i for i in range(n_layers) if not flags[i]]
+
+
+def rope_params_from_dict(cfg: dict, where: str, max_positions: int | None = None) -> dict[str, dict]:
+    """`rope_params_by_layer_type` for a config already in memory (a transformers config's `to_dict()`);
+    `where` names it in messages."""
+    block = cfg.get("rope_parameters")
+    if isinstance(block, dict) and block and all(isinstance(v, dict) for v in block.values()):
+        return {name: _params({**cfg, "rope_parameters": sub}, where, max_positions) for name, sub in block.items()}
+    return {"": _params(cfg, where, max_positions)}

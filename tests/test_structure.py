@@ -72,7 +72,7 @@ LAYERS = (
     ("pe_export.pipeline",),  # spec -> checked, packaged ONNX file -> verified
     ("pe_export.tools",),  # bench, plot, inspect, the compatibility matrix
     ("pe_export.rewriter",),  # whole exported models: find RoPE sites, rewrite, check
-    ("pe_export", "pe_export.api"),  # the public API
+    ("pe_export", "pe_export.api", "pe_export.patching"),  # the public API
     ("pe_export.cli",),  # parses and prints
 )
 
