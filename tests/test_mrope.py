@@ -346,7 +346,7 @@ def test_presets_at_full_length(preset):
 
 
 # ---------------------------------------------------------------------------------------------------
-# What ONNX Runtime's kernels accept (written down in docs/mrope-notes.md), against the float64 reference.
+# What ONNX Runtime's kernels accept (written down in docs/mrope.md), against the float64 reference.
 
 
 def run_node(node, feeds: dict, opsets: dict) -> np.ndarray:

@@ -229,7 +229,7 @@ def check_family(family: str, seq: int, tmp_path) -> dict:
         f"{family}: error at the last 64 positions {last:.3e} > {RATIO}x positions 0-63 {first:.3e} (seq {seq})"
     )
     pe_export.unpatch(model)
-    before = errors_by_block(unpatched, want)  # for the record (docs/patch-notes.md): the unpatched ratio
+    before = errors_by_block(unpatched, want)  # for the record (docs/patch.md): the unpatched ratio
     print(f"{family} unpatched eager: 0-63 {before[0]:.3e}, last 64 {before[1]:.3e}")
     print(
         f"{family} seq {seq}: error 0-63 {first:.3e}, last 64 {last:.3e}, "
@@ -340,13 +340,13 @@ def test_torch_export_holds_the_tables_as_constants():
 
 
 def test_docs_example_runs(tmp_path):
-    """docs/patch-notes.md's example, run as written there."""
+    """docs/patch.md's example, run as written there."""
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parent.parent / "docs" / "patch-notes.md").read_text()
+    text = (Path(__file__).resolve().parent.parent / "docs" / "patch.md").read_text()
     code = text.split("```python\n", 1)[1].split("```", 1)[0]
     namespace = {"__name__": "docs_example", "OUT": str(tmp_path / "model.onnx")}
-    exec(compile(code, "docs/patch-notes.md", "exec"), namespace)
+    exec(compile(code, "docs/patch.md", "exec"), namespace)
     assert (tmp_path / "model.onnx").is_file()
     assert namespace["replaced"] and type(namespace["model"].model.rotary_emb).__name__ == "LlamaRotaryEmbedding"
 
