@@ -25,6 +25,7 @@ _WHERE = {
     "export": "pe_export.pipeline.artifact",
     "verify": "pe_export.pipeline.artifact",
     "rewrite": "pe_export.rewriter",
+    "audit": "pe_export.rewriter",
     "BadInput": "pe_export.errors",
 }
 __all__ = [*_WHERE, "__version__"]

@@ -16,11 +16,19 @@ import sys
 import typer
 import typer.core
 
-from pe_export.cli import bench, export, matrix, rewrite, tools, verify
+from pe_export.cli import audit, bench, export, matrix, rewrite, tools, verify
 from pe_export.cli.common import fail
 from pe_export.presets import PRESETS
 
-SUBCOMMANDS = (export.app, verify.app, matrix.app, tools.app, bench.app, rewrite.app)  # each CLI module's own Typer app
+SUBCOMMANDS = (
+    export.app,
+    verify.app,
+    matrix.app,
+    tools.app,
+    bench.app,
+    rewrite.app,
+    audit.app,
+)  # each CLI module's own Typer app
 COMMANDS = tuple(c.name for sub in SUBCOMMANDS for c in sub.registered_commands if c.name not in PRESETS)
 
 
