@@ -195,6 +195,8 @@ def site_reference(site: Site, positions: np.ndarray) -> tuple[np.ndarray, np.nd
     cos, sin = tables(p, seq_len(site, positions))  # (P, R/2)
     if site.width == "half":
         return cos[positions], sin[positions]
+    if site.width == "repeated":  # [t0, t0, t1, t1, ...] (rules.cos_sin_repeated)
+        return np.repeat(cos[positions], 2, axis=-1), np.repeat(sin[positions], 2, axis=-1)
     full = lambda t: np.concatenate([t[positions], t[positions]], axis=-1)  # noqa: E731
     return full(cos), full(sin)
 
