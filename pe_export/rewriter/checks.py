@@ -230,11 +230,14 @@ def rotation_error(got: dict, site: Site, positions: np.ndarray, op: str) -> tup
     err, top, ratio = np.zeros(positions.size), 0.0, 0.0
     for rot in site.rotated:
         x, y = got[rot["x"]], got[rot["y"]]  # (B, H, S, R) or (B, S, H, R)
+        pairing = rot["pairing"]
+        if pairing == "interleaved_to_half":  # pairs (2i, 2i + 1) written out as halves (rotate_pairs_to_halves)
+            x, pairing = np.concatenate([x[..., 0 : p.rotary_dim : 2], x[..., 1 : p.rotary_dim : 2]], -1), "half"
         s_axis = 3 - heads_axis(rot["layout"])  # bhsd: 2, bshd: 1
         ids = np.broadcast_to(positions, (x.shape[0], positions.size))
-        ref = apply_reference(x, cos, sin, ids, pairing=rot["pairing"], rotary_dim=p.rotary_dim, layout=rot["layout"])
+        ref = apply_reference(x, cos, sin, ids, pairing=pairing, rotary_dim=p.rotary_dim, layout=rot["layout"])
         e = np.abs(y.astype(np.float64) - ref)
-        limit = factor * (EPS["fp32"] * _factor(site) * pair_sums(x, rot["pairing"], p.rotary_dim) + DENORM_MIN["fp32"])
+        limit = factor * (EPS["fp32"] * _factor(site) * pair_sums(x, pairing, p.rotary_dim) + DENORM_MIN["fp32"])
         other = tuple(a for a in range(e.ndim) if a != s_axis)
         err = np.maximum(err, e[..., : p.rotary_dim].max(axis=other))
         top, ratio = max(top, float(limit.max())), max(ratio, float((e[..., : p.rotary_dim] / limit).max()))
