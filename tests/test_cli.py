@@ -580,3 +580,35 @@ def test_bad_input_of_the_other_encodings(tmp_path):
         assert message in result.output, (args, result.output)
         assert_one_line_error(result)
         assert snapshot(tmp_path) == before, args
+
+
+def test_help_groups_the_commands_in_panels_most_used_first():
+    """--help: whole models, then checks, then exports (from-config, list, every preset, built or lazy)."""
+    text = invoke("--help").output
+    panels = [text.index(name) for name in ("Whole models", "Checks", "Exports")]
+    assert panels == sorted(panels)
+    whole, checks, exports = (text[a:b] for a, b in zip(panels, [*panels[1:], len(text)]))
+    names = lambda panel: [line.split()[1] for line in panel.splitlines() if line.startswith("│ ") and line[2] != " "]  # noqa: E731
+    assert names(whole) == ["rewrite"]
+    assert names(checks) == ["verify", "matrix", "inspect", "bench", "plot"]
+    assert names(exports) == ["from-config", "list", *PRESETS]
+
+
+def test_help_and_list_import_no_torch():
+    """The presets of other encodings are built when named: --help and list load neither torch nor onnx."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pe_export.cli.main import app\n"
+        "from typer.testing import CliRunner\n"
+        "for args in (['--help'], ['list']): assert CliRunner().invoke(app, args).exit_code == 0\n"
+        "print('torch' in sys.modules, 'onnx' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "False"]
+
+
+def test_a_lazy_preset_shows_its_own_options():
+    result = invoke("t5-bias", "--help")
+    assert result.exit_code == 0 and "--num-buckets" in result.output

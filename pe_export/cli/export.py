@@ -18,11 +18,11 @@ from pe_export.cli.common import choices, fail, out, parse_runtimes
 from pe_export.cli.verify import exit_on, finish, print_rows
 from pe_export.dtypes import DTYPES
 from pe_export.encodings.rope import ANGLES, PAIRINGS, TABLES
-from pe_export.pipeline.artifact import WEIGHT_FIELDS
 from pe_export.pipeline.packaging import FORMATS, OPTIMIZE_LEVELS, OPTIMIZE_PROVIDERS
 from pe_export.presets import PRESETS, Preset
 from pe_export.scaling import dynamic, longrope
 from pe_export.spec import LAYOUTS, OP_NAMES
+from pe_export.weights import WEIGHT_FIELDS
 
 app = typer.Typer()
 
@@ -366,7 +366,17 @@ def parse_scaling_params(items: list[str]) -> dict:
 
 
 for _preset in PRESETS.values():
-    app.command(_preset.name)(make_export_command(_preset))
+    if _preset.encoding == "rope":  # the others' options come from their encoding's module: built on use
+        app.command(_preset.name)(make_export_command(_preset))
+
+LAZY_PRESETS = tuple(p for p in PRESETS.values() if p.encoding != "rope")
+
+
+def preset_command(preset: Preset):
+    """The click command of a preset, built now (its options need its encoding's module, and so torch)."""
+    single = typer.Typer()
+    single.command(preset.name)(make_export_command(preset))
+    return typer.main.get_command(single)
 
 
 def from_config_command(config: Path, **options):
@@ -428,6 +438,7 @@ def run_export(preset, params, layout, options):
     for note in job.notes:
         out.print(note if note.startswith("--op auto") else f"[yellow]note[/yellow]: {note}", soft_wrap=True)
     spec = job.spec
+    pipeline.start_runtimes(runtimes)  # their workers import their runtimes while the export runs
     with out.status(f"exporting {preset.name} ({spec.op}, {spec.dtype})"):
         try:
             written = pipeline.write(job)

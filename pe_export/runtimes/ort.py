@@ -13,6 +13,8 @@ from pe_export.spec import Spec
 LEVELS = {True: "ORT_ENABLE_ALL", False: "ORT_DISABLE_ALL", "all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED",
           "basic": "ORT_ENABLE_BASIC"}  # fmt: skip
 
+PRELOAD = ("onnxruntime",)  # imported by the worker as it starts (pe_export.runtimes.worker._preload)
+
 
 def ort_session(
     model,

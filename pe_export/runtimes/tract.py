@@ -9,6 +9,8 @@ from pe_export.runtimes.graphs import custom_domains, first_output
 from pe_export.runtimes.outcomes import Skip, Unsupported
 from pe_export.spec import Spec
 
+PRELOAD = ("tract",)  # imported by the worker as it starts (pe_export.runtimes.worker._preload)
+
 
 def graph_tract(model_bytes: bytes, threads: int | None = None):
     """tract from its Python package; `threads` is accepted for bench and not used (tract's Python API
