@@ -589,7 +589,7 @@ def test_help_groups_the_commands_in_panels_most_used_first():
     assert panels == sorted(panels)
     whole, checks, exports = (text[a:b] for a, b in zip(panels, [*panels[1:], len(text)]))
     names = lambda panel: [line.split()[1] for line in panel.splitlines() if line.startswith("│ ") and line[2] != " "]  # noqa: E731
-    assert names(whole) == ["rewrite"]
+    assert names(whole) == ["rewrite", "audit"]
     assert names(checks) == ["verify", "matrix", "inspect", "bench", "plot"]
     assert names(exports) == ["from-config", "list", *PRESETS]
 
