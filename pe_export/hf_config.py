@@ -22,6 +22,10 @@ META_KEYS = {"type", "rope_type", "rope_theta", "partial_rotary_factor"}  # prop
 RENAMED = {"original_max_position_embeddings": "original_max_positions"}
 # Phi-3's older name. (Not "mrope": M-RoPE takes 3-D position ids, which plain RoPE would silently misread.)
 ALIASES = {"su": "longrope"}
+# M-RoPE's section keys (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): which of the (3, B, S) positions each rotary dim
+# reads. A graph's per-position cos/sin do not depend on them (the graph selects the sections after Cos),
+# so the rewriter reads such a config (`graph_keys`); an export of plain RoPE must not, and refuses them.
+SECTION_KEYS = ("mrope_section", "mrope_interleaved")
 
 
 def read_config(path: Path) -> dict:
@@ -71,17 +75,24 @@ def rope_params_from_config(path: Path, max_positions: int | None = None) -> dic
     return _params(read_config(path), path, max_positions)
 
 
-def rope_params_by_layer_type(path: Path, max_positions: int | None = None) -> dict[str, dict]:
+def rope_params_by_layer_type(path: Path, max_positions: int | None = None, graph_keys=()) -> dict[str, dict]:
     """{layer type: RoPE parameter dict}: one entry per key where `rope_parameters` is keyed by layer
-    type (Gemma 3: `sliding_attention`, `full_attention`), else the one set under the key ""."""
+    type (Gemma 3: `sliding_attention`, `full_attention`), else the one set under the key "". A
+    multimodal config's `text_config` (Qwen2-VL) is read over its top level; scaling keys in
+    `graph_keys` (SECTION_KEYS) are left to the graph."""
     cfg = read_config(path)
+    if isinstance(cfg.get("text_config"), dict):
+        cfg = {**cfg, **cfg["text_config"]}
     block = cfg.get("rope_parameters")
     if isinstance(block, dict) and block and all(isinstance(v, dict) for v in block.values()):
-        return {name: _params({**cfg, "rope_parameters": sub}, path, max_positions) for name, sub in block.items()}
-    return {"": _params(cfg, path, max_positions)}
+        return {
+            name: _params({**cfg, "rope_parameters": sub}, path, max_positions, graph_keys)
+            for name, sub in block.items()
+        }
+    return {"": _params(cfg, path, max_positions, graph_keys)}
 
 
-def _params(cfg: dict, path: Path, max_positions: int | None) -> dict:
+def _params(cfg: dict, path: Path, max_positions: int | None, graph_keys=()) -> dict:
     model_type = cfg.get("model_type", "")
     block = cfg.get("rope_parameters") if cfg.get("rope_parameters") is not None else cfg.get("rope_scaling")
     if block is None:
@@ -128,7 +139,7 @@ def _params(cfg: dict, path: Path, max_positions: int | None) -> dict:
     )
     if rotary_dim is not None and rotary_dim != head_dim:
         params["rotary_dim"] = rotary_dim
-    params.update(_scaling(block, cfg, config_positions))
+    params.update(_scaling({k: v for k, v in block.items() if k not in graph_keys}, cfg, config_positions))
     if params.get("scaling") == "dynamic" and max_positions is None and config_positions:
         # A table of max_position_embeddings would never scale: default to factor times it, as vLLM.
         params["max_positions"] = int(config_positions * params["scaling_params"].get("factor", 1))

@@ -1,13 +1,14 @@
 """`pe-export rewrite` on the shapes issue 19 (part 4) found refused: interleaved pairs under --op
-onnx|ort|decomposed (GLM, partial rotary 0.5; DeepSeek-V3, `rope_interleave`, MLA, YaRN x40), and Cohere's
-cos/sin repeated per pair.
+onnx|ort|decomposed (GLM, partial rotary 0.5; DeepSeek-V3, `rope_interleave`, MLA, YaRN x40), Cohere's
+cos/sin repeated per pair, and M-RoPE text exports (Qwen2-VL).
 
 Tiny transformers 5.23 models with random weights (nothing downloaded), exported by torch.onnx.export. The
 expected values are independent of the rewriter: each rotated q/k of the rewritten model against
 pe-export's float64 rotation (`custom_ops.rotation.apply_reference`) of the same run's q/k, at positions
 to the end of the table; cos/sin against float64 tables from the formula; the whole model against the
-original's logits at short positions. Default: each family with --op onnx (and Cohere's cos/sin with
---op tables); the other ops are slow.
+original's logits at short positions; M-RoPE's recomposed cos/sin against a float64 form of transformers'
+`recomposition_frequencies` (written here: branch `mrope` builds the encoding). Default: each family with
+--op onnx (and Cohere's cos/sin with --op tables) and Qwen2-VL with --op tables; the other ops are slow.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 from typer.testing import CliRunner
 
@@ -144,3 +147,125 @@ def test_shape_rewrites_and_verifies(name, op, exported, tmp_path):
 
         types = {n.op_type for n in onnx.load(out).graph.node}
         assert op == "decomposed" or "RotaryEmbedding" in types
+
+
+# ------------------------------------------------------------------------------------------------
+# M-RoPE (Qwen2-VL) text export: Cos/Sin of (3, B, S, R/2) angles, sections selected per rotary dim after
+
+
+MROPE_SECTION = [2, 3, 3]  # of R/2 = 8
+
+
+def recomposition_frequencies(freq: np.ndarray, mrope_section: list[int]) -> np.ndarray:
+    """float64 form of transformers 5.23 `Qwen2VLRotaryEmbedding.recomposition_frequencies`:
+    (3, B, S, R/2) -> (B, S, R), section i of the rotary dims read from row i % 3 (t, h, w), then [f, f]."""
+    bounds = np.cumsum([0, *mrope_section])
+    freq = np.concatenate([freq[i % 3, ..., a:b] for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))], -1)
+    return np.concatenate([freq, freq], axis=-1)
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl(tmp_path_factory):
+    """(model.onnx, config.json, the model) of a tiny Qwen2-VL, its text path exported (input_ids, position_ids)."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = dict(
+        vocab_size=rm.VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=CONTEXT,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": MROPE_SECTION},
+    )
+    vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2)
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, vocab_size=rm.VOCAB)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    folder = tmp_path_factory.mktemp("qwen2-vl")
+    return rm.export(model, folder / "model.onnx"), rm.save_config(cfg, folder), model
+
+
+def recomposed(model_path: Path, site_value: str) -> str:
+    """The name of the (B, S, R) Concat(f, f) that the section selection after `site_value` ends in."""
+    graph = onnx.load(model_path).graph
+    users = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    frontier, seen = [site_value], set()
+    while frontier:
+        value = frontier.pop()
+        for node in users.get(value, []):
+            if node.op_type == "Concat" and len(node.input) == 2 and node.input[0] == node.input[1]:
+                return node.output[0]
+            if node.output[0] not in seen:
+                seen.add(node.output[0])
+                frontier.extend(node.output)
+    raise AssertionError(f"no Concat(f, f) after {site_value}")
+
+
+def test_qwen2_vl_text_export_rewrites_and_its_sections_match_float64(qwen2_vl, tmp_path):
+    """The rewritten graph's recomposed cos/sin (after the section selection it kept) against
+    `recomposition_frequencies` of float64 cos/sin at positions to the end of the context."""
+    import onnxruntime as ort
+
+    from pe_export.cli.main import app
+    from pe_export.rewriter.checks import spread_positions, with_outputs
+
+    path, config, _ = qwen2_vl
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    r = CliRunner().invoke(
+        app,
+        [
+            "rewrite",
+            str(path),
+            "--config",
+            str(config),
+            "-o",
+            str(out),
+            "--report",
+            str(report),
+            "--runtimes",
+            "ort-cpu",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    doc = json.loads(report.read_text())
+    (site,) = doc["rewrite"]["sites"]
+    assert site["rule"] == "cos_sin_mul_half" and all(row["verdict"] == "pass" for row in doc["sites"])
+
+    positions = spread_positions(CONTEXT)
+    inv_freq = 1.0 / 1000000.0 ** (np.arange(0, 16, 2, dtype=np.float64) / 16)  # (R/2,)
+    angles = np.broadcast_to(positions[None, None, :, None] * inv_freq, (3, 1, positions.size, 8))  # (3, B, S, R/2)
+    want = {"cos": recomposition_frequencies(np.cos(angles), MROPE_SECTION)[0]}  # (S, R)
+    want["sin"] = recomposition_frequencies(np.sin(angles), MROPE_SECTION)[0]
+    errors = {}
+    for label, model in (("original", path), ("rewritten", out)):
+        import onnx_ir as ir
+
+        names = [recomposed(model, site["cos"]), recomposed(model, site["sin"])]
+        data, outputs = with_outputs(ir.load(model), names)
+        sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        assert sess.get_providers()[0] == "CPUExecutionProvider"
+        feed = {"input_ids": np.zeros((1, positions.size), np.int64), "position_ids": positions[None]}
+        got = dict(zip(outputs, sess.run(None, feed)))
+        errors[label] = max(
+            float(np.abs(got[n].reshape(-1, positions.size, 16)[0] - want[k]).max()) for n, k in zip(names, want)
+        )
+    bound = doc["sites"][0]["bound"]
+    assert errors["rewritten"] <= bound < errors["original"], errors
+
+
+def test_a_plain_rope_export_still_refuses_mrope_section(tmp_path):
+    """from-config exports plain RoPE, which would misread 3-D positions: the section key stays refused there."""
+    from pe_export.errors import BadInput
+    from pe_export.hf_config import rope_params_from_config
+
+    cfg = {"head_dim": 16, "rope_parameters": {"rope_type": "default", "mrope_section": MROPE_SECTION}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BadInput, match="mrope_section"):
+        rope_params_from_config(tmp_path / "config.json")
