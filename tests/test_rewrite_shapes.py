@@ -269,3 +269,44 @@ def test_a_plain_rope_export_still_refuses_mrope_section(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(BadInput, match="mrope_section"):
         rope_params_from_config(tmp_path / "config.json")
+
+
+def test_no_site_names_what_is_nearest_to_one(tmp_path):
+    """Issue 19: the refusal names what the graph holds nearest to a site, in one line, exit 2, so that a
+    user can report the shape: here transformers 4.x's MatMul form with an extra double round trip."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    from pe_export.cli.main import app
+
+    nodes = [
+        h.make_node("Unsqueeze", ["position_ids", "axis"], ["p"]),
+        h.make_node("Cast", ["p"], ["pf"], to=T.FLOAT),
+        h.make_node("MatMul", ["inv_freq", "pf"], ["f"]),
+        h.make_node("Cast", ["f"], ["f64"], to=T.DOUBLE),
+        h.make_node("Cast", ["f64"], ["f32"], to=T.FLOAT),
+        h.make_node("Cos", ["f32"], ["cos"]),
+    ]
+    graph = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info("position_ids", T.INT64, ["B", "S"])],
+        [h.make_tensor_value_info("cos", T.FLOAT, None)],
+        [
+            onnx.numpy_helper.from_array(np.ones((1, 64, 1), np.float32), "inv_freq"),
+            onnx.numpy_helper.from_array(np.array([1], np.int64), "axis"),
+        ],
+    )
+    onnx.save(h.make_model(graph), tmp_path / "m.onnx")
+    cfg = {"head_dim": 128, "num_attention_heads": 1, "rope_parameters": {"rope_type": "default"}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    for command in ("rewrite", "audit"):
+        r = CliRunner().invoke(app, [command, str(tmp_path / "m.onnx"), "--config", str(tmp_path / "config.json")])
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert r.exit_code == 2 and len(lines) == 1, r.output
+        assert (
+            "a Cos reads a float32 MatMul of a Constant (1, 64, 1) and Cast(Unsqueeze(input 'position_ids'))"
+            in r.output
+        )
+        assert "through 2 Casts; no rule matches" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "m.onnx"]
