@@ -123,19 +123,16 @@ def _change(site: Site, rewritten: bool) -> str:
 
 
 def _frozen(sites: list[Site]) -> list[str]:
-    """A LongRoPE config whose graph holds one branch only: the exporter froze the switch at trace time."""
-    out = []
-    by_freq = {}
-    for s in sites:
-        if s.params["scaling"] == "longrope":
-            by_freq.setdefault(s.inv_freq, set()).add(s.seq_len)
-    for name, branches in by_freq.items():
-        if len(branches) == 1:
-            out.append(
-                f"{name!r}: one LongRoPE branch only (the exporter froze the short/long switch at trace time); "
-                "positions past original_max_position_embeddings use the same factors"
-            )
-    return out
+    """A LongRoPE config whose graph holds one branch only (every LongRoPE site of one seq_len): the
+    exporter froze the short/long switch at trace time. A graph that keeps the switch has sites of both."""
+    longrope = [s for s in sites if s.params["scaling"] == "longrope"]
+    if not longrope or len({s.seq_len for s in longrope}) > 1:
+        return []
+    names = ", ".join(repr(s.inv_freq) for s in longrope)
+    return [
+        f"{names}: one LongRoPE branch only (the exporter froze the short/long switch at trace time); "
+        "positions past original_max_position_embeddings use the same factors"
+    ]
 
 
 def audit(
