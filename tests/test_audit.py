@@ -11,6 +11,7 @@ context is the cache's length. The caches of the fused model are built here in f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -188,3 +189,25 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(command, case, llama
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("pe-export: error:") and expected in lines[0], r.output
     assert files(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_a_frozen_longrope_branch_is_named_and_the_switch_is_not(tmp_path):
+    """Phi-3 LongRoPE exported with its run-time switch (two sites, one per branch) and frozen at trace
+    time (one site): only the frozen one is reported frozen; both drift from float64 (float32 angles)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import rewrite_models as rm
+
+    import pe_export
+
+    family = rm.BY_NAME["phi3-longrope"]
+    family = dataclasses.replace(
+        family, config=dict(family.config, max_position_embeddings=8192, original_max_position_embeddings=256)
+    )
+    model, cfg = rm.build(family)
+    switch, frozen = rm.export(model, tmp_path / "switch.onnx"), rm.export_frozen(model, tmp_path / "frozen.onnx")
+    config = rm.save_config(cfg, tmp_path)
+    kept = pe_export.audit(switch, config, runtimes=("ort-cpu",))
+    assert len(kept.sites) == 2 and not kept.frozen and kept.verdict == "FAIL"
+    one = pe_export.audit(frozen, config, runtimes=("ort-cpu",))
+    assert len(one.sites) == 1 and "one LongRoPE branch only" in one.frozen[0]
