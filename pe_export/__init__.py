@@ -6,6 +6,7 @@ The public API (each name documented where it is defined; README section "Python
     RotaryEmbedding                           pe_export.encodings.modules (an nn.Module)
     export, verify                            pe_export.pipeline.artifact
     rewrite                                   pe_export.rewriter (the RoPE inside a whole ONNX model)
+    rope_layers, export_layers                pe_export.api (per-layer RoPE: Gemma 3, ModernBERT, NoPE layers)
     BadInput                                  pe_export.errors
 
 Names are imported on first use, so `import pe_export` (and `pe-export --help`) loads no torch.
@@ -26,6 +27,8 @@ _WHERE = {
     "verify": "pe_export.pipeline.artifact",
     "rewrite": "pe_export.rewriter",
     "audit": "pe_export.rewriter",
+    "rope_layers": "pe_export.api",
+    "export_layers": "pe_export.api",
     "BadInput": "pe_export.errors",
 }
 __all__ = [*_WHERE, "__version__"]

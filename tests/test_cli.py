@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pe_export.cli.main import app
-from pe_export.presets import PRESETS
+from pe_export.presets import LAYERED_PRESETS, PRESETS
 
 runner = CliRunner()
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -591,7 +591,7 @@ def test_help_groups_the_commands_in_panels_most_used_first():
     names = lambda panel: [line.split()[1] for line in panel.splitlines() if line.startswith("│ ") and line[2] != " "]  # noqa: E731
     assert names(whole) == ["rewrite", "audit"]
     assert names(checks) == ["verify", "matrix", "inspect", "bench", "plot"]
-    assert names(exports) == ["from-config", "list", *PRESETS]
+    assert names(exports) == ["from-config", "list", *PRESETS, *LAYERED_PRESETS]
 
 
 def test_help_and_list_import_no_torch():

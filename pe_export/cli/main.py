@@ -23,7 +23,7 @@ import typer.core
 
 from pe_export.cli import audit, bench, export, matrix, rewrite, tools, verify
 from pe_export.cli.common import fail
-from pe_export.presets import PRESETS
+from pe_export.presets import LAYERED_PRESETS, PRESETS
 
 SUBCOMMANDS = (
     export.app,
@@ -46,8 +46,10 @@ PANELS = {  # help panel of each command, in the order --help shows them
     "from-config": EXPORTS,
     "list": EXPORTS,
     **dict.fromkeys(PRESETS, EXPORTS),
+    **dict.fromkeys(LAYERED_PRESETS, EXPORTS),  # one file per layer type
 }
-COMMANDS = tuple(c.name for sub in SUBCOMMANDS for c in sub.registered_commands if c.name not in PRESETS)
+ALL_PRESETS = (*PRESETS, *LAYERED_PRESETS)
+COMMANDS = tuple(c.name for sub in SUBCOMMANDS for c in sub.registered_commands if c.name not in ALL_PRESETS)
 
 
 class LazyPreset(typer.core.TyperCommand):
@@ -79,7 +81,10 @@ class Group(typer.core.TyperGroup):
     def resolve_command(self, ctx, args):
         name = args[0] if args else ""
         if name and not name.startswith("-") and self.get_command(ctx, name) is None:
-            fail(f"unknown preset or command {name!r}; presets: {', '.join(PRESETS)}; commands: {', '.join(COMMANDS)}")
+            fail(
+                f"unknown preset or command {name!r}; presets: {', '.join(ALL_PRESETS)}; "
+                f"commands: {', '.join(COMMANDS)}"
+            )
         return super().resolve_command(ctx, args)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
