@@ -31,7 +31,10 @@ def expected(annotation) -> list[str]:
 
 def type_error(cls, params: dict) -> str | None:
     """None when every parameter of `params` that `cls` declares has its annotated JSON type, else
-    "theta must be a number, got 'abc' (str)"."""
+    "theta must be a number, got 'abc' (str)". A `cls` that is no dataclass (a wrapper that parses its
+    parameters itself) is left to its own checks."""
+    if not dataclasses.is_dataclass(cls):
+        return None
     for f in dataclasses.fields(cls):
         if f.name not in params:
             continue
