@@ -30,6 +30,7 @@ _WHERE = {
     "export": "pe_export.pipeline.artifact",
     "verify": "pe_export.pipeline.artifact",
     "rewrite": "pe_export.rewriter",
+    "audit": "pe_export.rewriter",
     "rope_layers": "pe_export.api",
     "export_layers": "pe_export.api",
     "patch": "pe_export.patching",

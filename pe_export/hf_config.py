@@ -24,7 +24,11 @@ META_KEYS = {"type", "rope_type", "rope_theta", "partial_rotary_factor"}  # prop
 RENAMED = {"original_max_position_embeddings": "original_max_positions"}
 # Phi-3's older name. ("mrope" only beside an `mrope_section`, which makes the export M-RoPE: see mrope_keys.)
 ALIASES = {"su": "longrope"}
-MROPE_KEYS = ("mrope_section", "mrope_interleaved")  # M-RoPE's own keys in the rope block
+# M-RoPE's keys (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): which of the (3, B, S) positions each rotary dim reads. An
+# export reads them into M-RoPE parameters (mrope_keys); a graph's per-position cos/sin do not depend on them
+# (the graph selects the sections after Cos), so the rewriter passes them as `graph_keys` and leaves them out.
+MROPE_KEYS = ("mrope_section", "mrope_interleaved")
+SECTION_KEYS = MROPE_KEYS
 
 
 def read_config(path: Path) -> dict:
@@ -74,11 +78,11 @@ def rope_params_from_config(path: Path, max_positions: int | None = None) -> dic
     return _params(read_config(path), path, max_positions)
 
 
-def rope_params_by_layer_type(path: Path, max_positions: int | None = None) -> dict[str, dict]:
+def rope_params_by_layer_type(path: Path, max_positions: int | None = None, graph_keys=()) -> dict[str, dict]:
     """{layer type: RoPE parameter dict}, one entry per distinct parameter set (`rope_layers_from_config`):
     Gemma 3 and ModernBERT give `sliding_attention` and `full_attention`, in either key style; a config with one
-    set gives it under the key ""."""
-    groups = rope_layers_from_config(path, max_positions)
+    set gives it under the key "". Scaling keys in `graph_keys` (SECTION_KEYS) are left to the graph."""
+    groups = rope_layers_from_config(path, max_positions, graph_keys)
     if len(groups.distinct()) == 1:
         return {"": next(iter(groups.rope.values()))}
     return {first: groups.rope[first] for first in groups.distinct()}
@@ -112,7 +116,7 @@ def mrope_keys(cfg: dict) -> tuple[dict, dict]:
     return cfg, {}
 
 
-def _params(cfg: dict, path: Path, max_positions: int | None) -> dict:
+def _params(cfg: dict, path: Path, max_positions: int | None, graph_keys=()) -> dict:
     cfg, mrope = mrope_keys(cfg)
     model_type = cfg.get("model_type", "")
     block = cfg.get("rope_parameters") if cfg.get("rope_parameters") is not None else cfg.get("rope_scaling")
@@ -162,8 +166,9 @@ def _params(cfg: dict, path: Path, max_positions: int | None) -> dict:
     )
     if rotary_dim is not None and rotary_dim != head_dim:
         params["rotary_dim"] = rotary_dim
-    params.update(_scaling(block, cfg, config_positions))
-    params.update(mrope)
+    params.update(_scaling({k: v for k, v in block.items() if k not in graph_keys}, cfg, config_positions))
+    if not set(graph_keys) & set(MROPE_KEYS):
+        params.update(mrope)
     if params.get("scaling") == "dynamic" and max_positions is None and config_positions:
         # A table of max_position_embeddings would never scale: default to factor times it, as vLLM.
         params["max_positions"] = int(config_positions * params["scaling_params"].get("factor", 1))
@@ -289,8 +294,9 @@ class RopeLayers:
         return {first: path.with_name(f"{path.stem}-{first}{path.suffix}") for first in groups}
 
 
-def rope_layers_from_config(path: Path, max_positions: int | None = None) -> RopeLayers:
-    """Which RoPE parameters each layer of the model `path` describes uses, and which layers use none."""
+def rope_layers_from_config(path: Path, max_positions: int | None = None, graph_keys=()) -> RopeLayers:
+    """Which RoPE parameters each layer of the model `path` describes uses, and which layers use none
+    (`graph_keys`: scaling keys left to the graph, see SECTION_KEYS)."""
     cfg = _text_config(read_config(path))
     n_layers = _first(cfg, ["num_hidden_layers"], int, least=1)
     nope = _nope_layers(cfg, n_layers)
@@ -299,7 +305,7 @@ def rope_layers_from_config(path: Path, max_positions: int | None = None) -> Rop
     block = cfg.get("rope_parameters")
     keyed = isinstance(block, dict) and bool(block) and all(isinstance(v, dict) for v in block.values())
     if family is None and not keyed:  # one parameter set, under each layer type its RoPE layers have
-        params = _params(cfg, path, max_positions)
+        params = _params(cfg, path, max_positions, graph_keys)
         if types is None and n_layers is not None and cfg.get("model_type", "") in NOPE_FAMILIES:
             types = [ROPE_LAYER_TYPE.get(cfg["model_type"], "full_attention")] * n_layers
         if types is None:
@@ -322,7 +328,7 @@ def rope_layers_from_config(path: Path, max_positions: int | None = None) -> Rop
         if family is not None and sub.get("rope_theta") is None:
             key, default = family.thetas.get(name, ("rope_theta", 10000.0))
             sub["rope_theta"] = _either(_first(cfg, [key], least=0), default)
-        rope[name] = _params({**cfg, "rope_parameters": sub}, path, max_positions)
+        rope[name] = _params({**cfg, "rope_parameters": sub}, path, max_positions, graph_keys)
     layers = {name: tuple(i for i, t in enumerate(types or []) if t == name and i not in nope) for name in rope}
     return RopeLayers(rope=rope, layers=layers, nope=tuple(nope))
 

@@ -236,3 +236,32 @@ def test_a_weights_tensor_of_another_shape_than_the_preset_is_refused(tmp_path):
         ],
     )
     assert ok.exit_code == 0 and (tmp_path / "ok.onnx").exists(), ok.output
+
+
+# ------------------------------------------------------------------------------------------------
+# A parameter of the wrong JSON type (a tampered spec): named with the type it takes, for every encoding
+
+
+def typed_fields():
+    import dataclasses
+
+    from pe_export.encodings.param_types import expected
+
+    for name in ENCODINGS.names():
+        cls = ENCODINGS.get(name).params
+        for f in dataclasses.fields(cls):
+            kinds = expected(f.type)
+            if kinds and ("float" in kinds or "int" in kinds):
+                yield pytest.param(name, f.name, id=f"{name}.{f.name}")
+
+
+@pytest.mark.parametrize("encoding,field", list(typed_fields()))
+def test_every_numeric_parameter_given_a_string_is_named(encoding, field):
+    from pe_export.spec import Spec
+
+    enc = ENCODINGS.get(encoding)
+    base = first_preset(encoding)
+    spec = Spec(encoding=encoding, params=dict(base.params) | {field: "12"}, op=enc.ops[0])
+    with pytest.raises(TypeError) as e:
+        enc.parse(spec)
+    assert str(e.value).startswith(f"{field} must be ") and "got '12' (str)" in str(e.value), e.value

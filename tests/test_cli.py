@@ -270,6 +270,8 @@ def test_bad_verify_input(tmp_path, name, make, message):
         (dict(params={"head_dim": 64, "max_positions": 64, "foo": 1}), "unexpected keyword argument 'foo'"),
         (dict(params={"head_dim": 64, "max_positions": 10**13}), "GiB of memory available"),
         (dict(dtype="fp8"), "dtype must be one of"),
+        (dict(params={"head_dim": 64, "max_positions": 64, "theta": "10000"}), "theta must be a number, got '10000'"),
+        (dict(params={"head_dim": 64.5, "max_positions": 64}), "head_dim must be an integer, got 64.5"),
     ],
 )
 def test_verify_rejects_a_tampered_spec(tmp_path, change, message):
@@ -287,6 +289,26 @@ def test_verify_rejects_a_tampered_spec(tmp_path, change, message):
     result = invoke("verify", str(bad))
     assert result.exit_code == 2, result.output
     assert message in result.output
+    assert_one_line_error(result)
+
+
+def test_bench_names_a_parameter_of_the_wrong_type(tmp_path):
+    """Issue 19: a `theta` tampered into a string leaked Python's "'>' not supported between instances of
+    'str' and 'int'"; bench names the parameter and the type it takes, as verify does."""
+    import onnx
+
+    good = tmp_path / "good.onnx"
+    assert invoke("llama-rope", "--seq", "64", "-o", str(good)).exit_code == 0
+    model = onnx.load(good)
+    prop = next(p for p in model.metadata_props if p.key == "pe_export.spec")
+    spec = json.loads(prop.value)
+    spec["params"]["theta"] = "abc"
+    prop.value = json.dumps(spec)
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, bad)
+    result = invoke("bench", str(bad))
+    assert result.exit_code == 2, result.output
+    assert "theta must be a number, got 'abc' (str)" in result.output and "not supported" not in result.output
     assert_one_line_error(result)
 
 
@@ -616,7 +638,7 @@ def test_help_groups_the_commands_in_panels_most_used_first():
     assert panels == sorted(panels)
     whole, checks, exports = (text[a:b] for a, b in zip(panels, [*panels[1:], len(text)]))
     names = lambda panel: [line.split()[1] for line in panel.splitlines() if line.startswith("│ ") and line[2] != " "]  # noqa: E731
-    assert names(whole) == ["rewrite"]
+    assert names(whole) == ["rewrite", "audit"]
     assert names(checks) == ["verify", "matrix", "inspect", "bench", "plot"]
     assert names(exports) == ["from-config", "list", *PRESETS, *LAYERED_PRESETS]
 

@@ -21,11 +21,19 @@ import sys
 import typer
 import typer.core
 
-from pe_export.cli import bench, export, matrix, rewrite, tools, verify
+from pe_export.cli import audit, bench, export, matrix, rewrite, tools, verify
 from pe_export.cli.common import fail
 from pe_export.presets import LAYERED_PRESETS, PRESETS
 
-SUBCOMMANDS = (export.app, verify.app, matrix.app, tools.app, bench.app, rewrite.app)  # each CLI module's own Typer app
+SUBCOMMANDS = (
+    export.app,
+    verify.app,
+    matrix.app,
+    tools.app,
+    bench.app,
+    rewrite.app,
+    audit.app,
+)  # each module's Typer app
 WHOLE_MODELS, CHECKS, EXPORTS = "Whole models", "Checks", "Exports"
 PANELS = {  # help panel of each command, in the order --help shows them
     "rewrite": WHOLE_MODELS,

@@ -16,7 +16,13 @@ KINDS = ("absolute", "bias", "attention", "rotary", "mrotary")  # the graph cont
 
 @functools.lru_cache(maxsize=1024)
 def _parsed(cls, params_json: str):
-    return cls(**json.loads(params_json))
+    from pe_export.encodings.param_types import type_error
+
+    params = json.loads(params_json)
+    reason = type_error(cls, params)
+    if reason:  # a tampered or hand-written spec: name the parameter, not Python's comparison error
+        raise TypeError(reason)
+    return cls(**params)
 
 
 def parse(cls, spec):

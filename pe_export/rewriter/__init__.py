@@ -31,7 +31,11 @@ OPS = ("tables", *OP_NAMES)  # tables: swap cos/sin only; else also lower each q
 RUNTIMES = tuple(GRAPH_RUNTIMES)  # every runtime can check a foreign graph (torch cannot: no module)
 DEFAULT_RUNTIMES = ("ort-cpu", "ort-cpu-noopt")
 
-_WHERE = {"rewrite": "pe_export.rewriter.apply", "rewrite_and_verify": "pe_export.rewriter.run"}
+_WHERE = {
+    "rewrite": "pe_export.rewriter.apply",
+    "rewrite_and_verify": "pe_export.rewriter.run",
+    "audit": "pe_export.rewriter.site_audit",
+}
 __all__ = ["DEFAULT_RUNTIMES", "OPS", "RUNTIMES", *_WHERE]
 
 

@@ -195,6 +195,8 @@ def site_reference(site: Site, positions: np.ndarray) -> tuple[np.ndarray, np.nd
     cos, sin = tables(p, seq_len(site, positions))  # (P, R/2)
     if site.width == "half":
         return cos[positions], sin[positions]
+    if site.width == "repeated":  # [t0, t0, t1, t1, ...] (rules.cos_sin_repeated)
+        return np.repeat(cos[positions], 2, axis=-1), np.repeat(sin[positions], 2, axis=-1)
     full = lambda t: np.concatenate([t[positions], t[positions]], axis=-1)  # noqa: E731
     return full(cos), full(sin)
 
@@ -228,11 +230,14 @@ def rotation_error(got: dict, site: Site, positions: np.ndarray, op: str) -> tup
     err, top, ratio = np.zeros(positions.size), 0.0, 0.0
     for rot in site.rotated:
         x, y = got[rot["x"]], got[rot["y"]]  # (B, H, S, R) or (B, S, H, R)
+        pairing = rot["pairing"]
+        if pairing == "interleaved_to_half":  # pairs (2i, 2i + 1) written out as halves (rotate_pairs_to_halves)
+            x, pairing = np.concatenate([x[..., 0 : p.rotary_dim : 2], x[..., 1 : p.rotary_dim : 2]], -1), "half"
         s_axis = 3 - heads_axis(rot["layout"])  # bhsd: 2, bshd: 1
         ids = np.broadcast_to(positions, (x.shape[0], positions.size))
-        ref = apply_reference(x, cos, sin, ids, pairing=rot["pairing"], rotary_dim=p.rotary_dim, layout=rot["layout"])
+        ref = apply_reference(x, cos, sin, ids, pairing=pairing, rotary_dim=p.rotary_dim, layout=rot["layout"])
         e = np.abs(y.astype(np.float64) - ref)
-        limit = factor * (EPS["fp32"] * _factor(site) * pair_sums(x, rot["pairing"], p.rotary_dim) + DENORM_MIN["fp32"])
+        limit = factor * (EPS["fp32"] * _factor(site) * pair_sums(x, pairing, p.rotary_dim) + DENORM_MIN["fp32"])
         other = tuple(a for a in range(e.ndim) if a != s_axis)
         err = np.maximum(err, e[..., : p.rotary_dim].max(axis=other))
         top, ratio = max(top, float(limit.max())), max(ratio, float((e[..., : p.rotary_dim] / limit).max()))

@@ -55,7 +55,9 @@ def rewrite_model(model: ir.Model, config, seq: int | None = None, op: str = "ta
     if job.refused:
         raise BadInput(f"the config disagrees with the graph: {'; '.join(dict.fromkeys(job.refused))}")
     if not job.found:
-        raise BadInput(f"no RoPE site found (recognised shapes: {', '.join(RULES.names())})")
+        from pe_export.rewriter.nearest import nearest
+
+        raise BadInput(f"no RoPE site found: {nearest(model)} (recognised shapes: {', '.join(RULES.names())})")
     rules.apply_to_model(model)
     for name in (
         n for site in job.sites for n in (site.inv_freq, *site.replaced)

@@ -28,9 +28,9 @@ class Site:
     tables: list[str]
     seq_len: int | None = None  # the rule's branch (LongRoPE short/long), None when it has one
     rotations: int = 0  # q/k rotations replaced by --op onnx|ort|decomposed
-    width: str = (
-        "full"  # cos/sin values (B, S, R) [t, t]; "half": (B, S, R/2); "table": the (P, R/2) caches a fused node reads
-    )
+    # cos/sin values (B, S, R) [t, t]; "half": (B, S, R/2); "repeated": (B, S, R) [t0, t0, t1, t1, ...];
+    # "table": the (P, R/2) caches a fused node reads
+    width: str = "full"
     fused: str = (
         ""  # the fused node that reads the tables ("com.microsoft::GroupQueryAttention", ...); "": the graph's own ops
     )

@@ -27,9 +27,10 @@ REL = ULPS * 2.0**-23  # one ulp is at most 2^-23 relative
 def params_from_config(config: Path | str | dict, seq: int | None = None) -> list[RopeParams]:
     """Every RoPE parameter set `config` describes: one, or one per layer type where `rope_parameters`
     is keyed by layer type (Gemma 3: `sliding_attention`, `full_attention`)."""
-    from pe_export.hf_config import rope_params_by_layer_type
+    from pe_export.hf_config import SECTION_KEYS, rope_params_by_layer_type
 
-    found = rope_params_by_layer_type(Path(config), seq)  # raises BadInput itself
+    # M-RoPE's sections are the graph's own selection after Cos (rules.cos_sin_mul_half): not table parameters.
+    found = rope_params_by_layer_type(Path(config), seq, graph_keys=SECTION_KEYS)  # raises BadInput itself
     out = []
     for name, params in found.items():
         try:
