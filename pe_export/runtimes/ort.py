@@ -97,9 +97,10 @@ def _ort_call(sess, spec: Spec):
     return call
 
 
-def _ort(model_bytes: bytes, provider: str, options: dict | None = None, optimize: bool = True, label: str = ""):
-    """(run, provider) of an ORT session; `run.session` is the session (the Spec adapters' bf16 path)."""
-    sess = ort_session(model_bytes, provider, options, optimize)
+def _ort(model, provider: str, options: dict | None = None, optimize: bool = True, label: str = ""):
+    """(run, provider) of an ORT session on `model`, bytes or a path; `run.session` is the session (the
+    Spec adapters' bf16 path)."""
+    sess = ort_session(model, provider, options, optimize)
     ran = require_provider(sess, provider) if provider != "CPUExecutionProvider" else sess.get_providers()[0]
 
     def run(inputs):
@@ -109,19 +110,19 @@ def _ort(model_bytes: bytes, provider: str, options: dict | None = None, optimiz
     return run, ran + label
 
 
-def graph_ort_cpu(model_bytes: bytes):
-    return _ort(model_bytes, "CPUExecutionProvider")
+def graph_ort_cpu(model):
+    return _ort(model, "CPUExecutionProvider")
 
 
-def graph_ort_cpu_noopt(model_bytes: bytes):
-    return _ort(model_bytes, "CPUExecutionProvider", optimize=False, label=" (no graph optimisation)")
+def graph_ort_cpu_noopt(model):
+    return _ort(model, "CPUExecutionProvider", optimize=False, label=" (no graph optimisation)")
 
 
-def graph_ort_cuda(model_bytes: bytes):
+def graph_ort_cuda(model):
     # ORT's CUDA EP runs float32 MatMuls in TF32 by default on Ampere and later (10-bit mantissa: errors
     # of ~1e-3 in an attention layer, measured on an H100). Verification checks the file in the precision
     # it declares, so TF32 is switched off here (README: "CUDA and TF32").
-    return _ort(model_bytes, "CUDAExecutionProvider", {"use_tf32": "0"})
+    return _ort(model, "CUDAExecutionProvider", {"use_tf32": "0"})
 
 
 # The Spec adapters: the first output, float64 (bf16 through an io_binding). Module-level functions: a
