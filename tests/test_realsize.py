@@ -105,15 +105,16 @@ def test_copies_by_bytes_and_by_path_compute_the_same(external, small_threshold)
     site = result.sites[0]
     feed = checks.feeds(result.model, np.arange(8, dtype=np.int64))
     with copies.Copies(result.model) as c:
-        file, names = c.with_outputs(result.model, [site.cos, site.sin], only=True)
-        assert isinstance(file, str) and names == [site.cos, site.sin]
+        file, names, inputs = c.with_outputs(result.model, [site.cos, site.sin], only=True)
+        assert isinstance(file, str) and names == [site.cos, site.sin] and inputs == ["position_ids"]
+        feed = {k: feed[k] for k in inputs}
         assert Path(file).parent.parent == path.parent  # beside the model's data: ORT reads it there
         by_path = ort.InferenceSession(file, providers=["CPUExecutionProvider"]).run(None, feed)
         folder = Path(file).parent
     assert not folder.exists()
     copies.MAX_PROTO = 2**31  # undo the fixture's refusal for the bytes
     try:
-        data, _ = copies.as_bytes(result.model, [site.cos, site.sin], only=True)
+        data = copies.as_bytes(result.model, [site.cos, site.sin], only=True).model
     finally:
         copies.MAX_PROTO = 0
     by_bytes = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, feed)

@@ -160,17 +160,19 @@ def run_pair(
         worker.start(runtimes, GRAPH_RUNTIMES)  # their interpreters start side by side
     out = []
     with Copies(original, rewritten) as copies:
-        (orig, orig_names), (new, new_names) = (
-            copies.with_outputs(original, wanted, only),
-            copies.with_outputs(rewritten, wanted, only),
-        )
+        orig, new = copies.with_outputs(original, wanted, only), copies.with_outputs(rewritten, wanted, only)
         for runtime in runtimes:
-            _, got_o, v_o, note_o = attempt(runtime, orig, orig_names, inputs, timeout)
-            provider, got_n, v_n, note_n = attempt(runtime, new, new_names, inputs, timeout)
+            _, got_o, v_o, note_o = attempt(runtime, orig.model, orig.outputs, fed(inputs, orig), timeout)
+            provider, got_n, v_n, note_n = attempt(runtime, new.model, new.outputs, fed(inputs, new), timeout)
             if large:
                 worker.drop(runtime, GRAPH_RUNTIMES[runtime])
             out.append((runtime, provider, (got_o, v_o, note_o), (got_n, v_n, note_n)))
     return out
+
+
+def fed(inputs: list[dict], copy) -> list[dict]:
+    """The feeds of the inputs `copy` (a `copies.Copy`) has."""
+    return [{k: v for k, v in feed.items() if k in copy.inputs} for feed in inputs]
 
 
 def site_positions(site: Site) -> np.ndarray:

@@ -12,7 +12,7 @@ temporary one with symbolic links: OpenVINO and onnx's evaluator follow them, OR
 it could not load. Weights held in memory (the rewrite's new tables) go to the copy's own side file.
 
     with Copies(original, rewritten) as copies:
-        model, names = copies.with_outputs(rewritten, ["cos", "sin"], only=True)  # bytes or a path
+        copy = copies.with_outputs(rewritten, ["cos", "sin"], only=True)  # .model: bytes or a path
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import onnx_ir as ir
 
@@ -29,6 +30,12 @@ from pe_export import files
 from pe_export.runtimes.outcomes import Unsupported
 
 MAX_PROTO = 2**31 - 2**20  # what one protobuf holds, less room for the graph
+
+
+class Copy(NamedTuple):
+    model: bytes | str  # the copy's bytes, or the path of its file
+    outputs: list[str]  # its outputs' names, in order
+    inputs: list[str]  # its inputs' names: a pruned copy reads only some (runtimes refuse unknown feeds)
 
 
 def external_files(model: ir.Model) -> dict[str, Path]:
@@ -51,17 +58,17 @@ def is_large(model: ir.Model) -> bool:
     return bool(external_files(model)) or weight_bytes(model) > files.EXTERNAL_DATA_THRESHOLD
 
 
-def outputs_added(model: ir.Model, names: list[str], only: bool = False, drop_inputs: bool = False):
+def outputs_added(model: ir.Model, names: list[str], only: bool = False):
     """(an onnx.ModelProto copy of `model` with the named values as outputs, the names of its outputs in
     order): the model's own outputs and then the named ones (names it does not compute are left out),
-    or with `only` just the named ones, the graph pruned to what computes them (with `drop_inputs`, the
-    inputs they do not read removed too). External tensors stay
+    or with `only` just the named ones, the graph pruned to what computes them and its inputs to those
+    they read (OpenVINO drops an unread input, then refuses a feed for it). External tensors stay
     references to their files (onnx_ir serializes them as they are); `model` is unchanged."""
     proto = ir.to_proto(model)
     computed = {v for node in proto.graph.node for v in node.output} | {i.name for i in proto.graph.input}
     wanted = [n for n in dict.fromkeys(names) if n in computed]
     if only:
-        return ir.to_proto(pruned(ir.from_proto(proto), wanted, drop_inputs)), wanted
+        return ir.to_proto(pruned(ir.from_proto(proto), wanted)), wanted
     have = [o.name for o in proto.graph.output]
     for name in wanted:
         if name not in have:
@@ -70,24 +77,24 @@ def outputs_added(model: ir.Model, names: list[str], only: bool = False, drop_in
     return proto, have
 
 
-def pruned(copy: ir.Model, names: list[str], drop_inputs: bool = False) -> ir.Model:
+def pruned(copy: ir.Model, names: list[str]) -> ir.Model:
     """`copy` (changed in place) with the named values as its only outputs and only the nodes that
-    compute them; with `drop_inputs`, only the inputs they read."""
+    compute them and the inputs they read."""
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
     values = {v.name: v for node in copy.graph for v in node.outputs} | {v.name: v for v in copy.graph.inputs}
     copy.graph.outputs.clear()
     copy.graph.outputs.extend(values[n] for n in names)
     RemoveUnusedNodesPass()(copy)
-    for v in [v for v in copy.graph.inputs if drop_inputs and not v.uses()]:
+    for v in [v for v in copy.graph.inputs if not v.uses()]:
         copy.graph.inputs.remove(v)
     return copy
 
 
-def as_bytes(model: ir.Model, names: list[str], only: bool = False, drop_inputs: bool = False) -> tuple[bytes, list]:
+def as_bytes(model: ir.Model, names: list[str], only: bool = False) -> Copy:
     """The copy as bytes, its external data read into it (a runtime given bytes has no folder to find it
     in); `Unsupported` when its weights are over what one protobuf holds."""
-    proto, have = outputs_added(model, names, only, drop_inputs)
+    proto, have = outputs_added(model, names, only)
     found = external_files(model)
     if found:
         if weight_bytes(model) > MAX_PROTO:
@@ -95,7 +102,7 @@ def as_bytes(model: ir.Model, names: list[str], only: bool = False, drop_inputs:
         from onnx.external_data_helper import load_external_data_for_model
 
         load_external_data_for_model(proto, str(next(iter(found.values())).parent))
-    return proto.SerializeToString(), have
+    return Copy(proto.SerializeToString(), have, [i.name for i in proto.graph.input])
 
 
 class Copies:
@@ -140,15 +147,15 @@ class Copies:
             if not target.exists():
                 link(path, target)
 
-    def with_outputs(self, model: ir.Model, names: list[str], only: bool = False, drop_inputs: bool = False):
-        """(bytes or the path of a file, the names of its outputs) of `outputs_added`."""
+    def with_outputs(self, model: ir.Model, names: list[str], only: bool = False) -> Copy:
+        """The `outputs_added` copy: bytes for a small model, a file for a large one."""
         if not is_large(model):
-            return as_bytes(model, names, only, drop_inputs)
+            return as_bytes(model, names, only)
         import onnx
 
-        proto, have = outputs_added(model, names, only, drop_inputs)
+        proto, have = outputs_added(model, names, only)
         self.count += 1
         path = self._open() / f"check-{self.count}.onnx"
         # Tensors held in memory (>= 1 KiB) go to the copy's own side file; external ones stay references.
         onnx.save_model(proto, path, save_as_external_data=True, location=f"{path.name}.side", size_threshold=1024)
-        return str(path), have
+        return Copy(str(path), have, [i.name for i in proto.graph.input])
