@@ -62,8 +62,13 @@ def build(name: str, folder: Path) -> None:
     cfg = LlamaConfig(**sizes, max_position_embeddings=131072, rope_parameters=ROPE, tie_word_embeddings=True)
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(cfg).to(getattr(torch, dtype)).eval()
+    model = LlamaForCausalLM(cfg).eval()
+    rotary = model.model.rotary_emb
+    inv_freq = rotary.inv_freq.clone()
+    model.to(getattr(torch, dtype))
+    # As from_pretrained(dtype=float16) leaves it: the rotary inv_freq stays float32 (`.to` would round
+    # it to float16, a graph whose theta then disagrees with the config: the rewrite refuses it).
+    rotary.inv_freq = rotary.original_inv_freq = inv_freq
 
     class Logits(torch.nn.Module):
         def __init__(self, m):

@@ -23,12 +23,15 @@ def ort_session(
     threads: int | None = None,
     profile_prefix: str | None = None,
     optimized_path: str | None = None,
+    prepack: bool = True,
 ):
     """The one ONNX Runtime session helper: `model` as bytes or a path (external data beside it is read
     from there), on `provider` with CPU as the fallback ORT wants (`require_provider` checks what ran);
     `optimize` True (ORT's default, all), False (none) or a level name; `threads` intra-op threads (one
     inter-op); `optimized_path` writes ORT's optimised graph there. Skip when ORT or the provider is absent
-    or ORT has no kernel for a node."""
+    or ORT has no kernel for a node. `prepack` False switches off ORT's weight prepacking (a packed copy
+    of each MatMul weight made at load: most of a large model's load time and memory, measured in
+    docs/realsize-notes.md)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -47,6 +50,8 @@ def ort_session(
         opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
     if optimized_path:
         opts.optimized_model_filepath = str(optimized_path)
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     model = model if isinstance(model, bytes) else str(model)
     try:
         providers = (
@@ -99,8 +104,10 @@ def _ort_call(sess, spec: Spec):
 
 def _ort(model, provider: str, options: dict | None = None, optimize: bool = True, label: str = ""):
     """(run, provider) of an ORT session on `model`, bytes or a path; `run.session` is the session (the
-    Spec adapters' bf16 path)."""
-    sess = ort_session(model, provider, options, optimize)
+    Spec adapters' bf16 path). A model given by path is a large one (pe_export.rewriter.copies): it runs
+    without weight prepacking, which on a 2 GB Llama took 15 of its 20 s and a second copy of its MatMul
+    weights; the kernels are the same, on unpacked weights."""
+    sess = ort_session(model, provider, options, optimize, prepack=isinstance(model, bytes))
     ran = require_provider(sess, provider) if provider != "CPUExecutionProvider" else sess.get_providers()[0]
 
     def run(inputs):
