@@ -1,11 +1,13 @@
 """pe-export: positional encodings of Transformer models as verified ONNX graphs.
 
-The public API (each name documented where it is defined; README section "Python API"):
+The public API (each name documented where it is defined; docs/python-api.md):
 
     preset, rope_tables, translation_table    pe_export.api
-    RotaryEmbedding                           pe_export.encodings.modules (an nn.Module)
+    RotaryEmbedding, MRotaryEmbedding         pe_export.encodings.modules (nn.Modules)
+    mrope_tables                              pe_export.encodings.mrope (M-RoPE per-token cos/sin, float64)
     export, verify                            pe_export.pipeline.artifact
     rewrite                                   pe_export.rewriter (the RoPE inside a whole ONNX model)
+    rope_layers, export_layers                pe_export.api (per-layer RoPE: Gemma 3, ModernBERT, NoPE layers)
     BadInput                                  pe_export.errors
 
 Names are imported on first use, so `import pe_export` (and `pe-export --help`) loads no torch.
@@ -22,9 +24,13 @@ _WHERE = {
     "rope_tables": "pe_export.api",
     "translation_table": "pe_export.api",
     "RotaryEmbedding": "pe_export.encodings.modules",
+    "MRotaryEmbedding": "pe_export.encodings.modules",
+    "mrope_tables": "pe_export.encodings.mrope",
     "export": "pe_export.pipeline.artifact",
     "verify": "pe_export.pipeline.artifact",
     "rewrite": "pe_export.rewriter",
+    "rope_layers": "pe_export.api",
+    "export_layers": "pe_export.api",
     "BadInput": "pe_export.errors",
 }
 __all__ = [*_WHERE, "__version__"]

@@ -376,3 +376,125 @@ PRESETS: dict[str, Preset] = {
         ),
     ]
 }
+
+
+# ---- Models whose layers differ: one RoPE parameter set per layer type, and layers without RoPE (NoPE) ----------
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayeredPreset:
+    """A model whose layers use different RoPE: `rope` {layer type: RoPE parameters}, `pattern` the layer type of
+    each layer in order, None for a layer without RoPE. Exported as one file per layer type."""
+
+    name: str
+    description: str
+    rope: dict[str, dict]
+    pattern: tuple[str | None, ...]
+
+
+def _every(n_layers: int, every: int, hit: str | None, other: str | None, start: int = 1) -> tuple:
+    """`hit` at layers i with (i + start) % every == 0, else `other` (transformers' patterns: start 1 for
+    Gemma 3 and the NoPE interval, 0 for ModernBERT's global layers)."""
+    return tuple(hit if (i + start) % every == 0 else other for i in range(n_layers))
+
+
+LAYERED_PRESETS: dict[str, LayeredPreset] = {
+    p.name: p
+    for p in [
+        LayeredPreset(
+            name="gemma3-rope",
+            description="Gemma 3 4B text (34 layers, head_dim 256): sliding layers theta 10000; every 6th layer "
+            "full attention, theta 1000000 with linear scaling x8",
+            rope={
+                "sliding_attention": dict(head_dim=256, theta=10000.0, pairing="half", max_positions=131072),
+                "full_attention": dict(
+                    head_dim=256,
+                    theta=1000000.0,
+                    pairing="half",
+                    max_positions=131072,
+                    scaling="linear",
+                    scaling_params=dict(factor=8.0),
+                ),
+            },
+            pattern=_every(34, 6, "full_attention", "sliding_attention"),
+        ),
+        LayeredPreset(
+            name="modernbert-rope",
+            description="ModernBERT-base (22 layers, head_dim 64): local layers theta 10000; layer 0 and every 3rd "
+            "global, theta 160000",
+            rope={
+                "sliding_attention": dict(head_dim=64, theta=10000.0, pairing="half", max_positions=8192),
+                "full_attention": dict(head_dim=64, theta=160000.0, pairing="half", max_positions=8192),
+            },
+            pattern=_every(22, 3, "full_attention", "sliding_attention", start=0),
+        ),
+        LayeredPreset(
+            name="smollm3-rope",
+            description="SmolLM3 (transformers 5.23 SmolLM3Config defaults: 36 layers, head_dim 128, theta 2000000): "
+            "every 4th layer NoPE",
+            rope={"full_attention": dict(head_dim=128, theta=2000000.0, pairing="half", max_positions=32768)},
+            pattern=_every(36, 4, None, "full_attention"),
+        ),
+        LayeredPreset(
+            name="llama4-rope",
+            description="Llama 4 text (transformers 5.23 Llama4TextConfig defaults: 48 layers, head_dim 128, theta "
+            "500000): interleaved pairs, llama3 scaling x8 from 8192 (low 1, high 4); every 4th layer NoPE",
+            rope={
+                "chunked_attention": dict(
+                    head_dim=128,
+                    theta=500000.0,
+                    pairing="interleaved",
+                    max_positions=131072,
+                    scaling="llama3",
+                    scaling_params=dict(
+                        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_positions=8192
+                    ),
+                )
+            },
+            pattern=_every(48, 4, None, "chunked_attention"),
+        ),
+    ]
+}
+
+
+# M-RoPE (pe_export.encodings.mrope), values from transformers 5.23: the text configs' defaults
+# (Qwen2VLTextConfig / Qwen2_5_VLTextConfig: hidden_size 8192 / 64 heads, default_theta 1e6,
+# max_position_embeddings 32768; Qwen3VLTextConfig: head_dim 128, default_theta 5e5, 128000) and the
+# rotary modules' default mrope_section (Qwen2VLRotaryEmbedding [16, 24, 24], Qwen3VLTextRotaryEmbedding
+# [24, 20, 20], interleaved).
+PRESETS.update(
+    {
+        p.name: p
+        for p in [
+            Preset(
+                name="qwen2-vl-mrope",
+                encoding="mrope",
+                description="Qwen2-VL text M-RoPE: theta 1000000, sections [16, 24, 24] chunked, 32768 positions",
+                params=dict(
+                    head_dim=128, theta=1000000.0, mrope_section=[16, 24, 24], max_positions=32768, scaling="default"
+                ),
+            ),
+            Preset(
+                name="qwen2.5-vl-mrope",
+                encoding="mrope",
+                description="Qwen2.5-VL text M-RoPE: theta 1000000, sections [16, 24, 24] chunked, 32768 positions",
+                params=dict(
+                    head_dim=128, theta=1000000.0, mrope_section=[16, 24, 24], max_positions=32768, scaling="default"
+                ),
+            ),
+            Preset(
+                name="qwen3-vl-mrope",
+                encoding="mrope",
+                description="Qwen3-VL text M-RoPE: theta 500000, sections [24, 20, 20] interleaved, 128000 positions",
+                params=dict(
+                    head_dim=128,
+                    theta=500000.0,
+                    mrope_section=[24, 20, 20],
+                    mrope_interleaved=True,
+                    max_positions=128000,
+                    scaling="default",
+                ),
+            ),
+        ]
+    }
+)

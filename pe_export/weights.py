@@ -18,6 +18,8 @@ import numpy as np
 
 from pe_export.errors import BadInput, one_line
 
+WEIGHT_FIELDS = ("weights_seed", "weights", "key", "weights_sha256")  # a learned table's source, in its parameters
+
 
 @dataclass(frozen=True, kw_only=True)
 class LearnedWeights:

@@ -1,5 +1,5 @@
 """The public Python API: `pe_export.preset`, `rope_tables`, `RotaryEmbedding`, `translation_table`,
-`export`, `verify`, `BadInput`, and the README's "Python API" examples, each run here.
+`export`, `verify`, `BadInput`, and the Python examples of README.md and docs/*.md, each run here.
 
 Oracles: float64 NumPy computed here from the RoPE formula, transformers 5.23's own
 `apply_rotary_pos_emb` in float64, torch's gradcheck, and a user's whole model in eager mode.
@@ -299,20 +299,29 @@ def test_export_refuses_bad_input_and_writes_nothing(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Every example of the README's "Python API" section runs.
+# Every Python example of README.md and docs/*.md runs (each distinct block once).
+
+DOC_PAGES = [README, *sorted((README.parent / "docs").glob("*.md"))]
 
 
-def readme_examples() -> list[str]:
-    text = README.read_text()
-    section = text.split("## Python API", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+def doc_examples() -> list[tuple[str, str]]:
+    """(page name, code) of every ```python block, a block shown on two pages once (its first page)."""
+    found = {}
+    for page in DOC_PAGES:
+        for code in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S):
+            found.setdefault(code, page.name)
+    return [(page, code) for code, page in found.items()]
 
 
-def test_the_readme_has_python_api_examples():
-    assert len(readme_examples()) >= 3
+def test_the_docs_have_python_examples():
+    pages = [page for page, _ in doc_examples()]
+    assert "README.md" in pages and pages.count("python-api.md") >= 2
 
 
-@pytest.mark.parametrize("index", range(len(readme_examples())))
-def test_readme_python_api_example_runs(index, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "index", range(len(doc_examples())), ids=[f"{p} {i + 1}" for i, (p, _) in enumerate(doc_examples())]
+)
+def test_docs_python_example_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    exec(compile(readme_examples()[index], f"README.md Python API example {index + 1}", "exec"), {})
+    page, code = doc_examples()[index]
+    exec(compile(code, f"{page} Python example {index + 1}", "exec"), {})

@@ -1,4 +1,4 @@
-"""The CLI through Typer's CliRunner, every README example, the bad-input contract, and one real
+"""The CLI through Typer's CliRunner, every example of README.md and docs/*.md, the bad-input contract, and one real
 subprocess of the installed `pe-export` entry point."""
 
 import json
@@ -7,16 +7,19 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from pe_export.cli.main import app
-from pe_export.presets import PRESETS
+from pe_export.presets import LAYERED_PRESETS, PRESETS
 
 runner = CliRunner()
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOC_PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def invoke(*args, cwd=None):
@@ -326,10 +329,9 @@ def test_verify_rejects_unknown_providers(tmp_path):
     assert result.exit_code == 2 and "cpu, cuda" in result.output
 
 
-def readme_commands() -> list[str]:
-    """The `pe-export ...` lines of the README's shell blocks."""
-    text = README.read_text()
-    blocks = re.findall(r"```(?:bash|sh|console)\n(.*?)```", text, re.S)
+def shell_commands(page: Path) -> list[str]:
+    """The `pe-export ...` lines of a Markdown page's shell blocks."""
+    blocks = re.findall(r"```(?:bash|sh|console)\n(.*?)```", page.read_text(), re.S)
     lines = [line.strip().removeprefix("$ ") for block in blocks for line in block.splitlines()]
     commands = []
     for line in lines:
@@ -340,34 +342,81 @@ def readme_commands() -> list[str]:
     return commands
 
 
-def test_readme_examples_run(tmp_path):
-    commands = readme_commands()
-    assert "pe-export llama-rope --seq 8192" in commands
-    config = tmp_path / "models" / "Llama-3.1-8B" / "config.json"  # the file the from-config example reads
+def example_commands() -> dict[str, list[str]]:
+    """{page: its `pe-export` commands} over README.md and docs/*.md, each command at its first occurrence
+    only (README first), so that a command shown on two pages runs once."""
+    seen, found = set(), {}
+    for page in DOC_PAGES:
+        commands = [c for c in shell_commands(page) if c not in seen]
+        seen.update(commands)
+        if commands:
+            found[page.name] = commands
+    return found
+
+
+# Run once into the folder every page's examples start from: the files later examples read (and both are
+# examples themselves), plus the inputs the pages name (a Llama 3.1 config.json, a model and its config).
+SHARED_EXAMPLES = ("pe-export llama-rope --seq 8192", "pe-export verify llama-rope.onnx --report llama-rope.json")
+LLAMA31_CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "num_attention_heads": 32,
+    "head_dim": 128,
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 131072,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+}
+
+
+def run_example(command: str, cwd: Path) -> None:
+    result = invoke(*shlex.split(command, comments=True)[1:], cwd=cwd)
+    assert result.exit_code == 0, f"{command}\n{result.output}"
+
+
+@pytest.fixture(scope="session")
+def examples_folder(tmp_path_factory) -> Path:
+    import onnx
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import fused_models as fm
+
+    folder = tmp_path_factory.mktemp("examples")
+    config = folder / "models" / "Llama-3.1-8B" / "config.json"  # the file the from-config examples read
     config.parent.mkdir(parents=True)
-    config.write_text(
-        json.dumps(
-            {
-                "model_type": "llama",
-                "hidden_size": 4096,
-                "num_attention_heads": 32,
-                "head_dim": 128,
-                "rope_theta": 500000.0,
-                "max_position_embeddings": 131072,
-                "rope_scaling": {
-                    "rope_type": "llama3",
-                    "factor": 8.0,
-                    "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 8192,
-                },
-            }
-        )
-    )
-    for command in commands:
-        args = shlex.split(command, comments=True)[1:]
-        result = invoke(*args, cwd=tmp_path)
-        assert result.exit_code == 0, f"{command}\n{result.output}"
+    config.write_text(json.dumps(LLAMA31_CONFIG))
+    # `pe-export rewrite model.onnx --config config.json`: a small graph with a fused RoPE node whose
+    # float32 caches are built as onnxruntime-genai builds them, and its config.json
+    onnx.save(fm.FUSED["com.microsoft::RotaryEmbedding"](fm.Rope()), folder / "model.onnx")
+    fm.config(folder, fm.Rope())
+    for command in SHARED_EXAMPLES:
+        run_example(command, folder)
+    return folder
+
+
+def test_the_docs_have_examples_and_the_shared_ones_among_them():
+    commands = [c for page in example_commands().values() for c in page]
+    assert "README.md" in example_commands() and set(SHARED_EXAMPLES) <= set(commands)
+    assert any(c.startswith("pe-export rewrite ") for c in example_commands()["README.md"])
+
+
+EXAMPLES = [(page, c) for page, commands in example_commands().items() for c in commands if c not in SHARED_EXAMPLES]
+
+
+@pytest.mark.parametrize(
+    ("page", "command"), EXAMPLES, ids=[f"{p}: {shlex.join(shlex.split(c, comments=True))}" for p, c in EXAMPLES]
+)
+def test_docs_example_runs(page, command, examples_folder, tmp_path):
+    """Each example in a copy of the shared folder (every example reads only what it holds), so that
+    pytest-xdist spreads them over its workers."""
+    work = tmp_path / "work"
+    shutil.copytree(examples_folder, work)
+    run_example(command, work)
 
 
 def test_installed_entry_point_runs_as_a_subprocess(tmp_path):
@@ -398,7 +447,7 @@ def test_ci_runs_the_readme_test_command():
 # --------------------------------------------------------------------------------------------------
 # The other encodings: every preset from the CLI, learned weights from files, their bad input.
 
-OTHER_PRESETS = [name for name, p in PRESETS.items() if p.encoding != "rope"]
+OTHER_PRESETS = [name for name, p in PRESETS.items() if p.encoding not in ("rope", "mrope")]  # mrope: test_mrope.py
 
 
 @pytest.mark.parametrize("preset", OTHER_PRESETS)
@@ -558,3 +607,35 @@ def test_bad_input_of_the_other_encodings(tmp_path):
         assert message in result.output, (args, result.output)
         assert_one_line_error(result)
         assert snapshot(tmp_path) == before, args
+
+
+def test_help_groups_the_commands_in_panels_most_used_first():
+    """--help: whole models, then checks, then exports (from-config, list, every preset, built or lazy)."""
+    text = invoke("--help").output
+    panels = [text.index(name) for name in ("Whole models", "Checks", "Exports")]
+    assert panels == sorted(panels)
+    whole, checks, exports = (text[a:b] for a, b in zip(panels, [*panels[1:], len(text)]))
+    names = lambda panel: [line.split()[1] for line in panel.splitlines() if line.startswith("│ ") and line[2] != " "]  # noqa: E731
+    assert names(whole) == ["rewrite"]
+    assert names(checks) == ["verify", "matrix", "inspect", "bench", "plot"]
+    assert names(exports) == ["from-config", "list", *PRESETS, *LAYERED_PRESETS]
+
+
+def test_help_and_list_import_no_torch():
+    """The presets of other encodings are built when named: --help and list load neither torch nor onnx."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pe_export.cli.main import app\n"
+        "from typer.testing import CliRunner\n"
+        "for args in (['--help'], ['list']): assert CliRunner().invoke(app, args).exit_code == 0\n"
+        "print('torch' in sys.modules, 'onnx' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "False"]
+
+
+def test_a_lazy_preset_shows_its_own_options():
+    result = invoke("t5-bias", "--help")
+    assert result.exit_code == 0 and "--num-buckets" in result.output

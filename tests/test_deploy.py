@@ -143,6 +143,8 @@ def test_computed_tables_refusals_and_old_specs():
 def static_case(kind):
     """(spec, static shape) for the first preset of each contract kind, shrunk to 64 positions."""
     shapes = {"rotary": [2, 16, 3], "absolute": [2, 16], "bias": [1, 16], "attention": [2, 16]}
+    if kind not in shapes:
+        pytest.skip(f"the {kind} contract has no --static-shapes yet (tests/test_mrope.py checks the refusal)")
     for preset in PRESETS.values():
         enc = ENCODINGS.get(preset.encoding)
         if enc.kind == kind:

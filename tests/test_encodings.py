@@ -16,7 +16,7 @@ from pe_export.presets import PRESETS
 from pe_export.spec import Spec
 from pe_export.verification.parity import check
 
-OTHERS = [name for name, p in PRESETS.items() if p.encoding != "rope"]
+OTHERS = [name for name, p in PRESETS.items() if p.encoding not in ("rope", "mrope")]  # RoPE family: own files
 WITH_LAYER = [name for name in OTHERS if ENCODINGS.get(PRESETS[name].encoding).kind in ("absolute", "bias")]
 
 

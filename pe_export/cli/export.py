@@ -18,11 +18,11 @@ from pe_export.cli.common import choices, fail, out, parse_runtimes
 from pe_export.cli.verify import exit_on, finish, print_rows
 from pe_export.dtypes import DTYPES
 from pe_export.encodings.rope import ANGLES, PAIRINGS, TABLES
-from pe_export.pipeline.artifact import WEIGHT_FIELDS
 from pe_export.pipeline.packaging import FORMATS, OPTIMIZE_LEVELS, OPTIMIZE_PROVIDERS
-from pe_export.presets import PRESETS, Preset
+from pe_export.presets import LAYERED_PRESETS, PRESETS, LayeredPreset, Preset
 from pe_export.scaling import dynamic, longrope
 from pe_export.spec import LAYOUTS, OP_NAMES
+from pe_export.weights import WEIGHT_FIELDS
 
 app = typer.Typer()
 
@@ -45,6 +45,11 @@ def list_presets():
         if p.params.get("scaling_params"):
             scaling += " (" + ", ".join(f"{k}={v}" for k, v in p.params["scaling_params"].items()) + ")"
         table.add_row(p.name, p.encoding, scaling, p.description, ", ".join(f"{k}={v}" for k, v in params.items()))
+    for p in LAYERED_PRESETS.values():  # one file per layer type
+        per_type = "; ".join(
+            f"{name}: " + ", ".join(f"{k}={v}" for k, v in params.items()) for name, params in p.rope.items()
+        )
+        table.add_row(p.name, "rope (per layer)", "", p.description, per_type)
     out.print(table)
 
 
@@ -186,8 +191,11 @@ def layer_params(options) -> dict:
     return {k: v for k, v in layer.items() if v is not None}
 
 
+ROPE_COMMAND = ("rope", "mrope")  # encodings whose parameters are a RopeParams' (RoPE's options, --config)
+
+
 def make_export_command(preset: Preset):
-    return (make_rope_command if preset.encoding == "rope" else make_generic_command)(preset)
+    return (make_rope_command if preset.encoding in ROPE_COMMAND else make_generic_command)(preset)
 
 
 def make_rope_command(preset: Preset):
@@ -366,23 +374,109 @@ def parse_scaling_params(items: list[str]) -> dict:
 
 
 for _preset in PRESETS.values():
-    app.command(_preset.name)(make_export_command(_preset))
+    if _preset.encoding in ROPE_COMMAND:  # the others' options come from their encoding's module: built on use
+        app.command(_preset.name)(make_export_command(_preset))
+
+LAZY_PRESETS = tuple(p for p in PRESETS.values() if p.encoding not in ROPE_COMMAND)
+
+
+def preset_command(preset: Preset):
+    """The click command of a preset, built now (its options need its encoding's module, and so torch)."""
+    single = typer.Typer()
+    single.command(preset.name)(make_export_command(preset))
+    return typer.main.get_command(single)
 
 
 def from_config_command(config: Path, **options):
-    """Read RoPE parameters from a local Hugging Face config.json, print them, then export and verify."""
-    from pe_export.encodings.rope import RopeParams
-    from pe_export.hf_config import rope_params_from_config
+    """Read RoPE parameters from a local Hugging Face config.json, print them, then export and verify (one file
+    per distinct parameter set where layer types differ, `<folder>-rope-<layer_type>.onnx`)."""
+    from pe_export.hf_config import rope_layers_from_config
 
     try:
-        params = rope_params_from_config(config, max_positions=options.get("seq"))
-        RopeParams(**params)  # validate before printing anything
+        found = rope_layers_from_config(config, max_positions=options.get("seq"))
     except ValueError as e:
         fail(str(e))
-    name = f"{config.resolve().parent.name or 'config'}-rope"
-    out.print(f"{config}: " + ", ".join(f"{k}={v}" for k, v in params.items()), soft_wrap=True)
-    preset = Preset(name=name, encoding="rope", description=f"from {config}", params=params)
-    make_export_command(preset)(**options)
+    export_layers(f"{config.resolve().parent.name or 'config'}-rope", str(config), found, options)
+
+
+def make_layered_command(preset: LayeredPreset):
+    def export_command(**options):
+        from pe_export.hf_config import RopeLayers
+
+        seq = {"max_positions": options["seq"]} if options["seq"] is not None else {}
+        rope = {name: {**params, **seq} for name, params in preset.rope.items()}  # printed as exported
+        export_layers(preset.name, preset.name, RopeLayers.from_pattern(rope, preset.pattern), options)
+
+    own = {n: (p.annotation, p.default) for n, p in _options_of_rope_commands().items() if n != "hf_config"}
+    with_signature(export_command, own)
+    export_command.__doc__ = f"{preset.description}. Exports, checks and verifies one ONNX file per layer type."
+    return export_command
+
+
+def export_layers(stem: str, source: str, found, options) -> None:
+    """Export every distinct parameter set of `found` (a `RopeLayers`): one set keeps the single-file command
+    (`stem.onnx`), several write `stem-<layer_type>.onnx` each (`-o X.onnx`: `X-<layer_type>.onnx`). Every set
+    and every output path is checked before the first file is written."""
+    from pe_export.encodings import ENCODINGS
+    from pe_export.files import check_output_path
+
+    groups = found.distinct()
+    for name, params in found.rope.items():
+        try:
+            ENCODINGS.get(encoding_of(params)).params(**params)  # validate before printing anything
+        except ValueError as e:
+            fail(f"{name}: {e}" if name else str(e))
+    if len(groups) == 1 and not found.nope:
+        (first,) = groups
+        params = found.rope[first]
+        encoding = encoding_of(params)
+        stem = stem.removesuffix("-rope") + "-mrope" if encoding == "mrope" else stem
+        out.print(f"{source}: " + ", ".join(f"{k}={v}" for k, v in params.items()), soft_wrap=True)
+        preset = Preset(name=stem, encoding=encoding, description=f"from {source}", params=params)
+        make_export_command(preset)(**options)
+        return
+    jobs = []
+    outputs = found.paths(options["output"] or Path(f"{stem}.onnx"))
+    reports = found.paths(options["report"]) if options["report"] else {}
+    for first, types in groups.items():
+        output, report = outputs[first], reports.get(first)
+        for path in (output, report):
+            try:
+                if path is not None:
+                    check_output_path(path, options["force"])
+            except ValueError as e:
+                fail(str(e))
+        layers = sorted(i for t in types for i in found.layers.get(t, ()))
+        jobs.append((first, types, layers, output.stem, {**options, "output": output, "report": report}))
+    for first, types, layers, _, job in jobs:
+        params = found.rope[first]
+        out.print(
+            f"{', '.join(types) or 'every layer'} (layers {spans(layers) if layers else 'not in the config'}) -> "
+            f"{job['output']}: " + ", ".join(f"{k}={v}" for k, v in params.items()),
+            soft_wrap=True,
+        )
+    out.print(f"no RoPE (NoPE) in layers {spans(found.nope)}" if found.nope else "every layer uses RoPE")
+    for first, types, _, name, job in jobs:
+        preset = Preset(
+            name=name, encoding="rope", description=f"{', '.join(types)} from {source}", params=found.rope[first]
+        )
+        make_export_command(preset)(**job)
+
+
+def encoding_of(params: dict) -> str:
+    """M-RoPE (pe_export.encodings.mrope) when the parameters carry Qwen2-VL's mrope_section, else RoPE."""
+    return "mrope" if "mrope_section" in params else "rope"
+
+
+def spans(indices) -> str:
+    """0, 1, 2, 4, 5 -> '0-2, 4-5' (layer indices, 0-based)."""
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs) or "none"
 
 
 # from-config takes the config path, then exactly the preset commands' options.
@@ -394,6 +488,14 @@ _config = inspect.Parameter(
 )
 from_config_command.__signature__ = inspect.Signature([_config, *(o for o in _options if o.name != "hf_config")])
 app.command("from-config")(from_config_command)
+
+
+def _options_of_rope_commands() -> dict:
+    return {o.name: o for o in _options}
+
+
+for _layered in LAYERED_PRESETS.values():
+    app.command(_layered.name)(make_layered_command(_layered))
 
 
 def run_export(preset, params, layout, options):
@@ -428,6 +530,7 @@ def run_export(preset, params, layout, options):
     for note in job.notes:
         out.print(note if note.startswith("--op auto") else f"[yellow]note[/yellow]: {note}", soft_wrap=True)
     spec = job.spec
+    pipeline.start_runtimes(runtimes)  # their workers import their runtimes while the export runs
     with out.status(f"exporting {preset.name} ({spec.op}, {spec.dtype})"):
         try:
             written = pipeline.write(job)

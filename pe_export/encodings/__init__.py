@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pe_export.registry import Registry
 
-KINDS = ("absolute", "bias", "attention", "rotary")  # the graph contracts of pe_export.encodings.common
+KINDS = ("absolute", "bias", "attention", "rotary", "mrotary")  # the graph contracts of pe_export.encodings.common
 
 
 @functools.lru_cache(maxsize=1024)
@@ -46,7 +46,7 @@ class Encoding:
     kind: str = "absolute"  # one of KINDS
     ops: tuple = ("decomposed",)  # the ONNX targets it lowers to (pe_export.custom_ops.lowerings.OP_TARGETS)
     layouts: tuple = ("bhsd",)  # of its 4D inputs
-    reference_impl: str = ""  # the published implementation it is checked against (README, `pe-export list`)
+    reference_impl: str = ""  # the published implementation it is checked against (docs/encodings.md, `pe-export list`)
     attention_scale: bool = True  # bias encodings: whether the attention layer scales q.k by 1/sqrt(D)
 
     def parse(self, spec):

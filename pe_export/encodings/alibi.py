@@ -89,7 +89,7 @@ def module(spec):
         def __init__(self):
             super().__init__()
             # (1, H, 1, 1), so that the bias is (1, H, Q, K) at once: onnx2tf wrote the Unsqueeze of an
-            # (H, Q, K) bias as a RESHAPE to a fixed (1, H, 1, 1), which LiteRT cannot run (README: LiteRT).
+            # (H, Q, K) bias as a RESHAPE to a fixed (1, H, 1, 1), which LiteRT cannot run (docs/runtimes.md: LiteRT).
             self.register_buffer(
                 "slopes", torch.from_numpy(slopes(p.heads, p.alibi_bias_max)).float()[None, :, None, None]
             )

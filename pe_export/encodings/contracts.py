@@ -4,7 +4,8 @@ absolute   position_ids int64 (B, S) -> embeddings (B, S, dim)
 bias       query_positions int64 (Q,), key_positions int64 (K,) -> bias (1, H, Q, K), added to logits
 attention  query (B, H, Q, D), key (B, H, K, D), value (B, H, K, D)
            [, query_positions int64 (Q,), key_positions int64 (K,)] -> output (B, H, Q, D)
-rotary     x, position_ids -> y (see rope.py)"""
+rotary     x, position_ids -> y (see rope.py)
+mrotary    x, position_ids (3, B, S) (temporal, height, width) -> y (see mrope.py)"""
 
 from __future__ import annotations
 
@@ -188,6 +189,37 @@ class Rotary(PositionIds):
         )
 
 
+class MRotary(Rotary):
+    """x (B, H, S, D) or (B, S, H, D), position_ids (3, B, S) (temporal, height, width) -> y like x
+    (inputs and probes: mrope.py). No --static-shapes and no --attention layer yet."""
+
+    kind = "mrotary"
+
+    def static_sizes(self, shape, P):
+        raise BadInput("--static-shapes does not apply to mrope yet (position_ids (3, B, S)); drop it")
+
+    def locate(self, spec, inputs, at) -> str:
+        b, s = at[0], (at[2] if spec.layout == "bhsd" else at[1])
+        t, h, w = (int(v) for v in inputs["position_ids"][:, b, s])
+        return f"batch {b}, positions t {t} h {h} w {w}, dim {at[-1]}"
+
+    def user_probe(self, spec, template, positions, noise, batch):
+        probe = super().user_probe(
+            spec, {**template, "position_ids": template["position_ids"][0]}, positions, noise, batch
+        )
+        return {
+            **probe,
+            "position_ids": np.broadcast_to(probe["position_ids"], (3, *probe["position_ids"].shape)).copy(),
+        }
+
+    def position_grid(self, spec, inputs):
+        # The largest of the token's three positions: the row its error is reported at.
+        return super().position_grid(spec, {"position_ids": inputs["position_ids"].max(axis=0)})
+
+    def layer_check(self, name, layer):
+        raise ValueError(f"{name} has no --attention layer yet (its positions are (3, B, S)); drop --attention")
+
+
 class Bias(Contract):
     """query_positions int64 (Q,), key_positions int64 (K,) -> bias (1, H, Q, K), added to logits."""
 
@@ -304,7 +336,7 @@ class Attention(Contract):
         return inputs["query_positions"][None, None, :, None] if "query_positions" in inputs else None
 
 
-CONTRACTS = {c.kind: c for c in (Absolute(), Bias(), Attention(), Rotary())}
+CONTRACTS = {c.kind: c for c in (Absolute(), Bias(), Attention(), Rotary(), MRotary())}
 
 
 def contract_of(enc: Encoding) -> Contract:

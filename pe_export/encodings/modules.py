@@ -4,6 +4,8 @@
                           `pe_export::rotary_embedding`; LongRoPE's run-time switch in the graph
     ComputedTablesRotary  cos/sin computed in float32 from the positions (`tables="computed"`)
     RuntimeRotary         frequencies computed per call from max(position_ids) + 1 (dynamic NTK)
+    MRotaryEmbedding      M-RoPE (Qwen2-VL, Qwen3-VL): position_ids (3, B, S), per-token rows selected from
+                          the table at each component's position (pe_export.encodings.mrope)
 
 Each takes a `RopeParams` (pe_export.encodings.rope) and calls only its methods, so this module needs
 no import of the encoding above it. Shapes: x (B, H, S, D) for layout "bhsd", (B, S, H, D) for
@@ -17,6 +19,7 @@ import torch
 
 import pe_export.custom_ops.rotary  # noqa: F401  registers torch.ops.pe_export.rotary_embedding
 from pe_export.dtypes import DTYPES, torch_dtype
+from pe_export.encodings.table_reads import guard, take
 from pe_export.errors import BadInput
 from pe_export.scaling import SCALING_RULES
 from pe_export.spec import LAYOUTS
@@ -68,6 +71,54 @@ class RotaryEmbedding(torch.nn.Module):
             position_ids = torch.where(bad, 2 * P, position_ids + long * P)
         return torch.ops.pe_export.rotary_embedding(
             x, self.cos_table, self.sin_table, position_ids, self.interleaved, self.rotary_dim, self.layout
+        )
+
+
+class MRotaryEmbedding(torch.nn.Module):
+    """M-RoPE on q or k: `forward(x, position_ids (3, B, S)) -> y`, pairs split among the temporal,
+    height and width positions by `params.mrope_section` (a `pe_export.encodings.mrope.MropeParams`).
+
+    The (P, R/2) table is built in float64 and rounded once, then split by columns into one sub-table per
+    component (buffers `cos_0`.. `sin_2`, the same floats in all). A call gathers each component's columns
+    at that component's positions, concatenates them and puts the pairs back in order with one constant
+    index; the per-token rows (B*S, R/2) then feed `pe_export::rotary_embedding` at rows 0 .. B*S - 1, so
+    every op target (the fused `onnx` and `ort` ops included) lowers it unchanged.
+    """
+
+    def __init__(self, params, layout: str = "bhsd", dtype: str = "fp32"):
+        super().__init__()
+        check_module_options(layout, dtype)
+        self.layout, self.interleaved, self.rotary_dim = layout, params.pairing == "interleaved", params.rotary_dim
+        self.max_positions = params.max_positions
+        component = params.pair_components()  # (R/2,) 0 temporal, 1 height, 2 width
+        cos, sin = params.cos_sin()  # (P, R/2) float64
+        self.components = [c for c in range(3) if (component == c).any()]
+        for c in self.components:
+            # float64 -> dtype, rounded once; a column split, no arithmetic.
+            self.register_buffer(f"cos_{c}", torch.from_numpy(cos[:, component == c]).to(torch_dtype(dtype)))
+            self.register_buffer(f"sin_{c}", torch.from_numpy(sin[:, component == c]).to(torch_dtype(dtype)))
+        grouped = np.concatenate([np.flatnonzero(component == c) for c in self.components])  # pair of each column
+        order = np.argsort(grouped)  # column of each pair
+        self.reorder = None if (order == np.arange(len(order))).all() else torch.from_numpy(order)  # chunked: None
+
+    def rows(self, position_ids: torch.Tensor, name: str) -> torch.Tensor:
+        ids = guard(position_ids, self.max_positions)  # (3, B, S); outside [0, P) -> P: the Gather fails
+        parts = [take(getattr(self, f"{name}_{c}"), ids[c]) for c in self.components]  # (B, S, n_c) each
+        rows = torch.cat(parts, dim=-1)  # (B, S, R/2), grouped by component
+        return rows if self.reorder is None else torch.index_select(rows, -1, self.reorder)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.rows(position_ids, "cos"), self.rows(position_ids, "sin")  # (B, S, R/2)
+        B, S, half = cos.shape
+        tokens = torch.arange(B * S, dtype=position_ids.dtype, device=position_ids.device).reshape(B, S)
+        return torch.ops.pe_export.rotary_embedding(
+            x,
+            cos.reshape(B * S, half),
+            sin.reshape(B * S, half),
+            tokens,
+            self.interleaved,
+            self.rotary_dim,
+            self.layout,
         )
 
 

@@ -11,7 +11,7 @@ import numpy as np
 def guard(ids, size: int):
     """Positions outside [0, size) -> size, one past the table, so the Gather that reads them fails.
     The replacement is a tensor of ids' shape, not a scalar: onnx2tf writes a Where of rank-1 ids and a
-    scalar as TFLite's SELECT, which does not broadcast, and LiteRT then cannot run it (README: LiteRT)."""
+    scalar as TFLite's SELECT, which does not broadcast, and LiteRT then cannot run it (docs/runtimes.md: LiteRT)."""
     import torch
 
     return torch.where((ids < 0) | (ids >= size), torch.full_like(ids, size), ids)
@@ -29,7 +29,7 @@ def mask_later_keys(bias, later):
 
     An addition of a (Q, K) mask read from the table [0, -inf], not a Where: onnx2tf writes a Where whose
     three operands do not all have the output's shape as cond * x + (1 - cond) * y, where 0 * -inf is NaN
-    (README: LiteRT). bias + 0 = bias and bias + -inf = -inf exactly for every finite bias (each encoding
+    (docs/runtimes.md: LiteRT). bias + 0 = bias and bias + -inf = -inf exactly for every finite bias (each encoding
     keeps its bias finite, so that -inf is the mask alone), on every runtime; a -0 comes back +0."""
     import torch
 

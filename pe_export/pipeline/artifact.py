@@ -25,14 +25,14 @@ from pe_export.errors import BadInput
 from pe_export.files import check_output_path, write_atomic
 from pe_export.pipeline import onnx_export, packaging
 from pe_export.presets import PRESETS, Preset
-from pe_export.runtimes import DEFAULT_RUNTIMES, check_names
+from pe_export.runtimes import DEFAULT_RUNTIMES, RUNTIMES, check_names
 from pe_export.spec import Spec
 from pe_export.verification import bundles, out_of_range, parity
 from pe_export.verification.report import render, verify_doc
+from pe_export.weights import WEIGHT_FIELDS
 
 # What can load the files written beside the model: an .ort file only ONNX Runtime; an optimised graph
 # also onnx's evaluator where ORT kept to standard ops (it skips itself when a node is com.microsoft).
-WEIGHT_FIELDS = ("weights_seed", "weights", "key", "weights_sha256")  # a learned table's source, in its parameters
 ORT_FORMAT_RUNTIMES = ("torch", "ort-cpu", "ort-cpu-noopt", "ort-cuda")
 OPTIMIZED_RUNTIMES = {"cpu": ("torch", "ort-cpu", "ort-cpu-noopt", "onnx-reference"), "cuda": ("torch", "ort-cuda")}
 
@@ -227,6 +227,13 @@ def check_runtimes(runtimes) -> tuple[str, ...]:
     return DEFAULT_RUNTIMES if runtimes is None else check_names(runtimes)
 
 
+def start_runtimes(runtimes=None) -> None:
+    """Start the verifying runtimes' worker processes now: each imports its runtime while the export runs."""
+    from pe_export.runtimes import worker
+
+    worker.start(check_runtimes(runtimes), RUNTIMES)
+
+
 def weights_source(path, key: str) -> dict:
     """The parameters that name a learned table read from a file: {weights, key, weights_sha256},
     the tensor read once now (BadInput for a missing file, key or dtype)."""
@@ -349,6 +356,7 @@ def export(
     optimize ("basic", "extended", "all"), optimize_provider, external_data."""
     runtimes = check_runtimes(runtimes)
     job = prepare(spec_or_preset, path, force=force, report=report, **options)
+    start_runtimes(runtimes)
     written = write(job)
     if not verify_file:
         return ExportResult(job=job, written=written, verification=None)

@@ -8,6 +8,8 @@ from pe_export.runtimes.graphs import first_output, in_memory
 from pe_export.runtimes.outcomes import Skip, Unsupported
 from pe_export.spec import Spec
 
+PRELOAD = ("iree.runtime",)  # imported by the worker as it starts (pe_export.runtimes.worker._preload)
+
 
 def graph_iree(model_bytes: bytes, threads: int | None = None):
     """Import with iree's ONNX importer, compile for llvm-cpu (this host's CPU), run on `local-task`."""

@@ -34,7 +34,7 @@ from pe_export.runtimes.outcomes import Skip, Unsupported
 CONVERTER = "PE_EXPORT_ONNX2TF_PYTHON"
 INSTALL = (
     f"pip install 'pe-export[litert]' for the interpreter; onnx2tf in a Python >= 3.12 environment of its own, "
-    f"named by {CONVERTER} (README: LiteRT)"
+    f"named by {CONVERTER} (docs/runtimes.md: LiteRT)"
 )
 CONVERT_TIMEOUT_S = 100.0  # inside the worker's 120 s per load
 

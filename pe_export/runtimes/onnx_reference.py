@@ -8,6 +8,8 @@ from pe_export.runtimes.graphs import all_nodes, first_output
 from pe_export.runtimes.outcomes import Skip
 from pe_export.spec import Spec
 
+PRELOAD = ("onnx.reference",)  # imported by the worker as it starts (pe_export.runtimes.worker._preload)
+
 
 def reference_evaluator(model):
     """onnx's ReferenceEvaluator for the model, or Skip when a node uses a domain it has no ops for

@@ -10,6 +10,8 @@ from pe_export.runtimes.graphs import computes_in_float64, first_output
 from pe_export.runtimes.outcomes import Skip
 from pe_export.spec import Spec
 
+PRELOAD = ("openvino",)  # imported by the worker as it starts (pe_export.runtimes.worker._preload)
+
 
 def graph_openvino(model):
     """`model` as bytes or a path (its external data read from beside it)."""

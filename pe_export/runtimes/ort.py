@@ -13,6 +13,8 @@ from pe_export.spec import Spec
 LEVELS = {True: "ORT_ENABLE_ALL", False: "ORT_DISABLE_ALL", "all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED",
           "basic": "ORT_ENABLE_BASIC"}  # fmt: skip
 
+PRELOAD = ("onnxruntime",)  # imported by the worker as it starts (pe_export.runtimes.worker._preload)
+
 
 def ort_session(
     model,
@@ -128,7 +130,7 @@ def graph_ort_cpu_noopt(model):
 def graph_ort_cuda(model):
     # ORT's CUDA EP runs float32 MatMuls in TF32 by default on Ampere and later (10-bit mantissa: errors
     # of ~1e-3 in an attention layer, measured on an H100). Verification checks the file in the precision
-    # it declares, so TF32 is switched off here (README: "CUDA and TF32").
+    # it declares, so TF32 is switched off here (docs/verification.md: "CUDA and TF32").
     return _ort(model, "CUDAExecutionProvider", {"use_tf32": "0"})
 
 

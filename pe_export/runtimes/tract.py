@@ -9,6 +9,8 @@ from pe_export.runtimes.graphs import custom_domains, first_output
 from pe_export.runtimes.outcomes import Skip, Unsupported
 from pe_export.spec import Spec
 
+PRELOAD = ("tract",)  # imported by the worker as it starts (pe_export.runtimes.worker._preload)
+
 
 def graph_tract(model, threads: int | None = None):
     """tract from its Python package, `model` bytes or a path; `threads` is accepted for bench and not

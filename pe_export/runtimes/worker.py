@@ -49,8 +49,10 @@ def _serve() -> None:
     conn_in, conn_out = Connection(os.dup(0), writable=False), Connection(os.dup(1), readable=False)
     os.dup2(2, 1)  # nothing a runtime prints reaches the protocol's pipe: it goes to the log with stderr
     os.environ["RUST_BACKTRACE"] = "0"  # a panic's message, not pages of backtrace
-    sys.path[:] = conn_in.recv()  # the caller's: a test's own adapters import from its folder
+    sys.path[:], adapter_module = conn_in.recv()  # the caller's path: a test's own adapters import from its folder
     from pe_export.spec import Spec
+
+    _preload(adapter_module)
 
     call = None
     while True:
@@ -84,6 +86,19 @@ def _serve() -> None:
             reply = ("error", f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
             traceback.print_exc()
         conn_out.send(reply)
+
+
+def _preload(module_name: str) -> None:
+    """Import the adapter's module and the runtime it names in `PRELOAD` before the first request: the
+    parent starts workers while it exports, so this import overlaps the export instead of following it."""
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+        for name in getattr(module, "PRELOAD", ()):
+            importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - an absent runtime says so at "load", in its row
+        pass
 
 
 def timer(call):
@@ -131,7 +146,7 @@ class Worker:
         self.recv = Connection(os.dup(self.process.stdout.fileno()), writable=False)
         self.process.stdin.close()
         self.process.stdout.close()
-        self.send.send(list(sys.path))
+        self.send.send((list(sys.path), getattr(adapter, "__module__", "")))
 
     def alive(self) -> bool:
         return self.process.poll() is None

@@ -198,7 +198,7 @@ def compat(results: list[dict], runtimes) -> tuple[list[str], list[list[str]]]:
                 row = {"verdict": "FAIL", "note": "export: " + c["error"], "worst_ratio": None}
             if row is not None:
                 cells.setdefault(key, {}).setdefault(name, []).append((c["preset"], row, bounds.get(name)))
-    order = {k: i for i, k in enumerate(("rotary", "absolute", "bias", "attention"))}
+    order = {k: i for i, k in enumerate(("rotary", "mrotary", "absolute", "bias", "attention"))}
     ops = {o: i for i, o in enumerate(OP_NAMES)}
     header = ["kind", "op", "dtype", "presets", *runtimes]
     rows = []
