@@ -185,7 +185,7 @@ def test_litert_gets_the_whole_transformers_llama_wrong_original_and_rewritten_a
     from pe_export.runtimes import GRAPH_RUNTIMES
 
     original, _ = tiny_llama_rewritten(tmp_path, "tables")
-    model_bytes, names = verify.with_outputs(original, [])
+    model_bytes, names, _ = verify.with_outputs(original, [])
     feed = verify.feeds(original, np.arange(16), 1)
     try:
         litert, _ = GRAPH_RUNTIMES["litert"](model_bytes)

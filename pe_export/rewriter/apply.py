@@ -6,9 +6,9 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from pe_export import files
 from pe_export.errors import BadInput
 from pe_export.files import check_output_path, staged
+from pe_export.rewriter.copies import is_large
 from pe_export.rewriter.core import Rewritten, rewrite_model
 
 
@@ -17,13 +17,35 @@ def load(path: Path | str) -> ir.Model:
     if not path.is_file():
         raise BadInput(f"model {str(path)!r} does not exist or is not a file")
     try:
-        return ir.load(path)
+        model = ir.load(path)
     except Exception as e:  # protobuf's DecodeError and friends
         raise BadInput(f"{str(path)!r} is not an ONNX model ({type(e).__name__})") from None
+    check_external_data(model, path)
+    return model
 
 
-def tensor_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+def check_external_data(model: ir.Model, path: Path) -> None:
+    """BadInput, before anything runs or is written, when an external data file the model reads is
+    missing or shorter than its tensors need (a copy cut short: they are read lazily, at the end)."""
+    sizes: dict[Path, int] = {}
+    for name, v in model.graph.initializers.items():
+        t = v.const_value
+        if not isinstance(t, ir.ExternalTensor):
+            continue
+        file = Path(t.base_dir) / t.location
+        if file not in sizes:
+            if not file.is_file():
+                raise BadInput(
+                    f"{str(path)!r} reads its weights from {str(file)!r}, which does not exist "
+                    "(the external data file must lie beside the model, as it was written)"
+                )
+            sizes[file] = file.stat().st_size
+        end = (t.offset or 0) + (t.length if t.length is not None else t.nbytes)
+        if end > sizes[file]:
+            raise BadInput(
+                f"{str(file)!r} is truncated: {name!r} needs bytes up to {end}, the file has {sizes[file]} "
+                f"(the external data of {str(path)!r} must be complete)"
+            )
 
 
 def prune(model: ir.Model) -> None:
@@ -41,9 +63,7 @@ def save(model: ir.Model, path: Path, force: bool) -> None:
     path = Path(path)
     check_output_path(path, force)
     prune(model)
-    external = tensor_bytes(model) > files.EXTERNAL_DATA_THRESHOLD or any(
-        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
-    )
+    external = is_large(model)
     side = path.with_name(f"{path.name}.data")
     with staged([path, side] if external else [path], force) as folder:
         ir.save(model, folder / path.name, external_data=side.name if external else None)

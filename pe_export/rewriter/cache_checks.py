@@ -14,7 +14,8 @@ import onnx_ir as ir
 
 from pe_export.encodings.rope import RopeParams, inv_freq, tables
 from pe_export.errors import one_line
-from pe_export.rewriter.checks import DEFAULT_RUNTIMES, EPS32, SiteRow, feeds, run_all, spread_positions
+from pe_export.rewriter.checks import DEFAULT_RUNTIMES, EPS32, SiteRow, fed, feeds, run_all, spread_positions
+from pe_export.rewriter.copies import Copies
 from pe_export.rewriter.job import Site
 from pe_export.runtimes.outcomes import verdict_of
 from pe_export.verification.tolerances import tolerance
@@ -25,8 +26,6 @@ def cache_values(
 ) -> tuple[str, list[np.ndarray]]:
     """(provider, the named (P, R/2) values of `model`): constants read back ("constant"), computed ones
     run by `runtime` in its worker on a copy pruned to them (its remaining inputs fed from `positions`)."""
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
-
     consts = {
         n: v.const_value.numpy()
         for n, v in model.graph.initializers.items()
@@ -35,16 +34,9 @@ def cache_values(
     computed = [n for n in names if n not in consts]
     provider = "constant"
     if computed:
-        copy = ir.from_proto(ir.to_proto(model))
-        values = {v.name: v for node in copy.graph for v in node.outputs}
-        copy.graph.outputs.clear()
-        copy.graph.outputs.extend(values[n] for n in computed)
-        RemoveUnusedNodesPass()(copy)
-        for v in [v for v in copy.graph.inputs if not v.uses()]:
-            copy.graph.inputs.remove(v)
-        provider, (got,) = run_all(
-            runtime, ir.to_proto(copy).SerializeToString(), computed, [feeds(copy, positions)], timeout
-        )
+        with Copies(model) as copies:  # bytes, or by path for a large model
+            copy = copies.with_outputs(model, computed, only=True)
+            provider, (got,) = run_all(runtime, copy.model, computed, fed([feeds(model, positions)], copy), timeout)
         consts.update(got)
     return provider, [consts[n] for n in names]
 

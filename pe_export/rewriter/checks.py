@@ -30,16 +30,17 @@ from pe_export.dtypes import DENORM_MIN, EPS
 from pe_export.encodings.rope import RopeParams, inv_freq, pair_sums, tables
 from pe_export.errors import one_line
 from pe_export.rewriter import DEFAULT_RUNTIMES
+from pe_export.rewriter.copies import Copies, is_large
+from pe_export.rewriter.copies import as_bytes as with_outputs  # noqa: F401 (the bytes of a copy: tests)
 from pe_export.rewriter.core import METADATA_KEY
 from pe_export.rewriter.job import Site
 from pe_export.runtimes import GRAPH_RUNTIMES
-from pe_export.runtimes.outcomes import Unsupported, verdict_of
+from pe_export.runtimes.outcomes import verdict_of
 from pe_export.verification.parity import FAILED
 from pe_export.verification.tolerances import tolerance
 
 EPS32 = 2.0**-24  # float32 unit roundoff
 SHORT = 16  # positions 0..SHORT-1 for the whole-model comparison
-MAX_PROTO = 2**31 - 2**20  # what one protobuf holds, less room for the graph
 WHOLE_REL = 1e-4  # relative to the largest output: float32 rounding of cos/sin carried through the layers
 
 
@@ -78,33 +79,6 @@ def spread_positions(rows: int, n: int = 12) -> np.ndarray:
     """n positions over [0, rows): 0, evenly spaced ones, and always the last two."""
     pos = np.unique(np.concatenate([np.linspace(0, rows - 1, n - 2).round(), [rows - 2, rows - 1]]).astype(np.int64))
     return pos[pos >= 0]
-
-
-def with_outputs(model: ir.Model, names: list[str]) -> tuple[bytes, list[str]]:
-    """The model's bytes with the named values as extra outputs (a copy; `model` is unchanged; names the
-    graph does not compute are left out), and the names of all its outputs in order. Weights kept as
-    external data are read into the copy: a runtime given bytes has no folder to find them in (models of
-    over 2 GiB cannot be held so: `Unsupported`)."""
-    proto = ir.to_proto(model)
-    external = [
-        v.const_value for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)
-    ]
-    if external:
-        if (
-            sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-            > MAX_PROTO
-        ):
-            raise Unsupported("not run: its weights exceed the 2 GiB a model held in memory can have")
-        from onnx.external_data_helper import load_external_data_for_model
-
-        load_external_data_for_model(proto, external[0].base_dir)
-    have = [o.name for o in proto.graph.output]
-    computed = {v for node in proto.graph.node for v in node.output} | {i.name for i in proto.graph.input}
-    for name in names:
-        if name not in have and name in computed:
-            proto.graph.output.add().name = name
-            have.append(name)
-    return proto.SerializeToString(), have
 
 
 def feeds(
@@ -150,25 +124,55 @@ def cache_dims_of(config) -> dict:
     return {1: int(cfg.get("num_key_value_heads") or heads), 3: int(head_dim)} if head_dim else {}
 
 
-def run_all(runtime: str, model_bytes: bytes, names: list[str], inputs: list[dict], timeout: float | None = None):
-    """(provider, [{output name: array}] per input dict) from `runtime` in its worker process; raises the
-    runtime's Skip / Unsupported / Crash / Timeout or its error."""
+def run_all(runtime: str, model, names: list[str], inputs: list[dict], timeout: float | None = None):
+    """(provider, [{output name: array}] per input dict) from `runtime` in its worker process, `model` its
+    bytes or a path (`copies.Copies`); raises the runtime's Skip / Unsupported / Crash / Timeout or its error."""
     from pe_export.runtimes import worker
 
     call, provider = worker.load(
-        runtime, GRAPH_RUNTIMES[runtime], None, model_bytes, worker.TIMEOUT_S if timeout is None else timeout
+        runtime, GRAPH_RUNTIMES[runtime], None, model, worker.TIMEOUT_S if timeout is None else timeout
     )
     return provider, [dict(zip(names, call(feed))) for feed in inputs]
 
 
-def attempt(runtime: str, model_bytes: bytes, names: list[str], inputs: list[dict], timeout: float | None = None):
+def attempt(runtime: str, model, names: list[str], inputs: list[dict], timeout: float | None = None):
     """(provider, outputs, verdict, note): outputs None and the failure's verdict and reason when the
     runtime could not run the model."""
     try:
-        provider, got = run_all(runtime, model_bytes, names, inputs, timeout)
+        provider, got = run_all(runtime, model, names, inputs, timeout)
         return provider, got, "pass", ""
     except Exception as e:  # every failure of a runtime is a row
         return "", None, verdict_of(e), one_line(e)
+
+
+def run_pair(
+    original: ir.Model, rewritten: ir.Model, wanted: list[str], runtimes, inputs: list[dict], timeout=None, only=False
+) -> list[tuple]:
+    """Both models on each runtime in its worker, the `wanted` values added to their outputs (with `only`,
+    the copies pruned to them): per runtime (runtime, provider, (original's outputs, verdict, note),
+    (rewritten's outputs, verdict, note)). Large models (`copies.is_large`) go by path and one runtime at
+    a time: each runtime's worker is ended after its two runs, so no two runtimes hold the model at once
+    (and a worker holds one model at a time: it lets the last one go before it loads the next)."""
+    from pe_export.runtimes import worker
+
+    large = is_large(original) or is_large(rewritten)
+    if not large:
+        worker.start(runtimes, GRAPH_RUNTIMES)  # their interpreters start side by side
+    out = []
+    with Copies(original, rewritten) as copies:
+        orig, new = copies.with_outputs(original, wanted, only), copies.with_outputs(rewritten, wanted, only)
+        for runtime in runtimes:
+            _, got_o, v_o, note_o = attempt(runtime, orig.model, orig.outputs, fed(inputs, orig), timeout)
+            provider, got_n, v_n, note_n = attempt(runtime, new.model, new.outputs, fed(inputs, new), timeout)
+            if large:
+                worker.drop(runtime, GRAPH_RUNTIMES[runtime])
+            out.append((runtime, provider, (got_o, v_o, note_o), (got_n, v_n, note_n)))
+    return out
+
+
+def fed(inputs: list[dict], copy) -> list[dict]:
+    """The feeds of the inputs `copy` (a `copies.Copy`) has."""
+    return [{k: v for k, v in feed.items() if k in copy.inputs} for feed in inputs]
 
 
 def site_positions(site: Site) -> np.ndarray:
@@ -248,35 +252,22 @@ def check_sites(
     original: ir.Model, rewritten: ir.Model, sites: list[Site], runtimes=DEFAULT_RUNTIMES, timeout: float | None = None
 ) -> list[SiteRow]:
     """A cos/sin row per site and runtime, and with --op onnx|ort|decomposed a rotated q/k row."""
-    from pe_export.runtimes import worker
-
     op = json.loads(rewritten.metadata_props.get(METADATA_KEY, "{}")).get("op", "decomposed")
     # With --op onnx|ort|decomposed the rotations read the tables: once pruned (as written), the graph
     # computes no full-width cos/sin any more, and the rotated q/k row is the site's check.
     computed = {v.name for node in ir.traversal.RecursiveGraphIterator(rewritten.graph) for v in node.outputs}
-    worker.start(runtimes, GRAPH_RUNTIMES)
     checked = {i: s for i, s in enumerate(sites) if s.width != "table"}  # fused nodes' caches: verify_caches
     if not checked:
         return []
     wanted = [n for s in checked.values() for n in (s.cos, s.sin, *(v for r in s.rotated for v in (r["x"], r["y"])))]
-    try:
-        (orig_bytes, orig_names), (new_bytes, new_names) = (
-            with_outputs(original, wanted),
-            with_outputs(rewritten, wanted),
-        )
-    except Unsupported as e:
-        return [
-            SiteRow(i, runtime, [], [], [], 0.0, "unsupported", "", one_line(e))
-            for runtime in runtimes
-            for i in checked
-        ]
     positions = {i: site_positions(site) for i, site in checked.items()}
     inputs = [feeds(rewritten, pos) for pos in positions.values()]
     refs = {i: site_reference(site, positions[i]) for i, site in checked.items()}
     rows = []
-    for runtime in runtimes:
-        _, got_o, v_o, note_o = attempt(runtime, orig_bytes, orig_names, inputs, timeout)
-        provider, got_n, v_n, note_n = attempt(runtime, new_bytes, new_names, inputs, timeout)
+    # The copies are pruned to the values checked: with --op tables, the cos/sin computations alone.
+    for runtime, provider, (got_o, v_o, note_o), (got_n, v_n, note_n) in run_pair(
+        original, rewritten, wanted, runtimes, inputs, timeout, only=True
+    ):
         for j, (i, site) in enumerate(checked.items()):
             bound = tolerance("fp32", "decomposed").factor * EPS32 * max(1.0, _factor(site))
             pos = positions[i]
@@ -331,19 +322,13 @@ def check_whole(
     cache_dims: dict | None = None,
 ) -> list[WholeRow]:
     """The original and the rewritten model's outputs at positions 0..SHORT-1, a row per runtime."""
-    from pe_export.runtimes import worker
-
-    try:
-        (orig_bytes, names), (new_bytes, _) = with_outputs(original, []), with_outputs(rewritten, [])
-    except Unsupported as e:
-        return [WholeRow(runtime, SHORT, None, None, "unsupported", one_line(e)) for runtime in runtimes]
-    worker.start(runtimes, GRAPH_RUNTIMES)
     positions = np.arange(SHORT, dtype=np.int64)
     feed = [feeds(rewritten, positions, batch, cache_dims=cache_dims)]
     rows = []
-    for runtime in runtimes:
-        _, a, v_o, note_o = attempt(runtime, orig_bytes, names, feed, timeout)
-        provider, b, v_n, note_n = attempt(runtime, new_bytes, names, feed, timeout)
+    for runtime, provider, (a, v_o, note_o), (b, v_n, note_n) in run_pair(
+        original, rewritten, [], runtimes, feed, timeout
+    ):
+        names = list(a[0]) if a is not None else []
         verdict, note = failure((v_o, note_o), (v_n, note_n))
         if verdict != "pass":
             rows.append(WholeRow(runtime, SHORT, None, None, verdict, note, provider))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pe_export.errors import BadInput
 from pe_export.files import check_output_path, write_atomic
-from pe_export.rewriter import DEFAULT_RUNTIMES, RUNTIMES, apply, cache_checks, checks
+from pe_export.rewriter import DEFAULT_RUNTIMES, RUNTIMES, apply, cache_checks, checks, copies
 from pe_export.rewriter.core import Rewritten
 from pe_export.rewriter.rewrite_report import document, render
 from pe_export.runtimes import check_names
@@ -59,6 +59,8 @@ def rewrite_and_verify(
     if report is not None:
         check_output_path(report, force)
     original = apply.load(model)
+    if copies.is_large(original):  # written with a side file: refuse an existing one now, not after the checks
+        check_output_path(output.with_name(f"{output.name}.data"), force)
     if config is None:
         raise BadInput(f"rewrite needs --config CONFIG.json (the model's config.json); {apply.describe(original)}")
     result = apply.rewrite(apply.load(model), config, seq, op)

@@ -1,13 +1,15 @@
 """The runtimes an exported graph is checked on, each a small adapter behind one interface:
 
     RUNTIMES[name](spec, model_bytes) -> (call, provider)
-    GRAPH_RUNTIMES[name](model_bytes) -> (run, provider)
+    GRAPH_RUNTIMES[name](model) -> (run, provider)    # model: bytes, or a path (external data beside it)
 
 `call(inputs: {name: ndarray}) -> float64 ndarray` runs the graph (or, for `torch`, the PyTorch module
 the graph was exported from, in the export dtype) and `provider` names what actually ran it. An adapter
 that cannot run here raises `Skip` with the reason; any other exception is a failure of that runtime.
 `GRAPH_RUNTIMES` are the same runtimes for any ONNX graph, without a Spec (`pe-export rewrite` verifies
-foreign models with them): `run(inputs) -> [ndarray]`, every output in the graph's order and dtype. The
+foreign models with them): `run(inputs) -> [ndarray]`, every output in the graph's order and dtype. They
+take the model as bytes or as a path: large models (pe_export.rewriter.copies) go by path, their external
+data read from beside the file (those that need bytes read it in: `graphs.in_memory`, up to 2 GiB). The
 Spec adapters are thin layers over them (the first output, float64; bf16 handled per runtime).
 
     torch            the torch module in the export dtype, eager on CPU

@@ -1,4 +1,6 @@
-"""Helpers shared by the adapters: the first output as float64, every node of a graph, what a graph holds."""
+"""Helpers shared by the adapters: the first output as float64, every node of a graph, what a graph holds,
+and a model given as bytes or as a path (a file whose external data lies beside it: large models are
+given so, never as a protobuf of all their weights)."""
 
 from __future__ import annotations
 
@@ -26,19 +28,38 @@ def all_nodes(graph):
                 yield from all_nodes(sub)
 
 
-def custom_domains(model_bytes: bytes) -> list[str]:
+def graph_of(model):
+    """The onnx.ModelProto of `model` (bytes, or a path: its external data left on disk)."""
     import onnx
 
-    return sorted(
-        {n.domain for n in all_nodes(onnx.load_from_string(model_bytes).graph) if n.domain not in ("", "ai.onnx")}
-    )
+    if isinstance(model, bytes):
+        return onnx.load_from_string(model)
+    return onnx.load(str(model), load_external_data=False)
 
 
-def computes_in_float64(model_bytes: bytes) -> bool:
+def in_memory(model) -> bytes:
+    """`model` as bytes, for a runtime that takes no path: a path's file with its external data read in
+    (`Unsupported` past the 2 GiB one protobuf holds)."""
+    if isinstance(model, bytes):
+        return model
+    import onnx
+
+    from pe_export.runtimes.outcomes import Unsupported
+
+    proto = onnx.load(str(model))
+    if proto.ByteSize() > 2**31 - 1:
+        raise Unsupported("cannot load: this runtime takes a model as bytes, and its weights exceed 2 GiB")
+    return proto.SerializeToString()
+
+
+def custom_domains(model) -> list[str]:
+    return sorted({n.domain for n in all_nodes(graph_of(model).graph) if n.domain not in ("", "ai.onnx")})
+
+
+def computes_in_float64(model) -> bool:
     """True when the graph holds float64 constants or casts to float64."""
-    import onnx
     from onnx import TensorProto
 
-    graph = onnx.load_from_string(model_bytes).graph
+    graph = graph_of(model).graph
     casts = (a.i for n in graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to")
     return TensorProto.DOUBLE in casts or any(t.data_type == TensorProto.DOUBLE for t in graph.initializer)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pe_export.runtimes.graphs import first_output
+from pe_export.runtimes.graphs import first_output, in_memory
 from pe_export.runtimes.outcomes import Skip, Unsupported
 from pe_export.spec import Spec
 
@@ -13,6 +13,7 @@ PRELOAD = ("iree.runtime",)  # imported by the worker as it starts (pe_export.ru
 
 def graph_iree(model_bytes: bytes, threads: int | None = None):
     """Import with iree's ONNX importer, compile for llvm-cpu (this host's CPU), run on `local-task`."""
+    model_bytes = in_memory(model_bytes)  # a path (a large model): read in, if under 2 GiB
     try:
         import iree.compiler as compiler
         import iree.runtime as rt

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pe_export.errors import one_line
+from pe_export.runtimes.graphs import in_memory
 from pe_export.runtimes.outcomes import Skip, Unsupported
 
 CONVERTER = "PE_EXPORT_ONNX2TF_PYTHON"
@@ -129,6 +130,7 @@ def float_kind(graph) -> str:
 def graph_litert(model_bytes: bytes, threads: int | None = None, kind: str | None = None):
     """(run, provider): `run(inputs)` returns every output of the graph, in its order, as LiteRT computed
     them from the `kind` .tflite (default: the graph's float type)."""
+    model_bytes = in_memory(model_bytes)  # a path (a large model): read in, if under 2 GiB
     try:
         from ai_edge_litert import __version__ as litert_version
         from ai_edge_litert.interpreter import Interpreter

@@ -22,10 +22,11 @@ def reference_evaluator(model):
     return ReferenceEvaluator(model)
 
 
-def graph_onnx_reference(model_bytes: bytes):
+def graph_onnx_reference(model):
+    """`model` as bytes or a path (its external data read from beside it)."""
     import onnx
 
-    ev = reference_evaluator(onnx.load_from_string(model_bytes))
+    ev = reference_evaluator(onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model)))
     return (lambda inputs: [np.asarray(v) for v in ev.run(None, inputs)]), "ReferenceEvaluator"
 
 

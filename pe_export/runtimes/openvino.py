@@ -13,17 +13,18 @@ from pe_export.spec import Spec
 PRELOAD = ("openvino",)  # imported by the worker as it starts (pe_export.runtimes.worker._preload)
 
 
-def graph_openvino(model_bytes: bytes):
+def graph_openvino(model):
+    """`model` as bytes or a path (its external data read from beside it)."""
     try:
         import openvino as ov
     except ImportError:
         raise Skip("openvino is not installed (pip install 'pe-export[openvino]')") from None
     core = ov.Core()
-    model = core.read_model(io.BytesIO(model_bytes))
+    graph = core.read_model(io.BytesIO(model) if isinstance(model, bytes) else str(model))
     # f32: on CPUs with AMX or AVX512-BF16 OpenVINO would otherwise run float32 graphs in bf16.
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = core.compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     name = f"OpenVINO {ov.__version__.split('-')[0]} CPU"
-    if computes_in_float64(model_bytes):  # its CPU plugin has no float64 kernels (dynamic NTK's in-graph angles)
+    if computes_in_float64(model):  # its CPU plugin has no float64 kernels (dynamic NTK's in-graph angles)
         name += ", float64 math run in float32"
 
     def run(inputs):

@@ -25,12 +25,15 @@ def ort_session(
     threads: int | None = None,
     profile_prefix: str | None = None,
     optimized_path: str | None = None,
+    prepack: bool = True,
 ):
     """The one ONNX Runtime session helper: `model` as bytes or a path (external data beside it is read
     from there), on `provider` with CPU as the fallback ORT wants (`require_provider` checks what ran);
     `optimize` True (ORT's default, all), False (none) or a level name; `threads` intra-op threads (one
     inter-op); `optimized_path` writes ORT's optimised graph there. Skip when ORT or the provider is absent
-    or ORT has no kernel for a node."""
+    or ORT has no kernel for a node. `prepack` False switches off ORT's weight prepacking (a packed copy
+    of each MatMul weight made at load: most of a large model's load time and memory, measured in
+    docs/realsize-notes.md)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -49,6 +52,8 @@ def ort_session(
         opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
     if optimized_path:
         opts.optimized_model_filepath = str(optimized_path)
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     model = model if isinstance(model, bytes) else str(model)
     try:
         providers = (
@@ -99,9 +104,12 @@ def _ort_call(sess, spec: Spec):
     return call
 
 
-def _ort(model_bytes: bytes, provider: str, options: dict | None = None, optimize: bool = True, label: str = ""):
-    """(run, provider) of an ORT session; `run.session` is the session (the Spec adapters' bf16 path)."""
-    sess = ort_session(model_bytes, provider, options, optimize)
+def _ort(model, provider: str, options: dict | None = None, optimize: bool = True, label: str = ""):
+    """(run, provider) of an ORT session on `model`, bytes or a path; `run.session` is the session (the
+    Spec adapters' bf16 path). A model given by path is a large one (pe_export.rewriter.copies): it runs
+    without weight prepacking, which on a 2 GB Llama took 15 of its 20 s and a second copy of its MatMul
+    weights; the kernels are the same, on unpacked weights."""
+    sess = ort_session(model, provider, options, optimize, prepack=isinstance(model, bytes))
     ran = require_provider(sess, provider) if provider != "CPUExecutionProvider" else sess.get_providers()[0]
 
     def run(inputs):
@@ -111,19 +119,19 @@ def _ort(model_bytes: bytes, provider: str, options: dict | None = None, optimiz
     return run, ran + label
 
 
-def graph_ort_cpu(model_bytes: bytes):
-    return _ort(model_bytes, "CPUExecutionProvider")
+def graph_ort_cpu(model):
+    return _ort(model, "CPUExecutionProvider")
 
 
-def graph_ort_cpu_noopt(model_bytes: bytes):
-    return _ort(model_bytes, "CPUExecutionProvider", optimize=False, label=" (no graph optimisation)")
+def graph_ort_cpu_noopt(model):
+    return _ort(model, "CPUExecutionProvider", optimize=False, label=" (no graph optimisation)")
 
 
-def graph_ort_cuda(model_bytes: bytes):
+def graph_ort_cuda(model):
     # ORT's CUDA EP runs float32 MatMuls in TF32 by default on Ampere and later (10-bit mantissa: errors
     # of ~1e-3 in an attention layer, measured on an H100). Verification checks the file in the precision
     # it declares, so TF32 is switched off here (docs/verification.md: "CUDA and TF32").
-    return _ort(model_bytes, "CUDAExecutionProvider", {"use_tf32": "0"})
+    return _ort(model, "CUDAExecutionProvider", {"use_tf32": "0"})
 
 
 # The Spec adapters: the first output, float64 (bf16 through an io_binding). Module-level functions: a

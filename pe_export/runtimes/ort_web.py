@@ -138,6 +138,9 @@ def session(spec: Spec, model_bytes: bytes, threads: int = THREADS):
 
 
 def graph_ort_web(model_bytes: bytes, threads: int = 1):
+    from pe_export.runtimes.graphs import in_memory
+
+    model_bytes = in_memory(model_bytes)  # a path (a large model): read in, if under 2 GiB
     s = NodeSession(model_bytes, threads)
     return s.run_all, s.provider
 

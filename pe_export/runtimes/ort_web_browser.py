@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pe_export.runtimes.graphs import in_memory
 from pe_export.runtimes.ort_web import DTYPES, JS_DIR, read_output, write_inputs
 from pe_export.runtimes.outcomes import Crash, Skip, Unsupported
 from pe_export.spec import Spec
@@ -338,6 +339,7 @@ class PageSession:
 
 def graph_session(model_bytes: bytes, threads: int = THREADS, backend: str = "wasm"):
     """(run, provider) for any graph: `run(inputs)` returns every output (pe_export.runtimes.GRAPH_RUNTIMES)."""
+    model_bytes = in_memory(model_bytes)  # a path (a large model): read in, if under 2 GiB
     import onnx
 
     graph = onnx.load_from_string(model_bytes).graph

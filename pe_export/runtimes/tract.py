@@ -12,23 +12,25 @@ from pe_export.spec import Spec
 PRELOAD = ("tract",)  # imported by the worker as it starts (pe_export.runtimes.worker._preload)
 
 
-def graph_tract(model_bytes: bytes, threads: int | None = None):
-    """tract from its Python package; `threads` is accepted for bench and not used (tract's Python API
-    sets no thread count: it runs the graph on its own executor). The inputs go in the graph's order."""
+def graph_tract(model, threads: int | None = None):
+    """tract from its Python package, `model` bytes or a path; `threads` is accepted for bench and not
+    used (tract's Python API sets no thread count: it runs the graph on its own executor). The inputs go
+    in the graph's order."""
     try:
         import tract
     except ImportError:
         raise Skip("tract is not installed (pip install 'pe-export[tract]')") from None
-    domains = custom_domains(model_bytes)
+    domains = custom_domains(model)
     if domains:
         raise Unsupported(f"cannot load: tract has no ops of domain {', '.join(domains)}")
     import tempfile
 
     with tempfile.NamedTemporaryFile(suffix=".onnx") as f:  # tract loads from a path only
-        f.write(model_bytes)
-        f.flush()
+        if isinstance(model, bytes):
+            f.write(model)
+            f.flush()
         try:
-            model = tract.onnx().load(f.name).into_model().into_runnable()
+            model = tract.onnx().load(f.name if isinstance(model, bytes) else str(model)).into_model().into_runnable()
         except Exception as e:
             raise Unsupported(f"cannot load: {one_line(e)}") from None
 
