@@ -75,3 +75,25 @@ def test_phi3_rewrite_follows_transformers_switch(seq):
     frozen = cos_of(original, site.cos, seq)[0]
     if seq == 256:  # the export's frozen short factors are far off the long regime; the rewrite is not
         assert np.abs(frozen - want).max() > 1e-2
+
+
+def test_cli_reports_the_restored_switch(tmp_path):
+    from typer.testing import CliRunner
+
+    from pe_export.cli.main import app
+
+    d = FIXTURES / "phi3"
+    args = [
+        "rewrite",
+        d / "model.onnx",
+        "--config",
+        d / "config.json",
+        "--runtimes",
+        "ort-cpu",
+        "-o",
+        tmp_path / "x.onnx",
+    ]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert "restored: the export held only the short factors; transformers' switch at 64 restored" in result.output
+    assert "FAIL" not in result.output
