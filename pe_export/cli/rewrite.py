@@ -89,6 +89,8 @@ def rewrite_command(
             r.verdict + (f": {r.note}" if r.note else ""),
         )
     out.print(table)
+    for note in dict.fromkeys(s.restored for s in result.sites if s.restored):
+        out.print(f"restored: {note}")
     for r in whole_rows:
         result_text = (
             f"original vs rewritten max abs diff {r.max_abs_diff:.2e} (bound {r.bound:.1e})"

@@ -27,6 +27,7 @@ class Site:
     params: dict
     tables: list[str]
     seq_len: int | None = None  # the rule's branch (LongRoPE short/long), None when it has one
+    restored: str = ""  # a run-time behaviour the export had frozen and the rewrite put back (report text)
     rotations: int = 0  # q/k rotations replaced by --op onnx|ort|decomposed
     # cos/sin values (B, S, R) [t, t]; "half": (B, S, R/2); "repeated": (B, S, R) [t0, t0, t1, t1, ...];
     # "table": the (P, R/2) caches a fused node reads

@@ -7,7 +7,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from pe_export.encodings.rope import computed_in_graph
+from pe_export.encodings.rope import computed_in_graph, switch_at
 from pe_export.rewriter import dynamic_ntk, emit
 from pe_export.rewriter import params as params_mod
 from pe_export.rewriter.job import Job, Site
@@ -30,6 +30,7 @@ class CosSinRule(pattern.RewriteRuleClassBase):
         self.job = job
         self.fn = fn
         self._p = None
+        self._frozen = None
 
     def trig(self, op, emb):
         return op.Cos(emb) if self.fn == "Cos" else op.Sin(emb)
@@ -143,12 +144,53 @@ class ConstantFreqRule(CosSinRule):
         value = 1.0 if factor is None else self.factor_of(r, factor)
         if value is None:
             return r
+        self._frozen = frozen_branch(g, self.job.candidates)
+        if self._frozen is not None:
+            self._p, at, branch = self._frozen
+            return self.check_factor(r, inv_freq, self._p, value, at if branch == "short" else at + 1)
         self._p = self.match_params(r, inv_freq, g)
         return r if self._p is None else self.check_factor(r, inv_freq, self._p, value)
 
     def rewrite(self, op, position_ids, inv_freq, **_):
         inv_freq = self.freqs_input(inv_freq)
-        return self.gather(op, self._p, position_ids, self.record(inv_freq, position_ids, self._out, self._p))
+        if self._frozen is not None:
+            return self.restore_switch(op, position_ids, inv_freq)
+        site = self.record(inv_freq, position_ids, self._out, self._p)
+        return self.gather(op, self._p, self.read_positions(op, position_ids), site)
+
+    def read_positions(self, op, position_ids: ir.Value) -> ir.Value:
+        """The (B, S) int64 positions the Gather reads (a subclass lifts (S,) positions)."""
+        return position_ids
+
+    def restore_switch(self, op, position_ids: ir.Value, inv_freq: ir.Value) -> ir.Value:
+        """A constant inv_freq that is one branch of a run-time switch (an export that traced
+        transformers' `if seq_len > original_max_position_embeddings`): both branches' float64 tables and
+        transformers' switch, Where(max(position_ids) + 1 > at, long, short), rebuilt in the graph."""
+        p, at, branch = self._frozen
+        ids = self.read_positions(op, position_ids)  # (B, S)
+        note = f"the export held only the {branch} factors; transformers' switch at {at} restored"
+        out = {}
+        for name, seq in (("short", at), ("long", at + 1)):
+            site = self.record(inv_freq, position_ids, self._out, p, seq)
+            site.restored = note
+            out[name] = self.gather(op, p, ids, site, seq, f"_{name}")
+        seq_len = op.Add(op.ReduceMax(ids, keepdims=0), op.Constant(value_int=1))  # () int64
+        cond = op.Greater(seq_len, op.Constant(value_int=at))
+        return op.Where(cond, out["long"], out["short"])
+
+
+def frozen_branch(g: np.ndarray, candidates) -> tuple | None:
+    """(params, switch, "short" | "long") when the graph's constant inv_freq is one branch of a rule that
+    switches at run time (LongRoPE: short factors up to original_max_position_embeddings, long past it):
+    the reference is then the config's switch, never the one branch the graph holds."""
+    for p in candidates:
+        at = switch_at(p)
+        if at is None or computed_in_graph(p):
+            continue
+        for branch, seq in (("short", at), ("long", at + 1)):
+            if params_mod.disagreement(g, p, seq) is None:
+                return p, at, branch
+    return None
 
 
 def has_factor_mul(value: ir.Value) -> bool:
