@@ -250,7 +250,7 @@ def test_qwen2_vl_text_export_rewrites_and_its_sections_match_float64(qwen2_vl, 
         import onnx_ir as ir
 
         names = [recomposed(model, site["cos"]), recomposed(model, site["sin"])]
-        data, outputs = with_outputs(ir.load(model), names)
+        data, outputs, _ = with_outputs(ir.load(model), names)
         sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         assert sess.get_providers()[0] == "CPUExecutionProvider"
         feed = {"input_ids": np.zeros((1, positions.size), np.int64), "position_ids": positions[None]}
@@ -262,15 +262,19 @@ def test_qwen2_vl_text_export_rewrites_and_its_sections_match_float64(qwen2_vl, 
     assert errors["rewritten"] <= bound < errors["original"], errors
 
 
-def test_a_plain_rope_export_still_refuses_mrope_section(tmp_path):
-    """from-config exports plain RoPE, which would misread 3-D positions: the section key stays refused there."""
-    from pe_export.errors import BadInput
-    from pe_export.hf_config import rope_params_from_config
+def test_an_export_reads_mrope_section_as_m_rope_and_the_rewriter_leaves_it_to_the_graph(tmp_path):
+    """from-config reads the section into M-RoPE parameters (3-D positions, pe_export.encodings.mrope), never
+    into plain RoPE; the rewriter's reader leaves it out: the graph selects the sections after Cos."""
+    from pe_export.hf_config import SECTION_KEYS, rope_params_from_config
+    from pe_export.rewriter.params import params_from_config
 
     cfg = {"head_dim": 16, "rope_parameters": {"rope_type": "default", "mrope_section": MROPE_SECTION}}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(BadInput, match="mrope_section"):
-        rope_params_from_config(tmp_path / "config.json")
+    assert rope_params_from_config(tmp_path / "config.json")["mrope_section"] == MROPE_SECTION
+    from pe_export.encodings.rope import RopeParams
+
+    assert SECTION_KEYS == ("mrope_section", "mrope_interleaved")
+    assert [type(p) for p in params_from_config(tmp_path / "config.json")] == [RopeParams]
 
 
 def test_no_site_names_what_is_nearest_to_one(tmp_path):

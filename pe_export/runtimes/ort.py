@@ -33,7 +33,7 @@ def ort_session(
     inter-op); `optimized_path` writes ORT's optimised graph there. Skip when ORT or the provider is absent
     or ORT has no kernel for a node. `prepack` False switches off ORT's weight prepacking (a packed copy
     of each MatMul weight made at load: most of a large model's load time and memory, measured in
-    docs/realsize-notes.md)."""
+    docs/large-models.md)."""
     try:
         import onnxruntime as ort
     except ImportError:
