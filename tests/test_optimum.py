@@ -97,3 +97,20 @@ def test_cli_reports_the_restored_switch(tmp_path):
     assert result.exit_code == 0, result.output
     assert "restored: the export held only the short factors; transformers' switch at 64 restored" in result.output
     assert "FAIL" not in result.output
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_rewrites_and_verifies(family, variant, tmp_path):
+    """The whole `pe-export rewrite` flow on the default runtimes: every site and the whole model pass.
+    Gemma's graph has no position input (Range from the past length): its sites are checked on a
+    contiguous window at the end of the table, fed through a past of that length."""
+    from pe_export.rewriter.run import rewrite_and_verify
+
+    d = FIXTURES / family
+    run = rewrite_and_verify(d / f"{variant}.onnx", d / "config.json", output=tmp_path / "x.onnx")
+    assert run.verdict == "pass", [(r.site, r.runtime, r.verdict, r.note) for r in run.site_rows + run.whole_rows]
+    assert {r.runtime for r in run.site_rows if r.verdict == "pass"} == {"ort-cpu", "ort-cpu-noopt"}
+    if family == "gemma":
+        last = max(p for r in run.site_rows for p in r.positions)
+        assert last == run.result.sites[0].params["max_positions"] - 1  # the end of the table was checked

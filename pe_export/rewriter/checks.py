@@ -81,14 +81,30 @@ def spread_positions(rows: int, n: int = 12) -> np.ndarray:
     return pos[pos >= 0]
 
 
+def has_position_input(model: ir.Model) -> bool:
+    """Whether the graph takes its positions as an input; if not (optimum's Gemma), it computes them as
+    Range(past length, past length + S), so only a contiguous window can be checked, through the past."""
+    return any("position" in v.name.lower() for v in model.graph.inputs)
+
+
+def window(positions: np.ndarray) -> np.ndarray:
+    """The contiguous window of as many positions that ends where `positions` end."""
+    return positions[-1] - positions.size + 1 + np.arange(positions.size)
+
+
 def feeds(
     model: ir.Model, positions: np.ndarray, batch: int = 1, seed: int = 0, cache_dims: dict | None = None
 ) -> dict:
     """Inputs for `model` from its own signature: ids (random in a small range), positions, masks of ones,
     past key/values of length 0. A past key/value's symbolic axes other than the batch take their size
-    from `cache_dims` ({axis: size}, e.g. `cache_dims_of(config)`), else 0 (its past length)."""
+    from `cache_dims` ({axis: size}, e.g. `cache_dims_of(config)`), else 0 (its past length). A graph with
+    no position input reads `positions` (a contiguous window, `window`) through a past of length
+    positions[0]."""
     rng = np.random.default_rng(seed)
     S = positions.size
+    past = 0 if has_position_input(model) else int(positions[0])
+    if past:
+        cache_dims = {2: past, **(cache_dims or {})}
     out = {}
     for v in model.graph.inputs:
         name = v.name.lower()
@@ -97,7 +113,7 @@ def feeds(
         if "position" in name:
             out[v.name] = np.repeat(positions[None], batch, 0).astype(dtype)
         elif "mask" in name:
-            out[v.name] = np.ones((batch, S), dtype=dtype)
+            out[v.name] = np.ones((batch, past + S), dtype=dtype)
         elif ("past" in name or "cache" in name) and np.issubdtype(dtype, np.floating):
             given = cache_dims or {}
             shape = [batch if i == 0 else (d if d is not None else given.get(i, 0)) for i, d in enumerate(dims)]
@@ -261,6 +277,8 @@ def check_sites(
         return []
     wanted = [n for s in checked.values() for n in (s.cos, s.sin, *(v for r in s.rotated for v in (r["x"], r["y"])))]
     positions = {i: site_positions(site) for i, site in checked.items()}
+    if not has_position_input(rewritten):  # positions from the past length: the window at the end of each range
+        positions = {i: window(pos) for i, pos in positions.items()}
     inputs = [feeds(rewritten, pos) for pos in positions.values()]
     refs = {i: site_reference(site, positions[i]) for i, site in checked.items()}
     rows = []
