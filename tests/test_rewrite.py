@@ -663,3 +663,21 @@ def test_the_rewrite_writes_its_constants_as_tensors(op, exported):
     assert all(set(n.attributes) == {"value"} for n in added), [
         (n.name, list(n.attributes)) for n in added if set(n.attributes) != {"value"}
     ]
+
+
+def test_a_frozen_longrope_export_is_restored_and_its_logits_are_flat(exported, oracles, tmp_path):
+    """Phi-3 LongRoPE exported with its run-time switch frozen at trace time (the graph holds one branch, as
+    optimum's export of transformers 4.57 does): the rewrite restores both float64 tables and the switch at
+    original_max_position_embeddings, and the logits at the last 64 positions of 131072 are within 3x of
+    positions 0-63 against the float64 model with the switch, where the frozen original is far off."""
+    from pe_export.rewriter import rewrite
+
+    _, config, model, cfg = exported("phi3-longrope")
+    frozen = rm.export_frozen(model, tmp_path / "frozen.onnx")
+    out = tmp_path / "rewritten.onnx"
+    result = rewrite(frozen, config, output=out)
+    assert any(site.restored for site in result.sites), [site.rule for site in result.sites]
+    e = rm.errors(frozen, out, oracles("phi3-longrope", model, cfg), rm.BY_NAME["phi3-longrope"].last)
+    note = json.dumps({k: f"{v:.2e}" for k, v in e.items()})
+    assert e["rewritten_end"] <= WITHIN * e["rewritten_start"], note
+    assert e["rewritten_end"] * GROWS <= e["original_end"], note
