@@ -339,15 +339,16 @@ def test_torch_export_holds_the_tables_as_constants():
     torch.testing.assert_close(table[127], expected, rtol=0, atol=2.0**-24)
 
 
-def test_docs_example_runs(tmp_path):
-    """docs/patch.md's example, run as written there."""
+def test_docs_example_runs(tmp_path, monkeypatch):
+    """docs/patch.md's example, run as written there (in a temporary folder), and what it leaves."""
     from pathlib import Path
 
     text = (Path(__file__).resolve().parent.parent / "docs" / "patch.md").read_text()
     code = text.split("```python\n", 1)[1].split("```", 1)[0]
-    namespace = {"__name__": "docs_example", "OUT": str(tmp_path / "model.onnx")}
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "docs_example"}
     exec(compile(code, "docs/patch.md", "exec"), namespace)
-    assert (tmp_path / "model.onnx").is_file()
+    assert (tmp_path / "llama-patched.onnx").is_file()
     assert namespace["replaced"] and type(namespace["model"].model.rotary_emb).__name__ == "LlamaRotaryEmbedding"
 
 
