@@ -55,16 +55,44 @@ def site_tables(cos4: ir.Value):
     return None if one is None else {"table": (one[0],), "positions": one[1], "cond": None}
 
 
-@RULES.register("rotate_half")
-class RotateHalf(pattern.RewriteRuleClassBase):
+class RotationRule(pattern.RewriteRuleClassBase):
+    """What the q/k rotation rules share (kind "rotation", run after the cos/sin rules): the job, the
+    match `check` found, the shape check of x, the table a lowering reads and the site's record."""
+
     kind = "rotation"
     order = 0
     functions = (None,)
+    rule_name = ""
 
     def __init__(self, job, fn=None):
-        super().__init__("rotate_half")
+        super().__init__(self.rule_name)
         self.job = job
         self._found = None
+
+    @staticmethod
+    def x_refusal(x: ir.Value, half: int) -> str | None:
+        """Why x is not the (B, H, S, R) input of a rotation by (P, R/2) tables, or None."""
+        if x.shape is not None and x.shape.rank() is not None and x.shape.rank() != 4:
+            return "x is not (B, H, S, R)"
+        if x.shape is not None and isinstance(x.shape[-1], int) and x.shape[-1] != 2 * half:
+            return f"x is {x.shape[-1]} wide, the tables {2 * half}"
+        return None
+
+    @staticmethod
+    def table(op, found: dict) -> ir.Value:
+        """The (P, R/2) table a lowering reads: a LongRoPE site's Where(cond, long, short), else its one table."""
+        return found["table"][0] if found["cond"] is None else op.Where(found["cond"], *found["table"])
+
+    def record(self, tables, x: ir.Value, y: str, pairing: str) -> None:
+        """Note the rotation on the site whose tables these are (the checks compare it in float64)."""
+        for site in self.job.sites:
+            if any(t.name in site.tables for t in tables):
+                site.add_rotation(x.name, y, pairing, "bhsd")
+
+
+@RULES.register("rotate_half")
+class RotateHalf(RotationRule):
+    rule_name = "rotate_half"
 
     def pattern(self, op, x, cos4, sin4):
         x1 = op.Slice(x, _allow_other_inputs=True, _outputs=["x1"])
@@ -87,22 +115,17 @@ class RotateHalf(pattern.RewriteRuleClassBase):
             return r.fail("the slices are not the two halves of the rotary dim", x1)
         if (_ints(s2.inputs[2]) or [0])[0] < 2 * half or a1 not in ([-1], [3]) or a2 not in ([-1], [3]):
             return r.fail("the slices are not on the last axis", x2)
-        if x.shape is not None and x.shape.rank() is not None and x.shape.rank() != 4:
-            return r.fail("x is not (B, H, S, R)", x)
-        if x.shape is not None and isinstance(x.shape[-1], int) and x.shape[-1] != 2 * half:
-            return r.fail(f"x is {x.shape[-1]} wide, the tables {2 * half}", x)
+        refusal = self.x_refusal(x, half)
+        if refusal:
+            return r.fail(refusal, x)
         self._found = (cos, sin, half, y.name)
         return r
 
     def rewrite(self, op, x, **_):
         cos, sin, half, y = self._found
-        cos_t = cos["table"][0] if cos["cond"] is None else op.Where(cos["cond"], *cos["table"])  # (P, R/2)
-        sin_t = sin["table"][0] if sin["cond"] is None else op.Where(sin["cond"], *sin["table"])
+        self.record(cos["table"], x, y, "half")
         positions = cos["positions"]  # already mapped: negative -> P
-        for site in self.job.sites:
-            if cos["table"][0].name in site.tables or (len(cos["table"]) > 1 and cos["table"][1].name in site.tables):
-                site.add_rotation(x.name, y, "half", "bhsd")
-        return LOWERINGS[self.job.op](op, x, cos_t, sin_t, positions, 2 * half)
+        return LOWERINGS[self.job.op](op, x, self.table(op, cos), self.table(op, sin), positions, 2 * half)
 
 
 def lower_onnx(op, x, cos_t, sin_t, positions, rotary_dim):

@@ -18,7 +18,7 @@ from pe_export.encodings.rope import RopeParams
 from pe_export.rewriter import emit
 from pe_export.rewriter.emit import ints
 from pe_export.rewriter.rules import RULES
-from pe_export.rewriter.rules.rotate_half import _ints
+from pe_export.rewriter.rules.rotate_half import RotationRule, _ints
 
 
 def split_source(rep: ir.Value):
@@ -50,15 +50,8 @@ def raw_positions(split_out: ir.Value) -> ir.Value | None:
 
 
 @RULES.register("rotate_pairs")
-class RotatePairs(pattern.RewriteRuleClassBase):
-    kind = "rotation"
-    order = 0
-    functions = (None,)
-
-    def __init__(self, job, fn=None):
-        super().__init__("rotate_pairs")
-        self.job = job
-        self._found = None
+class RotatePairs(RotationRule):
+    rule_name = "rotate_pairs"
 
     def pattern(self, op, x, cos_rep, sin_rep):
         odd = op.Slice(x, _allow_other_inputs=True, _outputs=["odd"])

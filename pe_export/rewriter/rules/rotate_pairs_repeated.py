@@ -67,14 +67,7 @@ def repeated_source(rep):
 
 @RULES.register("rotate_pairs_repeated")
 class RotatePairsRepeated(RotatePairs):
-    kind = "rotation"
-    order = 0
-    functions = (None,)
-
-    def __init__(self, job, fn=None):
-        pattern.RewriteRuleClassBase.__init__(self, "rotate_pairs_repeated")
-        self.job = job
-        self._found = None
+    rule_name = "rotate_pairs_repeated"
 
     def check(self, context, x, cos_rep, sin_rep, odd, even, y, **_):
         r = pattern.MatchResult()
@@ -97,21 +90,16 @@ class RotatePairsRepeated(RotatePairs):
             or _ints(se.inputs[4]) != [2]
         ):
             return r.fail("the slices are not x[..., 1::2] and x[..., ::2]", odd)
-        if x.shape is not None and x.shape.rank() is not None and x.shape.rank() != 4:
-            return r.fail("x is not (B, H, S, R)", x)
-        if x.shape is not None and isinstance(x.shape[-1], int) and x.shape[-1] != 2 * half:
-            return r.fail(f"x is {x.shape[-1]} wide, the tables {2 * half}", x)
+        refusal = self.x_refusal(x, half)
+        if refusal:
+            return r.fail(refusal, x)
         self._found = (cos, sin, half, y.name)
         return r
 
     def rewrite(self, op, x, **_):
         cos, sin, half, y = self._found
-        cos_t = cos["table"][0] if cos["cond"] is None else op.Where(cos["cond"], *cos["table"])  # (P, R/2)
-        sin_t = sin["table"][0] if sin["cond"] is None else op.Where(sin["cond"], *sin["table"])
-        for site in self.job.sites:
-            if any(t.name in site.tables for t in cos["table"]):
-                site.add_rotation(x.name, y, "interleaved", "bhsd")
-        return LOWERINGS[self.job.op](op, x, cos_t, sin_t, cos["positions"], 2 * half)
+        self.record(cos["table"], x, y, "interleaved")
+        return LOWERINGS[self.job.op](op, x, self.table(op, cos), self.table(op, sin), cos["positions"], 2 * half)
 
 
 def lower_onnx(op, x, cos_t, sin_t, positions, rotary_dim):

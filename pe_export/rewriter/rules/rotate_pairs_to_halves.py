@@ -18,7 +18,7 @@ from onnxscript.rewriter import pattern
 
 from pe_export.rewriter.emit import ints
 from pe_export.rewriter.rules import RULES
-from pe_export.rewriter.rules.rotate_half import LOWERINGS, _ints
+from pe_export.rewriter.rules.rotate_half import LOWERINGS, RotationRule, _ints
 
 
 def half_site(c4):
@@ -49,15 +49,8 @@ def half_site(c4):
 
 
 @RULES.register("rotate_pairs_to_halves")
-class RotatePairsToHalves(pattern.RewriteRuleClassBase):
-    kind = "rotation"
-    order = 0
-    functions = (None,)
-
-    def __init__(self, job, fn=None):
-        super().__init__("rotate_pairs_to_halves")
-        self.job = job
-        self._found = None
+class RotatePairsToHalves(RotationRule):
+    rule_name = "rotate_pairs_to_halves"
 
     def pattern(self, op, x, c4, s4):
         even = op.Slice(x, _allow_other_inputs=True, _outputs=["even"])
@@ -82,18 +75,15 @@ class RotatePairsToHalves(pattern.RewriteRuleClassBase):
         ):
             return r.fail("the slices are not x[..., 0::2] and x[..., 1::2]", even)
         half = cos["table"].shape[-1]
-        if x.shape is not None and x.shape.rank() is not None and x.shape.rank() != 4:
-            return r.fail("x is not (B, H, S, R)", x)
-        if x.shape is not None and isinstance(x.shape[-1], int) and x.shape[-1] != 2 * half:
-            return r.fail(f"x is {x.shape[-1]} wide, the tables {2 * half}", x)
+        refusal = self.x_refusal(x, half)
+        if refusal:
+            return r.fail(refusal, x)
         self._found = (cos, sin, half, y.name)
         return r
 
     def rewrite(self, op, x, **_):
         cos, sin, half, y = self._found
-        for site in self.job.sites:
-            if cos["table"].name in site.tables:
-                site.add_rotation(x.name, y, "interleaved_to_half", "bhsd")
+        self.record([cos["table"]], x, y, "interleaved_to_half")
         R, last, two = 2 * half, ints(op, [-1]), ints(op, [2])
         even = op.Slice(x, ints(op, [0]), ints(op, [R]), last, two)  # (B, H, S, R/2); the matched slices go
         odd = op.Slice(x, ints(op, [1]), ints(op, [R]), last, two)
