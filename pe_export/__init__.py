@@ -6,7 +6,7 @@ The public API (each name documented where it is defined; docs/python-api.md):
     RotaryEmbedding, MRotaryEmbedding         pe_export.encodings.modules (nn.Modules)
     mrope_tables                              pe_export.encodings.mrope (M-RoPE per-token cos/sin, float64)
     export, verify                            pe_export.pipeline.artifact
-    rewrite                                   pe_export.rewriter (the RoPE inside a whole ONNX model)
+    rewrite, rewrite_and_verify, audit        pe_export.rewriter (the RoPE inside a whole ONNX model)
     rope_layers, export_layers                pe_export.api (per-layer RoPE: Gemma 3, ModernBERT, NoPE layers)
     patch, unpatch, patched                   pe_export.patching (exact tables in a transformers model)
     BadInput                                  pe_export.errors
@@ -30,6 +30,7 @@ _WHERE = {
     "export": "pe_export.pipeline.artifact",
     "verify": "pe_export.pipeline.artifact",
     "rewrite": "pe_export.rewriter",
+    "rewrite_and_verify": "pe_export.rewriter",
     "audit": "pe_export.rewriter",
     "rope_layers": "pe_export.api",
     "export_layers": "pe_export.api",

@@ -128,12 +128,14 @@ class RotateHalf(RotationRule):
         return LOWERINGS[self.job.op](op, x, self.table(op, cos), self.table(op, sin), positions, 2 * half)
 
 
-def lower_onnx(op, x, cos_t, sin_t, positions, rotary_dim):
-    return op.RotaryEmbedding(x, cos_t, sin_t, positions, interleaved=0, _version=23)  # (B, H, S, R)
+def lower_onnx(op, x, cos_t, sin_t, positions, rotary_dim, interleaved: int = 0):
+    return op.RotaryEmbedding(x, cos_t, sin_t, positions, interleaved=interleaved, _version=23)  # (B, H, S, R)
 
 
-def lower_ort(op, x, cos_t, sin_t, positions, rotary_dim):
-    return op.RotaryEmbedding(x, positions, cos_t, sin_t, interleaved=0, _domain="com.microsoft", _version=1)
+def lower_ort(op, x, cos_t, sin_t, positions, rotary_dim, interleaved: int = 0):
+    return op.RotaryEmbedding(
+        x, positions, cos_t, sin_t, interleaved=interleaved, _domain="com.microsoft", _version=1
+    )  # (B, H, S, R)
 
 
 def lower_decomposed(op, x, cos_t, sin_t, positions, rotary_dim):

@@ -17,10 +17,12 @@ takes the repeat of a rewritten site.
 
 from __future__ import annotations
 
+import functools
+
 from onnxscript.rewriter import pattern
 
 from pe_export.rewriter.emit import ints
-from pe_export.rewriter.rules import RULES
+from pe_export.rewriter.rules import RULES, rotate_half
 from pe_export.rewriter.rules.rotate_half import _ints, site_tables
 from pe_export.rewriter.rules.rotate_pairs import RotatePairs
 
@@ -102,14 +104,6 @@ class RotatePairsRepeated(RotatePairs):
         return LOWERINGS[self.job.op](op, x, self.table(op, cos), self.table(op, sin), cos["positions"], 2 * half)
 
 
-def lower_onnx(op, x, cos_t, sin_t, positions, rotary_dim):
-    return op.RotaryEmbedding(x, cos_t, sin_t, positions, interleaved=1, _version=23)  # (B, H, S, R)
-
-
-def lower_ort(op, x, cos_t, sin_t, positions, rotary_dim):
-    return op.RotaryEmbedding(x, positions, cos_t, sin_t, interleaved=1, _domain="com.microsoft", _version=1)
-
-
 def lower_decomposed(op, x, cos_t, sin_t, positions, rotary_dim):
     """y = x * [c0, c0, c1, c1, ...] + swap(x) * [-s0, s0, -s1, s1, ...], bhsd (custom_ops.lowerings)."""
     half = rotary_dim // 2
@@ -129,4 +123,9 @@ def lower_decomposed(op, x, cos_t, sin_t, positions, rotary_dim):
     return op.Add(op.Mul(x, cos), op.Mul(swapped, sin))
 
 
-LOWERINGS = {"onnx": lower_onnx, "ort": lower_ort, "decomposed": lower_decomposed}
+# The fused ops take interleaved pairs on (B, H, S, R) as rotate_half's do halves: the same lowering, interleaved=1.
+LOWERINGS = {
+    "onnx": functools.partial(rotate_half.lower_onnx, interleaved=1),
+    "ort": functools.partial(rotate_half.lower_ort, interleaved=1),
+    "decomposed": lower_decomposed,
+}
