@@ -219,6 +219,7 @@ def ort_fused(path: Path, out: Path, gqa: bool) -> Path:
 def genai_build(model, folder: Path) -> Path:
     """onnxruntime-genai's model builder (fp32, cpu) run offline on `model` saved to a local folder with a
     tiny word-level tokenizer (the builder loads one); returns the built model.onnx (external data beside it)."""
+    import json
     import os
     import subprocess
 
@@ -227,6 +228,12 @@ def genai_build(model, folder: Path) -> Path:
 
     checkpoint, out = folder / "checkpoint", folder / "genai"
     model.save_pretrained(checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    if config.get("rope_parameters", {}).get("rope_type") == "longrope":
+        # The builder (0.18, builders/phi.py) reads rope_parameters["type"], the key Phi-3's published
+        # configs carry in `rope_scaling`; transformers 5.23 writes only rope_type.
+        config["rope_parameters"]["type"] = "longrope"
+        (checkpoint / "config.json").write_text(json.dumps(config, indent=2))
     words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(
@@ -251,6 +258,40 @@ def genai_build(model, folder: Path) -> Path:
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0 and (out / "model.onnx").is_file(), r.stdout[-2000:] + r.stderr[-2000:]
     return out / "model.onnx"
+
+
+GENAI_QKV = "/model/layers.0/attn/qkv_proj/MatMul/output_0"  # the builder's packed QKV projection of layer 0
+
+
+def genai_key_error(path: Path, positions: np.ndarray, rotate, qkv: str = GENAI_QKV, batch: int = 1):
+    """(max abs error, in units of max|k|, of layer 0's rotated keys (present.0.key at `positions`, a past
+    of zeros before them) against `rotate(k, positions)`, a float64 rotation of the same keys (the packed
+    QKV projection `qkv`, exposed as an output), the logits) for a model onnxruntime-genai's builder wrote
+    (4 heads and 2 kv heads of dim 16; GroupQueryAttention takes batch > 1 with a past only for one token)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(path)
+    model.graph.output.add().name = qkv
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    tmp = Path(path).with_name("probe.onnx")
+    onnx.save(model, tmp, save_as_external_data=True, location="probe.onnx.data")
+    sess = ort.InferenceSession(str(tmp), so, providers=["CPUExecutionProvider"])
+    assert sess.get_providers()[0] == "CPUExecutionProvider"
+    past, S, kv, D = int(positions[0]), positions.size, 2, 16
+    feed = {
+        "input_ids": np.random.default_rng(0).integers(0, VOCAB, (batch, S)),
+        "attention_mask": np.ones((batch, past + S), np.int64),
+    }
+    for i in (0, 1):
+        for name in ("key", "value"):
+            feed[f"past_key_values.{i}.{name}"] = np.zeros((batch, kv, past, D), np.float32)
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+    hidden = 4 * D
+    k = out[qkv][..., hidden : hidden + kv * D].reshape(batch, S, kv, D).transpose(0, 2, 1, 3)  # (B, Hkv, S, D)
+    err = np.abs(out["present.0.key"][:, :, past:] - rotate(k, positions)).max() / np.abs(k).max()
+    return float(err), out["logits"]
 
 
 DYNAMIC = Family(

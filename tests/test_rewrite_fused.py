@@ -302,36 +302,6 @@ def test_onnxscript_gqa_caches_become_exact_and_the_model_is_unchanged_at_short_
     assert whole.verdict == "pass", whole
 
 
-def genai_key_error(path: Path, positions: np.ndarray, theta: float, qkv: str) -> tuple[float, np.ndarray]:
-    """(max abs error, in units of max|k|, of layer 0's rotated keys (present.0.key at `positions`, a past
-    of zeros before them)
-    against the float64 rotation of the same keys (the packed QKV projection `qkv`, exposed as an output),
-    the logits)."""
-    import onnxruntime as ort
-
-    model = onnx.load(path)
-    model.graph.output.add().name = qkv
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    tmp = path.with_name("probe.onnx")
-    onnx.save(model, tmp, save_as_external_data=True, location="probe.onnx.data")
-    sess = ort.InferenceSession(str(tmp), so, providers=["CPUExecutionProvider"])
-    assert sess.get_providers()[0] == "CPUExecutionProvider"
-    past, S, kv, D = int(positions[0]), positions.size, 2, 16
-    feed = {
-        "input_ids": np.random.default_rng(0).integers(0, rm.VOCAB, (1, S)),
-        "attention_mask": np.ones((1, past + S), np.int64),
-    }
-    for i in (0, 1):
-        for name in ("key", "value"):
-            feed[f"past_key_values.{i}.{name}"] = np.zeros((1, kv, past, D), np.float32)
-    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
-    hidden = 4 * D
-    k = out[qkv][..., hidden : hidden + kv * D].reshape(1, S, kv, D).transpose(0, 2, 1, 3)  # (B, Hkv, S, D) before RoPE
-    err = np.abs(out["present.0.key"][:, :, past:] - fm.rotate64(k, positions, theta)).max() / np.abs(k).max()
-    return float(err), out["logits"]
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(
     __import__("importlib").util.find_spec("onnxruntime_genai") is None,
@@ -351,12 +321,13 @@ def test_onnxruntime_genai_model_builder_caches_become_exact(tmp_path):
     assert (out.parent / "model.onnx.data").is_file()  # external data in, external data out
     qkv = "/model/layers.0/attn/qkv_proj/MatMul/output_0"
     theta = cfg.rope_parameters["rope_theta"]
+    rotate = lambda k, positions: fm.rotate64(k, positions, theta)  # noqa: E731
     end = np.arange(family.last - 64, family.last)
-    errs = {kind: genai_key_error(p, end, theta, qkv)[0] for kind, p in (("original", path), ("rewritten", out))}
+    errs = {kind: rm.genai_key_error(p, end, rotate, qkv)[0] for kind, p in (("original", path), ("rewritten", out))}
     note = f"genai llama, rotated keys at positions {end[0]}-{end[-1]}: {errs}"
     assert errs["rewritten"] <= ROTATED_ULPS * EPS32 and errs["original"] >= GAIN * errs["rewritten"], note
     short = np.arange(16)
-    (_, a), (_, b) = genai_key_error(path, short, theta, qkv), genai_key_error(out, short, theta, qkv)
+    (_, a), (_, b) = rm.genai_key_error(path, short, rotate, qkv), rm.genai_key_error(out, short, rotate, qkv)
     assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max()), "logits at positions 0-15 moved"
     # The CLI on the built model: caches checked, the whole model (no position_ids; past key/values whose
     # head axis is symbolic) compared at positions 0-15.

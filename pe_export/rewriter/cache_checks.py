@@ -14,11 +14,27 @@ import onnx_ir as ir
 
 from pe_export.encodings.rope import RopeParams, inv_freq, tables
 from pe_export.errors import one_line
-from pe_export.rewriter.checks import DEFAULT_RUNTIMES, EPS32, SiteRow, fed, feeds, run_all, spread_positions
+from pe_export.rewriter.checks import DEFAULT_RUNTIMES, EPS32, SiteRow, fed, feeds, run_all, site_positions
 from pe_export.rewriter.copies import Copies
 from pe_export.rewriter.job import Site
+from pe_export.rewriter.rules.longrope_switch import constant as switch_constant
 from pe_export.runtimes.outcomes import verdict_of
 from pe_export.verification.tolerances import tolerance
+
+
+def constants(model: ir.Model, names) -> dict[str, np.ndarray]:
+    """The named values of `model` that are constants: initializers, and the Constant nodes and
+    initializers of its subgraphs (the caches an If chooses, `rules.longrope_switch`)."""
+    names = set(names)
+    out = {n: v.const_value.numpy() for n, v in model.graph.initializers.items() if n in names and v.const_value}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            graphs = attr.value if attr.type == ir.AttributeType.GRAPHS else [attr.value]
+            for g in (g for g in graphs if isinstance(g, ir.Graph)):
+                for v in (*g.initializers.values(), *(o for n in g for o in n.outputs)):
+                    if v.name in names and v.name not in out and (t := switch_constant(v)) is not None:
+                        out[v.name] = t.numpy()
+    return out
 
 
 def cache_values(
@@ -26,11 +42,7 @@ def cache_values(
 ) -> tuple[str, list[np.ndarray]]:
     """(provider, the named (P, R/2) values of `model`): constants read back ("constant"), computed ones
     run by `runtime` in its worker on a copy pruned to them (its remaining inputs fed from `positions`)."""
-    consts = {
-        n: v.const_value.numpy()
-        for n, v in model.graph.initializers.items()
-        if n in names and v.const_value is not None
-    }
+    consts = constants(model, names)
     computed = [n for n in names if n not in consts]
     provider = "constant"
     if computed:
@@ -60,9 +72,9 @@ def check_caches(
             if site.width != "table":
                 continue
             p = RopeParams(**site.params)
-            positions = spread_positions(p.max_positions)
-            ref_cos, ref_sin = (t[positions] for t in tables(p))  # (S, R/2) float64
-            bound = tolerance("fp32", "decomposed").factor * EPS32 * max(1.0, inv_freq(p)[1])
+            positions = site_positions(site)  # a LongRoPE branch's: the positions it serves
+            ref_cos, ref_sin = (t[positions] for t in tables(p, site.seq_len))  # (S, R/2) float64
+            bound = tolerance("fp32", "decomposed").factor * EPS32 * max(1.0, inv_freq(p, site.seq_len)[1])
             errs, providers = {}, []
             try:
                 for kind, model, names in (

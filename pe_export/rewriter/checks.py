@@ -191,15 +191,20 @@ def fed(inputs: list[dict], copy) -> list[dict]:
     return [{k: v for k, v in feed.items() if k in copy.inputs} for feed in inputs]
 
 
-def site_positions(site: Site) -> np.ndarray:
-    """Positions spread over the site's table; a LongRoPE branch: over the positions it serves."""
+def site_span(site: Site) -> tuple[int, int]:
+    """[lo, hi) of the positions the site serves: its table's; a LongRoPE branch's, its side of the switch
+    (the short factors serve positions up to the original length, the long ones from the switch on)."""
     P = site.params["max_positions"]
     if site.seq_len is None:
-        lo, hi = 0, P
-    elif site.seq_len <= site.params["scaling_params"].get("original_max_positions", P):
-        lo, hi = 0, site.seq_len
-    else:
-        lo, hi = site.seq_len - 1, P
+        return 0, P
+    if site.seq_len <= site.params["scaling_params"].get("original_max_positions", P):
+        return 0, site.seq_len
+    return site.seq_len - 1, P
+
+
+def site_positions(site: Site) -> np.ndarray:
+    """Positions spread over the site's table; a LongRoPE branch: over the positions it serves."""
+    lo, hi = site_span(site)
     return lo + spread_positions(hi - lo)
 
 

@@ -59,6 +59,7 @@ class Job:
     refused: list[str] = field(default_factory=list)
     site_index: dict = field(default_factory=dict)  # (inv_freq, positions, branch) -> Site
     found: set = field(default_factory=set)  # (rule, inv_freq) of every site whose check passed
+    built: dict = field(default_factory=dict)  # a rule's replacement shared by the nodes reading it
     _tables: dict = field(default_factory=dict)
 
     def table_params(self, p: RopeParams) -> RopeParams:
@@ -71,15 +72,19 @@ class Job:
     def forget_built(self) -> None:
         self.sites.clear()
         self.site_index.clear()
+        self.built.clear()
         self._tables.clear()
 
-    def tables_for(self, op, p: RopeParams, seq_len: int | None = None, label: str = "") -> tuple[ir.Value, ir.Value]:
+    def tables_for(
+        self, op, p: RopeParams, seq_len: int | None = None, label: str = "", rows: int | None = None
+    ) -> tuple[ir.Value, ir.Value]:
         """The float32 (P, R/2) cos and sin initializers of `p` (attention factor included), built once in
-        float64 and cast once, shared by every site with the same parameters and branch."""
+        float64 and cast once, shared by every site with the same parameters and branch; `rows`: only
+        the first rows (a branch that serves fewer positions)."""
         p = self.table_params(p)
-        key = (repr(p), seq_len)
+        key = (repr(p), seq_len, rows)
         if key not in self._tables:
-            cos, sin = tables(p, seq_len)  # (P, R/2) float64
+            cos, sin = (t[:rows] for t in tables(p, seq_len))  # (P, R/2) float64
             name = f"pe_export.rope.{{}}_table_{len(self._tables)}{label}"
             self._tables[key] = tuple(
                 op.initializer(ir.tensor(t.astype(np.float32)), name=name.format(kind))

@@ -105,12 +105,10 @@ def _sites_of(model: ir.Model, config, seq: int | None) -> tuple[list[Site], ir.
 def _rows_served(model: ir.Model, site: Site, context: int) -> int:
     """The positions the audited model's table or cache of `site` holds (its first axis); the context when
     the site computes cos/sin from positions (no table to run out of)."""
-    for name in (site.cos, site.sin, site.inv_freq, *site.replaced):
-        v = model.graph.initializers.get(name)
-        if v is not None and v.const_value is not None and len(v.const_value.shape) == 2 and site.width == "table":
-            return int(v.const_value.shape[0])
-        if v is not None and v.const_value is not None and site.rule.startswith("sincos_table"):
-            return int(v.const_value.shape[0])
+    names = (site.cos, site.sin, site.inv_freq, *site.replaced)
+    for value in cache_checks.constants(model, names).values():  # an If's caches are in its branches
+        if (value.ndim == 2 and site.width == "table") or site.rule.startswith("sincos_table"):
+            return int(value.shape[0])
     return context
 
 
@@ -119,7 +117,8 @@ def _change(site: Site, rewritten: bool) -> str:
         return "none: already rewritten"
     p = site.params
     what = f"caches {site.cos!r}/{site.sin!r} read by {site.fused}" if site.fused else f"cos/sin of {site.inv_freq!r}"
-    return f"{what} -> float64-built ({p['max_positions']}, {p['rotary_dim'] // 2}) tables"
+    rows = checks.site_span(site)[1] if site.width == "table" else p["max_positions"]  # a short branch's caches
+    return f"{what} -> float64-built ({rows}, {p['rotary_dim'] // 2}) tables"
 
 
 def _frozen(sites: list[Site]) -> list[str]:
@@ -161,7 +160,7 @@ def audit(
     rows += cache_checks.check_caches(original, other, sites, chosen)
     result = Audit(model, rewritten, rows=sorted(rows, key=lambda r: r.site), frozen=_frozen(sites), report=report)
     for i, site in enumerate(sites):
-        context = site.params["max_positions"]
+        context = checks.site_span(site)[1]  # a LongRoPE branch's short caches serve up to the switch
         served = _rows_served(original, site, context)
         for what in dict.fromkeys(r.what for r in rows if r.site == i):
             mine = [r for r in rows if r.site == i and r.what == what]

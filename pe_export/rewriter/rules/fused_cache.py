@@ -31,6 +31,7 @@ from pe_export.encodings.rope import tables
 from pe_export.rewriter import params as params_mod
 from pe_export.rewriter.job import Site
 from pe_export.rewriter.rules.base import site_params
+from pe_export.rewriter.rules.longrope_switch import BRANCHES, Switch, build_if, switch_refusal, switched
 from pe_export.rewriter.rules.rotate_half import _ints
 
 TABLE_ULPS = (
@@ -78,27 +79,28 @@ def table_inv_freq(cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return g
 
 
-def table_disagreement(cos: np.ndarray, sin: np.ndarray, p) -> str | None:
-    """None when the (P, R/2) float32 tables are the config's (see the module docstring), else the
-    parameter that disagrees."""
+def table_disagreement(cos: np.ndarray, sin: np.ndarray, p, seq_len: int | None = None) -> str | None:
+    """None when the (P, R/2) float32 tables are the config's (see the module docstring) for calls of
+    `seq_len` (a LongRoPE branch; None: the rule's only or short one), else the parameter that disagrees."""
     rows, half = cos.shape
     if 2 * half != p.rotary_dim:
         return (
             f"rotary dim: the graph's cos/sin cache is {half} wide (rotary dim {2 * half}), the config gives "
             f"rotary dim {p.rotary_dim}"
         )
-    reason = params_mod.factor_disagreement(float(np.hypot(cos[0, 0], sin[0, 0])), p)
+    reason = params_mod.factor_disagreement(float(np.hypot(cos[0, 0], sin[0, 0])), p, seq_len)
     if reason:
         return reason
     p32 = replace(p, max_positions=rows, angles="float32")
-    want_cos, want_sin = tables(p32)  # (P, R/2) float64 of float32 angles, attention factor included
-    freqs, factor = params_mod.float32_inv_freq(p32).astype(np.float64), params_mod.attention_factor(p32)
+    want_cos, want_sin = tables(p32, seq_len)  # (P, R/2) float64 of float32 angles, attention factor included
+    freqs = params_mod.float32_inv_freq(p32, seq_len).astype(np.float64)
+    factor = params_mod.attention_factor(p32, seq_len)
     bound = factor * (TABLE_ULPS * EPS32 + params_mod.REL * np.arange(rows)[:, None] * freqs)  # (P, R/2)
     err = np.maximum(np.abs(cos - want_cos), np.abs(sin - want_sin))
     if np.all(err <= bound):
         return None
     # Name the parameter: the frequencies the table's angles give, as the cos/sin rules name theirs.
-    reason = params_mod.disagreement(table_inv_freq(cos, sin), p)
+    reason = params_mod.disagreement(table_inv_freq(cos, sin), p, seq_len)
     if reason is None:  # the frequencies agree, the table does not (rows that are not cos/sin of them)
         r, m = np.unravel_index(np.argmax(err - bound), err.shape)
         reason = (
@@ -124,6 +126,7 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
         self.job = job
         self._p = None
         self._matched = {}  # (cos name, sin name) -> match_pair's answer
+        self._switches = {}  # (cos name, sin name) -> the Switch of caches an If chooses
 
     def check_caches(
         self,
@@ -164,6 +167,12 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
     def match_pair(self, cos_cache: ir.Value, sin_cache: ir.Value):
         """(parameter set or None, refusal reason, the site's name, why the pair is no cache form recognised
         here ("" when it is one))."""
+        switch = switched(cos_cache, sin_cache)
+        if isinstance(switch, str):
+            return None, "", "", switch
+        if switch is not None:
+            self._switches[(cos_cache.name, sin_cache.name)] = switch
+            return self.match_switch(switch)
         computed = computed_inv_freq(cos_cache), computed_inv_freq(sin_cache)
         if computed[0] is not None and computed[0] is computed[1]:
             g = computed[0].const_value.numpy()
@@ -188,11 +197,36 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
         p = next((c for c, why in zip(self.job.candidates, reasons) if why is None), None)
         return p, "" if p is not None else "; ".join(dict.fromkeys(reasons)), cos_cache.name, ""
 
+    def match_switch(self, switch: Switch):
+        """match_pair for an If choosing between LongRoPE's long (then) and short (else) cache pairs: the
+        config's switch and each branch's table for calls on its side of it (see `longrope_switch`)."""
+        where, reasons = switch.names["then_branch"][0], []
+        for p in self.job.candidates:
+            if p.scaling != "longrope":
+                reasons.append(
+                    f"scaling: the graph switches between two cos/sin caches at run time (LongRoPE), the config "
+                    f"gives rope_type {p.scaling!r}"
+                )
+                continue
+            original = p.scaling_params["original_max_positions"]
+            reason = switch_refusal(switch, original)
+            for branch, seq_len, kind in zip(BRANCHES, (original + 1, original), ("long", "short")):
+                why = None if reason else table_disagreement(*switch.values[branch], p, seq_len)
+                reason = reason or (why and f"{why} (the {kind} factors' caches {switch.names[branch][0]!r})")
+            if reason is None:
+                return p, "", where, ""
+            reasons.append(reason)
+        return None, "; ".join(dict.fromkeys(reasons)), where, ""
+
     def new_caches(
         self, op, cos_cache: ir.Value, sin_cache: ir.Value, positions: str = ""
     ) -> tuple[ir.Value, ir.Value, Site]:
-        """The float64-built (P, R/2) tables of --seq rows for this cache pair, and its site (one per pair)."""
+        """The float64-built (P, R/2) tables of --seq rows for this cache pair, and its site (one per pair;
+        caches an If chooses: the same If on new tables, and the long branch's site)."""
         p = self._p
+        switch = self._switches.get((cos_cache.name, sin_cache.name))
+        if switch is not None:
+            return self.new_switched_caches(op, switch, positions)
         tables_ = self.job.tables_for(op, p)
         key = (cos_cache.name, sin_cache.name, None)
         site = self.job.site_index.get(key)
@@ -213,3 +247,36 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
             self.job.site_index[key] = site
             self.job.sites.append(site)
         return (*tables_, site)
+
+    def new_switched_caches(self, op, switch: Switch, positions: str) -> tuple[ir.Value, ir.Value, Site]:
+        """The If of `switch` rebuilt on float64-built tables: the long factors' of --seq rows, the short
+        factors' of the positions they serve (original_max_position_embeddings rows); a site per branch."""
+        built = self.job.built.get(switch.node.name)
+        if built is not None:
+            return built
+        p = self._p
+        original = p.scaling_params["original_max_positions"]
+        pairs, sites = {}, []
+        for branch, seq_len, label in zip(BRANCHES, (original + 1, original), ("_long", "_short")):
+            rows = None if seq_len > original else min(original, self.job.table_params(p).max_positions)
+            pairs[branch] = self.job.tables_for(op, p, seq_len, label, rows)
+            cos_name, sin_name = switch.names[branch]
+            site = Site(
+                rule=self.rule_name,
+                inv_freq=cos_name,
+                positions=positions,
+                cos=cos_name,
+                sin=sin_name,
+                params=site_params(self.job.table_params(p)),
+                tables=[t.name for t in pairs[branch]],
+                seq_len=seq_len,
+                width="table",
+                fused=self.fused,
+                replaced=[sin_name],
+            )
+            self.job.site_index[(cos_name, sin_name, seq_len)] = site
+            self.job.sites.append(site)
+            sites.append(site)
+        cos_v, sin_v = build_if(op, switch.cond, pairs, f"pe_export.rope.switch_{len(self.job.built)}")
+        self.job.built[switch.node.name] = built = (cos_v, sin_v, sites[0])
+        return built

@@ -1,0 +1,240 @@
+"""`pe-export rewrite` on onnxruntime-genai's LongRoPE (Phi-3): two cache pairs, long and short factors,
+chosen by an If on the total sequence length and read by GroupQueryAttention (committed fixture, see
+tests/fixtures/genai/README.md; onnxruntime-genai is not needed to run these tests).
+
+The reference is LongRoPE written here in float64 NumPy from transformers 5.23's formula
+(`_compute_longrope_parameters`, `longrope_frequency_update`): for a call whose total length exceeds
+original_max_position_embeddings, the long factors at every position, else the short ones; attention
+factor sqrt(1 + ln(max / original) / ln(original)). It is checked on both sides of the switch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import rewrite_models as rm  # noqa: E402
+
+FIXTURE = Path(__file__).parent / "fixtures" / "genai" / "phi3"
+CONFIG = json.loads((FIXTURE / "config.json").read_text())
+ROPE = CONFIG["rope_parameters"]
+ORIGINAL, LAST = CONFIG["original_max_position_embeddings"], CONFIG["max_position_embeddings"]
+R = 16
+EPS32 = 2.0**-24
+ROTATED_ULPS = 8  # float32 x * cos - x' * sin from exact tables, in units of max|x| (as test_rewrite_fused)
+GAIN = 20.0  # the original's error at the table's end over the rewritten's (measured ~170 at 2048 positions)
+WINDOWS = {  # name: positions of one call (a past of zeros before the first)
+    "start": np.arange(0, 64),
+    "short side of the switch": np.arange(ORIGINAL - 64, ORIGINAL),  # total = original: short factors
+    "long side of the switch": np.arange(ORIGINAL, ORIGINAL + 64),
+    "end": np.arange(LAST - 64, LAST),
+}
+
+
+def rotate64(k: np.ndarray, positions: np.ndarray, config: dict = CONFIG) -> np.ndarray:
+    """k (B, H, S, R) rotated (halves) by `config`'s LongRoPE in float64, the factors chosen by the call's
+    total length."""
+    rope, original = config["rope_parameters"], config["original_max_position_embeddings"]
+    total = int(positions[-1]) + 1
+    ext = np.asarray(rope["long_factor"] if total > original else rope["short_factor"], np.float64)
+    inv_freq = 1.0 / (ext * rope["rope_theta"] ** (np.arange(0, R, 2) / R))
+    factor = np.sqrt(1 + np.log(config["max_position_embeddings"] / original) / np.log(original))
+    angle = positions[:, None].astype(np.float64) * inv_freq
+    c, s = np.cos(angle) * factor, np.sin(angle) * factor
+    a, b = k[..., : R // 2].astype(np.float64), k[..., R // 2 :].astype(np.float64)
+    return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
+
+
+@pytest.fixture(scope="module")
+def rewritten(tmp_path_factory):
+    from pe_export.rewriter import rewrite
+
+    folder = tmp_path_factory.mktemp("genai")
+    for f in FIXTURE.iterdir():
+        shutil.copyfile(f, folder / f.name)
+    out = folder / "rewritten" / "model.onnx"
+    out.parent.mkdir()
+    result = rewrite(folder / "model.onnx", folder / "config.json", output=out)
+    return folder, out, result
+
+
+def test_both_branches_become_sites_and_the_switch_is_kept(rewritten):
+    import onnx_ir as ir
+
+    _, out, result = rewritten
+    long, short = result.sites
+    assert {s.rule for s in result.sites} == {"gqa_rotary"}
+    assert (long.cos, long.seq_len, short.cos, short.seq_len) == (
+        "cos_cache_large",
+        ORIGINAL + 1,
+        "cos_cache_small",
+        ORIGINAL,
+    )
+    model = ir.load(out)
+    [switch] = [n for n in model.graph if n.op_type == "If"]
+    greater = switch.inputs[0].producer()
+    threshold = greater.inputs[1].const_value or greater.inputs[1].producer().attributes["value"].value
+    assert greater.op_type == "Greater" and int(threshold.numpy()) == ORIGINAL  # the graph's own condition
+    branch_tables = {
+        branch: [n.inputs[0].name for n in switch.attributes[branch].value] for branch in ("then_branch", "else_branch")
+    }
+    assert branch_tables == {"then_branch": long.tables, "else_branch": short.tables}
+    rows = {name: model.graph.initializers[name].const_value.shape[0] for name in (long.tables[0], short.tables[0])}
+    assert rows == {long.tables[0]: LAST, short.tables[0]: ORIGINAL}  # the short factors serve positions < original
+    gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2 and all(n.inputs[7] is switch.outputs[0] and n.inputs[8] is switch.outputs[1] for n in gqa)
+
+
+def test_rotated_keys_are_exact_on_both_sides_of_the_switch(rewritten):
+    folder, out, _ = rewritten
+    errs = {
+        kind: {name: rm.genai_key_error(path, positions, rotate64)[0] for name, positions in WINDOWS.items()}
+        for kind, path in (("original", folder / "model.onnx"), ("rewritten", out))
+    }
+    note = f"layer 0's rotated keys against float64 LongRoPE: {errs}"
+    new, old = errs["rewritten"], errs["original"]
+    assert max(new.values()) <= ROTATED_ULPS * EPS32, note
+    assert new["end"] <= rm.WITHIN * max(new["start"], EPS32), note  # flat
+    assert old["end"] >= GAIN * new["end"], note  # the check can fail: the builder's float32 caches drift
+    # One-token decode at the last position, batch 2.
+    last = np.arange(LAST - 1, LAST)
+    original, _ = rm.genai_key_error(folder / "model.onnx", last, rotate64, batch=2)
+    err, _ = rm.genai_key_error(out, last, rotate64, batch=2)
+    assert err <= ROTATED_ULPS * EPS32 and original >= GAIN * err, (original, err)
+
+
+def test_logits_at_short_positions_do_not_move(rewritten):
+    folder, out, _ = rewritten
+    positions = np.arange(16)
+    (_, a), (_, b) = (rm.genai_key_error(p, positions, rotate64) for p in (folder / "model.onnx", out))
+    assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max())
+
+
+def test_cli_checks_each_branch_against_its_side_of_the_switch(tmp_path):
+    from typer.testing import CliRunner
+
+    from pe_export.cli.main import app
+
+    report = tmp_path / "report.json"
+    r = CliRunner().invoke(
+        app,
+        [
+            "rewrite",
+            str(FIXTURE / "model.onnx"),
+            "--config",
+            str(FIXTURE / "config.json"),
+            "-o",
+            str(tmp_path / "model.onnx"),
+            "--report",
+            str(report),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    doc = json.loads(report.read_text())
+    rows = doc["sites"]
+    assert {row["verdict"] for row in rows} == {"pass"} and len(rows) == 4, rows  # 2 sites x 2 runtimes
+    positions = {row["site"]: (min(row["positions"]), max(row["positions"])) for row in rows}
+    assert positions == {0: (ORIGINAL, LAST - 1), 1: (0, ORIGINAL - 1)}
+    for row in rows:  # the builder's float32 caches: off by more than the bound somewhere on each side
+        assert max(row["original_error"]) > row["bound"] >= max(row["rewritten_error"]), row
+    assert [w["verdict"] for w in doc["whole_model"]] == ["pass", "pass"]
+
+
+def test_audit_names_both_branches(rewritten):
+    from pe_export.rewriter import audit
+
+    folder, out, _ = rewritten
+    before = audit(folder / "model.onnx", folder / "config.json")
+    assert before.verdict == "FAIL" and [(s.rows, s.context, s.verdict) for s in before.sites] == [
+        (LAST, LAST, "FAIL"),
+        (ORIGINAL, ORIGINAL, "FAIL"),  # the short caches serve positions < original: not a short cache
+    ]
+    after = audit(out, folder / "config.json")
+    assert after.verdict == "pass", after.sites
+
+
+@pytest.mark.parametrize(
+    "edit, named",
+    [
+        (
+            {
+                "original_max_position_embeddings": 64,
+                "rope_parameters": {**ROPE, "original_max_position_embeddings": 64},
+            },
+            "original_max_position_embeddings: the graph switches to the long factors above 128, the config gives 64",
+        ),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}, "scaling: the graph switches"),
+        (
+            {"rope_parameters": {**ROPE, "long_factor": [1.0] * 8}},
+            "the long factors' caches 'cos_cache_large'",
+        ),
+    ],
+)
+def test_a_config_that_disagrees_with_either_branch_is_refused(edit, named, tmp_path):
+    from pe_export.errors import BadInput
+    from pe_export.rewriter import rewrite
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**CONFIG, **edit}))
+    with pytest.raises(BadInput, match="the config disagrees with the graph") as e:
+        rewrite(FIXTURE / "model.onnx", config)
+    assert named in str(e.value) and "\n" not in str(e.value), e.value
+
+
+def test_op_ort_keeps_gqa_rotation_on_the_new_tables():
+    from pe_export.rewriter import rewrite
+
+    result = rewrite(FIXTURE / "model.onnx", FIXTURE / "config.json", op="ort")
+    assert [(s.fused, s.rotations) for s in result.sites] == [("com.microsoft::GroupQueryAttention", 0)] * 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("onnxruntime_genai") is None,
+    reason="onnxruntime-genai is not installed (pip install -e '.[genai]')",
+)
+def test_builder_phi3_at_131072_positions_and_genai_runtime(tmp_path):
+    """The builder run here on transformers' Phi-3 shape (original 4096, 131072 positions): keys exact on
+    both sides of the switch and at the end, and the rewritten folder generates in onnxruntime-genai's own
+    runtime the tokens the original does (greedy, positions 0-39)."""
+    import onnxruntime_genai as og
+
+    from pe_export.rewriter import rewrite
+
+    model, _ = rm.build(rm.BY_NAME["phi3-longrope"])
+    path = rm.genai_build(model, tmp_path)
+    config = json.loads((tmp_path / "checkpoint" / "config.json").read_text())
+    original, last = config["original_max_position_embeddings"], config["max_position_embeddings"]
+    out = tmp_path / "rewritten" / "model.onnx"
+    out.parent.mkdir()
+    rewrite(path, tmp_path / "checkpoint" / "config.json", output=out)
+    rotate = lambda k, positions: rotate64(k, positions, config)  # noqa: E731
+    windows = [np.arange(original - 64, original), np.arange(original, original + 64), np.arange(last - 64, last)]
+    errs = {
+        kind: [rm.genai_key_error(p, w, rotate)[0] for w in windows]
+        for kind, p in (("original", path), ("rewritten", out))
+    }
+    assert max(errs["rewritten"]) <= ROTATED_ULPS * EPS32 and errs["original"][-1] >= 1000 * errs["rewritten"][-1], errs
+    # onnxruntime-genai's runtime on the rewritten folder (its genai_config.json and tokenizer copied).
+    for name in ("genai_config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(path.with_name(name), out.with_name(name))
+    tokens = {}
+    for folder in (path.parent, out.parent):
+        genai_config = json.loads((folder / "genai_config.json").read_text())
+        genai_config["model"]["eos_token_id"] = 2  # the tiny vocabulary's (the checkpoint says Phi-3's 32000)
+        (folder / "genai_config.json").write_text(json.dumps(genai_config))
+        m = og.Model(str(folder))
+        params = og.GeneratorParams(m)
+        params.set_search_options(max_length=40, do_sample=False)
+        generator = og.Generator(m, params)
+        generator.append_tokens(np.array([[5, 6, 7, 8, 9, 10]], np.int32))
+        while not generator.is_done():
+            generator.generate_next_token()
+        tokens[folder.name] = list(generator.get_sequence(0))
+    assert tokens[path.parent.name] == tokens[out.parent.name] and len(tokens[out.parent.name]) == 40, tokens
