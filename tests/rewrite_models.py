@@ -216,9 +216,10 @@ def ort_fused(path: Path, out: Path, gqa: bool) -> Path:
     return out
 
 
-def genai_build(model, folder: Path) -> Path:
-    """onnxruntime-genai's model builder (fp32, cpu) run offline on `model` saved to a local folder with a
-    tiny word-level tokenizer (the builder loads one); returns the built model.onnx (external data beside it)."""
+def genai_build(model, folder: Path, precision: str = "fp32", ep: str = "cpu") -> Path:
+    """onnxruntime-genai's model builder (`precision` for the execution provider `ep`) run offline on
+    `model` saved to a local folder with a tiny word-level tokenizer (the builder loads one); returns the
+    built model.onnx (external data beside it) in `folder`/genai-`precision`-`ep` (fp32 cpu: `folder`/genai)."""
     import json
     import os
     import subprocess
@@ -226,7 +227,8 @@ def genai_build(model, folder: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    checkpoint, out = folder / "checkpoint", folder / "genai"
+    checkpoint = folder / "checkpoint"
+    out = folder / ("genai" if (precision, ep) == ("fp32", "cpu") else f"genai-{precision}-{ep}")
     model.save_pretrained(checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
     if config.get("rope_parameters", {}).get("rope_type") == "longrope":
@@ -249,9 +251,9 @@ def genai_build(model, folder: Path) -> Path:
         "-o",
         str(out),
         "-p",
-        "fp32",
+        precision,
         "-e",
-        "cpu",
+        ep,
         "-c",
         str(folder / "cache"),
     ]
@@ -284,12 +286,14 @@ def genai_key_error(path: Path, positions: np.ndarray, rotate, qkv: str = GENAI_
         "input_ids": np.random.default_rng(0).integers(0, VOCAB, (batch, S)),
         "attention_mask": np.ones((batch, past + S), np.int64),
     }
+    dtype = np.float16 if sess.get_inputs()[-1].type == "tensor(float16)" else np.float32  # the io dtype
     for i in (0, 1):
         for name in ("key", "value"):
-            feed[f"past_key_values.{i}.{name}"] = np.zeros((batch, kv, past, D), np.float32)
+            feed[f"past_key_values.{i}.{name}"] = np.zeros((batch, kv, past, D), dtype)
     out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
     hidden = 4 * D
     k = out[qkv][..., hidden : hidden + kv * D].reshape(batch, S, kv, D).transpose(0, 2, 1, 3)  # (B, Hkv, S, D)
+    k = k.astype(np.float64)
     err = np.abs(out["present.0.key"][:, :, past:] - rotate(k, positions)).max() / np.abs(k).max()
     return float(err), out["logits"]
 

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import rewrite_models as rm  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "genai" / "phi3"
+FIXTURE16 = FIXTURE.with_name("phi3-fp16")  # the builder's fp16 CUDA model: fp16 caches (ORT CPU runs it)
 CONFIG = json.loads((FIXTURE / "config.json").read_text())
 ROPE = CONFIG["rope_parameters"]
 ORIGINAL, LAST = CONFIG["original_max_position_embeddings"], CONFIG["max_position_embeddings"]
@@ -51,13 +52,18 @@ def rotate64(k: np.ndarray, positions: np.ndarray, config: dict = CONFIG) -> np.
     return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
 
 
+def copy_fixture(src: Path, folder: Path) -> Path:
+    for f in src.iterdir():
+        shutil.copyfile(f, folder / f.name)
+    return folder / "model.onnx"
+
+
 @pytest.fixture(scope="module")
 def rewritten(tmp_path_factory):
     from pe_export.rewriter import rewrite
 
     folder = tmp_path_factory.mktemp("genai")
-    for f in FIXTURE.iterdir():
-        shutil.copyfile(f, folder / f.name)
+    copy_fixture(FIXTURE, folder)
     out = folder / "rewritten" / "model.onnx"
     out.parent.mkdir()
     result = rewrite(folder / "model.onnx", folder / "config.json", output=out)
@@ -192,6 +198,52 @@ def test_op_ort_keeps_gqa_rotation_on_the_new_tables():
 
     result = rewrite(FIXTURE / "model.onnx", FIXTURE / "config.json", op="ort")
     assert [(s.fused, s.rotations) for s in result.sites] == [("com.microsoft::GroupQueryAttention", 0)] * 2
+
+
+FP16_ROTATED_ULPS = 8  # the fp16 rotation of fp16 k on fp16 tables, in units of 2^-11 max|k|
+
+
+def test_fp16_caches_stay_fp16_and_the_rotation_stays_within_fp16_rounding(tmp_path):
+    """The builder's fp16 model (CUDA; fp16 caches computed in float32 and rounded): the tables are rebuilt
+    in float64 and rounded once to fp16; the whole CLI passes with the fp16 bounds."""
+    import onnx_ir as ir
+
+    from pe_export.rewriter import rewrite
+
+    path = copy_fixture(FIXTURE16, tmp_path)
+    out = tmp_path / "rewritten" / "model.onnx"
+    out.parent.mkdir()
+    result = rewrite(path, tmp_path / "config.json", output=out)
+    assert [(s.dtype, s.seq_len) for s in result.sites] == [("fp16", ORIGINAL + 1), ("fp16", ORIGINAL)]
+    model = ir.load(out)
+    assert {model.graph.initializers[t].dtype for s in result.sites for t in s.tables} == {ir.DataType.FLOAT16}
+    for name, positions in WINDOWS.items():
+        err, _ = rm.genai_key_error(out, positions, rotate64)
+        assert err <= FP16_ROTATED_ULPS * 2.0**-11, (name, err)
+    from typer.testing import CliRunner
+
+    from pe_export.cli.main import app
+
+    report = tmp_path / "report.json"
+    args = ["rewrite", str(path), "--config", str(tmp_path / "config.json"), "-o", str(tmp_path / "cli.onnx")]
+    r = CliRunner().invoke(app, [*args, "--report", str(report)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(report.read_text())
+    assert {row["verdict"] for row in doc["sites"]} == {"pass"} and len(doc["sites"]) == 4
+    factor = np.sqrt(1 + np.log(LAST / ORIGINAL) / np.log(ORIGINAL))  # LongRoPE's attention factor
+    assert all(row["bound"] == pytest.approx(2 * 2.0**-11 * factor) for row in doc["sites"])  # fp16's rounding
+    assert [w["verdict"] for w in doc["whole_model"]] == ["pass", "pass"], doc["whole_model"]
+
+
+def test_fp16_caches_of_another_theta_are_refused(tmp_path):
+    from pe_export.errors import BadInput
+    from pe_export.rewriter import rewrite
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**CONFIG, "rope_parameters": {**ROPE, "rope_theta": 500000.0}}))
+    with pytest.raises(BadInput, match="the config disagrees with the graph") as e:
+        rewrite(FIXTURE16 / "model.onnx", config)
+    assert "theta" in str(e.value) and "cos_cache_large" in str(e.value), e.value
 
 
 @pytest.mark.slow

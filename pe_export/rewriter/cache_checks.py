@@ -12,9 +12,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from pe_export.dtypes import EPS
 from pe_export.encodings.rope import RopeParams, inv_freq, tables
 from pe_export.errors import one_line
-from pe_export.rewriter.checks import DEFAULT_RUNTIMES, EPS32, SiteRow, fed, feeds, run_all, site_positions
+from pe_export.rewriter.checks import DEFAULT_RUNTIMES, SiteRow, fed, feeds, run_all, site_positions
 from pe_export.rewriter.copies import Copies
 from pe_export.rewriter.job import Site
 from pe_export.rewriter.rules.longrope_switch import constant as switch_constant
@@ -74,7 +75,8 @@ def check_caches(
             p = RopeParams(**site.params)
             positions = site_positions(site)  # a LongRoPE branch's: the positions it serves
             ref_cos, ref_sin = (t[positions] for t in tables(p, site.seq_len))  # (S, R/2) float64
-            bound = tolerance("fp32", "decomposed").factor * EPS32 * max(1.0, inv_freq(p, site.seq_len)[1])
+            unit = EPS[site.dtype] / 2  # the tables' rounding: float32 or the graph's fp16/bf16 caches
+            bound = tolerance(site.dtype, "decomposed").factor * unit * max(1.0, inv_freq(p, site.seq_len)[1])
             errs, providers = {}, []
             try:
                 for kind, model, names in (

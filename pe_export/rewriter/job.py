@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import onnx_ir as ir
 
+from pe_export.dtypes import numpy_dtype
 from pe_export.encodings.rope import RopeParams, tables
 from pe_export.rewriter import params as params_mod
 
@@ -38,6 +38,7 @@ class Site:
     replaced: list[str] = field(
         default_factory=list
     )  # further graph constants the tables replace (a fused node's sin cache)
+    dtype: str = "fp32"  # the tables' (a fused node's caches keep the graph's dtype)
     # Each replaced rotation: the un-rotated q or k `x` and the rotated `y` (the same names in the original
     # and the rewritten graph), its pairing and layout: what verification reads back from both.
     rotated: list = field(default_factory=list)
@@ -76,18 +77,24 @@ class Job:
         self._tables.clear()
 
     def tables_for(
-        self, op, p: RopeParams, seq_len: int | None = None, label: str = "", rows: int | None = None
+        self,
+        op,
+        p: RopeParams,
+        seq_len: int | None = None,
+        label: str = "",
+        rows: int | None = None,
+        dtype: str = "fp32",
     ) -> tuple[ir.Value, ir.Value]:
-        """The float32 (P, R/2) cos and sin initializers of `p` (attention factor included), built once in
-        float64 and cast once, shared by every site with the same parameters and branch; `rows`: only
-        the first rows (a branch that serves fewer positions)."""
+        """The (P, R/2) cos and sin initializers of `p` (attention factor included) in `dtype`, built once
+        in float64 and rounded once, shared by every site with the same parameters, branch and dtype;
+        `rows`: only the first rows (a branch that serves fewer positions)."""
         p = self.table_params(p)
-        key = (repr(p), seq_len, rows)
+        key = (repr(p), seq_len, rows, dtype)
         if key not in self._tables:
             cos, sin = (t[:rows] for t in tables(p, seq_len))  # (P, R/2) float64
             name = f"pe_export.rope.{{}}_table_{len(self._tables)}{label}"
             self._tables[key] = tuple(
-                op.initializer(ir.tensor(t.astype(np.float32)), name=name.format(kind))
+                op.initializer(ir.tensor(t.astype(numpy_dtype(dtype))), name=name.format(kind))
                 for kind, t in (("cos", cos), ("sin", sin))
             )
         return self._tables[key]

@@ -97,9 +97,11 @@ def match(
     return None, reasons[0] if len(reasons) == 1 else "; ".join(dict.fromkeys(reasons))
 
 
-def factor_disagreement(graph_factor: float, p: RopeParams, seq_len: int | None = None) -> str | None:
+def factor_disagreement(graph_factor: float, p: RopeParams, seq_len: int | None = None, rounding: float = 0.0):
+    """None when the graph's attention factor is the config's (to REL, plus `rounding`: relative, of a
+    table in a narrower dtype than float32), else the disagreement."""
     want = attention_factor(p, seq_len)
-    if math.isclose(graph_factor, float(np.float32(want)), rel_tol=REL):
+    if math.isclose(graph_factor, float(np.float32(want)), rel_tol=REL + rounding):
         return None
     return f"attention factor: the graph multiplies cos/sin by {graph_factor:.9g}, the config gives {want:.9g}"
 

@@ -27,6 +27,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from pe_export.dtypes import EPS
 from pe_export.encodings.rope import tables
 from pe_export.rewriter import params as params_mod
 from pe_export.rewriter.job import Site
@@ -39,6 +40,9 @@ TABLE_ULPS = (
 )
 EPS32 = 2.0**-24
 TABLE_PREFIX = "pe_export.rope."  # the names `Job.tables_for` gives
+# The caches' dtypes: onnxruntime-genai writes them in the model's io dtype (fp16 for its CUDA, WebGPU and
+# DML models), computed in float32 and rounded once.
+CACHE_DTYPES = {ir.DataType.FLOAT: "fp32", ir.DataType.FLOAT16: "fp16", ir.DataType.BFLOAT16: "bf16"}
 
 
 def computed_inv_freq(cache: ir.Value) -> ir.Value | None:
@@ -79,23 +83,27 @@ def table_inv_freq(cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return g
 
 
-def table_disagreement(cos: np.ndarray, sin: np.ndarray, p, seq_len: int | None = None) -> str | None:
-    """None when the (P, R/2) float32 tables are the config's (see the module docstring) for calls of
-    `seq_len` (a LongRoPE branch; None: the rule's only or short one), else the parameter that disagrees."""
+def table_disagreement(
+    cos: np.ndarray, sin: np.ndarray, p, seq_len: int | None = None, dtype: str = "fp32"
+) -> str | None:
+    """None when the (P, R/2) tables are the config's (see the module docstring) for calls of `seq_len`
+    (a LongRoPE branch; None: the rule's only or short one), else the parameter that disagrees; `dtype`:
+    the caches' (fp16 and bf16 add their rounding of the float32 values)."""
+    rounding = 0.0 if dtype == "fp32" else EPS[dtype] / 2
     rows, half = cos.shape
     if 2 * half != p.rotary_dim:
         return (
             f"rotary dim: the graph's cos/sin cache is {half} wide (rotary dim {2 * half}), the config gives "
             f"rotary dim {p.rotary_dim}"
         )
-    reason = params_mod.factor_disagreement(float(np.hypot(cos[0, 0], sin[0, 0])), p, seq_len)
+    reason = params_mod.factor_disagreement(float(np.hypot(cos[0, 0], sin[0, 0])), p, seq_len, 2 * rounding)
     if reason:
         return reason
     p32 = replace(p, max_positions=rows, angles="float32")
     want_cos, want_sin = tables(p32, seq_len)  # (P, R/2) float64 of float32 angles, attention factor included
     freqs = params_mod.float32_inv_freq(p32, seq_len).astype(np.float64)
     factor = params_mod.attention_factor(p32, seq_len)
-    bound = factor * (TABLE_ULPS * EPS32 + params_mod.REL * np.arange(rows)[:, None] * freqs)  # (P, R/2)
+    bound = factor * (TABLE_ULPS * EPS32 + rounding + params_mod.REL * np.arange(rows)[:, None] * freqs)  # (P, R/2)
     err = np.maximum(np.abs(cos - want_cos), np.abs(sin - want_sin))
     if np.all(err <= bound):
         return None
@@ -127,6 +135,8 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
         self._p = None
         self._matched = {}  # (cos name, sin name) -> match_pair's answer
         self._switches = {}  # (cos name, sin name) -> the Switch of caches an If chooses
+        self._dtypes = {}  # (cos name, sin name) -> the constant caches' dtype ("fp32", "fp16", "bf16")
+        self._dtype = "fp32"
 
     def check_caches(
         self,
@@ -160,18 +170,19 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
         if reason:
             self.job.refuse(f"{reason} (site {where!r}, read by {self.fused})")
             return r.fail(reason, cos_cache)
-        self._p = p
+        self._p, self._dtype = p, self._dtypes.get(key, "fp32")
         self.job.found.add((self.rule_name, where))
         return r
 
     def match_pair(self, cos_cache: ir.Value, sin_cache: ir.Value):
         """(parameter set or None, refusal reason, the site's name, why the pair is no cache form recognised
         here ("" when it is one))."""
-        switch = switched(cos_cache, sin_cache)
+        switch = switched(cos_cache, sin_cache, CACHE_DTYPES)
         if isinstance(switch, str):
             return None, "", "", switch
         if switch is not None:
             self._switches[(cos_cache.name, sin_cache.name)] = switch
+            self._dtypes[(cos_cache.name, sin_cache.name)] = switch.dtype
             return self.match_switch(switch)
         computed = computed_inv_freq(cos_cache), computed_inv_freq(sin_cache)
         if computed[0] is not None and computed[0] is computed[1]:
@@ -183,17 +194,20 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
             return p, reason, computed[0].name, ""
         values = [c.const_value for c in (cos_cache, sin_cache)]
         if (
-            any(v is None or v.dtype != ir.DataType.FLOAT or len(v.shape) != 2 for v in values)
+            any(v is None or v.dtype not in CACHE_DTYPES or len(v.shape) != 2 for v in values)
             or values[0].shape != values[1].shape
+            or values[0].dtype != values[1].dtype
         ):
             return (
                 None,
                 "",
                 "",
-                "the cos/sin caches are neither float32 (P, R/2) constants nor computed from a Range of positions",
+                "the cos/sin caches are neither float32, float16 or bfloat16 (P, R/2) constants nor computed from "
+                "a Range of positions",
             )
+        dtype = self._dtypes[(cos_cache.name, sin_cache.name)] = CACHE_DTYPES[values[0].dtype]
         cos, sin = (v.numpy().astype(np.float64) for v in values)
-        reasons = [table_disagreement(cos, sin, p) for p in self.job.candidates]
+        reasons = [table_disagreement(cos, sin, p, dtype=dtype) for p in self.job.candidates]
         p = next((c for c, why in zip(self.job.candidates, reasons) if why is None), None)
         return p, "" if p is not None else "; ".join(dict.fromkeys(reasons)), cos_cache.name, ""
 
@@ -211,7 +225,7 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
             original = p.scaling_params["original_max_positions"]
             reason = switch_refusal(switch, original)
             for branch, seq_len, kind in zip(BRANCHES, (original + 1, original), ("long", "short")):
-                why = None if reason else table_disagreement(*switch.values[branch], p, seq_len)
+                why = None if reason else table_disagreement(*switch.values[branch], p, seq_len, switch.dtype)
                 reason = reason or (why and f"{why} (the {kind} factors' caches {switch.names[branch][0]!r})")
             if reason is None:
                 return p, "", where, ""
@@ -227,7 +241,7 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
         switch = self._switches.get((cos_cache.name, sin_cache.name))
         if switch is not None:
             return self.new_switched_caches(op, switch, positions)
-        tables_ = self.job.tables_for(op, p)
+        tables_ = self.job.tables_for(op, p, dtype=self._dtype)
         key = (cos_cache.name, sin_cache.name, None)
         site = self.job.site_index.get(key)
         if site is None:
@@ -243,6 +257,7 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
                 width="table",
                 fused=self.fused,
                 replaced=[] if replaced is not None else [sin_cache.name],
+                dtype=self._dtype,
             )
             self.job.site_index[key] = site
             self.job.sites.append(site)
@@ -259,7 +274,7 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
         pairs, sites = {}, []
         for branch, seq_len, label in zip(BRANCHES, (original + 1, original), ("_long", "_short")):
             rows = None if seq_len > original else min(original, self.job.table_params(p).max_positions)
-            pairs[branch] = self.job.tables_for(op, p, seq_len, label, rows)
+            pairs[branch] = self.job.tables_for(op, p, seq_len, label, rows, self._dtype)
             cos_name, sin_name = switch.names[branch]
             site = Site(
                 rule=self.rule_name,
@@ -273,6 +288,7 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
                 width="table",
                 fused=self.fused,
                 replaced=[sin_name],
+                dtype=self._dtype,
             )
             self.job.site_index[(cos_name, sin_name, seq_len)] = site
             self.job.sites.append(site)

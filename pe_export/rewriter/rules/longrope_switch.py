@@ -69,30 +69,35 @@ class Switch:
     cond: ir.Value
     names: dict[str, tuple[str, str]]
     values: dict[str, tuple[np.ndarray, np.ndarray]]
+    dtype: str  # the caches' ("fp32", "fp16", "bf16")
 
 
-def switched(cos_cache: ir.Value, sin_cache: ir.Value) -> Switch | str | None:
+def switched(cos_cache: ir.Value, sin_cache: ir.Value, dtypes_of: dict) -> Switch | str | None:
     """The Switch behind caches that are two outputs of one If; a string saying why when they are but
-    a branch holds no float32 (P, R/2) constants or the condition is not genai's; None when they are
-    no If's."""
+    a branch holds no (P, R/2) constants of `dtypes_of` (ir dtype -> name) or the condition is not
+    genai's; None when they are no If's."""
     node = cos_cache.producer()
     if node is None or node.op_type != "If" or sin_cache.producer() is not node:
         return None
     i, j = cos_cache.index(), sin_cache.index()
-    names, values = {}, {}
+    names, values, dtypes = {}, {}, set()
     for branch in BRANCHES:
         graph = node.attributes[branch].value
         outs = graph.outputs[i], graph.outputs[j]
         tensors = [constant(v) for v in outs]
-        if any(t is None or t.dtype != ir.DataType.FLOAT or len(t.shape) != 2 for t in tensors):
+        if any(t is None or t.dtype not in dtypes_of or len(t.shape) != 2 for t in tensors):
             return (
-                f"the If {node.name!r} choosing the cos/sin caches holds no float32 (P, R/2) constants in its {branch}"
+                f"the If {node.name!r} choosing the cos/sin caches holds no float32, float16 or bfloat16 (P, R/2) "
+                f"constants in its {branch}"
             )
+        dtypes.update(dtypes_of[t.dtype] for t in tensors)
         names[branch] = (outs[0].name, outs[1].name)
         values[branch] = tuple(t.numpy().astype(np.float64) for t in tensors)
     if switch_threshold(node.inputs[0]) is None or not is_total_length(node.inputs[0]):
         return f"the If {node.name!r} choosing the cos/sin caches tests no Greater(total sequence length, constant)"
-    return Switch(node, node.inputs[0], names, values)
+    if len(dtypes) > 1:
+        return f"the If {node.name!r} chooses between cos/sin caches of different dtypes {sorted(dtypes)}"
+    return Switch(node, node.inputs[0], names, values, dtypes.pop())
 
 
 def switch_refusal(switch: Switch, original: int) -> str | None:
