@@ -265,11 +265,14 @@ def genai_build(model, folder: Path, precision: str = "fp32", ep: str = "cpu") -
 GENAI_QKV = "/model/layers.0/attn/qkv_proj/MatMul/output_0"  # the builder's packed QKV projection of layer 0
 
 
-def genai_key_error(path: Path, positions: np.ndarray, rotate, qkv: str = GENAI_QKV, batch: int = 1):
+def genai_key_error(
+    path: Path, positions: np.ndarray, rotate, qkv: str = GENAI_QKV, batch: int = 1, key_start: int = 64
+):
     """(max abs error, in units of max|k|, of layer 0's rotated keys (present.0.key at `positions`, a past
-    of zeros before them) against `rotate(k, positions)`, a float64 rotation of the same keys (the packed
-    QKV projection `qkv`, exposed as an output), the logits) for a model onnxruntime-genai's builder wrote
-    (4 heads and 2 kv heads of dim 16; GroupQueryAttention takes batch > 1 with a past only for one token)."""
+    of zeros before them) against `rotate(k, positions)`, a float64 rotation of the same keys (the
+    projection `qkv`, exposed as an output, read from `key_start`: packed QKV after the 4 x 16 query
+    columns, or a k projection at 0), the logits) for a model onnxruntime-genai's builder wrote (4 heads
+    and 2 kv heads of dim 16; GroupQueryAttention takes batch > 1 with a past only for one token)."""
     import onnx
     import onnxruntime as ort
 
@@ -286,13 +289,14 @@ def genai_key_error(path: Path, positions: np.ndarray, rotate, qkv: str = GENAI_
         "input_ids": np.random.default_rng(0).integers(0, VOCAB, (batch, S)),
         "attention_mask": np.ones((batch, past + S), np.int64),
     }
+    if "position_ids" in [i.name for i in sess.get_inputs()]:  # a model with RotaryEmbedding nodes (DML)
+        feed["position_ids"] = np.broadcast_to(positions, (batch, S)).astype(np.int64)
     dtype = np.float16 if sess.get_inputs()[-1].type == "tensor(float16)" else np.float32  # the io dtype
     for i in (0, 1):
         for name in ("key", "value"):
             feed[f"past_key_values.{i}.{name}"] = np.zeros((batch, kv, past, D), dtype)
     out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
-    hidden = 4 * D
-    k = out[qkv][..., hidden : hidden + kv * D].reshape(batch, S, kv, D).transpose(0, 2, 1, 3)  # (B, Hkv, S, D)
+    k = out[qkv][..., key_start : key_start + kv * D].reshape(batch, S, kv, D).transpose(0, 2, 1, 3)  # (B, Hkv, S, D)
     k = k.astype(np.float64)
     err = np.abs(out["present.0.key"][:, :, past:] - rotate(k, positions)).max() / np.abs(k).max()
     return float(err), out["logits"]

@@ -23,6 +23,8 @@ import rewrite_models as rm  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "genai" / "phi3"
 FIXTURE16 = FIXTURE.with_name("phi3-fp16")  # the builder's fp16 CUDA model: fp16 caches (ORT CPU runs it)
+FIXTURE_DML = FIXTURE.with_name("phi3-dml")  # fp16 DirectML: one concatenated cache, RotaryEmbedding nodes
+K_PROJ = "/model/layers.0/attn/k_proj/MatMul/output_0"  # DML's separate k projection (no packed QKV)
 CONFIG = json.loads((FIXTURE / "config.json").read_text())
 ROPE = CONFIG["rope_parameters"]
 ORIGINAL, LAST = CONFIG["original_max_position_embeddings"], CONFIG["max_position_embeddings"]
@@ -244,6 +246,67 @@ def test_fp16_caches_of_another_theta_are_refused(tmp_path):
     with pytest.raises(BadInput, match="the config disagrees with the graph") as e:
         rewrite(FIXTURE16 / "model.onnx", config)
     assert "theta" in str(e.value) and "cos_cache_large" in str(e.value), e.value
+
+
+def test_dml_concatenated_cache_becomes_two_sites_and_keys_stay_within_fp16_rounding(tmp_path):
+    """The builder's DirectML model: cos_cache (original + P, R/2) = [short rows; long rows], read by
+    RotaryEmbedding at positions moved into the long rows when max(position) >= original."""
+    import onnx_ir as ir
+
+    from pe_export.rewriter import rewrite
+
+    path = copy_fixture(FIXTURE_DML, tmp_path)
+    out = tmp_path / "rewritten" / "model.onnx"
+    out.parent.mkdir()
+    result = rewrite(path, tmp_path / "config.json", output=out)
+    sites = [(s.rule, s.cos, s.offset, s.seq_len, s.dtype) for s in result.sites]
+    assert sites == [
+        ("rotary_embedding_node", "cos_cache", ORIGINAL, ORIGINAL + 1, "fp16"),
+        ("rotary_embedding_node", "cos_cache", 0, ORIGINAL, "fp16"),
+    ]
+    model = ir.load(out)
+    rotary = [n for n in model.graph if n.op_type == "RotaryEmbedding"]
+    concat = rotary[0].inputs[2].producer()
+    assert len(rotary) == 4 and concat.op_type == "Concat" and all(n.inputs[2] is concat.outputs[0] for n in rotary)
+    long, short = result.sites
+    assert [v.name for v in concat.inputs] == [short.tables[0], long.tables[0]]  # [short rows; long rows]
+    assert [v.const_value.shape[0] for v in concat.inputs] == [ORIGINAL, LAST]
+    for name, positions in WINDOWS.items():
+        for kind, model_path in (("original", path), ("rewritten", out)):
+            err, _ = rm.genai_key_error(model_path, positions, rotate64, K_PROJ, key_start=0)
+            assert err <= FP16_ROTATED_ULPS * 2.0**-11, (kind, name, err)
+    from typer.testing import CliRunner
+
+    from pe_export.cli.main import app
+
+    report = tmp_path / "report.json"
+    args = ["rewrite", str(path), "--config", str(tmp_path / "config.json"), "-o", str(tmp_path / "cli.onnx")]
+    r = CliRunner().invoke(app, [*args, "--report", str(report)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(report.read_text())
+    assert {row["verdict"] for row in doc["sites"]} == {"pass"} and len(doc["sites"]) == 4
+    assert [w["verdict"] for w in doc["whole_model"]] == ["pass", "pass"], doc["whole_model"]
+
+
+def test_dml_cache_of_other_long_factors_is_refused_and_unshifted_positions_are_no_site(tmp_path):
+    import onnx
+
+    from pe_export.errors import BadInput
+    from pe_export.rewriter import rewrite
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**CONFIG, "rope_parameters": {**ROPE, "long_factor": [1.0] * 8}}))
+    with pytest.raises(BadInput, match="the config disagrees with the graph") as e:
+        rewrite(FIXTURE_DML / "model.onnx", config)
+    assert f"a cache of {ORIGINAL} short rows then {LAST} long ones" in str(e.value), e.value
+    # The same cache read at positions that are not moved into its long rows: not genai's form, no site.
+    model = onnx.load(FIXTURE_DML / "model.onnx")
+    for node in model.graph.node:
+        if node.op_type == "RotaryEmbedding":
+            node.input[1] = "position_ids"
+    onnx.save(model, tmp_path / "model.onnx", save_as_external_data=True, location="model.onnx.data")
+    with pytest.raises(BadInput, match="no RoPE site found"):
+        rewrite(tmp_path / "model.onnx", FIXTURE_DML / "config.json")
 
 
 @pytest.mark.slow

@@ -39,6 +39,7 @@ class Site:
         default_factory=list
     )  # further graph constants the tables replace (a fused node's sin cache)
     dtype: str = "fp32"  # the tables' (a fused node's caches keep the graph's dtype)
+    offset: int = 0  # the row of the original's cache where the site's rows start (a concatenated cache)
     # Each replaced rotation: the un-rotated q or k `x` and the rotated `y` (the same names in the original
     # and the rewritten graph), its pairing and layout: what verification reads back from both.
     rotated: list = field(default_factory=list)

@@ -108,7 +108,8 @@ def _rows_served(model: ir.Model, site: Site, context: int) -> int:
     names = (site.cos, site.sin, site.inv_freq, *site.replaced)
     for value in cache_checks.constants(model, names).values():  # an If's caches are in its branches
         if (value.ndim == 2 and site.width == "table") or site.rule.startswith("sincos_table"):
-            return int(value.shape[0])
+            rows = int(value.shape[0]) - site.offset  # a LongRoPE branch's rows in a concatenated cache
+            return rows if site.seq_len is None or site.offset else min(rows, checks.site_span(site)[1])
     return context
 
 

@@ -32,7 +32,16 @@ from pe_export.encodings.rope import tables
 from pe_export.rewriter import params as params_mod
 from pe_export.rewriter.job import Site
 from pe_export.rewriter.rules.base import site_params
-from pe_export.rewriter.rules.longrope_switch import BRANCHES, Switch, build_if, switch_refusal, switched
+from pe_export.rewriter.rules.longrope_switch import (
+    BRANCHES,
+    Switch,
+    branch_sites,
+    concatenated,
+    rebuild,
+    shift_refusal,
+    switch_refusal,
+    switched,
+)
 from pe_export.rewriter.rules.rotate_half import _ints
 
 TABLE_ULPS = (
@@ -145,10 +154,12 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
         sin_cache: ir.Value,
         interleaved: int = 0,
         rotary_dim: int = 0,
+        positions: ir.Value | None = None,
     ) -> pattern.MatchResult:
         """The caches are a constant or computed pair that agrees with one of the config's parameter sets,
         and the node's own rotation attributes (`interleaved`, `rotary_embedding_dim`, 0: the cache's
-        width) with it (else the refusal naming the parameter); sets `self._p`."""
+        width) and `positions` (None: the node has none) with it (else the refusal naming the parameter);
+        sets `self._p`."""
         if (cos_cache.name or "").startswith(TABLE_PREFIX):
             return r.fail("the caches are already pe-export's tables (this rule's own replacement)", cos_cache)
         key = (cos_cache.name, sin_cache.name)
@@ -157,6 +168,12 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
         p, reason, where, unrecognised = self._matched[key]
         if unrecognised:
             return r.fail(unrecognised, cos_cache)
+        switch = self._switches.get(key)
+        if not reason and switch is not None and switch.node is None:  # one concatenated cache
+            why = shift_refusal(positions, p.scaling_params["original_max_positions"])
+            if why and not why.startswith("original_max"):
+                return r.fail(why, cos_cache)  # not genai's form: no site
+            reason = why
         if not reason and (p.pairing == "interleaved") != bool(interleaved):
             reason = (
                 f"pairing: the graph's {self.fused} rotates {'interleaved pairs' if interleaved else 'halves'} "
@@ -205,11 +222,24 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
                 "the cos/sin caches are neither float32, float16 or bfloat16 (P, R/2) constants nor computed from "
                 "a Range of positions",
             )
-        dtype = self._dtypes[(cos_cache.name, sin_cache.name)] = CACHE_DTYPES[values[0].dtype]
+        key = (cos_cache.name, sin_cache.name)
+        dtype = self._dtypes[key] = CACHE_DTYPES[values[0].dtype]
         cos, sin = (v.numpy().astype(np.float64) for v in values)
         reasons = [table_disagreement(cos, sin, p, dtype=dtype) for p in self.job.candidates]
         p = next((c for c, why in zip(self.job.candidates, reasons) if why is None), None)
-        return p, "" if p is not None else "; ".join(dict.fromkeys(reasons)), cos_cache.name, ""
+        if p is not None:
+            return p, "", cos_cache.name, ""
+        for c in self.job.candidates:  # onnxruntime-genai's LongRoPE for EPs without If: [short rows; long rows]
+            original = c.scaling_params.get("original_max_positions", 0) if c.scaling == "longrope" else 0
+            if 0 < original < cos.shape[0]:
+                switch = concatenated(key, cos, sin, original, dtype)
+                found = self.match_switch(switch)
+                if found[0] is not None:
+                    self._switches[key] = switch
+                    return found
+                if cos.shape[0] == original + c.max_positions:  # the layout's length: its reason is the one
+                    reasons = [f"{found[1]} (a cache of {original} short rows then {c.max_positions} long ones)"]
+        return None, "; ".join(dict.fromkeys(reasons)), cos_cache.name, ""
 
     def match_switch(self, switch: Switch):
         """match_pair for an If choosing between LongRoPE's long (then) and short (else) cache pairs: the
@@ -238,9 +268,9 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
         """The float64-built (P, R/2) tables of --seq rows for this cache pair, and its site (one per pair;
         caches an If chooses: the same If on new tables, and the long branch's site)."""
         p = self._p
-        switch = self._switches.get((cos_cache.name, sin_cache.name))
-        if switch is not None:
-            return self.new_switched_caches(op, switch, positions)
+        key = (cos_cache.name, sin_cache.name)
+        if key in self._switches:
+            return self.new_switched_caches(op, key, positions)
         tables_ = self.job.tables_for(op, p, dtype=self._dtype)
         key = (cos_cache.name, sin_cache.name, None)
         site = self.job.site_index.get(key)
@@ -263,36 +293,12 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
             self.job.sites.append(site)
         return (*tables_, site)
 
-    def new_switched_caches(self, op, switch: Switch, positions: str) -> tuple[ir.Value, ir.Value, Site]:
-        """The If of `switch` rebuilt on float64-built tables: the long factors' of --seq rows, the short
-        factors' of the positions they serve (original_max_position_embeddings rows); a site per branch."""
-        built = self.job.built.get(switch.node.name)
-        if built is not None:
-            return built
-        p = self._p
-        original = p.scaling_params["original_max_positions"]
-        pairs, sites = {}, []
-        for branch, seq_len, label in zip(BRANCHES, (original + 1, original), ("_long", "_short")):
-            rows = None if seq_len > original else min(original, self.job.table_params(p).max_positions)
-            pairs[branch] = self.job.tables_for(op, p, seq_len, label, rows, self._dtype)
-            cos_name, sin_name = switch.names[branch]
-            site = Site(
-                rule=self.rule_name,
-                inv_freq=cos_name,
-                positions=positions,
-                cos=cos_name,
-                sin=sin_name,
-                params=site_params(self.job.table_params(p)),
-                tables=[t.name for t in pairs[branch]],
-                seq_len=seq_len,
-                width="table",
-                fused=self.fused,
-                replaced=[sin_name],
-                dtype=self._dtype,
-            )
-            self.job.site_index[(cos_name, sin_name, seq_len)] = site
-            self.job.sites.append(site)
-            sites.append(site)
-        cos_v, sin_v = build_if(op, switch.cond, pairs, f"pe_export.rope.switch_{len(self.job.built)}")
-        self.job.built[switch.node.name] = built = (cos_v, sin_v, sites[0])
-        return built
+    def new_switched_caches(self, op, key: tuple[str, str], positions: str) -> tuple[ir.Value, ir.Value, Site]:
+        """LongRoPE's two cache pairs (an If's, or one concatenated pair) rebuilt on float64-built tables
+        (`longrope_switch`), once for every node reading them; the long branch's site."""
+        if key not in self.job.built:
+            switch = self._switches[key]
+            pairs, sites = branch_sites(self, op, switch, self._p, positions)
+            cos_v, sin_v = rebuild(op, switch, pairs, f"pe_export.rope.switch_{len(self.job.built)}")
+            self.job.built[key] = (cos_v, sin_v, sites[0])
+        return self.job.built[key]

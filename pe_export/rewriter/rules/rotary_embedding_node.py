@@ -40,7 +40,9 @@ class RotaryEmbeddingNode(FusedCacheRule):
             return r.fail("no position_ids: the caches are per token (B, S, R/2), not tables", node)
         if position_ids.dtype not in (None, ir.DataType.INT64):
             return r.fail(f"positions are {position_ids.dtype}, not int64", position_ids)
-        r = self.check_caches(r, cos_cache, sin_cache, attr(node, "interleaved"), attr(node, "rotary_embedding_dim"))
+        r = self.check_caches(
+            r, cos_cache, sin_cache, attr(node, "interleaved"), attr(node, "rotary_embedding_dim"), position_ids
+        )
         if not r:
             return r
         reason = conversion_refusal(node, x, position_ids, self.job.op)
