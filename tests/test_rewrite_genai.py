@@ -124,27 +124,22 @@ def test_logits_at_short_positions_do_not_move(rewritten):
     assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max())
 
 
-def test_cli_checks_each_branch_against_its_side_of_the_switch(tmp_path):
+def cli_report(model: Path, config: Path, folder: Path) -> dict:
+    """`pe-export rewrite MODEL --config CONFIG -o FOLDER/cli.onnx --report FOLDER/report.json`: exit 0,
+    the report."""
     from typer.testing import CliRunner
 
     from pe_export.cli.main import app
 
-    report = tmp_path / "report.json"
-    r = CliRunner().invoke(
-        app,
-        [
-            "rewrite",
-            str(FIXTURE / "model.onnx"),
-            "--config",
-            str(FIXTURE / "config.json"),
-            "-o",
-            str(tmp_path / "model.onnx"),
-            "--report",
-            str(report),
-        ],
-    )
+    report = folder / "report.json"
+    args = ["rewrite", str(model), "--config", str(config), "-o", str(folder / "cli.onnx"), "--report", str(report)]
+    r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
-    doc = json.loads(report.read_text())
+    return json.loads(report.read_text())
+
+
+def test_cli_checks_each_branch_against_its_side_of_the_switch(tmp_path):
+    doc = cli_report(FIXTURE / "model.onnx", FIXTURE / "config.json", tmp_path)
     rows = doc["sites"]
     assert {row["verdict"] for row in rows} == {"pass"} and len(rows) == 4, rows  # 2 sites x 2 runtimes
     positions = {row["site"]: (min(row["positions"]), max(row["positions"])) for row in rows}
@@ -222,15 +217,7 @@ def test_fp16_caches_stay_fp16_and_the_rotation_stays_within_fp16_rounding(tmp_p
     for name, positions in WINDOWS.items():
         err, _ = rm.genai_key_error(out, positions, rotate64)
         assert err <= FP16_ROTATED_ULPS * 2.0**-11, (name, err)
-    from typer.testing import CliRunner
-
-    from pe_export.cli.main import app
-
-    report = tmp_path / "report.json"
-    args = ["rewrite", str(path), "--config", str(tmp_path / "config.json"), "-o", str(tmp_path / "cli.onnx")]
-    r = CliRunner().invoke(app, [*args, "--report", str(report)])
-    assert r.exit_code == 0, r.output
-    doc = json.loads(report.read_text())
+    doc = cli_report(path, tmp_path / "config.json", tmp_path)
     assert {row["verdict"] for row in doc["sites"]} == {"pass"} and len(doc["sites"]) == 4
     factor = np.sqrt(1 + np.log(LAST / ORIGINAL) / np.log(ORIGINAL))  # LongRoPE's attention factor
     assert all(row["bound"] == pytest.approx(2 * 2.0**-11 * factor) for row in doc["sites"])  # fp16's rounding
@@ -275,15 +262,7 @@ def test_dml_concatenated_cache_becomes_two_sites_and_keys_stay_within_fp16_roun
         for kind, model_path in (("original", path), ("rewritten", out)):
             err, _ = rm.genai_key_error(model_path, positions, rotate64, K_PROJ, key_start=0)
             assert err <= FP16_ROTATED_ULPS * 2.0**-11, (kind, name, err)
-    from typer.testing import CliRunner
-
-    from pe_export.cli.main import app
-
-    report = tmp_path / "report.json"
-    args = ["rewrite", str(path), "--config", str(tmp_path / "config.json"), "-o", str(tmp_path / "cli.onnx")]
-    r = CliRunner().invoke(app, [*args, "--report", str(report)])
-    assert r.exit_code == 0, r.output
-    doc = json.loads(report.read_text())
+    doc = cli_report(path, tmp_path / "config.json", tmp_path)
     assert {row["verdict"] for row in doc["sites"]} == {"pass"} and len(doc["sites"]) == 4
     assert [w["verdict"] for w in doc["whole_model"]] == ["pass", "pass"], doc["whole_model"]
 
