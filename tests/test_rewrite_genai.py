@@ -332,3 +332,16 @@ def test_builder_phi3_at_131072_positions_and_genai_runtime(tmp_path):
             generator.generate_next_token()
         tokens[folder.name] = list(generator.get_sequence(0))
     assert tokens[path.parent.name] == tokens[out.parent.name] and len(tokens[out.parent.name]) == 40, tokens
+
+
+def test_a_seq_that_never_reaches_the_long_factors_exits_2_and_writes_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    from pe_export.cli.main import app
+
+    out = tmp_path / "model.onnx"
+    args = ["rewrite", str(FIXTURE / "model.onnx"), "--config", str(FIXTURE / "config.json"), "-o", str(out)]
+    r = CliRunner().invoke(app, [*args, "--seq", str(ORIGINAL // 2)])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert f"pass --seq above {ORIGINAL}" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not any(tmp_path.iterdir())

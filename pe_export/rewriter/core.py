@@ -65,6 +65,14 @@ def rewrite_model(model: ir.Model, config, seq: int | None = None, op: str = "ta
         old = model.graph.initializers.get(name)
         if old is not None and not old.uses() and old not in model.graph.outputs:
             del model.graph.initializers[name]
+    unreached = [s for s in job.sites if s.seq_len is not None and s.seq_len > s.params["max_positions"]]
+    if unreached:
+        s = unreached[0]
+        raise BadInput(
+            f"--seq {s.params['max_positions']}: site {s.inv_freq!r} takes LongRoPE's long factors from "
+            f"{s.seq_len} positions on (original_max_position_embeddings {s.seq_len - 1}), which a table of "
+            f"{s.params['max_positions']} never reaches; pass --seq above {s.seq_len - 1}, or leave it out"
+        )
     computed = [s.inv_freq for s in job.sites if not s.tables]
     if op != "tables" and computed:
         raise BadInput(
