@@ -164,16 +164,19 @@ class Logits(torch.nn.Module):
         return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
 
-def export(model, path: Path) -> Path:
+def export(model, path: Path, mrope: bool = False) -> Path:
+    """(input_ids (B, S), position_ids (B, S), or (3, B, S) with `mrope`: a VL model's text path) -> logits."""
     ids = torch.zeros(2, 8, dtype=torch.long)
-    pos = torch.arange(8)[None].repeat(2, 1)
+    pos, axes = torch.arange(8)[None].repeat(2, 1), {0: "B", 1: "S"}  # (B, S)
+    if mrope:
+        pos, axes = pos[None].repeat(3, 1, 1), {1: "B", 2: "S"}  # (3, B, S)
     program = torch.onnx.export(
         Logits(model).eval(),
         (ids, pos),
         dynamo=True,
         input_names=["input_ids", "position_ids"],
         output_names=["logits"],
-        dynamic_shapes={"input_ids": {0: "B", 1: "S"}, "position_ids": {0: "B", 1: "S"}},
+        dynamic_shapes={"input_ids": {0: "B", 1: "S"}, "position_ids": axes},
         verbose=False,
     )
     program.save(str(path))

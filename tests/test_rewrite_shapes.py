@@ -1,14 +1,16 @@
 """`pe-export rewrite` on the shapes issue 19 (part 4) found refused: interleaved pairs under --op
 onnx|ort|decomposed (GLM, partial rotary 0.5; DeepSeek-V3, `rope_interleave`, MLA, YaRN x40), Cohere's
-cos/sin repeated per pair, and M-RoPE text exports (Qwen2-VL).
+cos/sin repeated per pair, and M-RoPE text exports (Qwen2-VL, Qwen3-VL) with every --op.
 
 Tiny transformers 5.23 models with random weights (nothing downloaded), exported by torch.onnx.export. The
 expected values are independent of the rewriter: each rotated q/k of the rewritten model against
 pe-export's float64 rotation (`custom_ops.rotation.apply_reference`) of the same run's q/k, at positions
 to the end of the table; cos/sin against float64 tables from the formula; the whole model against the
 original's logits at short positions; M-RoPE's recomposed cos/sin against a float64 form of transformers'
-`recomposition_frequencies` (written here: branch `mrope` builds the encoding). Default: DeepSeek-V3 and
-Cohere with --op onnx, Qwen2-VL with --op tables; GLM and the other ops are slow.
+`recomposition_frequencies` (written here: branch `mrope` builds the encoding); the M-RoPE logits against
+the same transformers model in float64 (its own `recomposition_frequencies` on float64 cos/sin), with three
+position rows that differ. Default: DeepSeek-V3 and Cohere with --op onnx, Qwen2-VL and Qwen3-VL with every
+op; GLM and the other ops of the rest are slow.
 """
 
 from __future__ import annotations
@@ -99,13 +101,16 @@ DEFAULT = {("deepseek-v3", "onnx"), ("cohere", "onnx")}
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
+    """name -> (model.onnx, config.json, the model, its config): a SHAPES family, or an M-RoPE model (MROPE)
+    whose text path takes (3, B, S) positions."""
     cache = {}
 
     def get(name):
         if name not in cache:
             folder = tmp_path_factory.mktemp(name)
-            model, cfg = rm.build(SHAPES[name])
-            cache[name] = (rm.export(model, folder / "model.onnx"), rm.save_config(cfg, folder))
+            model, cfg = build_mrope(name) if name in MROPE else rm.build(SHAPES[name])
+            path = rm.export(model, folder / "model.onnx", mrope=name in MROPE)
+            cache[name] = (path, rm.save_config(cfg, folder), model, cfg)
         return cache[name]
 
     return get
@@ -122,7 +127,7 @@ def cases():
 def test_shape_rewrites_and_verifies(name, op, exported, tmp_path):
     from pe_export.cli.main import app
 
-    path, config = exported(name)
+    path, config, _, _ = exported(name)
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
     r = CliRunner().invoke(
         app,
@@ -152,10 +157,16 @@ def test_shape_rewrites_and_verifies(name, op, exported, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# M-RoPE (Qwen2-VL) text export: Cos/Sin of (3, B, S, R/2) angles, sections selected per rotary dim after
-
+# M-RoPE text exports: Cos/Sin of (3, B, S, R/2) angles, sections selected per rotary dim after. Qwen2-VL's
+# chunked sections and Qwen3-VL's interleaved ones (a section whose interleaved pair counts are [4, 2, 2], as
+# Qwen3-VL's own [24, 20, 20] are at R/2 = 64). Every case is in the default set: the two (3, B, S) exports
+# take ~7 s each, a case ~1 s after them.
 
 MROPE_SECTION = [2, 3, 3]  # of R/2 = 8
+MROPE = {"qwen2-vl": (MROPE_SECTION, False), "qwen3-vl": ([4, 2, 2], True)}
+MROPE_THETA = 1000000.0
+MROPE_CONTEXT = 32768  # the float32 angles' error at the end: 15x the start's in the logits (2.7e-6 at 2048: 12x)
+WINDOW = 64
 
 
 def recomposition_frequencies(freq: np.ndarray, mrope_section: list[int]) -> np.ndarray:
@@ -168,25 +179,9 @@ def recomposition_frequencies(freq: np.ndarray, mrope_section: list[int]) -> np.
 
 @pytest.fixture(scope="module")
 def qwen2_vl(tmp_path_factory):
-    """(model.onnx, config.json, the model) of a tiny Qwen2-VL, its text path exported (input_ids, position_ids)."""
-    import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    text = dict(
-        vocab_size=rm.VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=CONTEXT,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": MROPE_SECTION},
-    )
-    vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2)
-    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, vocab_size=rm.VOCAB)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    """(model.onnx, config.json, the model) of a tiny Qwen2-VL, its text path exported with (B, S) positions
+    (the graph expands them to three equal rows)."""
+    model, cfg = build_mrope("qwen2-vl", CONTEXT)
     folder = tmp_path_factory.mktemp("qwen2-vl")
     return rm.export(model, folder / "model.onnx"), rm.save_config(cfg, folder), model
 
@@ -260,6 +255,179 @@ def test_qwen2_vl_text_export_rewrites_and_its_sections_match_float64(qwen2_vl, 
         )
     bound = doc["sites"][0]["bound"]
     assert errors["rewritten"] <= bound < errors["original"], errors
+
+
+# M-RoPE text exports whose position_ids input is (3, B, S), as a vision-language model's decoder takes
+# them, rewritten with every --op: the rotations read per-token rows of the float64 tables
+# (pe_export.rewriter.mrope_rows).
+
+
+def components(section: list[int], interleaved: bool) -> np.ndarray:
+    """(R/2,) the row (0 t, 1 h, 2 w) of each rotary pair, from transformers 5.23's two
+    `recomposition_frequencies` (Qwen2-VL: section i from row i % 3; Qwen3-VL: h at 1::3 up to 3h, w at
+    2::3 up to 3w)."""
+    half = sum(section)
+    if not interleaved:
+        return np.concatenate([np.full(n, i % 3) for i, n in enumerate(section)])
+    rows = np.zeros(half, np.int64)
+    rows[1 : 3 * section[1] : 3], rows[2 : 3 * section[2] : 3] = 1, 2
+    return rows
+
+
+def build_mrope(name: str, context: int = MROPE_CONTEXT):
+    """(model float32 eval, config) of a tiny Qwen2-VL or Qwen3-VL, q/k scaled by rm.QK_SCALE."""
+    import torch
+    import transformers
+
+    section, interleaved = MROPE[name]
+    text = dict(
+        vocab_size=rm.VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=context,
+        rope_parameters={"rope_type": "default", "rope_theta": MROPE_THETA, "mrope_section": section},
+    )
+    if interleaved:
+        text["rope_parameters"]["mrope_interleaved"] = True  # Qwen3-VL checkpoints' key (pe-export's reader)
+        vision = dict(depth=1, hidden_size=32, num_heads=2, out_hidden_size=64, deepstack_visual_indexes=[])
+        config, model = transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration
+    else:
+        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2)
+        config, model = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+    cfg = config(text_config=text, vision_config=vision)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = model(cfg).eval()
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if "q_proj.weight" in key or "k_proj.weight" in key:
+                param.mul_(rm.QK_SCALE)
+    return model, cfg
+
+
+def float64_mrope(model, cfg):
+    """The same model in float64, its rotary module computing cos/sin in float64 (angles from a float64
+    inv_freq) and recomposing them with transformers' own `recomposition_frequencies`."""
+    import copy
+
+    import torch
+
+    m64 = copy.deepcopy(model).double()
+    rotary = m64.model.language_model.rotary_emb
+    dim = cfg.text_config.head_dim
+    inv_freq = torch.from_numpy(1.0 / MROPE_THETA ** (np.arange(0, dim, 2, dtype=np.float64) / dim))  # (R/2,)
+
+    def forward(x, position_ids):
+        freqs = position_ids.expand(3, -1, -1)[..., None].double() * inv_freq  # (3, B, S, R/2)
+        cos, sin = (rotary.recomposition_frequencies(t) for t in (freqs.cos(), freqs.sin()))  # (B, S, R)
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+    rotary.forward = forward
+    return m64
+
+
+def vision_positions(first: int) -> np.ndarray:
+    """(3, 2, WINDOW) positions in [first, first + WINDOW): three rows that differ, and differ per batch row."""
+    w = first + np.arange(WINDOW)
+    return np.stack([np.stack([w, w[::-1], np.roll(w, 1)]), np.stack([w[::-1], np.roll(w, 7), w])], axis=1)
+
+
+@pytest.mark.parametrize("op", ["tables", "onnx", "ort", "decomposed"])
+@pytest.mark.parametrize("name", list(MROPE))
+def test_mrope_text_export_with_3d_positions_rewrites_with_every_op(name, op, exported, tmp_path):
+    """Each --op on a (3, B, S) text export: every site row and the whole model pass on the default
+    runtimes (which feed three rows that differ); the logits against transformers' model in float64, at
+    positions whose three rows differ (batch 2), are as good at the end of the context as at its start,
+    and the original's are not."""
+    import torch
+
+    from pe_export.cli.main import app
+
+    path, config, model, cfg = exported(name)
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    args = ["rewrite", str(path), "--config", str(config), "--op", op, "-o", str(out), "--report", str(report)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(report.read_text())
+    (site,) = doc["rewrite"]["sites"]
+    rows = doc["sites"]
+    assert rows and all(row["verdict"] == "pass" for row in rows), rows
+    assert {row["runtime"] for row in rows} == {"ort-cpu", "ort-cpu-noopt"}
+    assert all(w["verdict"] == "pass" for w in doc["whole_model"]) and len(doc["whole_model"]) == 2, doc
+    types = {(n.domain or "", n.op_type) for n in onnx.load(out).graph.node}
+    assert not {t for _, t in types} & {"Cos", "Sin"}, types  # no float32 angles left
+    if op == "tables":
+        assert site["rotations"] == 0 and site["sections"] == []
+    else:
+        section, interleaved = MROPE[name]
+        half = sum(section)
+        want = components(section, interleaved) * half + np.arange(half)  # c * R/2 + k, k = j
+        assert site["rotations"] == 2 and site["sections"] == want.tolist(), site
+        assert any(row["what"] == "rotated q/k" for row in rows)
+        rotary = {domain for domain, t in types if t == "RotaryEmbedding"}
+        assert rotary == {"onnx": {""}, "ort": {"com.microsoft"}, "decomposed": set()}[op], types
+
+    m64 = float64_mrope(model, cfg)
+    rng = np.random.default_rng(1)
+    errors = {}
+    for where, first in (("start", 0), ("end", MROPE_CONTEXT - WINDOW)):
+        feed = {"input_ids": rng.integers(0, rm.VOCAB, (2, WINDOW)), "position_ids": vision_positions(first)}
+        with torch.no_grad():
+            truth = m64(**{k: torch.from_numpy(v) for k, v in feed.items()}, use_cache=False).logits.numpy()
+        for kind, file in (("original", path), ("rewritten", out)):
+            errors[f"{kind}_{where}"] = float(np.abs(rm.ort_logits(file, feed) - truth).max())
+    note = f"{name} --op {op}: {json.dumps({k: f'{v:.2e}' for k, v in errors.items()})}"
+    assert errors["rewritten_end"] <= rm.WITHIN * errors["rewritten_start"], note
+    assert errors["rewritten_end"] * rm.GROWS <= errors["original_end"], note
+
+
+def test_an_m_rope_selection_that_is_not_one_is_refused_naming_why(exported, tmp_path):
+    """The rows the rotations read are the graph's section selection, read by a probe: a Mul inside it
+    (arithmetic, not a selection of table entries) leaves no rotation to lower: exit 2, one line, no file."""
+    from onnx import helper
+
+    from pe_export.cli.main import app
+
+    path, config, _, _ = exported("qwen2-vl")
+    model = onnx.load(path)
+    graph = model.graph
+    concat = next(n for n in graph.node if n.op_type == "Concat" and len(n.input) == 2 and n.input[0] == n.input[1])
+    half = concat.input[0]
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array(0.5, np.float32), "half_scale"))
+    at = list(graph.node).index(concat)
+    graph.node.insert(at, helper.make_node("Mul", [half, "half_scale"], ["scaled_half"]))
+    concat.input[:] = ["scaled_half", "scaled_half"]
+    onnx.save(model, tmp_path / "scaled.onnx")
+    out = tmp_path / "out.onnx"
+    r = CliRunner().invoke(
+        app, ["rewrite", str(tmp_path / "scaled.onnx"), "--config", str(config), "--op", "ort", "-o", str(out)]
+    )
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert "M-RoPE: the section selection is not a selection of the (3, B, S, 8) rows" in r.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("op", ["onnx", "ort", "decomposed"])
+def test_qwen2_vl_with_2d_positions_lowers_its_rotations(op, qwen2_vl, tmp_path):
+    """The (B, S) form (the graph expands the positions to three equal rows): every --op lowers both
+    rotations on the chunked sections, and every row passes."""
+    from pe_export.cli.main import app
+
+    path, config, _ = qwen2_vl
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    r = CliRunner().invoke(
+        app, ["rewrite", str(path), "--config", str(config), "--op", op, "-o", str(out), "--report", str(report)]
+    )
+    assert r.exit_code == 0, r.output
+    doc = json.loads(report.read_text())
+    (site,) = doc["rewrite"]["sites"]
+    assert site["rotations"] == 2 and site["sections"] == [0, 1, 10, 11, 12, 21, 22, 23], site
+    assert all(row["verdict"] == "pass" for row in doc["sites"] + doc["whole_model"]), doc
 
 
 def test_an_export_reads_mrope_section_as_m_rope_and_the_rewriter_leaves_it_to_the_graph(tmp_path):

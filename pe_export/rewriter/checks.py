@@ -14,6 +14,9 @@ and the other rows complete.
   as `pe-export verify` bounds a RoPE file.
 - Whole model: the original and the rewritten model's outputs at short positions (where the float32
   angles are still exact), inputs generated from the model's own input signature.
+
+An M-RoPE position input (3, B, S) is fed three rows that differ (`component_rows`); an M-RoPE site's
+rotations are checked against rows selected from the float64 tables as its `sections` say.
 """
 
 from __future__ import annotations
@@ -96,14 +99,21 @@ def window(positions: np.ndarray) -> np.ndarray:
     return positions[-1] - positions.size + 1 + np.arange(positions.size)
 
 
+def component_rows(positions: np.ndarray) -> np.ndarray:
+    """(3, S) M-RoPE positions (temporal, height, width) that differ, each a permutation of `positions`
+    (so each reaches its last one): T the positions, H reversed, W rolled by one, as an image's do."""
+    return np.stack([positions, positions[::-1], np.roll(positions, 1)])
+
+
 def feeds(
     model: ir.Model, positions: np.ndarray, batch: int = 1, seed: int = 0, cache_dims: dict | None = None
 ) -> dict:
     """Inputs for `model` from its own signature: ids (random in a small range), positions, masks of ones,
-    past key/values of length 0. A past key/value's symbolic axes other than the batch take their size
-    from `cache_dims` ({axis: size}, e.g. `cache_dims_of(config)`), else 0 (its past length). A graph with
-    no position input reads `positions` (a contiguous window, `window`) through a past of length
-    positions[0]."""
+    past key/values of length 0. A (3, B, S) position input (M-RoPE) gets three rows that differ
+    (`component_rows`), so that a section read from the wrong row shows. A past key/value's symbolic
+    axes other than the batch take their size from `cache_dims` ({axis: size}, e.g.
+    `cache_dims_of(config)`), else 0 (its past length). A graph with no position input reads
+    `positions` (a contiguous window, `window`) through a past of length positions[0]."""
     rng = np.random.default_rng(seed)
     S = positions.size
     past = 0 if has_position_input(model) else int(positions[0])
@@ -114,7 +124,9 @@ def feeds(
         name = v.name.lower()
         dtype = v.dtype.numpy() if v.dtype is not None else np.int64
         dims = [d if isinstance(d, int) else None for d in (v.shape.dims if v.shape is not None else [])]
-        if "position" in name:
+        if "position" in name and len(dims) == 3 and dims[0] in (3, None):  # M-RoPE (3, B, S)
+            out[v.name] = np.repeat(component_rows(positions)[:, None], batch, 1).astype(dtype)
+        elif "position" in name:
             out[v.name] = np.repeat(positions[None], batch, 0).astype(dtype)
         elif "mask" in name:
             out[v.name] = np.ones((batch, past + S), dtype=dtype)
@@ -250,11 +262,18 @@ def failure(original: tuple[str, str], rewritten: tuple[str, str]) -> tuple[str,
     return ("pass", "") if v_o == "pass" else (v_o, f"original: {note_o}")
 
 
-def rotation_error(got: dict, site: Site, positions: np.ndarray, op: str) -> tuple[np.ndarray, float, float]:
+def rotation_error(
+    got: dict, site: Site, positions: np.ndarray, op: str, rows: np.ndarray | None = None
+) -> tuple[np.ndarray, float, float]:
     """(max abs error per position (S,), largest bound, worst error/bound) of every rotated q/k of the
-    site in one run, against the float64 rotation of the same run's un-rotated q/k."""
+    site in one run, against the float64 rotation of the same run's un-rotated q/k. `rows`: an M-RoPE
+    site's (3, S) position rows as fed (`fed_rows`)."""
     p = RopeParams(**site.params)
     cos, sin = tables(p, seq_len(site, positions))  # (P, R/2) float64
+    ids = positions
+    if site.sections:  # M-RoPE: per-token rows of the three positions, read as a table
+        cos, sin = (mrope_token_rows(t, rows, site.sections) for t in (cos, sin))  # (S, R/2)
+        ids = np.arange(positions.size)
     factor = tolerance("fp32", op).factor
     err, top, ratio = np.zeros(positions.size), 0.0, 0.0
     for rot in site.rotated:
@@ -263,14 +282,28 @@ def rotation_error(got: dict, site: Site, positions: np.ndarray, op: str) -> tup
         if pairing == "interleaved_to_half":  # pairs (2i, 2i + 1) written out as halves (rotate_pairs_to_halves)
             x, pairing = np.concatenate([x[..., 0 : p.rotary_dim : 2], x[..., 1 : p.rotary_dim : 2]], -1), "half"
         s_axis = 3 - heads_axis(rot["layout"])  # bhsd: 2, bshd: 1
-        ids = np.broadcast_to(positions, (x.shape[0], positions.size))
-        ref = apply_reference(x, cos, sin, ids, pairing=pairing, rotary_dim=p.rotary_dim, layout=rot["layout"])
+        batch_ids = np.broadcast_to(ids, (x.shape[0], positions.size))
+        ref = apply_reference(x, cos, sin, batch_ids, pairing=pairing, rotary_dim=p.rotary_dim, layout=rot["layout"])
         e = np.abs(y.astype(np.float64) - ref)
         limit = factor * (EPS["fp32"] * _factor(site) * pair_sums(x, pairing, p.rotary_dim) + DENORM_MIN["fp32"])
         other = tuple(a for a in range(e.ndim) if a != s_axis)
         err = np.maximum(err, e[..., : p.rotary_dim].max(axis=other))
         top, ratio = max(top, float(limit.max())), max(ratio, float((e[..., : p.rotary_dim] / limit).max()))
     return err, top, ratio
+
+
+def fed_rows(feed: dict, positions: np.ndarray) -> np.ndarray:
+    """(3, S) the M-RoPE position rows of batch row 0 in `feed`: a (3, B, S) input's, or three equal rows
+    for (B, S) positions (the graph expands them)."""
+    three = [v for k, v in feed.items() if "position" in k.lower() and np.ndim(v) == 3]
+    return np.asarray(three[0][:, 0]) if three else np.stack([positions] * 3)
+
+
+def mrope_token_rows(table: np.ndarray, rows: np.ndarray, sections: list[int]) -> np.ndarray:
+    """(S, R/2) per-token rows: pair j from `table` (P, R/2) at rows[c], column k, for sections[j] = c * R/2 + k."""
+    half = table.shape[-1]
+    per_token = table[rows].transpose(1, 0, 2).reshape(rows.shape[1], 3 * half)  # (S, 3R/2)
+    return per_token[:, sections]
 
 
 def check_sites(
@@ -315,8 +348,13 @@ def check_sites(
                 verdict = "pass" if float(err_n.max()) <= bound else "FAIL"
                 rows.append(SiteRow(i, runtime, pos.tolist(), err_o, err_n.tolist(), bound, verdict, provider, note))
             if site.rotated:
-                rot_n, top, ratio = rotation_error(got_n[j], site, pos, op)
-                rot_o = rotation_error(got_o[j], site, pos, op)[0].tolist() if got_o is not None else [None] * pos.size
+                rows_fed = fed_rows(inputs[j], pos)
+                rot_n, top, ratio = rotation_error(got_n[j], site, pos, op, rows_fed)
+                rot_o = (
+                    rotation_error(got_o[j], site, pos, op, rows_fed)[0].tolist()
+                    if got_o is not None
+                    else [None] * pos.size
+                )
                 worst = f"worst error/bound {ratio:.2f} over {len(site.rotated)} rotations"
                 rows.append(
                     SiteRow(

@@ -43,6 +43,9 @@ class Site:
     # Each replaced rotation: the un-rotated q or k `x` and the rotated `y` (the same names in the original
     # and the rewritten graph), its pairing and layout: what verification reads back from both.
     rotated: list = field(default_factory=list)
+    # An M-RoPE site's rotations (`rewriter.mrope_rows`): for each pair j of the rows they read, c * R/2 + k,
+    # the component c (temporal, height, width) and column k of the site's (3, B, S, R/2) cos/sin.
+    sections: list = field(default_factory=list)
 
     def add_rotation(self, x: str, y: str, pairing: str, layout: str) -> None:
         self.rotations += 1
@@ -62,6 +65,7 @@ class Job:
     site_index: dict = field(default_factory=dict)  # (inv_freq, positions, branch) -> Site
     found: set = field(default_factory=set)  # (rule, inv_freq) of every site whose check passed
     built: dict = field(default_factory=dict)  # a rule's replacement shared by the nodes reading it
+    unlowered: list[str] = field(default_factory=list)  # why a rotation of a site could not be lowered (--op)
     _tables: dict = field(default_factory=dict)
 
     def table_params(self, p: RopeParams) -> RopeParams:

@@ -26,8 +26,9 @@ def replace_rotations(model: ir.Model, job: Job) -> int:
     count = rule_set(job, kinds=("rotation",)).apply_to_model(model)
     # A fused node's rotation: already the target (counted when its caches were rewritten), or GQA's own, kept.
     if not count and not any(s.fused for s in job.sites):
+        why = f" ({job.unlowered[0]})" if job.unlowered else ""
         raise BadInput(
-            f"--op {job.op}: no q/k rotation reads the rewritten cos/sin in a shape recognised here (rotate_half); "
-            f"use --op tables"
+            f"--op {job.op}: no q/k rotation reads the rewritten cos/sin in a shape recognised here (rotate_half)"
+            f"{why}; use --op tables"
         )
     return count

@@ -7,7 +7,9 @@ Qwen2, Gemma, Phi-3, and GPT-NeoX's rotated slice), once its cos/sin were rewrit
 replaced (--op onnx|ort|decomposed) by pe-export's lowering of that target on the site's tables
 (`custom_ops/lowerings.py`; the same arithmetic written with the rewriter's builder): one opset-23
 `RotaryEmbedding`, one `com.microsoft::RotaryEmbedding`, or the decomposed Gather/Mul/Add form. A
-LongRoPE site feeds the lowering Where(cond, long table, short table), keeping the run-time switch.
+LongRoPE site feeds the lowering Where(cond, long table, short table), keeping the run-time switch. An
+M-RoPE text site (cos = Concat(f, f), f the graph's section selection of the (3, B, S, R/2) rows) feeds
+it the per-token rows as a (B*S, R/2) table read at arange(B*S) (`pe_export.rewriter.mrope_rows`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from pe_export.rewriter import mrope_rows
 from pe_export.rewriter.emit import ints
 from pe_export.rewriter.rules import RULES
 
@@ -55,6 +58,22 @@ def site_tables(cos4: ir.Value):
     return None if one is None else {"table": (one[0],), "positions": one[1], "cond": None}
 
 
+def doubled(cos4: ir.Value) -> ir.Value | None:
+    """f of Unsqueeze(Concat(f, f), 1), or None."""
+    node = cos4.producer()
+    if node is None or node.op_type != "Unsqueeze" or _ints(node.inputs[1]) != [1]:
+        return None
+    concat = node.inputs[0].producer()
+    if (
+        concat is None
+        or concat.op_type != "Concat"
+        or len(concat.inputs) != 2
+        or concat.inputs[0] is not concat.inputs[1]
+    ):
+        return None
+    return concat.inputs[0]
+
+
 class RotationRule(pattern.RewriteRuleClassBase):
     """What the q/k rotation rules share (kind "rotation", run after the cos/sin rules): the job, the
     match `check` found, the shape check of x, the table a lowering reads and the site's record."""
@@ -80,14 +99,27 @@ class RotationRule(pattern.RewriteRuleClassBase):
 
     @staticmethod
     def table(op, found: dict) -> ir.Value:
-        """The (P, R/2) table a lowering reads: a LongRoPE site's Where(cond, long, short), else its one table."""
+        """The (P, R/2) table a lowering reads: a LongRoPE site's Where(cond, long, short), an M-RoPE site's
+        per-token rows (B*S, R/2), else its one table."""
+        if "select" in found:
+            return mrope_rows.rows(op, found)
         return found["table"][0] if found["cond"] is None else op.Where(found["cond"], *found["table"])
 
-    def record(self, tables, x: ir.Value, y: str, pairing: str) -> None:
+    @staticmethod
+    def positions(op, found: dict) -> ir.Value:
+        """The (B, S) positions a lowering reads: the site's (negatives already mapped to P), or for an
+        M-RoPE site each token's row of `table`."""
+        if "select" in found:
+            return mrope_rows.token_positions(op, found["positions"])
+        return found["positions"]
+
+    def record(self, tables, x: ir.Value, y: str, pairing: str, sections=None) -> None:
         """Note the rotation on the site whose tables these are (the checks compare it in float64)."""
         for site in self.job.sites:
             if any(t.name in site.tables for t in tables):
                 site.add_rotation(x.name, y, pairing, "bhsd")
+                if sections is not None:
+                    site.sections = [int(i) for i in sections]
 
 
 @RULES.register("rotate_half")
@@ -103,8 +135,15 @@ class RotateHalf(RotationRule):
     def check(self, context, x, cos4, sin4, x1, x2, y, **_):
         r = pattern.MatchResult()
         cos, sin = site_tables(cos4), site_tables(sin4)
-        if cos is None or sin is None:
-            return r.fail("cos/sin are not a rewritten site's (run the cos/sin rules first)", cos4)
+        if cos is None or sin is None:  # an M-RoPE site: the graph's section selection between Gather and Concat
+            cos, sin = mrope_rows.site_rows(doubled(cos4)), mrope_rows.site_rows(doubled(sin4))
+            reason = next((v for v in (cos, sin) if isinstance(v, str)), None)
+            if not reason and cos is not None and sin is not None and list(cos["select"]) != list(sin["select"]):
+                reason = f"cos selects pairs {list(cos['select'])}, sin {list(sin['select'])}"
+            if reason:
+                self.job.unlowered.append(f"M-RoPE: {reason}")
+            if reason or cos is None or sin is None:
+                return r.fail(reason or "cos/sin are not a rewritten site's (run the cos/sin rules first)", cos4)
         half = cos["table"][0].shape[-1]
         s1, s2 = x1.producer(), x2.producer()
         a1, a2 = (
@@ -123,8 +162,8 @@ class RotateHalf(RotationRule):
 
     def rewrite(self, op, x, **_):
         cos, sin, half, y = self._found
-        self.record(cos["table"], x, y, "half")
-        positions = cos["positions"]  # already mapped: negative -> P
+        self.record(cos["table"], x, y, "half", cos.get("select"))
+        positions = self.positions(op, cos)  # already mapped: negative -> P
         return LOWERINGS[self.job.op](op, x, self.table(op, cos), self.table(op, sin), positions, 2 * half)
 
 
