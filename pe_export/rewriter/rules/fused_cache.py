@@ -2,16 +2,19 @@
 agreement with the config, and the site that replaces them by float64-built tables.
 
 A fused node (`RotaryEmbedding` of either domain, `com.microsoft::GroupQueryAttention` with do_rotary)
-reads its cos and sin caches in one of two forms:
+reads its cos and sin caches in one of these forms:
 
-    a float32 constant (P, R/2) (onnxruntime-genai's model builder, ORT's transformers optimizer):
-        cos[p, m] = F * cos(fl(p * inv_freq[m])), angles in float32 as torch computed them
+    a float32, float16 or bfloat16 constant (P, R/2) (onnxruntime-genai's model builder in the model's io
+    dtype, ORT's transformers optimizer):
+        cos[p, m] = F * cos(fl(p * inv_freq[m])), angles in float32 as torch computed them, then rounded
     onnxscript's `CosSinCacheFusion` with a run-time length (no max_pos_id given):
         Range(0, ReduceMax(position_ids) + 1, 1) -> Reshape(-1, 1) -> Cast(FLOAT)
         -> MatMul(., inv_freq (1, R/2)) -> Cos, Sin                                    (P, R/2)
+    LongRoPE's long and short constant pairs, chosen by an If or concatenated (onnxruntime-genai's
+    Phi-3; `longrope_switch`), each branch checked for calls on its side of the switch
 
 A constant cache agrees with the config when it is the config's table with float32 angles (pe-export's
-`angles="float32"`, transformers' arithmetic) to within `TABLE_ULPS` of cos/sin rounding plus, on each
+`angles="float32"`, transformers' arithmetic) to within `TABLE_ULPS` of cos/sin rounding (plus half the eps of a narrower dtype) plus, on each
 angle, the `params.ULPS` a float32 inv_freq may be off (other float32 arithmetic for the same
 frequencies): a wrong theta moves the angles at the table's end by far more. A disagreement is named by
 the parameter that explains it, read off the table (rotary dim from its width, the attention factor
