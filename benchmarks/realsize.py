@@ -6,7 +6,12 @@ resident memory of the whole process tree (pe-export and its runtime workers, sa
 /proc) as a ratio to the model's bytes. Aims: rewrite alone <= 2x cp and <= 0.25x model bytes;
 rewrite + verification <= 6x cp and <= 1.5x model bytes, every row verified.
 
-    python benchmarks/realsize.py [--sizes 0.1B,0.5B,1.2B,0.1B-fp16] [--folder DIR] [--keep] [--output FILE.md]
+    python benchmarks/realsize.py [--sizes 0.1B,0.5B,1.2B,0.1B-fp16] [--folder DIR] [--keep] [--rounds N]
+        [--output FILE.md]
+
+With --rounds N each size is measured N times in a row (cp, rewrite, rewrite + verify: each ratio within
+its round) and the table gives the medians: on a machine shared with other work one round can be twice
+another.
 
 The models: transformers 5.23 `LlamaForCausalLM` with random weights (nothing downloaded), llama3
 scaling x32, theta 5e5, 131072 positions (Llama-3.2's rope parameters), inputs (input_ids, position_ids)
@@ -24,6 +29,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,7 +98,7 @@ def build(name: str, folder: Path) -> None:
         )
         program.save(str(folder / "model.onnx"), external_data=True)
     cfg.save_pretrained(folder)
-    print(json.dumps({"parameters": sum(p.numel() for p in model.parameters())}))
+    (folder / "parameters.json").write_text(json.dumps({"parameters": sum(p.numel() for p in model.parameters())}))
 
 
 def tree_rss(pid: int) -> int:
@@ -151,7 +157,7 @@ def available() -> int:
     return int(line.split()[1]) * 1024
 
 
-def bench(name: str, root: Path) -> dict:
+def bench(name: str, root: Path, rounds: int = 1) -> dict:
     folder = root / name
     folder.mkdir(exist_ok=True)
     row = {"size": name, "dtype": SIZES[name][1]}
@@ -164,16 +170,39 @@ def bench(name: str, root: Path) -> dict:
         if b["rc"] != 0:
             return {**row, "note": f"build failed: {b['tail'][-500:]}"}
         row["build_s"], row["build_peak_bytes"] = b["wall_s"], b["peak_bytes"]
-        row["parameters"] = json.loads(b["tail"].strip().splitlines()[-1])["parameters"]
+    if (folder / "parameters.json").exists():  # also for a model built by an earlier run (--folder)
+        row["parameters"] = json.loads((folder / "parameters.json").read_text())["parameters"]
     row["model_bytes"] = model_bytes(folder)
-    row["cp_s"] = cp_time(folder)
+    runs = [one_round(folder) for _ in range(rounds)]
+    median = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    row.update(
+        rounds=rounds,
+        cp_s=median("cp_s"),
+        rewrite_s=median("rewrite_s"),
+        rewrite_x_cp=statistics.median(r["rewrite_s"] / r["cp_s"] for r in runs),  # each ratio within its round
+        rewrite_peak_bytes=max(r["rewrite_peak_bytes"] for r in runs),
+        verified_s=median("verified_s"),
+        verified_x_cp=statistics.median(r["verified_s"] / r["cp_s"] for r in runs),
+        verified_peak_bytes=max(r["verified_peak_bytes"] for r in runs),
+        verified_rc=max(r["verified_rc"] for r in runs),
+        rows=max(r["rows"] for r in runs),
+        rows_pass=min(r["rows_pass"] for r in runs),
+        row_notes=sorted({n for r in runs for n in r["row_notes"]}),
+        each_round=runs,
+    )
+    return row
+
+
+def one_round(folder: Path) -> dict:
+    """cp, then the rewrite alone, then the rewrite + verification, of the model in `folder`."""
+    got = {"cp_s": cp_time(folder)}
     model, config, out = folder / "model.onnx", folder / "config.json", folder / "r.onnx"
     alone = measured(
         [sys.executable, "-c", "import sys; from pe_export.rewriter import rewrite; "
          "rewrite(sys.argv[1], sys.argv[2], output=sys.argv[3])", str(model), str(config), str(out)]
     )  # fmt: skip
     if alone["rc"] != 0:
-        row["rewrite_error"] = alone["tail"][-800:]
+        got["rewrite_error"] = alone["tail"][-800:]
     for f in folder.glob("r.onnx*"):
         f.unlink()
     os.sync()
@@ -188,7 +217,8 @@ def bench(name: str, root: Path) -> dict:
         rows = [*doc.get("sites", []), *doc.get("whole_model", [])]
     for f in [*folder.glob("r.onnx*"), report]:
         f.unlink(missing_ok=True)
-    row.update(
+    os.sync()
+    got.update(
         rewrite_s=alone["wall_s"],
         rewrite_peak_bytes=alone["peak_bytes"],
         verified_s=verified["wall_s"],
@@ -199,8 +229,8 @@ def bench(name: str, root: Path) -> dict:
         row_notes=sorted({f"{r['runtime']}: {r['verdict']} {r.get('note', '')}".strip() for r in rows}),
     )
     if verified["rc"] != 0:
-        row["verified_tail"] = verified["tail"][-1500:]
-    return row
+        got["verified_tail"] = verified["tail"][-1500:]
+    return got
 
 
 def estimate_bytes(sizes: dict, dtype: str) -> int:
@@ -224,8 +254,8 @@ def table(rows: list[dict]) -> str:
         mb = r["model_bytes"]
         lines.append(
             f"| {r['size']} | {r['dtype']} | {r.get('parameters', 0) / 1e9:.3f}B | {gib(mb)} | {r['cp_s']:.1f} s "
-            f"| {r['rewrite_s']:.1f} s | {r['rewrite_s'] / r['cp_s']:.2f} | {gib(r['rewrite_peak_bytes'])} "
-            f"| {r['rewrite_peak_bytes'] / mb:.2f} | {r['verified_s']:.1f} s | {r['verified_s'] / r['cp_s']:.2f} "
+            f"| {r['rewrite_s']:.1f} s | {r['rewrite_x_cp']:.2f} | {gib(r['rewrite_peak_bytes'])} "
+            f"| {r['rewrite_peak_bytes'] / mb:.2f} | {r['verified_s']:.1f} s | {r['verified_x_cp']:.2f} "
             f"| {gib(r['verified_peak_bytes'])} | {r['verified_peak_bytes'] / mb:.2f} "
             f"| {r['rows_pass']}/{r['rows']} | {r['verified_rc']} |"
         )
@@ -238,6 +268,7 @@ def main() -> None:
     ap.add_argument("--folder", type=Path, default=None, help="where the models are built (default: a temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the built models")
     ap.add_argument("--output", type=Path, default=None, help="also write the table (and rows as JSON) here")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds per size (cp, rewrite, rewrite + verify): medians")
     ap.add_argument("--build", default=None, help=argparse.SUPPRESS)  # the build subprocess
     args = ap.parse_args()
     if args.build:
@@ -248,7 +279,7 @@ def main() -> None:
     rows = []
     try:
         for name in args.sizes.split(","):
-            rows.append(bench(name, root))
+            rows.append(bench(name, root, args.rounds))
             print(json.dumps(rows[-1]), flush=True)
             if not args.keep:
                 shutil.rmtree(root / name, ignore_errors=True)
@@ -261,6 +292,7 @@ def main() -> None:
 
     text = (
         f"{platform.machine()}, {os.cpu_count()} cores visible, Python {platform.python_version()}, "
+        f"median of {args.rounds} round(s) (each ratio within its round; peaks: the largest), "
         f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, transformers {transformers.__version__}"
         f"\n\n{table(rows)}\n"
     )

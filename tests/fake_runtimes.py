@@ -87,3 +87,17 @@ def skips_graph(model_bytes):
     from pe_export.runtimes.outcomes import Skip
 
     raise Skip("not here (fake)")
+
+
+def no_cos_graph(model):
+    """A graph adapter that cannot run a graph with a Cos node (the original's cos/sin computation), and
+    runs any other on ONNX Runtime CPU without graph optimisation: bytes or a path."""
+    import onnx
+
+    from pe_export.runtimes.ort import graph_ort_cpu_noopt
+    from pe_export.runtimes.outcomes import Unsupported
+
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model, load_external_data=False)
+    if any(n.op_type == "Cos" for n in proto.graph.node):
+        raise Unsupported("no Cos here (fake)")
+    return graph_ort_cpu_noopt(model)

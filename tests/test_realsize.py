@@ -52,15 +52,25 @@ def small_threshold(monkeypatch):
 
 
 def test_large_model_verified_by_path_one_runtime_at_a_time(external, small_threshold, monkeypatch, tmp_path):
+    import onnx
+
     from pe_export.rewriter import checks, rewrite_and_verify
     from pe_export.runtimes import worker
 
     path, config = external
-    seen = []  # (what the runtime was given, how many runtime workers were alive then)
+    seen = []  # (runtime, what it was given, whether that reads the model's weights, other workers holding them)
+    holds = {}  # runtime -> whether its worker holds the model's weights
     load = worker.load
 
+    def reads_weights(model) -> bool:
+        proto = onnx.load(model, load_external_data=False)
+        return any(e.value == f"{path.name}.data" for t in proto.graph.initializer for e in t.external_data)
+
     def spy(name, adapter, spec, model, *args, **kwargs):
-        seen.append((name, type(model).__name__, sum(w.alive() for w in worker._POOL.values())))
+        weights = isinstance(model, str) and reads_weights(model)
+        others = [w.name for w in worker._POOL.values() if w.alive() and w.name != name and holds.get(w.name)]
+        seen.append((name, type(model).__name__, weights, others))
+        holds[name] = weights
         return load(name, adapter, spec, model, *args, **kwargs)
 
     worker.shutdown()
@@ -71,10 +81,13 @@ def test_large_model_verified_by_path_one_runtime_at_a_time(external, small_thre
     assert {r.runtime for r in run.whole_rows} == {"ort-cpu", "ort-cpu-noopt"}
     site = run.site_rows[0]
     assert site.rewritten_error[-1] <= site.bound < site.original_error[-1], site  # the fix, at the last row
-    assert seen and all(kind == "str" for _, kind, _ in seen), seen  # paths, never bytes
-    assert max(alive for _, _, alive in seen) <= 1, seen  # one runtime's worker at a time
+    assert seen and all(kind == "str" for _, kind, _, _ in seen), seen  # paths, never bytes
+    # One load with the weights per runtime (both models in one graph), and never two runtimes holding them.
+    assert sorted(name for name, _, weights, _ in seen if weights) == ["ort-cpu", "ort-cpu-noopt"], seen
+    assert not any(others for _, _, weights, others in seen if weights), seen
     assert (tmp_path / "r.onnx.data").is_file()
     assert not list(path.parent.glob(".pe-export-checks-*")), "the check copies were not removed"
+    assert not list(tmp_path.glob(".r.onnx*")), "the output's temporary files were not removed"
     # The same checks by bytes (the in-memory route: weights read into memory, the threshold back up).
     import onnx_ir as ir
 
@@ -85,7 +98,7 @@ def test_large_model_verified_by_path_one_runtime_at_a_time(external, small_thre
     result = apply.rewrite(original, config)
     seen.clear()
     in_memory = checks.check_sites(original, result.model, result.sites)
-    assert seen and all(kind == "bytes" for _, kind, _ in seen), seen
+    assert seen and all(kind == "bytes" for _, kind, _, _ in seen), seen
     assert all(r.verdict == "pass" for r in in_memory)
     np.testing.assert_allclose(
         [r.rewritten_error for r in run.site_rows], [r.rewritten_error for r in in_memory], rtol=1e-6, atol=0
@@ -121,6 +134,119 @@ def test_copies_by_bytes_and_by_path_compute_the_same(external, small_threshold)
     for a, b in zip(by_path, by_bytes):
         np.testing.assert_array_equal(a, b)  # the same graph on the same data: no arithmetic differs
     assert ir.load(path).graph  # the model itself is untouched
+
+
+def test_the_two_models_run_as_one_graph_with_the_same_outputs(external, small_threshold):
+    """`pair.joined`: the rewritten's unchanged nodes are the original's, its changed ones are added
+    renamed, the weights are not repeated; the joined graph gives each model's outputs exactly as each
+    model alone does (ONNX Runtime without graph optimisation: the same kernels on the same values)."""
+    import onnx
+    import onnxruntime as ort
+
+    from pe_export.rewriter import apply, checks, copies, pair
+
+    path, config = external
+    original = apply.load(path)
+    result = apply.rewrite(original, config)
+    apply.prune(result.model)
+    both = pair.joined(original, result.model, [])
+    po, pn = ir_proto(original), ir_proto(result.model)
+    assert both.original == ["logits"] and both.rewritten == ["logits" + pair.SUFFIX] and both.names == ["logits"]
+    added = [n for n in both.proto.graph.node if n.name.endswith(pair.SUFFIX)]
+    assert 0 < len(added) < len(pn.graph.node) and len(both.proto.graph.node) == len(po.graph.node) + len(added)
+    weights = {t.name for t in po.graph.initializer}
+    assert not any(
+        t.name.endswith(pair.SUFFIX) and t.name[: -len(pair.SUFFIX)] in weights for t in both.proto.graph.initializer
+    )
+    other = result.model.clone()
+    other.graph.opset_imports[""] += 1
+    assert pair.joined(original, other, []) is None  # one graph cannot import two versions of an opset
+    feed = checks.feeds(result.model, np.arange(16, dtype=np.int64), batch=2)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    with copies.Copies(original, result.model) as c:
+        joint = c.joined(original, result.model, [])
+        alone = c.with_outputs(original, []), c.with_outputs(result.model, [])
+        run = lambda m, names: dict(  # noqa: E731
+            zip(names, ort.InferenceSession(m, opts, providers=["CPUExecutionProvider"]).run(names, feed))
+        )
+        got = run(joint.model, joint.outputs)
+        np.testing.assert_array_equal(got["logits"], run(alone[0].model, ["logits"])["logits"])
+        np.testing.assert_array_equal(got["logits" + pair.SUFFIX], run(alone[1].model, ["logits"])["logits"])
+        assert c.holds_weights(joint.model) and onnx.load(joint.model, load_external_data=False).graph.node
+
+
+def ir_proto(model):
+    import onnx_ir as ir
+
+    return ir.to_proto(model)
+
+
+def test_a_runtime_that_cannot_run_the_original_says_so_on_the_large_route(external, small_threshold, monkeypatch):
+    """Where the joined graph does not run, each model runs alone: the row says the original is what
+    this runtime cannot run (its Cos), as on the in-memory route."""
+    import fake_runtimes
+
+    from pe_export.rewriter import apply, checks
+    from pe_export.runtimes import GRAPH_RUNTIMES
+
+    monkeypatch.setitem(GRAPH_RUNTIMES, "no-cos", fake_runtimes.no_cos_graph)
+    path, config = external
+    original = apply.load(path)
+    result = apply.rewrite(original, config)
+    apply.prune(result.model)
+    (whole,) = checks.check_whole(original, result.model, ("no-cos",))
+    assert whole.verdict == "unsupported" and whole.note == "original: no Cos here (fake)", whole
+    sites = checks.check_sites(original, result.model, result.sites, ("no-cos",))
+    assert sites and all(r.verdict == "pass" and r.original_error[0] is None for r in sites), sites
+
+
+def test_the_output_keeps_the_original_layout_and_its_weights(external, small_threshold, tmp_path):
+    """A large model's output: the original's external data copied as it lay (each tensor at its old
+    offset modulo ALIGN, as memory mapping needs), the rewrite's tables after it; the model
+    written from it computes what the rewritten model in memory computes."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from pe_export.rewriter import apply, output
+
+    path, config = external
+    original = apply.load(path)
+    result = apply.rewrite(original, config, output=tmp_path / "r.onnx")
+    written = ir.load(tmp_path / "r.onnx")
+    assert not list(tmp_path.glob(".r.onnx*")), "temporary files left"
+    runs = output.layout(original)
+    assert runs and all((r.at - r.start) % output.ALIGN == 0 for r in runs), runs
+    assert all(a.at + a.end - a.start <= b.at for a, b in zip(runs, runs[1:])), runs  # in order, apart
+    for name, value in original.graph.initializers.items():
+        t = value.const_value
+        if name in written.graph.initializers and isinstance(t, ir.ExternalTensor) and t.nbytes > output.THRESHOLD:
+            w = written.graph.initializers[name].const_value
+            assert isinstance(w, ir.ExternalTensor) and w.location == "r.onnx.data", name
+            assert (w.offset - t.offset) % output.ALIGN == 0, name
+            np.testing.assert_array_equal(w.numpy(), t.numpy())
+    tables = [v.const_value for n, v in written.graph.initializers.items() if n.startswith("pe_export.rope")]
+    end = max(r.at + r.end - r.start for r in runs)
+    assert tables and all(t.offset >= end for t in tables)
+    feed = {"input_ids": np.zeros((1, 8), np.int64), "position_ids": np.arange(8, dtype=np.int64)[None]}
+    in_memory = ir.external_data.load_to_model(result.model)
+    expected = ort.InferenceSession(ir.to_proto(in_memory).SerializeToString()).run(None, feed)
+    got = ort.InferenceSession(str(tmp_path / "r.onnx")).run(None, feed)
+    np.testing.assert_array_equal(got[0], expected[0])
+
+
+def test_a_refused_rewrite_leaves_no_file(external, small_threshold, tmp_path):
+    """The copy of the external data starts before the rewrite: a config the graph disagrees with
+    (exit 2) stops it and removes it."""
+    import json
+
+    path, config = external
+    cfg = json.loads(Path(config).read_text())
+    cfg["rope_parameters"]["rope_theta"] = 12345.0
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    r = cli("rewrite", path, "--config", tmp_path / "config.json", "-o", tmp_path / "r.onnx")
+    assert r.exit_code == 2 and "disagrees" in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
 
 
 def bad_inputs(external, folder: Path) -> dict:

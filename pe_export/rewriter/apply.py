@@ -1,4 +1,5 @@
-"""The file handling around `rewrite_model`: load (external data kept lazy), rewrite, write atomically."""
+"""The file handling around `rewrite_model`: load (external data kept lazy), rewrite, write atomically
+(`output.Output`: a large model's external data copied while the rewrite runs)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from pathlib import Path
 import onnx_ir as ir
 
 from pe_export.errors import BadInput
-from pe_export.files import check_output_path, staged
-from pe_export.rewriter.copies import is_large
+from pe_export.files import check_output_path
 from pe_export.rewriter.core import Rewritten, rewrite_model
+from pe_export.rewriter.output import Output
 
 
 def load(path: Path | str) -> ir.Model:
@@ -56,17 +57,19 @@ def prune(model: ir.Model) -> None:
     RemoveUnusedNodesPass()(model)
 
 
-def save(model: ir.Model, path: Path, force: bool) -> None:
+def save(model: ir.Model, path: Path, force: bool, output: Output | None = None) -> None:
     """Write `model` to `path` through `files.staged`; weights over files.EXTERNAL_DATA_THRESHOLD, or
     read from external data, go to `path.name + ".data"` beside it (external data in, external data
-    out), renamed into place first. The model in memory is left unchanged (onnx_ir's save)."""
+    out), renamed into place first. `output`: the `Output` whose copy of the original's external data
+    started before the rewrite (else one starts here). The model in memory is left unchanged."""
     path = Path(path)
     check_output_path(path, force)
     prune(model)
-    external = is_large(model)
-    side = path.with_name(f"{path.name}.data")
-    with staged([path, side] if external else [path], force) as folder:
-        ir.save(model, folder / path.name, external_data=side.name if external else None)
+    if output is not None:
+        output.write(model)
+        return
+    with Output(path, force, model) as out:
+        out.write(model)
 
 
 def rewrite(
@@ -84,11 +87,12 @@ def rewrite(
         model = ir.from_proto(model_or_path)
     else:
         model = load(model_or_path)
-    if output is not None:
-        check_output_path(Path(output), force)
-    result = rewrite_model(model, config, seq, op)
-    if output is not None:
-        save(result.model, Path(output), force)
+    if output is None:
+        return rewrite_model(model, config, seq, op)
+    check_output_path(Path(output), force)
+    with Output(output, force, model) as out:  # the original's external data is copied while the rewrite runs
+        result = rewrite_model(model, config, seq, op)
+        save(result.model, Path(output), force, out)
     return result
 
 

@@ -182,24 +182,46 @@ def run_pair(
 ) -> list[tuple]:
     """Both models on each runtime in its worker, the `wanted` values added to their outputs (with `only`,
     the copies pruned to them): per runtime (runtime, provider, (original's outputs, verdict, note),
-    (rewritten's outputs, verdict, note)). Large models (`copies.is_large`) go by path and one runtime at
-    a time: each runtime's worker is ended after its two runs, so no two runtimes hold the model at once
-    (and a worker holds one model at a time: it lets the last one go before it loads the next)."""
+    (rewritten's outputs, verdict, note)). Large models (`copies.is_large`) go by path, and as one graph
+    (`pair.joined`: one load and one run per runtime, the weights and what both compute alike shared)
+    wherever one graph holds both; where that graph does not run, each model runs alone, so that the row
+    says which of the two the runtime cannot run (a runtime that hangs hangs on both). A worker that held
+    their weights is ended after its runtime's runs, so no two runtimes hold them at once (and a worker
+    holds one model at a time: it lets the last one go before it loads the next)."""
     from pe_export.runtimes import worker
 
-    large = is_large(original) or is_large(rewritten)
-    if not large:
-        worker.start(runtimes, GRAPH_RUNTIMES)  # their interpreters start side by side
+    worker.start(runtimes, GRAPH_RUNTIMES)  # their interpreters start side by side; an idle one holds no model
     out = []
     with Copies(original, rewritten) as copies:
-        orig, new = copies.with_outputs(original, wanted, only), copies.with_outputs(rewritten, wanted, only)
+        pair = copies.joined(original, rewritten, wanted, only) if is_large(original) or is_large(rewritten) else None
+        alone = None
         for runtime in runtimes:
-            _, got_o, v_o, note_o = attempt(runtime, orig.model, orig.outputs, fed(inputs, orig), timeout)
-            provider, got_n, v_n, note_n = attempt(runtime, new.model, new.outputs, fed(inputs, new), timeout)
-            if large:
+            row, given = None, []
+            if pair is not None:
+                given.append(pair.model)
+                provider, got, verdict, note = attempt(runtime, pair.model, pair.outputs, fed(inputs, pair), timeout)
+                if verdict in ("pass", "TIMEOUT"):
+                    got_o, got_n = _split(got, pair.original, pair.original), _split(got, pair.rewritten, pair.names)
+                    row = (runtime, provider, (got_o, verdict, note), (got_n, verdict, note))
+            if row is None:
+                alone = alone or (
+                    copies.with_outputs(original, wanted, only),
+                    copies.with_outputs(rewritten, wanted, only),
+                )
+                orig, new = alone
+                given += [orig.model, new.model]
+                _, got_o, v_o, note_o = attempt(runtime, orig.model, orig.outputs, fed(inputs, orig), timeout)
+                provider, got_n, v_n, note_n = attempt(runtime, new.model, new.outputs, fed(inputs, new), timeout)
+                row = (runtime, provider, (got_o, v_o, note_o), (got_n, v_n, note_n))
+            if any(copies.holds_weights(m) for m in given):
                 worker.drop(runtime, GRAPH_RUNTIMES[runtime])
-            out.append((runtime, provider, (got_o, v_o, note_o), (got_n, v_n, note_n)))
+            out.append(row)
     return out
+
+
+def _split(got: list[dict] | None, keys: list[str], names: list[str]) -> list[dict] | None:
+    """One model's outputs, by their names in that model, from the joined graph's outputs."""
+    return None if got is None else [{name: d[key] for key, name in zip(keys, names)} for d in got]
 
 
 def fed(inputs: list[dict], copy) -> list[dict]:

@@ -13,6 +13,7 @@ it could not load. Weights held in memory (the rewrite's new tables) go to the c
 
     with Copies(original, rewritten) as copies:
         copy = copies.with_outputs(rewritten, ["cos", "sin"], only=True)  # .model: bytes or a path
+        both = copies.joined(original, rewritten, ["cos", "sin"], only=True)  # the two in one graph (pair.py)
 """
 
 from __future__ import annotations
@@ -36,6 +37,17 @@ class Copy(NamedTuple):
     model: bytes | str  # the copy's bytes, or the path of its file
     outputs: list[str]  # its outputs' names, in order
     inputs: list[str]  # its inputs' names: a pruned copy reads only some (runtimes refuse unknown feeds)
+
+
+class Pair(NamedTuple):
+    """A copy of the original and the rewritten model as one graph (`pair.joined`)."""
+
+    model: bytes | str
+    outputs: list[str]
+    inputs: list[str]
+    original: list[str]  # the outputs that are the original's values
+    rewritten: list[str]  # the outputs that are the rewritten's values
+    names: list[str]  # their names in the rewritten model
 
 
 def external_files(model: ir.Model) -> dict[str, Path]:
@@ -111,6 +123,7 @@ class Copies:
 
     def __init__(self, *models: ir.Model):
         self.models, self.folder, self.count = models, None, 0
+        self.weighted: set[str] = set()  # the copies (paths) that read the models' external data
 
     def __enter__(self) -> Copies:
         return self
@@ -151,11 +164,36 @@ class Copies:
         """The `outputs_added` copy: bytes for a small model, a file for a large one."""
         if not is_large(model):
             return as_bytes(model, names, only)
+        proto, have = outputs_added(model, names, only)
+        return Copy(self._file(proto), have, [i.name for i in proto.graph.input])
+
+    def joined(self, original: ir.Model, rewritten: ir.Model, names: list[str], only: bool = False) -> Pair | None:
+        """The two models as one graph (`pair.joined`), bytes or a file as `with_outputs`; None when one
+        graph cannot hold both."""
+        from pe_export.rewriter.pair import joined
+
+        both = joined(original, rewritten, names, only)
+        if both is None:
+            return None
+        outputs = list(dict.fromkeys([*both.original, *both.rewritten]))
+        proto = ir.to_proto(pruned(ir.from_proto(both.proto), outputs)) if only else both.proto
+        model = self._file(proto) if is_large(original) or is_large(rewritten) else proto.SerializeToString()
+        return Pair(model, outputs, [i.name for i in proto.graph.input], both.original, both.rewritten, both.names)
+
+    def holds_weights(self, model: bytes | str) -> bool:
+        """Whether a copy given by path reads the models' external data (a worker that loaded it holds
+        their weights; a copy pruned to the cos/sin computation reads none)."""
+        return isinstance(model, str) and model in self.weighted
+
+    def _file(self, proto) -> str:
+        """`proto` written into the folder; tensors held in memory (>= 1 KiB) go to the copy's own side
+        file, external ones stay references to the models' files (hard-linked beside it)."""
         import onnx
 
-        proto, have = outputs_added(model, names, only)
         self.count += 1
         path = self._open() / f"check-{self.count}.onnx"
-        # Tensors held in memory (>= 1 KiB) go to the copy's own side file; external ones stay references.
+        reads = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
         onnx.save_model(proto, path, save_as_external_data=True, location=f"{path.name}.side", size_threshold=1024)
-        return Copy(str(path), have, [i.name for i in proto.graph.input])
+        if reads:
+            self.weighted.add(str(path))
+        return str(path)

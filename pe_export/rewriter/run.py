@@ -14,8 +14,9 @@ from pe_export.errors import BadInput
 from pe_export.files import check_output_path, write_atomic
 from pe_export.rewriter import DEFAULT_RUNTIMES, RUNTIMES, apply, cache_checks, checks, copies
 from pe_export.rewriter.core import Rewritten
+from pe_export.rewriter.output import Output
 from pe_export.rewriter.rewrite_report import document, render
-from pe_export.runtimes import check_names
+from pe_export.runtimes import GRAPH_RUNTIMES, check_names, worker
 
 
 @dataclass
@@ -63,13 +64,17 @@ def rewrite_and_verify(
         check_output_path(output.with_name(f"{output.name}.data"), force)
     if config is None:
         raise BadInput(f"rewrite needs --config CONFIG.json (the model's config.json); {apply.describe(original)}")
-    result = apply.rewrite(apply.load(model), config, seq, op)
-    apply.prune(result.model)  # verify what is written
-    site_rows = checks.check_sites(original, result.model, result.sites, chosen)
-    site_rows += cache_checks.check_caches(original, result.model, result.sites, chosen)
-    whole_rows = checks.check_whole(original, result.model, chosen, cache_dims=checks.cache_dims_of(config))
-    run = RewriteRun(result, output, chosen, sorted(site_rows, key=lambda r: r.site), whole_rows, report)
-    apply.save(result.model, output, force)
+    worker.start(chosen, GRAPH_RUNTIMES)  # the runtimes' interpreters start while the rewrite runs
+    # A large model's external data is copied to the output while the rewrite and its checks run, and
+    # handed to the disk as it goes: the checks' sessions allocate gigabytes, which dirty pages slow.
+    with Output(output, force, original, flush=True) as out:
+        result = apply.rewrite(original, config, seq, op)  # `original` itself is left unchanged
+        apply.prune(result.model)  # verify what is written
+        site_rows = checks.check_sites(original, result.model, result.sites, chosen)
+        site_rows += cache_checks.check_caches(original, result.model, result.sites, chosen)
+        whole_rows = checks.check_whole(original, result.model, chosen, cache_dims=checks.cache_dims_of(config))
+        run = RewriteRun(result, output, chosen, sorted(site_rows, key=lambda r: r.site), whole_rows, report)
+        apply.save(result.model, output, force, out)
     if report is not None:
         write_atomic(render(document(result.spec, run.site_rows, whole_rows), report), report, force)
     return run

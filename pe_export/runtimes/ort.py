@@ -26,6 +26,7 @@ def ort_session(
     profile_prefix: str | None = None,
     optimized_path: str | None = None,
     prepack: bool = True,
+    spin: bool = True,
 ):
     """The one ONNX Runtime session helper: `model` as bytes or a path (external data beside it is read
     from there), on `provider` with CPU as the fallback ORT wants (`require_provider` checks what ran);
@@ -33,7 +34,9 @@ def ort_session(
     inter-op); `optimized_path` writes ORT's optimised graph there. Skip when ORT or the provider is absent
     or ORT has no kernel for a node. `prepack` False switches off ORT's weight prepacking (a packed copy
     of each MatMul weight made at load: most of a large model's load time and memory, measured in
-    docs/large-models.md)."""
+    docs/large-models.md). `spin` False lets ORT's idle threads sleep instead of spinning (ORT's default):
+    the same kernels on the same split of the work, without taking the cores that work beside it needs
+    (the rewrite's copy of a large model's weights)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -54,6 +57,9 @@ def ort_session(
         opts.optimized_model_filepath = str(optimized_path)
     if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     model = model if isinstance(model, bytes) else str(model)
     try:
         providers = (
@@ -108,8 +114,9 @@ def _ort(model, provider: str, options: dict | None = None, optimize: bool = Tru
     """(run, provider) of an ORT session on `model`, bytes or a path; `run.session` is the session (the
     Spec adapters' bf16 path). A model given by path is a large one (pe_export.rewriter.copies): it runs
     without weight prepacking, which on a 2 GB Llama took 15 of its 20 s and a second copy of its MatMul
-    weights; the kernels are the same, on unpacked weights."""
-    sess = ort_session(model, provider, options, optimize, prepack=isinstance(model, bytes))
+    weights (the kernels are the same, on unpacked weights), and without spinning threads."""
+    small = isinstance(model, bytes)
+    sess = ort_session(model, provider, options, optimize, prepack=small, spin=small)
     ran = require_provider(sess, provider) if provider != "CPUExecutionProvider" else sess.get_providers()[0]
 
     def run(inputs):

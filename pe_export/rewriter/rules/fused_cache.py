@@ -14,9 +14,10 @@ reads its cos and sin caches in one of these forms:
     Phi-3; `longrope_switch`), each branch checked for calls on its side of the switch
 
 A constant cache agrees with the config when it is the config's table with float32 angles (pe-export's
-`angles="float32"`, transformers' arithmetic) to within `TABLE_ULPS` of cos/sin rounding (plus half the eps of a narrower dtype) plus, on each
-angle, the `params.ULPS` a float32 inv_freq may be off (other float32 arithmetic for the same
-frequencies): a wrong theta moves the angles at the table's end by far more. A disagreement is named by
+`angles="float32"`, transformers' arithmetic) to within `TABLE_ULPS` of cos/sin rounding (plus half the
+eps of a narrower dtype) plus, on each angle, the `params.ULPS` a float32 inv_freq may be off (other
+float32 arithmetic for the same frequencies): a wrong theta moves the angles at the table's end by far
+more. A disagreement is named by
 the parameter that explains it, read off the table (rotary dim from its width, the attention factor
 from row 0, inv_freq from the rows' angles). A computed cache's inv_freq constant is checked as the
 cos/sin rules check theirs.
