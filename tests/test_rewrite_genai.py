@@ -345,3 +345,26 @@ def test_a_seq_that_never_reaches_the_long_factors_exits_2_and_writes_nothing(tm
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     assert f"pass --seq above {ORIGINAL}" in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("fixture", [FIXTURE, FIXTURE16, FIXTURE_DML], ids=lambda f: f.name)
+def test_the_large_model_route_verifies_each_fixture_by_path(fixture, monkeypatch, tmp_path):
+    """With the threshold forced down (every model "large"), the checks run by path on one graph holding
+    the original and the rewritten (`rewriter.pair`): the If and the concatenated caches go through it,
+    and the rows are those of the in-memory route."""
+    from pe_export.rewriter import copies, rewrite_and_verify
+
+    path = copy_fixture(fixture, tmp_path)
+    small = rewrite_and_verify(path, tmp_path / "config.json", output=tmp_path / "small.onnx")
+    monkeypatch.setattr("pe_export.files.EXTERNAL_DATA_THRESHOLD", 1000)
+    monkeypatch.setattr(copies, "MAX_PROTO", 0)
+    large = rewrite_and_verify(path, tmp_path / "config.json", output=tmp_path / "large.onnx")
+    assert large.verdict == small.verdict == "pass", (large.whole_rows, large.site_rows)
+    assert [(r.runtime, r.verdict) for r in large.whole_rows] == [(r.runtime, r.verdict) for r in small.whole_rows]
+    for a, b in zip(large.site_rows, small.site_rows):
+        assert (a.site, a.runtime, a.positions, a.rewritten_error) == (
+            b.site,
+            b.runtime,
+            b.positions,
+            b.rewritten_error,
+        )
