@@ -454,6 +454,30 @@ def test_cli_runtimes_choices_and_a_cannot_load_row(exported, tmp_path):
     assert bad.exit_code == 2 and "--runtimes" in bad.output and not (tmp_path / "x.onnx").exists()
 
 
+@pytest.mark.parametrize("fails_for, verdict", [("both", "unsupported"), ("rewritten", "FAIL")])
+def test_rotated_q_and_k_a_runtime_returns_in_another_shape_are_a_row(fails_for, verdict, exported, monkeypatch):
+    """OpenVINO 2026.4 gives a rotated part of GPT-NeoX's partial rotary back under its name with the whole head
+    (it moves the name onto the fused Concat): the rotation cannot be compared. That is a row, never the
+    end of the report: `unsupported` when the original's read back fails the same way (the runtime's),
+    FAIL when only the rewritten's does."""
+    from pe_export.rewriter import checks as verify
+
+    original, result = rewritten_in_memory(exported, op="onnx")
+    real, calls = verify.rotation_error, []
+
+    def shaped(got, *args):  # the rewritten's values are read first, then the original's
+        calls.append(1)
+        if len(calls) == 1 or fails_for == "both":
+            raise ValueError("operands could not be broadcast together with shapes (1,4,11,32) (1,4,11,8)")
+        return real(got, *args)
+
+    monkeypatch.setattr(verify, "rotation_error", shaped)
+    [row] = [
+        r for r in verify.check_sites(original, result.model, result.sites, ("ort-cpu",)) if r.what == "rotated q/k"
+    ]
+    assert row.verdict == verdict and "rotated q/k not comparable: operands could not" in row.note, row
+
+
 @pytest.mark.parametrize("op", ["onnx", "ort", "decomposed"])
 def test_rotated_q_and_k_against_a_float64_rotation_of_the_same_runs_inputs(op, exported):
     """Each replaced rotation's output against pe_export.custom_ops.rotation.apply_reference (float64) of its own
