@@ -286,6 +286,17 @@ def test_dml_cache_of_other_long_factors_is_refused_and_unshifted_positions_are_
     onnx.save(model, tmp_path / "model.onnx", save_as_external_data=True, location="model.onnx.data")
     with pytest.raises(BadInput, match="no RoPE site found"):
         rewrite(tmp_path / "model.onnx", FIXTURE_DML / "config.json")
+    # Positions moved into the long rows at another length than the cache's split: refused, naming it.
+    model = onnx.load(FIXTURE_DML / "model.onnx")
+    for node in model.graph.node:
+        if node.op_type == "GreaterOrEqual":
+            shifted = onnx.helper.make_node("Constant", [], ["at_64"], value=onnx.helper.make_tensor("", 7, [], [64]))
+            node.input[1] = "at_64"
+    model.graph.node.insert(0, shifted)
+    onnx.save(model, tmp_path / "model.onnx", save_as_external_data=True, location="model.onnx.data")
+    with pytest.raises(BadInput, match="the config disagrees with the graph") as e:
+        rewrite(tmp_path / "model.onnx", FIXTURE_DML / "config.json")
+    assert f"moves positions by {ORIGINAL} into the long rows" in str(e.value) and ">= 64" in str(e.value), e.value
 
 
 @pytest.mark.slow

@@ -24,17 +24,13 @@ from pe_export.verification.tolerances import tolerance
 
 
 def constants(model: ir.Model, names) -> dict[str, np.ndarray]:
-    """The named values of `model` that are constants: initializers, and the Constant nodes and
-    initializers of its subgraphs (the caches an If chooses, `rules.longrope_switch`)."""
-    names = set(names)
-    out = {n: v.const_value.numpy() for n, v in model.graph.initializers.items() if n in names and v.const_value}
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        for attr in node.attributes.values():
-            graphs = attr.value if attr.type == ir.AttributeType.GRAPHS else [attr.value]
-            for g in (g for g in graphs if isinstance(g, ir.Graph)):
-                for v in (*g.initializers.values(), *(o for n in g for o in n.outputs)):
-                    if v.name in names and v.name not in out and (t := switch_constant(v)) is not None:
-                        out[v.name] = t.numpy()
+    """The named values of `model` that are constants: initializers and Constant nodes' outputs, in the
+    main graph and its subgraphs (the caches an If chooses, `rules.longrope_switch`)."""
+    names, out = set(names), {}
+    for graph in model.graphs():
+        for v in (*graph.initializers.values(), *(o for n in graph for o in n.outputs)):
+            if v.name in names and v.name not in out and (t := switch_constant(v)) is not None:
+                out[v.name] = t.numpy()
     return out
 
 

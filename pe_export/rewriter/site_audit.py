@@ -109,7 +109,7 @@ def _rows_served(model: ir.Model, site: Site, context: int) -> int:
     for value in cache_checks.constants(model, names).values():  # an If's caches are in its branches
         if (value.ndim == 2 and site.width == "table") or site.rule.startswith("sincos_table"):
             rows = int(value.shape[0]) - site.offset  # a LongRoPE branch's rows in a concatenated cache
-            return rows if site.seq_len is None or site.offset else min(rows, checks.site_span(site)[1])
+            return rows if site.seq_len is None else min(rows, checks.site_span(site)[1])  # the rows it serves
     return context
 
 

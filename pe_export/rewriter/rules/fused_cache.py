@@ -38,11 +38,12 @@ from pe_export.rewriter.job import Site
 from pe_export.rewriter.rules.base import site_params
 from pe_export.rewriter.rules.longrope_switch import (
     BRANCHES,
+    NOT_SHIFTED,
     Switch,
     branch_sites,
     concatenated,
+    position_shift,
     rebuild,
-    shift_refusal,
     switch_refusal,
     switched,
 )
@@ -174,10 +175,14 @@ class FusedCacheRule(pattern.RewriteRuleClassBase):
             return r.fail(unrecognised, cos_cache)
         switch = self._switches.get(key)
         if not reason and switch is not None and switch.node is None:  # one concatenated cache
-            why = shift_refusal(positions, p.scaling_params["original_max_positions"])
-            if why and not why.startswith("original_max"):
-                return r.fail(why, cos_cache)  # not genai's form: no site
-            reason = why
+            shift, original = position_shift(positions), p.scaling_params["original_max_positions"]
+            if shift is None:
+                return r.fail(NOT_SHIFTED, cos_cache)  # not genai's form: no site
+            if shift != (original, original):
+                reason = (
+                    f"original_max_position_embeddings: the graph moves positions by {shift[0]} into the long rows "
+                    f"of its concatenated cos/sin cache when max(position) >= {shift[1]}, the config gives {original}"
+                )
         if not reason and (p.pairing == "interleaved") != bool(interleaved):
             reason = (
                 f"pairing: the graph's {self.fused} rotates {'interleaved pairs' if interleaved else 'halves'} "

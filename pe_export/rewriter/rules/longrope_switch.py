@@ -70,9 +70,16 @@ def is_total_length(cond: ir.Value) -> bool:
     return mask.is_graph_input() and mask.shape is not None and mask.shape.rank() == 2
 
 
-def shift_refusal(positions: ir.Value | None, original: int) -> str | None:
-    """Why `positions` is not genai's move into the long rows,
-    `p + original * Cast(GreaterOrEqual(ReduceMax(p), original))` (None when it is)."""
+NOT_SHIFTED = (
+    "the cos/sin cache holds short rows then long rows (onnxruntime-genai's LongRoPE for EPs without If), "
+    "but its reader's positions are not moved into the long rows by max(position_ids) >= original "
+    "(GroupQueryAttention takes that offset from genai_config.json, outside the graph)"
+)
+
+
+def position_shift(positions: ir.Value | None) -> tuple[int | None, int | None] | None:
+    """(offset, threshold) of genai's move into the long rows, `p + offset * Cast(GreaterOrEqual(ReduceMax(p),
+    threshold))`, with ReduceMax over every axis; None when `positions` is not that form."""
     add = _producer(positions, "Add")
     for mul, p in (add.inputs, add.inputs[::-1]) if add is not None else ():
         node = _producer(mul, "Mul")
@@ -82,19 +89,9 @@ def shift_refusal(positions: ir.Value | None, original: int) -> str | None:
         offset = node.inputs[1] if node.inputs[0] is casts[0] else node.inputs[0]
         test = _producer(_producer(casts[0], "Cast").inputs[0], "GreaterOrEqual")
         top = _producer(test.inputs[0], "ReduceMax") if test is not None else None
-        if top is None or top.inputs[0] is not p or top.attributes.get("axes") or len(top.inputs) > 1:
-            continue  # not the largest position of all
-        if _int(offset) == original == _int(test.inputs[1]):
-            return None
-        return (
-            f"original_max_position_embeddings: the graph moves positions by {_int(offset)} into the long rows of "
-            f"its concatenated cos/sin cache when max(position) >= {_int(test.inputs[1])}, the config gives {original}"
-        )
-    return (
-        "the cos/sin cache holds short rows then long rows (onnxruntime-genai's LongRoPE for EPs without If), "
-        "but its reader's positions are not moved into the long rows by max(position_ids) >= original "
-        "(GroupQueryAttention takes that offset from genai_config.json, outside the graph)"
-    )
+        if top is not None and top.inputs[0] is p and not top.attributes.get("axes") and len(top.inputs) == 1:
+            return _int(offset), _int(test.inputs[1])
+    return None
 
 
 def constant(value: ir.Value) -> ir.TensorProtocol | None:

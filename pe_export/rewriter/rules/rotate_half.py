@@ -29,6 +29,16 @@ def _ints(value: ir.Value | None) -> list[int] | None:
     return [int(v) for v in np.asarray(value.const_value.numpy()).reshape(-1)]
 
 
+def every_other(first: ir.Value, second: ir.Value, starts: tuple[int, int]) -> bool:
+    """`first` and `second` are Slice(x, start, _, _, 2) from `starts`: the two members of interleaved pairs
+    (x[..., 0::2] and x[..., 1::2] in either order)."""
+    for value, start in zip((first, second), starts):
+        node = value.producer()
+        if node is None or len(node.inputs) < 5 or _ints(node.inputs[1]) != [start] or _ints(node.inputs[4]) != [2]:
+            return False
+    return True
+
+
 def site_tables(cos4: ir.Value):
     """(cos table, sin table-free key, safe positions, cond) behind Unsqueeze(cos, 1) of a rewritten site:
     cos = Concat(Gather(T, safe), ...) or Where(cond, Concat(Gather(T_long, safe)), Concat(Gather(T_short, safe)))."""

@@ -18,7 +18,7 @@ from pe_export.encodings.rope import RopeParams
 from pe_export.rewriter import emit
 from pe_export.rewriter.emit import ints
 from pe_export.rewriter.rules import RULES
-from pe_export.rewriter.rules.rotate_half import RotationRule, _ints
+from pe_export.rewriter.rules.rotate_half import RotationRule, every_other
 
 
 def split_source(rep: ir.Value):
@@ -71,13 +71,7 @@ class RotatePairs(RotationRule):
         )
         if site is None:
             return r.fail("cos/sin are not a rewritten sin/cos table's", cos_rep)
-        so, se = odd.producer(), even.producer()
-        if (
-            _ints(so.inputs[1]) != [1]
-            or _ints(se.inputs[1]) != [0]
-            or _ints(so.inputs[4]) != [2]
-            or _ints(se.inputs[4]) != [2]
-        ):
+        if not every_other(odd, even, (1, 0)):
             return r.fail("the slices are not x[..., 1::2] and x[..., ::2]", odd)
         positions = raw_positions(c)
         if positions is None:

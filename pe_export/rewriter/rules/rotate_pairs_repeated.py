@@ -23,7 +23,7 @@ from onnxscript.rewriter import pattern
 
 from pe_export.rewriter.emit import ints
 from pe_export.rewriter.rules import RULES, rotate_half
-from pe_export.rewriter.rules.rotate_half import _ints, site_tables
+from pe_export.rewriter.rules.rotate_half import _ints, every_other, site_tables
 from pe_export.rewriter.rules.rotate_pairs import RotatePairs
 
 
@@ -84,13 +84,7 @@ class RotatePairsRepeated(RotatePairs):
             if c[1] != cos["table"][0].shape[-1] or s[1] != c[1]:
                 return r.fail(f"the repeat keeps {c[1]} of the {cos['table'][0].shape[-1]} table columns", cos_rep)
         half = cos["table"][0].shape[-1]
-        so, se = odd.producer(), even.producer()
-        if (
-            _ints(so.inputs[1]) != [1]
-            or _ints(se.inputs[1]) != [0]
-            or _ints(so.inputs[4]) != [2]
-            or _ints(se.inputs[4]) != [2]
-        ):
+        if not every_other(odd, even, (1, 0)):
             return r.fail("the slices are not x[..., 1::2] and x[..., ::2]", odd)
         refusal = self.x_refusal(x, half)
         if refusal:

@@ -18,7 +18,7 @@ from onnxscript.rewriter import pattern
 
 from pe_export.rewriter.emit import ints
 from pe_export.rewriter.rules import RULES
-from pe_export.rewriter.rules.rotate_half import LOWERINGS, RotationRule, _ints
+from pe_export.rewriter.rules.rotate_half import LOWERINGS, RotationRule, _ints, every_other
 
 
 def half_site(c4):
@@ -64,15 +64,7 @@ class RotatePairsToHalves(RotationRule):
         cos, sin = half_site(c4), half_site(s4)
         if cos is None or sin is None:
             return r.fail("cos/sin are not the first half of a rewritten site's", c4)
-        se, so = even.producer(), odd.producer()
-        if (
-            _ints(se.inputs[1]) != [0]
-            or _ints(so.inputs[1]) != [1]
-            or len(se.inputs) < 5
-            or len(so.inputs) < 5
-            or _ints(se.inputs[4]) != [2]
-            or _ints(so.inputs[4]) != [2]
-        ):
+        if not every_other(even, odd, (0, 1)):
             return r.fail("the slices are not x[..., 0::2] and x[..., 1::2]", even)
         half = cos["table"].shape[-1]
         refusal = self.x_refusal(x, half)
